@@ -1,0 +1,40 @@
+# make install | test | test-fast | demo | sweep EXP=name | report EXP=name | ui
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build lies on the project's machines; on a GPU machine PyPI's torch==2.13.0 is CUDA.
+TORCH ?= torch==2.13.0
+EXP ?= demo
+PORT ?= 5000
+TRACKING_URI ?= sqlite:///mlflow.db
+
+.PHONY: install test test-fast demo sweep report ui
+
+install: $(VENV)/.installed
+
+# Reinstalls only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+demo: install
+	$(PY) -m harness -cd experiments -cn demo
+	$(PY) -m harness.report --experiment demo --tracking-uri $(TRACKING_URI)
+
+sweep: install
+	$(PY) -m harness -cd experiments -cn $(EXP) $(ARGS)
+
+report: install
+	$(PY) -m harness.report --experiment $(EXP) --tracking-uri $(TRACKING_URI)
+
+ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT)

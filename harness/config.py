@@ -1,0 +1,103 @@
+"""The resolved config of a cell: validation before any work, its identity, and its params.
+
+Hydra already refuses unknown group options (model=..., method=...) and lists the valid ones;
+this module checks what Hydra cannot: values, combinations and user data.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from harness import data
+from harness.errors import ConfigError
+
+ADAPTER_METHODS = ("lora",)
+ADAPTER_KEYS = ("r", "alpha", "dropout", "target_modules")
+MODEL_SOURCES = ("hub", "random")
+TOKENIZERS = ("auto", "byte", "hub")
+# The groups that define what a cell computes; tracking and runner only say where and how.
+CELL_GROUPS = ("model", "method", "precision", "data", "train", "eval")
+
+
+def invalid_cell_reason(cfg: DictConfig) -> str | None:
+    """Why this combination cannot run at all, or None. Sweeps record such cells as skipped."""
+    if cfg.precision.name == "int8" and cfg.method.name not in ADAPTER_METHODS:
+        return (f"method={cfg.method.name} updates the base weights, which precision=int8 stores "
+                "quantized and cannot update: use an adapter method (method=lora) with int8, or "
+                "precision=fp32 / bf16 / fp16 with this method")
+    return None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the bad value, what was expected and what to do."""
+    source = cfg.model.source
+    if source not in MODEL_SOURCES and not Path(source).is_dir():
+        raise ConfigError(f"model.source={source!r} is neither {' nor '.join(MODEL_SOURCES)} nor "
+                          "an existing folder: use hub, random, or the path of a saved model")
+    if source == "hub" and not cfg.model.hub_id:
+        raise ConfigError(f"model={cfg.model.name} has model.source=hub but no model.hub_id: "
+                          "set model.hub_id, or use model.source=random to build it offline")
+    if cfg.model.tokenizer not in TOKENIZERS:
+        raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r}; expected one of "
+                          f"{', '.join(TOKENIZERS)}")
+    if cfg.method.name in ADAPTER_METHODS:
+        _check_positive(cfg, "method.r", integer=True)
+        _check_positive(cfg, "method.alpha")
+        if not 0 <= cfg.method.dropout < 1:
+            raise ConfigError(f"method.dropout={cfg.method.dropout}; expected 0 <= dropout < 1")
+        if not cfg.method.target_modules:
+            raise ConfigError("method.target_modules is empty; expected module names such as "
+                              "[q,v] (T5 attention: q, k, v, o; feed-forward: wi_0, wi_1, wo)")
+    for key in ("train.batch_size", "train.grad_accum_steps", "train.epochs", "eval.batch_size",
+                "eval.num_beams", "eval.max_new_tokens"):
+        _check_positive(cfg, key, integer=True)
+    _check_positive(cfg, "train.lr")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 0:
+        raise ConfigError(f"train.max_steps={cfg.train.max_steps}; expected null (train for "
+                          "train.epochs) or a number of optimizer steps >= 0")
+    data.check(cfg.data)
+
+
+def _check_positive(cfg: DictConfig, key: str, integer: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    kind = "integer" if integer else "number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
+            or value <= 0:
+        raise ConfigError(f"{key}={value!r}; expected a positive {kind}")
+
+
+def cell_config(cfg: DictConfig) -> dict:
+    """The resolved groups that define the cell, without knobs its method does not use.
+
+    A sweep that crosses method=full,lora with method.r=4,8 gives full fine-tuning an r it
+    ignores; dropping it makes both full cells one cell (one fingerprint), run once.
+    """
+    cell = {group: OmegaConf.to_container(cfg[group], resolve=True) for group in CELL_GROUPS}
+    if cell["method"]["name"] not in ADAPTER_METHODS:
+        for key in ADAPTER_KEYS:
+            cell["method"].pop(key, None)
+    return cell
+
+
+def fingerprint(cell: dict) -> str:
+    """A stable id of what the cell computes: the same config gives the same fingerprint."""
+    return hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def flat_params(cell: dict, cfg: DictConfig) -> dict:
+    """The resolved config as flat MLflow params: model.name, method.r, tracking.uri, ..."""
+    whole = {**cell, "tracking": OmegaConf.to_container(cfg.tracking, resolve=True),
+             "runner": OmegaConf.to_container(cfg.runner, resolve=True)}
+    flat = pd.json_normalize(whole, sep=".").iloc[0].to_dict()
+    return {key: json.dumps(value) if isinstance(value, list) else value
+            for key, value in flat.items()}
+
+
+def run_name(cell: dict) -> str:
+    """A short readable name for the MLflow UI: model / method[-r] / precision."""
+    method = cell["method"]
+    rank = f"-r{method['r']}" if "r" in method else ""
+    return f"{cell['model']['name']}/{method['name']}{rank}/{cell['precision']['name']}"

@@ -1,0 +1,52 @@
+"""Evaluation: loss on a split, and ROUGE of deterministic generations on the test split."""
+
+import torch
+from rouge_score import rouge_scorer
+from tqdm.auto import tqdm
+
+from harness.models import autocast
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+@torch.no_grad()
+def loss(model, loader, precision: str, device: torch.device) -> float:
+    """Mean cross-entropy per target token over the whole split."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        batch = {key: value.to(device) for key, value in batch.items()}
+        with autocast(device, precision):
+            batch_loss = model(**batch).loss
+        tokens = int((batch["labels"] != -100).sum())
+        total += batch_loss.float().item() * tokens
+        count += tokens
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, loader, eval_cfg, precision: str, device: torch.device) -> list:
+    """Greedy (num_beams=1) or beam-search summaries, decoded to text, in loader order."""
+    model.eval()
+    predictions = []
+    for batch in tqdm(loader, desc="generating", unit="batch"):
+        with autocast(device, precision):
+            output = model.generate(input_ids=batch["input_ids"].to(device),
+                                    attention_mask=batch["attention_mask"].to(device),
+                                    num_beams=eval_cfg.num_beams, do_sample=False,
+                                    max_new_tokens=eval_cfg.max_new_tokens)
+        predictions += tokenizer.batch_decode(output, skip_special_tokens=True)
+    return [prediction.strip() for prediction in predictions]
+
+
+def rouge(predictions: list, references: list) -> dict:
+    """ROUGE-1/2/L/Lsum F1 x 100, averaged over examples, with Porter stemming.
+
+    rougeLsum splits summaries on newlines (no sentence splitter: nltk's punkt data is not
+    assumed to be installed); SAMSum summaries are mostly one or two sentences on one line.
+    """
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    scores = [scorer.score(reference, prediction)
+              for reference, prediction in zip(references, predictions)]
+    return {key: 100 * sum(score[key].fmeasure for score in scores) / max(len(scores), 1)
+            for key in ROUGE_KEYS}

@@ -1,0 +1,69 @@
+"""MLflow: one run per cell, named as DESIGN.md's contract says (params, metrics, tags, artifacts).
+
+Both processes of a cell write to its run through an MlflowClient and the run id: the runner
+creates and closes the run and records the outcome; the cell process streams its metrics and
+artifacts into it while it works, so nothing finished is lost if the cell dies later.
+"""
+
+import time
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus
+
+# A rerun skips cells that ended with one of these; failed cells run again.
+FINISHED = ("ok", "oom", "diverged", "skipped")
+RUN_STATUS = {"ok": "FINISHED", "skipped": "FINISHED", "diverged": "FAILED", "oom": "FAILED",
+              "failed": "FAILED"}
+
+
+def connect(tracking_cfg) -> tuple[MlflowClient, str]:
+    """The client and the id of the experiment named by tracking.experiment (created if new)."""
+    client = MlflowClient(tracking_cfg.uri)
+    experiment = client.get_experiment_by_name(tracking_cfg.experiment)
+    if experiment is not None:
+        return client, experiment.experiment_id
+    return client, client.create_experiment(tracking_cfg.experiment,
+                                            artifact_location=tracking_cfg.artifact_location)
+
+
+def finished_run(client: MlflowClient, experiment_id: str, fingerprint: str):
+    """The newest run of this cell that finished (see FINISHED), or None."""
+    runs = client.search_runs([experiment_id], f"tags.cell = '{fingerprint}'",
+                              order_by=["attributes.start_time DESC"])
+    return next((run for run in runs if run.data.tags.get("status") in FINISHED), None)
+
+
+def start_run(client: MlflowClient, experiment_id: str, name: str, params: dict, tags: dict,
+              config_yaml: str) -> str:
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    run_id = run.info.run_id
+    client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
+    client.log_text(run_id, config_yaml, "config.yaml")
+    return run_id
+
+
+def end_run(client: MlflowClient, run_id: str, status: str, reason: str = "") -> None:
+    """Record the outcome and close the run: never left RUNNING."""
+    client.set_tag(run_id, "status", status)
+    if reason:
+        client.set_tag(run_id, "status_reason", reason[:5000])
+    client.set_terminated(run_id, RunStatus.to_string(getattr(RunStatus, RUN_STATUS[status])))
+
+
+class MetricLogger:
+    """Buffers metrics and writes them in batches (one sqlite transaction per flush)."""
+
+    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 200):
+        self.client, self.run_id, self.flush_every = client, run_id, flush_every
+        self.pending = []
+
+    def __call__(self, metrics: dict, step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        # log_batch splits into requests of the sizes the store accepts.
+        self.client.log_batch(self.run_id, metrics=self.pending)
+        self.pending = []

@@ -1,0 +1,41 @@
+"""Shared test helpers: real Hydra composition of conf/, and a real sqlite MLflow store."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def compose_cell(*overrides: str):
+    """The config `python -m harness <overrides>` would run, composed by Hydra."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    """A real sqlite MLflow store with its artifact folder, shared by the session's tests."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    return {"uri": f"sqlite:///{folder}/mlflow.db", "artifacts": str(folder / "artifacts"),
+            "cache": str(tmp_path_factory.mktemp("cache"))}
+
+
+@pytest.fixture
+def cell_overrides(store, request):
+    """Overrides that send a cell to the test store, in an experiment named after the test."""
+    experiment = request.node.name.replace("[", "-").replace("]", "")
+    return [f"tracking.uri={store['uri']}", f"tracking.experiment={experiment}",
+            f"tracking.artifact_location={store['artifacts']}/{experiment}",
+            f"cache_dir={store['cache']}"]
+
+
+def runs_of(store, experiment: str):
+    client = MlflowClient(store["uri"])
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id])

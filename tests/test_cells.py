@@ -1,0 +1,99 @@
+"""Real cells through the runner: a fresh process each, a real sqlite MLflow store."""
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
+
+from harness import runner
+from tests.conftest import compose_cell, runs_of
+
+pytestmark = pytest.mark.slow
+
+CONTRACT_METRICS = {"rouge1", "rouge2", "rougeL", "rougeLsum", "train_loss", "eval_loss",
+                    "train_time_s", "eval_time_s", "tokens_per_s", "cpu_peak_mib",
+                    "trainable_params", "total_params", "adapter_size_mib"}
+CONTRACT_PARAMS = {"model.name", "model.source", "method.name", "method.r", "method.alpha",
+                   "method.target_modules", "method.optimizer", "precision.name", "data.name",
+                   "train.epochs", "train.max_steps", "train.batch_size", "train.lr",
+                   "train.warmup_steps", "train.seed", "runner.cpu_memory_limit_mib",
+                   "tracking.uri", "tracking.experiment"}
+
+
+def _run(store, overrides, *more):
+    cfg = compose_cell(*overrides, *more)
+    status = runner.run(cfg)
+    runs = runs_of(store, cfg.tracking.experiment)
+    return status, runs
+
+
+def _rouge1(store, overrides, *more):
+    status, runs = _run(store, overrides, *more)
+    assert status == "ok", runs[0].data.tags
+    return runs[0].data.metrics["rouge1"]
+
+
+@pytest.mark.parametrize("method, lr, steps", [("full", 1e-3, 150), ("lora", 1e-2, 300)])
+def test_training_beats_the_untrained_model(store, cell_overrides, method, lr, steps):
+    untrained = _rouge1(store, cell_overrides, f"method={method}",
+                        "train.max_steps=0", "tracking.experiment=untrained-" + method)
+    trained = _rouge1(store, cell_overrides, f"method={method}", f"train.lr={lr}",
+                      f"train.max_steps={steps}")
+    assert trained > untrained + 1, (trained, untrained)
+
+
+def test_a_finished_run_carries_every_contract_name(store, cell_overrides):
+    status, runs = _run(store, cell_overrides, "method=lora", "train.max_steps=4",
+                        "eval.max_samples=6")
+    assert status == "ok" and len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert CONTRACT_METRICS <= set(run.data.metrics)
+    assert CONTRACT_PARAMS <= set(run.data.params)
+    assert run.data.tags["status"] == "ok" and len(run.data.tags["cell"]) == 12
+    client = MlflowClient(store["uri"])
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "predictions.csv", "adapter"} <= artifacts
+    folder = download_artifacts(run_id=run.info.run_id, tracking_uri=store["uri"])
+    predictions = pd.read_csv(f"{folder}/predictions.csv", keep_default_na=False)
+    assert list(predictions.columns) == ["id", "reference", "prediction"]
+    assert len(predictions) == 6 and predictions["id"].iloc[0] == "test-0000"
+    assert "adapter_model.safetensors" in {a.path.split("/")[-1] for a in
+                                           client.list_artifacts(run.info.run_id, "adapter")}
+
+
+def test_int8_lora_cell_runs_on_cpu(store, cell_overrides):
+    status, runs = _run(store, cell_overrides, "method=lora", "precision=int8",
+                        "train.max_steps=3", "eval.max_samples=4")
+    assert status == "ok"
+    assert runs[0].data.params["precision.name"] == "int8"
+    assert runs[0].data.metrics["trainable_params"] < runs[0].data.metrics["total_params"]
+
+
+def test_synthetic_cell_measures_without_rouge(store, cell_overrides):
+    status, runs = _run(store, cell_overrides, "data=synthetic", "data.train_size=32",
+                        "data.validation_size=8", "data.test_size=8", "train.max_steps=2",
+                        "data.source_length_median=40", "data.target_length_median=10")
+    assert status == "ok"
+    assert "rouge1" not in runs[0].data.metrics and "eval_loss" in runs[0].data.metrics
+    assert "not computed" in runs[0].data.tags["rouge"]
+
+
+def test_a_cell_that_raises_is_closed_as_failed(store, cell_overrides, tmp_path):
+    # An existing folder passes validation; loading a model from it fails in the cell process.
+    status, runs = _run(store, cell_overrides, f"model.source={tmp_path}", "model.tokenizer=byte")
+    assert status == "failed"
+    assert runs[0].info.status == "FAILED"
+    assert runs[0].data.tags["status"] == "failed"
+    assert str(tmp_path) in runs[0].data.tags["status_reason"]
+
+
+def test_a_finished_cell_is_not_run_again(store, cell_overrides):
+    overrides = [*cell_overrides, "train.max_steps=1", "eval.max_samples=2"]
+    assert _run(store, overrides)[0] == "ok"
+    status, runs = _run(store, overrides)
+    assert status == "ok" and len(runs) == 1
+    status, runs = _run(store, overrides, "runner.skip_finished=false")
+    assert len(runs) == 2

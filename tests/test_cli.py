@@ -1,0 +1,73 @@
+"""The command line as users type it: Hydra multirun of an experiment, the report, and errors."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from harness import report
+from tests.conftest import REPO, runs_of
+
+pytestmark = pytest.mark.slow
+
+
+def _harness(cwd, *args):
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=600)
+
+
+def _store_args(tmp_path, experiment):
+    return [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.experiment={experiment}",
+            f"tracking.artifact_location={tmp_path}/artifacts", f"cache_dir={tmp_path}/cache"]
+
+
+def test_demo_grid_runs_and_reports_a_row_per_run(tmp_path):
+    # The demo experiment as `make demo` runs it, narrowed to t5-tiny and a few steps.
+    result = _harness(tmp_path, "-cd", str(REPO / "experiments"), "-cn", "demo",
+                      "model=t5-tiny", "train.max_steps=3", "eval.max_samples=4",
+                      *_store_args(tmp_path, "demo"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    store = {"uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    runs = runs_of(store, "demo")
+    statuses = sorted(run.data.tags["status"] for run in runs)
+    # full fp32, lora r4 / r8 in fp32 and int8, and full int8 recorded as skipped.
+    assert statuses == ["ok"] * 5 + ["skipped"]
+    assert all(run.info.status != "RUNNING" for run in runs)
+    assert sum(run.data.params["method.name"] == "full" for run in runs) == 2  # ranks collapsed
+
+    out = tmp_path / "report"
+    assert report.main(["--experiment", "demo", "--tracking-uri", store["uri"],
+                        "--out", str(out)]) == 0
+    markdown = (out / "report.md").read_text()
+    rows = [line for line in markdown.splitlines() if line.startswith("| t5-tiny")]
+    assert len(rows) == len(runs) == 6
+    header = [cell.strip() for cell in markdown.splitlines()[4].strip("|").split("|")]
+    assert header[:9] == ["model", "method", "precision", "rank", "ROUGE-1", "ROUGE-2",
+                          "train time (min)", "GPU memory (MiB)", "CPU memory (MiB)"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model=flan-t5-huge"], "Could not find 'model/flan-t5-huge'"),
+    (["method=qlora"], "Could not find 'method/qlora'"),
+    (["method=full", "precision=int8"], "error: method=full updates the base weights"),
+])
+def test_bad_input_is_a_clear_error_and_leaves_no_run(tmp_path, args, message):
+    result = _harness(tmp_path, *args, *_store_args(tmp_path, "bad"))
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert runs_of({"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "bad") == []
+
+
+def test_unknown_model_lists_the_valid_ones(tmp_path):
+    result = _harness(tmp_path, "model=flan-t5-huge", *_store_args(tmp_path, "bad"))
+    assert "flan-t5-base" in result.stderr and "t5-tiny" in result.stderr
+
+
+def test_data_file_missing_a_column_is_refused_before_any_run(tmp_path):
+    path = tmp_path / "mine.csv"
+    pd.DataFrame({"id": ["1"], "dialogue": ["A: hi"]}).to_csv(path, index=False)
+    result = _harness(tmp_path, "data=local", f"data.path={path}", *_store_args(tmp_path, "bad"))
+    assert result.returncode == 2
+    assert f"error: {path}: missing column summary" in result.stderr
+    assert runs_of({"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "bad") == []

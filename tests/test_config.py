@@ -1,0 +1,110 @@
+"""Config composition and validation: everything is refused before anything is loaded."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+from harness import config, runner
+from harness.errors import ConfigError
+from tests.conftest import REPO, compose_cell, runs_of
+
+
+def test_defaults_compose_to_an_offline_cell():
+    cfg = compose_cell()
+    assert (cfg.model.name, cfg.method.name, cfg.precision.name, cfg.data.name) == \
+        ("t5-tiny", "lora", "fp32", "fixture")
+    assert cfg.model.source == "random"
+    assert cfg.train.lr == cfg.method.lr  # train.lr follows the method's default
+    config.validate(cfg)
+
+
+@pytest.mark.parametrize("name, d_model, layers", [("flan-t5-base", 768, 12),
+                                                   ("flan-t5-large", 1024, 24),
+                                                   ("flan-t5-xl", 2048, 24)])
+def test_flan_t5_models_carry_their_architecture(name, d_model, layers):
+    cfg = compose_cell(f"model={name}", "method=full", "precision=bf16")
+    assert cfg.model.hub_id == f"google/{name}"
+    assert cfg.model.architecture.d_model == d_model
+    assert cfg.model.architecture.num_layers == layers
+    assert cfg.train.lr == 5e-5
+
+
+@pytest.mark.parametrize("group, valid", [("model", "flan-t5-base"), ("method", "lora"),
+                                          ("precision", "int8"), ("data", "synthetic")])
+def test_unknown_option_lists_the_valid_ones(group, valid):
+    with pytest.raises(MissingConfigException) as error:
+        compose_cell(f"{group}=nonexistent")
+    assert "nonexistent" in str(error.value)
+    assert valid in str(error.value)
+
+
+def test_full_fine_tuning_on_int8_is_an_invalid_cell():
+    cfg = compose_cell("method=full", "precision=int8")
+    reason = config.invalid_cell_reason(cfg)
+    assert "method=full" in reason and "int8" in reason and "method=lora" in reason
+    assert config.invalid_cell_reason(compose_cell("method=lora", "precision=int8")) is None
+
+
+def test_a_single_invalid_cell_is_refused_without_a_run(cell_overrides, store):
+    cfg = compose_cell("method=full", "precision=int8", *cell_overrides)
+    with pytest.raises(ConfigError, match="int8"):
+        runner.run(cfg)
+    assert runs_of(store, cfg.tracking.experiment) == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method.r=0", "method.r=0; expected a positive integer"),
+    ("method.alpha=-1", "method.alpha=-1"),
+    ("method.dropout=1.5", "method.dropout=1.5"),
+    ("method.target_modules=[]", "method.target_modules is empty"),
+    ("train.batch_size=0", "train.batch_size=0"),
+    ("train.lr=0", "train.lr=0"),
+    ("train.max_steps=-3", "train.max_steps=-3"),
+    ("eval.num_beams=0", "eval.num_beams=0"),
+    ("model.source=/no/such/folder", "model.source='/no/such/folder'"),
+    ("model.tokenizer=words", "model.tokenizer='words'"),
+    ("data=local", "data=local needs data.path"),
+    ("data=local data.path=/no/such/file.csv", "data.path=/no/such/file.csv does not exist"),
+])
+def test_bad_values_name_the_value(override, message):
+    cfg = compose_cell(*override.split())
+    with pytest.raises(ConfigError) as error:
+        config.validate(cfg)
+    assert message in str(error.value)
+
+
+def test_fingerprint_is_stable_and_ignores_where_runs_are_logged():
+    first = config.cell_config(compose_cell("method.r=4"))
+    again = config.cell_config(compose_cell("method.r=4", "tracking.experiment=other"))
+    other = config.cell_config(compose_cell("method.r=16"))
+    assert config.fingerprint(first) == config.fingerprint(again)
+    assert config.fingerprint(first) != config.fingerprint(other)
+
+
+def test_rank_does_not_split_full_fine_tuning_cells():
+    four = config.cell_config(compose_cell("method=full", "++method.r=4"))
+    eight = config.cell_config(compose_cell("method=full", "++method.r=8"))
+    assert "r" not in four["method"]
+    assert config.fingerprint(four) == config.fingerprint(eight)
+
+
+def test_params_are_the_flattened_resolved_config():
+    cfg = compose_cell("method.r=16")
+    params = config.flat_params(config.cell_config(cfg), cfg)
+    assert params["model.name"] == "t5-tiny"
+    assert params["method.r"] == 16
+    assert params["method.target_modules"] == '["q", "v"]'
+    assert params["train.lr"] == cfg.method.lr
+    assert params["model.architecture.d_model"] == 64
+    assert "tracking.uri" in params
+    assert not any("hydra" in key for key in params)
+
+
+def test_demo_experiment_extends_the_defaults_with_its_grid():
+    # As `python -m harness -cd experiments -cn demo method=full` composes it.
+    with initialize_config_dir(config_dir=str(REPO / "experiments"), version_base="1.3"):
+        cfg = compose("demo", overrides=["method=full", f"hydra.searchpath=[file://{REPO / 'conf'}]"],
+                      return_hydra_config=True)
+    assert cfg.tracking.experiment == "demo"
+    assert cfg.train.lr == cfg.demo_lr.full
+    assert cfg.hydra.sweeper.params.model == "t5-tiny,t5-mini"
+    assert cfg.hydra.mode.name == "MULTIRUN"

@@ -1,0 +1,141 @@
+"""Data: the fixture, local files and their errors, SAMSum's split check, synthetic shapes, and
+the tokenisation cache."""
+
+import json
+
+import pandas as pd
+import pytest
+from transformers import ByT5Tokenizer
+
+from harness import data, fixture
+from harness.errors import ConfigError
+from tests.conftest import compose_cell
+
+
+def test_fixture_is_deterministic_and_sized():
+    first = fixture.make_splits(300, 50, 50, seed=0)
+    assert first == fixture.make_splits(300, 50, 50, seed=0)
+    assert [len(first[s]) for s in ("train", "validation", "test")] == [300, 50, 50]
+    assert first != fixture.make_splits(300, 50, 50, seed=1)
+    # Resizing train leaves the evaluation splits as they were.
+    assert fixture.make_splits(100, 50, 50, seed=0)["test"] == first["test"]
+    row = first["train"][0]
+    assert set(row) == {"id", "dialogue", "summary"}
+    assert ":" in row["dialogue"] and row["summary"]
+
+
+def test_fixture_summaries_restate_their_dialogue():
+    facts = [*fixture.NAMES, *fixture.PLACES, *fixture.DAYS, *fixture.TIMES, *fixture.ITEMS,
+             *fixture.DISHES]
+    for row in fixture.make_rows(50, seed=3, id_prefix="x"):
+        stated = [fact for fact in facts if fact in row["summary"]]
+        assert len(stated) >= 2
+        assert all(fact in row["dialogue"] for fact in stated)
+
+
+def _rows(count):
+    return pd.DataFrame(fixture.make_rows(count, seed=5, id_prefix="local"))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".jsonl", ".parquet"])
+def test_local_file_is_split_80_10_10(tmp_path, suffix):
+    path = tmp_path / f"mine{suffix}"
+    table = _rows(100)
+    {".csv": lambda: table.to_csv(path, index=False),
+     ".json": lambda: table.to_json(path, orient="records"),
+     ".jsonl": lambda: table.to_json(path, orient="records", lines=True),
+     ".parquet": lambda: table.to_parquet(path)}[suffix]()
+    splits = data.load_text(compose_cell("data=local", f"data.path={path}").data)
+    assert [len(splits[s]) for s in data.SPLITS] == [80, 10, 10]
+    assert set(splits["train"].column_names) == set(data.COLUMNS)
+    everything = set(splits["train"]["id"]) | set(splits["validation"]["id"]) | \
+        set(splits["test"]["id"])
+    assert everything == set(table["id"])
+
+
+def test_local_folder_of_split_files(tmp_path):
+    for split, count in (("train", 30), ("validation", 5), ("test", 6)):
+        _rows(count).to_csv(tmp_path / f"{split}.csv", index=False)
+    splits = data.load_text(compose_cell("data=local", f"data.path={tmp_path}").data)
+    assert [len(splits[s]) for s in data.SPLITS] == [30, 5, 6]
+
+
+def test_missing_column_names_the_file_and_the_column(tmp_path):
+    path = tmp_path / "no_summary.csv"
+    _rows(10).drop(columns="summary").to_csv(path, index=False)
+    with pytest.raises(ConfigError) as error:
+        data.check(compose_cell("data=local", f"data.path={path}").data)
+    assert str(path) in str(error.value) and "missing column summary" in str(error.value)
+
+
+@pytest.mark.parametrize("content", ["", "id,dialogue,summary\n"])
+def test_empty_file_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "empty.csv"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as error:
+        data.check(compose_cell("data=local", f"data.path={path}").data)
+    assert str(path) in str(error.value) and "id, dialogue, summary" in str(error.value)
+
+
+def test_folder_without_a_split_file_says_which(tmp_path):
+    _rows(5).to_csv(tmp_path / "train.csv", index=False)
+    with pytest.raises(ConfigError, match="exactly one validation file"):
+        data.check(compose_cell("data=local", f"data.path={tmp_path}").data)
+
+
+def _samsum_like_folder(folder, sizes):
+    for split, count in sizes.items():
+        _rows(count).to_parquet(folder / f"{split}.parquet")
+
+
+def test_samsum_split_sizes_are_checked(tmp_path):
+    # load_dataset reads a local folder of parquet files the way it reads the hub's copy.
+    _samsum_like_folder(tmp_path, {"train": 20, "validation": 3, "test": 3})
+    cfg = compose_cell("data=samsum", f"data.hub_id={tmp_path}", "data.revision=null").data
+    with pytest.raises(ConfigError, match="expected .*14732"):
+        data.load_text(cfg)
+
+
+def test_samsum_with_the_expected_sizes_loads(tmp_path):
+    _samsum_like_folder(tmp_path, {"train": 14732, "validation": 818, "test": 819})
+    cfg = compose_cell("data=samsum", f"data.hub_id={tmp_path}", "data.revision=null").data
+    splits = data.load_text(cfg)
+    assert [len(splits[s]) for s in data.SPLITS] == [14732, 818, 819]
+
+
+def test_synthetic_batches_are_shaped_like_samsum():
+    cfg = compose_cell("data=synthetic", "data.train_size=400", "data.validation_size=10",
+                       "data.test_size=10").data
+    splits = data.synthetic(cfg, vocab_size=32128)
+    lengths = pd.Series([len(ids) for ids in splits["train"]["input_ids"]])
+    assert 100 <= lengths.median() <= 160 and lengths.max() <= cfg.source_max_length
+    targets = pd.Series([len(ids) for ids in splits["train"]["labels"]])
+    assert 20 <= targets.median() <= 36
+    assert all(ids[-1] == 1 for ids in splits["train"]["labels"])  # eos
+    assert splits["train"]["input_ids"] == data.synthetic(cfg, 32128)["train"]["input_ids"]
+    assert not data.has_text(cfg)
+
+
+def test_tokenisation_is_cached_once_per_dataset_and_tokenizer(tmp_path):
+    cfg = compose_cell("data.train_size=40", "data.validation_size=8", "data.test_size=8").data
+    tokenizer = ByT5Tokenizer()
+    text = data.load_text(cfg)
+    first = data.tokenize(text, tokenizer, cfg, str(tmp_path))
+    cache_files = sorted((tmp_path / "tokenized").glob("*.arrow"))
+    assert len(cache_files) == 3
+    written = {path: path.stat().st_mtime_ns for path in cache_files}
+    second = data.tokenize(text, tokenizer, cfg, str(tmp_path))
+    assert {path: path.stat().st_mtime_ns for path in cache_files} == written  # read, not rewritten
+    assert second["train"]["input_ids"] == first["train"]["input_ids"]
+    example = first["train"][0]
+    assert tokenizer.decode(example["input_ids"], skip_special_tokens=True) \
+        .startswith("summarize: ")
+    assert len(example["labels"]) <= cfg.target_max_length
+    # Another tokenizer (here: other lengths) gets its own cache entry.
+    shorter = compose_cell("data.train_size=40", "data.validation_size=8", "data.test_size=8",
+                           "data.source_max_length=32").data
+    data.tokenize(text, tokenizer, shorter, str(tmp_path))
+    assert len(list((tmp_path / "tokenized").glob("*.arrow"))) == 6
+    assert max(len(ids) for ids in
+               data.tokenize(text, tokenizer, shorter, str(tmp_path))["train"]["input_ids"]) == 32
+    json.dumps(example)  # plain lists, no tensors

@@ -1,0 +1,105 @@
+"""The training loop and the ROUGE scorer on real tiny models."""
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from transformers import DataCollatorForSeq2Seq
+
+from harness import data, evaluate, methods, models
+from harness.train import Diverged, train
+from tests.conftest import compose_cell
+
+CPU = torch.device("cpu")
+
+
+def _setup(tmp_path, *overrides):
+    cfg = compose_cell("data.train_size=32", "data.validation_size=8", "data.test_size=8",
+                       *overrides)
+    tokenizer = models.load_tokenizer(cfg.model)
+    model = models.load_model(cfg.model, cfg.precision.name,
+                              methods.base_frozen(cfg.method.name), CPU)
+    model = methods.apply(model, cfg.method, cfg.precision.name)
+    splits = data.tokenize(data.load_text(cfg.data), tokenizer, cfg.data, str(tmp_path))
+    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    loaders = [DataLoader(splits[s], batch_size=cfg.train.batch_size, collate_fn=collate)
+               for s in ("train", "validation")]
+    return cfg, model, loaders
+
+
+def _train(tmp_path, *overrides):
+    cfg, model, (train_loader, validation_loader) = _setup(tmp_path, *overrides)
+    logged = []
+    result = train(model, train_loader, validation_loader, cfg.train, cfg.precision.name, CPU,
+                   lambda metrics, step: logged.append((step, metrics)))
+    return result, logged, model
+
+
+def test_loss_falls_and_steps_follow_epochs_and_accumulation(tmp_path):
+    # 32 examples at batch 4 with 2 accumulation steps: 4 optimizer steps per epoch.
+    result, logged, _ = _train(tmp_path, "method=full", "train.lr=1e-3", "train.batch_size=4",
+                               "train.grad_accum_steps=2", "train.epochs=3")
+    assert (result.steps, result.epochs) == (12, 3)
+    losses = [m["train_loss"] for _, m in logged if "train_loss" in m]
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    eval_losses = [(step, m["eval_loss"]) for step, m in logged if "eval_loss" in m]
+    assert [step for step, _ in eval_losses] == [4, 8, 12]
+    assert eval_losses[-1][1] < eval_losses[0][1]
+    assert result.train_time_s > 0 and result.train_tokens > 0
+
+
+def test_max_steps_ends_training_and_warmup_schedules_the_rate(tmp_path):
+    result, logged, _ = _train(tmp_path, "method=lora", "train.max_steps=5", "train.epochs=9",
+                               "train.warmup_steps=2", "train.lr=0.01")
+    assert (result.steps, result.epochs) == (5, 2)  # 4 steps per epoch at batch 8
+    rates = [m["lr"] for _, m in logged if "lr" in m]
+    assert rates[0] == pytest.approx(0.005) and rates[1] == pytest.approx(0.01)
+    assert rates[-1] == pytest.approx(0.0)
+
+
+def test_lora_training_changes_only_the_adapters(tmp_path):
+    cfg, model, (train_loader, validation_loader) = _setup(tmp_path, "train.max_steps=3",
+                                                           "train.lr=0.01")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, train_loader, validation_loader, cfg.train, "fp32", CPU, lambda *a: None)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_B" in n or "lora_A" in n for n in changed)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "int8"])
+def test_every_precision_trains_on_cpu(tmp_path, precision):
+    result, logged, _ = _train(tmp_path, "method=lora", f"precision={precision}",
+                               "train.max_steps=2", "train.lr=0.01")
+    assert result.steps == 2
+    assert all(math.isfinite(m["train_loss"]) for _, m in logged if "train_loss" in m)
+
+
+def test_a_non_finite_loss_ends_training_as_diverged(tmp_path):
+    cfg, model, (train_loader, validation_loader) = _setup(tmp_path, "method=full",
+                                                           "train.max_steps=2")
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("inf"))
+    with pytest.raises(Diverged, match="at step 0"):
+        train(model, train_loader, validation_loader, cfg.train, "fp32", CPU, lambda *a: None)
+
+
+def test_rouge_is_f1_times_100_with_stemming():
+    assert evaluate.rouge(["Anna meets Ben"], ["Anna meets Ben"])["rouge1"] == pytest.approx(100)
+    assert evaluate.rouge(["cats"], ["dogs"])["rouge1"] == 0
+    # Stemming: "meeting" and "meet" are one word to ROUGE.
+    assert evaluate.rouge(["they are meeting"], ["they meet"])["rouge1"] == pytest.approx(80)
+    scores = evaluate.rouge(["a b c d", "x"], ["a b c d", "y"])
+    assert scores["rouge2"] == pytest.approx(50)
+    assert set(scores) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+
+
+def test_generation_is_deterministic(tmp_path):
+    cfg, model, _ = _setup(tmp_path)
+    tokenizer = models.load_tokenizer(cfg.model)
+    splits = data.tokenize(data.load_text(cfg.data), tokenizer, cfg.data, str(tmp_path))
+    loader = DataLoader(splits["test"], batch_size=4,
+                        collate_fn=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))
+    first = evaluate.generate(model, tokenizer, loader, cfg.eval, "fp32", CPU)
+    assert len(first) == 8
+    assert first == evaluate.generate(model, tokenizer, loader, cfg.eval, "fp32", CPU)
