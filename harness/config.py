@@ -18,6 +18,7 @@ ADAPTER_METHODS = ("lora",)
 ADAPTER_KEYS = ("r", "alpha", "dropout", "target_modules")
 MODEL_SOURCES = ("hub", "random")
 TOKENIZERS = ("auto", "byte", "hub")
+OPTIMIZERS = ("adamw",)
 # The groups that define what a cell computes; tracking and runner only say where and how.
 CELL_GROUPS = ("model", "method", "precision", "data", "train", "eval")
 
@@ -43,6 +44,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.tokenizer not in TOKENIZERS:
         raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r}; expected one of "
                           f"{', '.join(TOKENIZERS)}")
+    if cfg.method.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"method.optimizer={cfg.method.optimizer!r}; expected one of "
+                          f"{', '.join(OPTIMIZERS)}")
     if cfg.method.name in ADAPTER_METHODS:
         _check_positive(cfg, "method.r", integer=True)
         _check_positive(cfg, "method.alpha")

@@ -53,6 +53,7 @@ def test_a_single_invalid_cell_is_refused_without_a_run(cell_overrides, store):
 
 @pytest.mark.parametrize("override, message", [
     ("method.r=0", "method.r=0; expected a positive integer"),
+    ("method.optimizer=lion", "method.optimizer='lion'; expected one of adamw"),
     ("method.alpha=-1", "method.alpha=-1"),
     ("method.dropout=1.5", "method.dropout=1.5"),
     ("method.target_modules=[]", "method.target_modules is empty"),
