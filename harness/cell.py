@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq
@@ -44,8 +45,6 @@ def main(cell: dict, cache_dir: str, tracking_uri: str, run_id: str,
 
 
 def run(cfg, cache_dir: str, tracking_uri: str, run_id: str) -> None:
-    from mlflow import MlflowClient
-
     client = MlflowClient(tracking_uri)
     log = MetricLogger(client, run_id)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
