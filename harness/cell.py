@@ -19,10 +19,9 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq
 
 from harness import config, data, evaluate, methods, models
+from harness.memory import MIB
 from harness.tracking import MetricLogger
 from harness.train import Diverged, synchronize, train
-
-MIB = 1024 * 1024
 
 
 def main(cell: dict, cache_dir: str, tracking_uri: str, run_id: str,

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
@@ -39,7 +40,6 @@ def load_runs(experiment: str, tracking_uri: str) -> pd.DataFrame:
         raise ConfigError(f"no experiment {experiment!r} in {tracking_uri}; it has "
                           f"{', '.join(names) or 'none'}: run `make sweep EXP={experiment}` "
                           "first, or pass --tracking-uri")
-    import mlflow
     mlflow.set_tracking_uri(tracking_uri)
     return mlflow.search_runs([found.experiment_id], output_format="pandas")
 

@@ -46,11 +46,9 @@ def run(cfg: DictConfig) -> str:
     status, reason = "failed", "the runner was interrupted"
     try:
         status, reason, peaks = _run_in_process(cfg, cell, run_id)
-        metrics = {"cpu_peak_mib": peaks.cpu_peak_mib}
+        client.log_metric(run_id, "cpu_peak_mib", peaks.cpu_peak_mib)
         if peaks.gpu_peak_mib is not None:
-            metrics["gpu_peak_mib"] = peaks.gpu_peak_mib
-        for key, value in metrics.items():
-            client.log_metric(run_id, key, value)
+            client.log_metric(run_id, "gpu_peak_mib", peaks.gpu_peak_mib)
     finally:
         tracking.end_run(client, run_id, status, reason)
     print(f"[harness] {name}: {status}" + (f": {reason}" if reason else ""))

@@ -8,7 +8,7 @@ artifacts into it while it works, so nothing finished is lost if the cell dies l
 import time
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param
 
 # A rerun skips cells that ended with one of these; failed cells run again.
 FINISHED = ("ok", "oom", "diverged", "skipped")
@@ -47,7 +47,7 @@ def end_run(client: MlflowClient, run_id: str, status: str, reason: str = "") ->
     client.set_tag(run_id, "status", status)
     if reason:
         client.set_tag(run_id, "status_reason", reason[:5000])
-    client.set_terminated(run_id, RunStatus.to_string(getattr(RunStatus, RUN_STATUS[status])))
+    client.set_terminated(run_id, RUN_STATUS[status])
 
 
 class MetricLogger:
