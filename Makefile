@@ -1,4 +1,4 @@
-# make install | test | test-fast | demo | sweep EXP=name | report EXP=name | ui
+# make install | test | test-fast | bench | demo | sweep EXP=name | report EXP=name | ui
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,7 @@ EXP ?= demo
 PORT ?= 5000
 TRACKING_URI ?= sqlite:///mlflow.db
 
-.PHONY: install test test-fast demo sweep report ui
+.PHONY: install test test-fast bench demo sweep report ui
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"
+
+# Results land in reports/bench/<device>.md and .json.
+bench: install
+	$(PY) bench/run.py $(ARGS)
 
 demo: install
 	$(PY) -m harness -cd experiments -cn demo

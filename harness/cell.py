@@ -1,116 +1,172 @@
-"""One cell, in its own process: load, apply method and precision, train, evaluate, log.
+"""One cell, in its own process: load, apply method and precision, train, evaluate.
 
-The runner starts `main` in a fresh process and reads back one (status, reason) message. Metrics
-and artifacts go straight into the cell's MLflow run as they are produced.
+The cell never talks to MLflow: the runner owns the run. The cell sends the runner messages as
+it goes, which the runner records at once, so that nothing finished is lost if the cell dies:
+
+  ("phase", name, unix time)               load, train, eval start (splits the memory trace)
+  ("metrics", {name: value}, step, unix ms)
+  ("tag", name, value)
+  ("artifact", local path, artifact folder) a file or folder the cell wrote under its scratch
+  ("result", status, reason)               last: ok, diverged, oom or failed
 """
 
+import contextlib
 import csv
+import errno
 import resource
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
 import pandas as pd
 import torch
-from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq
 
 from harness import config, data, evaluate, methods, models
-from harness.memory import MIB
-from harness.tracking import MetricLogger
+from harness.sampler import MIB
 from harness.train import Diverged, synchronize, train
 
 
-def main(cell: dict, cache_dir: str, tracking_uri: str, run_id: str,
-         cpu_memory_limit_mib, connection) -> None:
-    """Process entry point: run the cell and send ("ok" | "diverged" | "oom" | "failed", reason)."""
+def main(cell: dict, cache_dir: str, scratch: str, cpu_memory_limit_mib, connection) -> None:
+    """Process entry point: run the cell, streaming to the runner, and send its result."""
     if cpu_memory_limit_mib:
         limit = int(cpu_memory_limit_mib * MIB)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
-        run(OmegaConf.create(cell), cache_dir, tracking_uri, run_id)
+        run(OmegaConf.create(cell), cache_dir, ToRunner(connection, Path(scratch)))
         outcome = ("ok", "")
     except Diverged as error:
         outcome = ("diverged", str(error))
-    except (MemoryError, torch.OutOfMemoryError) as error:
-        outcome = ("oom", f"{type(error).__name__}: {error}".strip().splitlines()[-1])
     except Exception as error:
-        traceback.print_exc()
-        outcome = ("failed", f"{type(error).__name__}: {error}".strip().splitlines()[-1])
-    connection.send(outcome)
+        last_line = f"{type(error).__name__}: {error}".strip().splitlines()[-1]
+        if _out_of_memory(error):
+            outcome = ("oom", last_line)
+        else:
+            traceback.print_exc()
+            outcome = ("failed", last_line)
+    connection.send(("result", *outcome))
 
 
-def run(cfg, cache_dir: str, tracking_uri: str, run_id: str) -> None:
-    client = MlflowClient(tracking_uri)
-    log = MetricLogger(client, run_id)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# How running out of host memory (or of runner.cpu_memory_limit_mib's address space) reads when it
+# is not a MemoryError: torch's host allocator, and a library that cannot be mapped to import it.
+OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "Cannot allocate memory",
+                          "failed to map segment from shared object")
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    if isinstance(error, OSError) and error.errno == errno.ENOMEM:
+        return True
+    return any(message in str(error) for message in OUT_OF_MEMORY_MESSAGES)
+
+
+class ToRunner:
+    """The cell's side of the pipe: metrics, tags, artifacts and phases, sent as they happen.
+    On CUDA it also keeps the allocator's peaks per phase and over all
+    (torch_train_peak_allocated_mib, ..., torch_peak_allocated_mib)."""
+
+    def __init__(self, connection, scratch: Path):
+        self.connection, self.scratch = connection, scratch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.peaks = {}
+
+    def __call__(self, metrics: dict, step: int = 0) -> None:
+        self.connection.send(("metrics", {key: float(value) for key, value in metrics.items()},
+                              step, int(time.time() * 1000)))
+
+    def tag(self, name: str, value: str) -> None:
+        self.connection.send(("tag", name, value))
+
+    def artifact(self, path: Path, folder: str | None = None) -> None:
+        self.connection.send(("artifact", str(path), folder))
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self.connection.send(("phase", name, time.time()))
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        yield
+        if self.device.type == "cuda":
+            stats = torch.cuda.memory_stats(self.device)
+            for kind in ("allocated", "reserved", "active"):
+                peak = stats[f"{kind}_bytes.all.peak"] / MIB
+                self.peaks[f"torch_{name}_peak_{kind}_mib"] = peak
+                overall = f"torch_peak_{kind}_mib"
+                self.peaks[overall] = max(self.peaks.get(overall, 0.0), peak)
+
+
+def run(cfg, cache_dir: str, log: ToRunner) -> None:
+    device = log.device
     precision, method = cfg.precision.name, cfg.method.name
 
-    load_start = time.perf_counter()
-    tokenizer = models.load_tokenizer(cfg.model)
-    model = models.load_model(cfg.model, precision, methods.base_frozen(method), device)
-    model = methods.apply(model, cfg.method, precision)
-    if data.has_text(cfg.data):
-        text = data.load_text(cfg.data)
-        splits = data.tokenize(text, tokenizer, cfg.data, cache_dir)
-    else:
-        text, splits = None, data.synthetic(cfg.data, vocab_size=len(tokenizer))
-        client.set_tag(run_id, "rouge", f"not computed: data={cfg.data.name} has no text")
-    trainable, total = models.count_params(model)
-    log({"trainable_params": trainable, "total_params": total,
-         "trainable_pct": 100 * trainable / total,
-         "load_time_s": time.perf_counter() - load_start})
+    with log.phase("load"):
+        load_start = time.perf_counter()
+        tokenizer = models.load_tokenizer(cfg.model)
+        model = models.load_model(cfg.model, precision, methods.base_frozen(method), device)
+        model = methods.apply(model, cfg.method, precision)
+        if data.has_text(cfg.data):
+            text = data.load_text(cfg.data)
+            splits = data.tokenize(text, tokenizer, cfg.data, cache_dir)
+        else:
+            text, splits = None, data.synthetic(cfg.data, vocab_size=len(tokenizer))
+            log.tag("rouge", f"not computed: data={cfg.data.name} has no text")
+        trainable, total = models.count_params(model)
+        log({"trainable_params": trainable, "total_params": total,
+             "trainable_pct": 100 * trainable / total,
+             "load_time_s": time.perf_counter() - load_start})
 
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
-    shuffle = torch.Generator().manual_seed(cfg.train.seed)
-    train_loader = DataLoader(splits["train"], batch_size=cfg.train.batch_size, shuffle=True,
-                              generator=shuffle, collate_fn=collate)
-    validation_loader = DataLoader(splits["validation"], batch_size=cfg.eval.batch_size,
-                                   collate_fn=collate)
-    result = train(model, train_loader, validation_loader, cfg.train, precision, device, log)
+    with log.phase("train"):
+        shuffle = torch.Generator().manual_seed(cfg.train.seed)
+        train_loader = DataLoader(splits["train"], batch_size=cfg.train.batch_size,
+                                  shuffle=True, generator=shuffle, collate_fn=collate)
+        validation_loader = DataLoader(splits["validation"], batch_size=cfg.eval.batch_size,
+                                       collate_fn=collate)
+        result = train(model, train_loader, validation_loader, cfg.train, precision, device,
+                       log)
     log({"train_time_s": result.train_time_s, "train_steps": result.steps,
-         "tokens_per_s": result.train_tokens / max(result.train_time_s, 1e-9)})
-    log.flush()
+         **result.throughput(cfg.train.throughput_skip_steps), **result.breakdown})
+    if device.type == "cuda" and result.breakdown:
+        # Activations and everything else the step allocated beyond the tensors counted above.
+        log({"mem_activations_mib": log.peaks["torch_train_peak_allocated_mib"]
+             - sum(result.breakdown.values())})
 
     if text is not None:
-        eval_start = time.perf_counter()
-        test = splits["test"]
-        references = text["test"]
-        if cfg.eval.max_samples is not None:
-            test = test.select(range(min(cfg.eval.max_samples, len(test))))
-            references = references.select(range(len(test)))
-        test_loader = DataLoader(test, batch_size=cfg.eval.batch_size, collate_fn=collate)
-        predictions = evaluate.generate(model, tokenizer, test_loader, cfg.eval, precision, device)
-        synchronize(device)
-        log({**evaluate.rouge(predictions, references["summary"]),
-             "eval_time_s": time.perf_counter() - eval_start})
-        _log_predictions(client, run_id, references, predictions)
+        with log.phase("eval"):
+            eval_start = time.perf_counter()
+            test = splits["test"]
+            references = text["test"]
+            if cfg.eval.max_samples is not None:
+                test = test.select(range(min(cfg.eval.max_samples, len(test))))
+                references = references.select(range(len(test)))
+            test_loader = DataLoader(test, batch_size=cfg.eval.batch_size, collate_fn=collate)
+            predictions = evaluate.generate(model, tokenizer, test_loader, cfg.eval, precision,
+                                            device)
+            synchronize(device)
+            log({**evaluate.rouge(predictions, references["summary"]),
+                 "eval_time_s": time.perf_counter() - eval_start})
+            _log_predictions(log, references, predictions)
 
-    if device.type == "cuda":
-        log({"torch_peak_allocated_mib": torch.cuda.max_memory_allocated(device) / MIB,
-             "torch_peak_reserved_mib": torch.cuda.max_memory_reserved(device) / MIB})
+    log(log.peaks)
     if method in config.ADAPTER_METHODS:
-        _log_adapter(client, run_id, model, log)
-    log.flush()
+        _log_adapter(log, model)
 
 
-def _log_predictions(client, run_id, references, predictions) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "predictions.csv"
-        # Quote every field: an untrained model's output can hold a bare carriage return.
-        pd.DataFrame({"id": references["id"], "reference": references["summary"],
-                      "prediction": predictions}).to_csv(path, index=False,
-                                                         quoting=csv.QUOTE_ALL)
-        client.log_artifact(run_id, str(path))
+def _log_predictions(log: ToRunner, references, predictions) -> None:
+    path = log.scratch / "predictions.csv"
+    # Quote every field: an untrained model's output can hold a bare carriage return.
+    pd.DataFrame({"id": references["id"], "reference": references["summary"],
+                  "prediction": predictions}).to_csv(path, index=False, quoting=csv.QUOTE_ALL)
+    log.artifact(path)
 
 
-def _log_adapter(client, run_id, model, log) -> None:
+def _log_adapter(log: ToRunner, model) -> None:
     """The saved adapter as an artifact, and its size on disk."""
-    with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
-        size = sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
-        log({"adapter_size_mib": size / MIB})
-        client.log_artifacts(run_id, folder, "adapter")
+    folder = log.scratch / "adapter"
+    model.save_pretrained(folder)
+    size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    log({"adapter_size_mib": size / MIB})
+    log.artifact(folder, "adapter")

@@ -19,7 +19,8 @@ ADAPTER_KEYS = ("r", "alpha", "dropout", "target_modules")
 MODEL_SOURCES = ("hub", "random")
 TOKENIZERS = ("auto", "byte", "hub")
 OPTIMIZERS = ("adamw",)
-# The groups that define what a cell computes; tracking and runner only say where and how.
+START_METHODS = ("forkserver", "spawn")
+# The groups that define what a cell computes; tracking, runner and sampler say where and how.
 CELL_GROUPS = ("model", "method", "precision", "data", "train", "eval")
 
 
@@ -59,6 +60,16 @@ def validate(cfg: DictConfig) -> None:
                 "eval.num_beams", "eval.max_new_tokens"):
         _check_positive(cfg, key, integer=True)
     _check_positive(cfg, "train.lr")
+    for key in ("sampler.interval_ms", "sampler.metric_max_points", "sampler.csv_max_rows"):
+        _check_positive(cfg, key, integer=key != "sampler.interval_ms")
+    if cfg.runner.cpu_memory_limit_mib is not None:
+        _check_positive(cfg, "runner.cpu_memory_limit_mib")
+    if cfg.runner.start_method not in START_METHODS:
+        raise ConfigError(f"runner.start_method={cfg.runner.start_method!r}; expected one of "
+                          f"{', '.join(START_METHODS)} (each cell in a fresh process)")
+    skip = cfg.train.throughput_skip_steps
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+        raise ConfigError(f"train.throughput_skip_steps={skip!r}; expected an integer >= 0")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 0:
         raise ConfigError(f"train.max_steps={cfg.train.max_steps}; expected null (train for "
                           "train.epochs) or a number of optimizer steps >= 0")
@@ -93,8 +104,8 @@ def fingerprint(cell: dict) -> str:
 
 def flat_params(cell: dict, cfg: DictConfig) -> dict:
     """The resolved config as flat MLflow params: model.name, method.r, tracking.uri, ..."""
-    whole = {**cell, "tracking": OmegaConf.to_container(cfg.tracking, resolve=True),
-             "runner": OmegaConf.to_container(cfg.runner, resolve=True)}
+    whole = {**cell, **{group: OmegaConf.to_container(cfg[group], resolve=True)
+                        for group in ("tracking", "runner", "sampler")}}
     flat = pd.json_normalize(whole, sep=".").iloc[0].to_dict()
     return {key: json.dumps(value) if isinstance(value, list) else value
             for key, value in flat.items()}

@@ -1,7 +1,6 @@
 """Evaluation: loss on a split, and ROUGE of deterministic generations on the test split."""
 
 import torch
-from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
 from harness.models import autocast
@@ -45,6 +44,9 @@ def rouge(predictions: list, references: list) -> dict:
     rougeLsum splits summaries on newlines (no sentence splitter: nltk's punkt data is not
     assumed to be installed); SAMSum summaries are mostly one or two sentences on one line.
     """
+    # Imported here: rouge-score pulls in nltk (~60 MiB), which a cell's training need not hold.
+    from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
     scores = [scorer.score(reference, prediction)
               for reference, prediction in zip(references, predictions)]

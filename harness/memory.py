@@ -1,77 +1,146 @@
-"""Peak memory of a cell's process tree, sampled from the parent while the cell runs.
-
-Host: psutil RSS of the cell's process and its children. GPU: NVML used memory of the same
-processes (what nvidia-smi shows, CUDA context included), where an NVIDIA driver is present.
+"""Memory of a cell, as the runner records it: the sampler process beside the cell, its trace
+turned into peaks per phase, MLflow series and artifacts; and, inside the cell, the breakdown of
+the live tensors into parameters, gradients and optimizer state.
 """
 
-import threading
+import subprocess
+import sys
+from pathlib import Path
 
-import psutil
+import numpy as np
+import pandas as pd
 
-MIB = 1024 * 1024
+from harness.sampler import MIB  # one constant for the whole harness
 
-
-def _nvml():
-    """The NVML module, initialised, or None without an NVIDIA driver."""
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        return pynvml
-    except Exception:  # no driver, no library: no GPU figures, never a failed cell
-        return None
+PHASES = ("load", "train", "eval")
+GPU_SOURCES = {"process": "NVML used memory of the cell's processes",
+               "device": "NVML used memory of the device (no per-process figures from the "
+                         "driver; other processes on the GPU are included)"}
 
 
-class PeakSampler:
-    """Samples every `interval_s` in a thread until stop(); peaks in MiB."""
+class SamplerProcess:
+    """`python -m harness.sampler` beside a cell: start it, watch(pid), and stop() it."""
 
-    def __init__(self, pid: int, interval_s: float = 0.01):
-        self.process = psutil.Process(pid)
-        self.interval_s = interval_s
-        self.cpu_peak_mib = 0.0
-        self.gpu_peak_mib = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._nvml = _nvml()
+    def __init__(self, interval_ms: float, out: Path):
+        self.out = Path(out)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "harness.sampler", "--interval-ms", str(interval_ms),
+             "--out", str(self.out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        # Wait until it has imported and initialised NVML, so the cell's first moments count.
+        if self.process.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the memory sampler did not start (exit {self.process.wait()})")
 
-    def __enter__(self):
-        self._thread.start()
-        return self
+    def watch(self, pid: int) -> None:
+        self.process.stdin.write(f"{pid}\n")
+        self.process.stdin.flush()
 
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        if self._nvml:
-            self._nvml.nvmlShutdown()
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()  # the sampler stops when its stdin closes
+        self.process.wait(timeout=30)
 
-    def _run(self):
-        while True:
-            self._sample()
-            if self._stop.wait(self.interval_s):
-                return
 
-    def _sample(self):
-        try:
-            tree = [self.process, *self.process.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        rss = 0
-        for process in tree:
-            try:
-                rss += process.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        self.cpu_peak_mib = max(self.cpu_peak_mib, rss / MIB)
-        if self._nvml:
-            gpu = self._gpu_used({process.pid for process in tree})
-            if gpu is not None:
-                self.gpu_peak_mib = max(self.gpu_peak_mib or 0.0, gpu / MIB)
+def read_trace(path: Path, phase_starts: list[tuple[str, float]]) -> pd.DataFrame:
+    """The sampler's csv as time_s (since the first sample), phase, gpu_mib, gpu_device_mib,
+    cpu_mib. gpu_mib is the per-process figure where the driver gave one, else the device's;
+    `trace.attrs["gpu_source"]` says which (None without a GPU)."""
+    raw = pd.read_csv(path)
+    trace = pd.DataFrame({"time": raw["time"], "time_s": raw["time"] - raw["time"].min()})
+    # A sample belongs to the last phase that started before it; before the first, to load.
+    names = [name for name, _ in phase_starts] or [PHASES[0]]
+    starts = np.array([start for _, start in phase_starts] or [raw["time"].min()])
+    index = np.searchsorted(starts, raw["time"].to_numpy(), side="right") - 1
+    trace["phase"] = np.array(names)[np.clip(index, 0, None)]
+    per_process = raw["gpu_mib"]
+    if per_process.notna().any() and (per_process > 0).any():
+        trace["gpu_mib"], source = per_process.fillna(0.0), "process"
+    elif raw["gpu_device_mib"].notna().any():
+        trace["gpu_mib"], source = raw["gpu_device_mib"], "device"
+    else:
+        trace["gpu_mib"], source = np.nan, None
+    trace["gpu_device_mib"] = raw["gpu_device_mib"]
+    trace["cpu_mib"] = raw["cpu_mib"]
+    trace.attrs["gpu_source"] = source
+    return trace
 
-    def _gpu_used(self, pids: set) -> int | None:
-        nvml = self._nvml
-        used = None
-        for index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if process.pid in pids and process.usedGpuMemory is not None:
-                    used = (used or 0) + process.usedGpuMemory
-        return used
+
+def peaks(trace: pd.DataFrame) -> dict:
+    """gpu_peak_mib, cpu_peak_mib over the cell, and per phase (gpu_train_peak_mib, ...)."""
+    columns = ["cpu_mib"] + (["gpu_mib"] if trace.attrs.get("gpu_source") else [])
+    metrics = {}
+    for column in columns:
+        kind = column.removesuffix("_mib")
+        metrics[f"{kind}_peak_mib"] = trace[column].max()
+        for phase, peak in trace.groupby("phase")[column].max().items():
+            metrics[f"{kind}_{phase}_peak_mib"] = peak
+    if trace.attrs.get("gpu_source"):
+        metrics["gpu_device_peak_mib"] = trace["gpu_device_mib"].max()
+    return metrics
+
+
+def downsample(trace: pd.DataFrame, max_points: int) -> pd.DataFrame:
+    """At most max_points rows: the maximum of each run of consecutive samples, so that no peak
+    is lost (a plain stride would skip a spike between two kept samples)."""
+    if len(trace) <= max_points:
+        return trace
+    bucket = np.arange(len(trace)) * max_points // len(trace)
+    frame = trace.select_dtypes("number").groupby(bucket).max()
+    frame[["time", "time_s"]] = trace[["time", "time_s"]].groupby(bucket).min()
+    frame["phase"] = trace["phase"].groupby(bucket).last()
+    frame = frame[trace.columns].reset_index(drop=True)
+    frame.attrs = dict(trace.attrs)
+    return frame
+
+
+def last_sample(trace: pd.DataFrame) -> str:
+    """The last sampled memory, for an oom's status_reason."""
+    if trace.empty:
+        return "no memory sample"
+    row = trace.iloc[-1]
+    gpu = f", gpu {row['gpu_mib']:.0f} MiB" if trace.attrs.get("gpu_source") else ""
+    return f"last sampled at {row['time_s']:.1f} s: cpu {row['cpu_mib']:.0f} MiB{gpu}"
+
+
+def plot(trace: pd.DataFrame, path: Path, title: str) -> None:
+    """Memory over time, one line per source, the phases shaded and named."""
+    # Imported here: the cell process uses this module too and need not carry matplotlib.
+    import matplotlib
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(9, 4), dpi=100)
+    axes.plot(trace["time_s"], trace["cpu_mib"], label="host RSS (cell's processes)")
+    if trace.attrs.get("gpu_source"):
+        axes.plot(trace["time_s"], trace["gpu_mib"],
+                  label=f"GPU ({GPU_SOURCES[trace.attrs['gpu_source']].split(' (')[0]})")
+    spans = trace.groupby("phase", sort=False)["time_s"].agg(["min", "max"])
+    for shade, (phase, span) in zip(("#f2f2f2", "#e0ecf8", "#fdf0dc"), spans.iterrows()):
+        axes.axvspan(span["min"], span["max"], color=shade, zorder=0)
+        axes.text((span["min"] + span["max"]) / 2, 1.0, phase, ha="center", va="bottom",
+                  transform=axes.get_xaxis_transform())
+    axes.set(xlabel="time since the cell started (s)", ylabel="MiB")
+    axes.set_title(title, pad=18)
+    axes.legend(loc="lower right")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def tensors_mib(tensors) -> float:
+    """MiB held by these tensors, each storage counted once (tied weights share one)."""
+    storages = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values()) / MIB
+
+
+def breakdown(model, optimizers) -> dict:
+    """The live parameters, gradients and optimizer state now, in MiB (DESIGN.md's names)."""
+    parameters = list(model.parameters())
+    state = [value for optimizer in optimizers for per_parameter in optimizer.state.values()
+             for value in per_parameter.values() if hasattr(value, "untyped_storage")]
+    return {"mem_params_mib": tensors_mib(parameters),
+            "mem_grads_mib": tensors_mib(p.grad for p in parameters if p.grad is not None),
+            "mem_optimizer_mib": tensors_mib(state)}

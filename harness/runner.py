@@ -1,18 +1,25 @@
-"""The runner: validates a cell, owns its MLflow run, runs it in a fresh process, records how it
-ended. A crash, a kill or an out-of-memory in the cell cannot take the sweep down with it.
+"""The runner: validates a cell, owns its MLflow run and its memory sampler, runs the cell in a
+fresh process, and records how it ended. A crash, a kill or an out-of-memory in the cell cannot
+take the sweep, or any other cell's result, down with it.
 """
 
 import multiprocessing
+import multiprocessing.connection
+import re
 import signal
+import socket
+import tempfile
+import traceback
+from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from mlflow.entities import RunTag
 from omegaconf import DictConfig, OmegaConf
 
 from harness import cell as cell_module
-from harness import config, tracking
+from harness import config, memory, tracking
 from harness.errors import ConfigError
-from harness.memory import PeakSampler
 
 
 def run(cfg: DictConfig) -> str:
@@ -34,8 +41,9 @@ def run(cfg: DictConfig) -> str:
                   f"(cell {fingerprint}); not run again")
             return status
 
-    resolved = OmegaConf.to_yaml({**cell, "tracking": cfg.tracking, "runner": cfg.runner},
-                                 resolve=True)
+    resolved = OmegaConf.to_yaml(
+        {**cell, **{group: cfg[group] for group in ("tracking", "runner", "sampler")}},
+        resolve=True)
     run_id = tracking.start_run(client, experiment_id, name, config.flat_params(cell, cfg),
                                 {"cell": fingerprint, "status": "running"}, resolved)
     if invalid:
@@ -43,23 +51,60 @@ def run(cfg: DictConfig) -> str:
         tracking.end_run(client, run_id, "skipped", invalid)
         return "skipped"
 
-    status, reason = "failed", "the runner was interrupted"
+    record = CellRecord(client, run_id)
     try:
-        status, reason, peaks = _run_in_process(cfg, cell, run_id)
-        client.log_metric(run_id, "cpu_peak_mib", peaks.cpu_peak_mib)
-        if peaks.gpu_peak_mib is not None:
-            client.log_metric(run_id, "gpu_peak_mib", peaks.gpu_peak_mib)
+        with tempfile.TemporaryDirectory(prefix="harness-cell-") as folder:
+            scratch = Path(folder)
+            _run_in_process(cfg, cell, scratch, record)
+            if (scratch / "sampler.csv").exists():
+                _record_memory(record, scratch, cfg.sampler, name)
     finally:
-        tracking.end_run(client, run_id, status, reason)
+        record.log.flush()
+        if record.outcome is None:  # the runner itself was stopped (Ctrl-C, an error)
+            record.outcome = ("failed", "the runner was interrupted")
+        tracking.end_run(client, run_id, *record.outcome)
+    status, reason = record.outcome
     print(f"[harness] {name}: {status}" + (f": {reason}" if reason else ""))
     return status
+
+
+class CellRecord:
+    """Writes what the cell sends into its run as it arrives (metrics in batches), and keeps the
+    phases and the outcome: (status, reason), None until known."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+        self.log = tracking.MetricLogger(client, run_id)
+        self.phases = []
+        self.outcome = None
+
+    def __call__(self, message: tuple) -> None:
+        kind, *body = message
+        if kind == "phase":
+            self.phases.append(tuple(body))
+        elif kind == "metrics":
+            metrics, step, timestamp_ms = body
+            self.log(metrics, step, timestamp_ms)
+        elif kind == "tag":
+            self.client.set_tag(self.run_id, *body)
+        elif kind == "artifact":
+            path, folder = body
+            write = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
+            write(self.run_id, path, folder)
+        elif kind == "result":
+            self.outcome = tuple(body)
+
+    @property
+    def phase(self) -> str:
+        return self.phases[-1][0] if self.phases else "start"
 
 
 def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _run_in_process(cfg: DictConfig, cell: dict, run_id: str):
+def _run_in_process(cfg: DictConfig, cell: dict, scratch: Path, record: CellRecord) -> None:
+    """Start the sampler, then the cell; record what it sends until it ends, and how it ended."""
     context = multiprocessing.get_context(cfg.runner.start_method)
     if cfg.runner.start_method == "forkserver":
         # The server imports torch and transformers once; every cell forks from it.
@@ -67,23 +112,118 @@ def _run_in_process(cfg: DictConfig, cell: dict, run_id: str):
     receive, send = context.Pipe(duplex=False)
     process = context.Process(
         target=cell_module.main, name="harness-cell",
-        args=(cell, cfg.cache_dir, cfg.tracking.uri, run_id, cfg.runner.cpu_memory_limit_mib,
-              send))
-    process.start()
-    send.close()
-    with PeakSampler(process.pid, cfg.runner.sample_interval_ms / 1000) as peaks:
-        try:
-            process.join()
-        except KeyboardInterrupt:
+        args=(cell, cfg.cache_dir, str(scratch), cfg.runner.cpu_memory_limit_mib, send))
+    sampler = (memory.SamplerProcess(cfg.sampler.interval_ms, scratch / "sampler.csv")
+               if cfg.sampler.enabled else None)
+    oom_kills_before = kernel_oom_kills()
+    try:
+        process.start()
+        send.close()
+        if sampler:
+            sampler.watch(process.pid)
+        # Which process is this run, for a user (or a test) who has to find or stop it.
+        record.client.log_batch(record.run_id, tags=[RunTag("host", socket.gethostname()),
+                                                     RunTag("pid", str(process.pid))])
+        _follow(receive, process, record)
+    finally:
+        if process.is_alive():  # interrupted: the cell must not outlive its run
             process.terminate()
-            process.join()
-            raise
-    if receive.poll():
-        status, reason = receive.recv()
+        process.join()
+        if sampler:
+            sampler.stop()
+
+    phase = record.phase
+    if record.outcome is not None:
+        status, reason = record.outcome
+        if status == "oom":
+            record.outcome = ("oom", f"out of memory in phase {phase}: {reason}")
     elif process.exitcode < 0:
-        status = "failed"
-        reason = f"the cell process was killed by {signal.Signals(-process.exitcode).name}"
+        killer = signal.Signals(-process.exitcode).name
+        if _oom_killed(oom_kills_before):
+            record.outcome = ("oom", f"killed by the kernel's OOM killer ({killer}) in phase "
+                                     f"{phase}")
+        else:
+            record.outcome = ("failed", f"the cell process was killed by {killer} in phase "
+                                        f"{phase}")
     else:
-        status = "failed"
-        reason = f"the cell process exited with code {process.exitcode} without a result"
-    return status, reason, peaks
+        record.outcome = ("failed", f"the cell process exited with code {process.exitcode} in "
+                                    f"phase {phase} without a result")
+
+
+def _follow(receive, process, handle) -> None:
+    """Hand each message of the cell to `handle` until the cell ends. Waits on the process too:
+    a killed cell sends nothing more."""
+    while True:
+        ready = multiprocessing.connection.wait([receive, process.sentinel])
+        if receive in ready:
+            try:
+                handle(receive.recv())
+                continue
+            except EOFError:  # the cell closed its end: it is exiting
+                pass
+        break
+    process.join()
+    while receive.poll():  # sent just before the exit
+        try:
+            handle(receive.recv())
+        except EOFError:
+            break
+
+
+def kernel_oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has killed in this process's memory cgroup
+    (cgroup v2 memory.events, v1 memory.oom_control); None where neither can be read."""
+    root = Path("/sys/fs/cgroup")
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0":
+            folders, name = (root / path.lstrip("/"), root), "memory.events"
+        elif "memory" in controllers.split(","):
+            folders, name = (root / "memory" / path.lstrip("/"), root / "memory"), \
+                "memory.oom_control"
+        else:
+            continue
+        # Inside a container the cgroup's own folder is often mounted as the root.
+        for folder in folders:
+            if (folder / name).exists():
+                found = re.search(r"^oom_kill (\d+)$", (folder / name).read_text(), re.MULTILINE)
+                if found:
+                    return int(found.group(1))
+    return None
+
+
+def _oom_killed(before: int | None) -> bool:
+    after = kernel_oom_kills()
+    return before is not None and after is not None and after > before
+
+
+def _record_memory(record: CellRecord, scratch: Path, sampler_cfg, title: str) -> None:
+    """Peaks as metrics, the series as gpu_mib / cpu_mib, the trace as csv and png artifacts; the
+    last sample in an oom's reason. A failure here leaves the cell's own outcome as it is."""
+    client, run_id = record.client, record.run_id
+    try:
+        trace = memory.read_trace(scratch / "sampler.csv", record.phases)
+        log = record.log
+        log(memory.peaks(trace))
+        names = ["cpu_mib"] + (["gpu_mib"] if trace.attrs["gpu_source"] else [])
+        for row in memory.downsample(trace, sampler_cfg.metric_max_points).itertuples():
+            log({name: getattr(row, name) for name in names}, step=int(row.time_s * 1000),
+                timestamp_ms=int(row.time * 1000))
+        log.flush()
+        if trace.attrs["gpu_source"]:
+            client.set_tag(run_id, "gpu_memory_source",
+                           memory.GPU_SOURCES[trace.attrs["gpu_source"]])
+        csv_path, png_path = scratch / "memory_trace.csv", scratch / "memory_trace.png"
+        memory.downsample(trace, sampler_cfg.csv_max_rows).drop(columns="time").to_csv(
+            csv_path, index=False, float_format="%.3f")
+        memory.plot(trace, png_path, title)
+        client.log_artifact(run_id, str(csv_path))
+        client.log_artifact(run_id, str(png_path))
+    except Exception:
+        traceback.print_exc()
+        client.set_tag(run_id, "memory_trace", "not recorded: "
+                       + traceback.format_exc().strip().splitlines()[-1])
+        return
+    status, reason = record.outcome
+    if status == "oom":
+        record.outcome = (status, f"{reason}; {memory.last_sample(trace)}")

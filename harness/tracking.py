@@ -1,8 +1,8 @@
 """MLflow: one run per cell, named as DESIGN.md's contract says (params, metrics, tags, artifacts).
 
-Both processes of a cell write to its run through an MlflowClient and the run id: the runner
-creates and closes the run and records the outcome; the cell process streams its metrics and
-artifacts into it while it works, so nothing finished is lost if the cell dies later.
+The runner alone writes to MLflow: it creates the run, writes the metrics, tags and artifacts the
+cell process sends it as they arrive (so nothing finished is lost if the cell dies later), adds
+the memory the sampler saw, and closes the run with the outcome.
 """
 
 import time
@@ -51,19 +51,26 @@ def end_run(client: MlflowClient, run_id: str, status: str, reason: str = "") ->
 
 
 class MetricLogger:
-    """Buffers metrics and writes them in batches (one sqlite transaction per flush)."""
+    """Buffers metrics and writes them in batches (one sqlite transaction per flush), at least
+    every flush_every_s seconds, so that the UI follows a long run."""
 
-    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 200):
-        self.client, self.run_id, self.flush_every = client, run_id, flush_every
+    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 200,
+                 flush_every_s: float = 10.0):
+        self.client, self.run_id = client, run_id
+        self.flush_every, self.flush_every_s = flush_every, flush_every_s
         self.pending = []
+        self.last_flush = time.monotonic()
 
-    def __call__(self, metrics: dict, step: int = 0) -> None:
-        now = int(time.time() * 1000)
+    def __call__(self, metrics: dict, step: int = 0, timestamp_ms: int | None = None) -> None:
+        now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
         self.pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        if len(self.pending) >= self.flush_every:
+        if (len(self.pending) >= self.flush_every
+                or time.monotonic() - self.last_flush >= self.flush_every_s):
             self.flush()
 
     def flush(self) -> None:
-        # log_batch splits into requests of the sizes the store accepts.
-        self.client.log_batch(self.run_id, metrics=self.pending)
+        if self.pending:
+            # log_batch splits into requests of the sizes the store accepts.
+            self.client.log_batch(self.run_id, metrics=self.pending)
         self.pending = []
+        self.last_flush = time.monotonic()

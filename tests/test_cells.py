@@ -11,8 +11,11 @@ from tests.conftest import compose_cell, runs_of
 pytestmark = pytest.mark.slow
 
 CONTRACT_METRICS = {"rouge1", "rouge2", "rougeL", "rougeLsum", "train_loss", "eval_loss",
-                    "train_time_s", "eval_time_s", "tokens_per_s", "cpu_peak_mib",
-                    "trainable_params", "total_params", "adapter_size_mib"}
+                    "train_time_s", "eval_time_s", "load_time_s", "tokens_per_s",
+                    "samples_per_s", "step_time_p50_s", "step_time_p90_s", "cpu_peak_mib",
+                    "cpu_load_peak_mib", "cpu_train_peak_mib", "cpu_eval_peak_mib", "cpu_mib",
+                    "trainable_params", "total_params", "trainable_pct", "adapter_size_mib",
+                    "mem_params_mib", "mem_grads_mib", "mem_optimizer_mib"}
 CONTRACT_PARAMS = {"model.name", "model.source", "method.name", "method.r", "method.alpha",
                    "method.target_modules", "method.optimizer", "precision.name", "data.name",
                    "train.epochs", "train.max_steps", "train.batch_size", "train.lr",
@@ -55,13 +58,35 @@ def test_a_finished_run_carries_every_contract_name(store, cell_overrides):
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "predictions.csv", "adapter"} <= artifacts
+    assert {"config.yaml", "predictions.csv", "adapter", "memory_trace.csv",
+            "memory_trace.png"} <= artifacts
+    # On CPU the allocator keeps no peak: activations are left out rather than guessed.
+    assert "mem_activations_mib" not in run.data.metrics and "gpu_peak_mib" not in run.data.metrics
     folder = download_artifacts(run_id=run.info.run_id, tracking_uri=store["uri"])
     predictions = pd.read_csv(f"{folder}/predictions.csv", keep_default_na=False)
     assert list(predictions.columns) == ["id", "reference", "prediction"]
     assert len(predictions) == 6 and predictions["id"].iloc[0] == "test-0000"
+    trace = pd.read_csv(f"{folder}/memory_trace.csv")
+    assert list(trace.columns) == ["time_s", "phase", "gpu_mib", "gpu_device_mib", "cpu_mib"]
+    assert list(trace["phase"].unique()) == ["load", "train", "eval"]
+    assert trace["cpu_mib"].max() == pytest.approx(run.data.metrics["cpu_peak_mib"], abs=0.01)
+    series = client.get_metric_history(run.info.run_id, "cpu_mib")
+    assert 10 < len(series) <= 2000
+    assert max(m.value for m in series) == pytest.approx(trace["cpu_mib"].max(), abs=0.01)
+    # LoRA r=8 on q,v: AdamW keeps two moments per adapter weight.
+    metrics = run.data.metrics
+    assert metrics["mem_grads_mib"] == pytest.approx(metrics["trainable_params"] * 4 / 2**20)
+    assert metrics["mem_optimizer_mib"] >= 2 * metrics["mem_grads_mib"]
     assert "adapter_model.safetensors" in {a.path.split("/")[-1] for a in
                                            client.list_artifacts(run.info.run_id, "adapter")}
+
+
+def test_a_spawned_cell_without_sampler_trains_and_records_no_memory(store, cell_overrides):
+    status, runs = _run(store, cell_overrides, "runner.start_method=spawn", "sampler.enabled=false",
+                        "train.max_steps=2", "eval.max_samples=2")
+    assert status == "ok"
+    metrics = runs[0].data.metrics
+    assert "train_time_s" in metrics and "rouge1" in metrics and "cpu_peak_mib" not in metrics
 
 
 def test_int8_lora_cell_runs_on_cpu(store, cell_overrides):

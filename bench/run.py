@@ -1,0 +1,185 @@
+"""`make bench`: the harness measured against itself and against what users would otherwise
+use, side by side in one run, on one cell, medians over repeats, printed as ratios:
+
+  sampler overhead   the harness cell with the memory sampler on and off
+  harness overhead   the harness cell and a minimal hand-written PyTorch loop
+  vs Seq2SeqTrainer  the harness cell and Hugging Face's Seq2SeqTrainer
+
+Every run is a fresh process; the baselines (bench/baselines.py) build the same model and data
+with the harness's loaders and are watched by the same sampler. Throughput leaves out the first
+train.throughput_skip_steps steps in every loop. Peak memory is GPU memory with CUDA (NVML, as
+the harness reports it), host RSS without. Results: reports/bench/<device>.md and .json.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import transformers
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+from omegaconf import OmegaConf
+
+from harness import config, memory, runner
+
+REPO = Path(__file__).resolve().parents[1]
+# Full fine-tuning of t5-mini in fp32 at batch 8 on synthetic data of one fixed length (sigma 0:
+# every batch has the same shape, so no loop is favoured by the order of its batches).
+CELL = ["model=t5-mini", "method=full", "precision=fp32", "data=synthetic",
+        "data.length_sigma=0", "data.source_length_median=128", "data.target_length_median=28",
+        "data.train_size=1600", "data.validation_size=8", "data.test_size=8",
+        "train.batch_size=8", "train.lr=1e-4", "runner.skip_finished=false"]
+# (name, target, how the ratio is formed, which way is good)
+TARGETS = {
+    "sampler time ratio (on / off)": (1.01, "<="),
+    "harness / hand-written loop: time ratio": (1.05, "<="),
+    "harness / hand-written loop: peak memory ratio": (1.05, "<="),
+    "harness / Seq2SeqTrainer: throughput ratio": (1.0, ">="),
+    "harness / Seq2SeqTrainer: peak memory ratio": (1.0, "<="),
+}
+
+
+def harness_cell(overrides: list[str], store: Path, experiment: str) -> dict:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*CELL, *overrides,
+                                           f"tracking.uri=sqlite:///{store}/mlflow.db",
+                                           f"tracking.experiment={experiment}",
+                                           f"tracking.artifact_location={store}/artifacts",
+                                           f"cache_dir={store}/cache"])
+    status = runner.run(cfg)
+    if status != "ok":
+        raise RuntimeError(f"the benchmark cell ended {status}")
+    client = MlflowClient(cfg.tracking.uri)
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"],
+                              max_results=1)[0].data.metrics
+
+
+def baseline(kind: str, cfg, store: Path, peak_key: str) -> dict:
+    """Run bench/baselines.py in a fresh process under the sampler."""
+    cell_yaml, out_json = store / f"{kind}.yaml", store / f"{kind}.json"
+    OmegaConf.save(config.cell_config(cfg), cell_yaml)
+    trace_csv = store / f"{kind}-trace.csv"
+    sampler = memory.SamplerProcess(cfg.sampler.interval_ms, trace_csv)
+    process = subprocess.Popen([sys.executable, str(REPO / "bench" / "baselines.py"), kind,
+                                str(cell_yaml), str(out_json)], cwd=REPO)
+    sampler.watch(process.pid)
+    try:
+        if process.wait() != 0:
+            raise RuntimeError(f"the {kind} baseline exited with {process.returncode}")
+    finally:
+        sampler.stop()
+    result = json.loads(out_json.read_text())
+    ends, skip = result["step_ends_s"], cfg.train.throughput_skip_steps
+    trace = memory.read_trace(trace_csv, [])
+    return {"samples_per_s": (len(ends) - skip) * result["samples_per_step"]
+            / (ends[-1] - ends[skip - 1]),
+            "peak_mib": trace[f"{peak_key}_mib"].max()}
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def verdict(ratio: float, target: float, direction: str) -> str:
+    met = ratio <= target if direction == "<=" else ratio >= target
+    if met:
+        return "met"
+    return f"missed by {abs(ratio - target) / target:.1%}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench")
+    args = parser.parse_args(argv)
+    peak_key = "gpu" if torch.cuda.is_available() else "cpu"
+    steps = [f"train.max_steps={args.steps}"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*CELL, *steps])
+
+    runs = {"sampler on": [], "sampler off": [], "hand-written": [], "Seq2SeqTrainer": []}
+    with tempfile.TemporaryDirectory(prefix="harness-bench-") as folder:
+        store = Path(folder)
+        # Interleaved, so that a slow spell of the machine hits every contender alike.
+        for repeat in range(args.repeats):
+            print(f"[bench] repeat {repeat + 1} of {args.repeats}", flush=True)
+            on = harness_cell(steps, store, "sampler-on")
+            runs["sampler on"].append({"samples_per_s": on["samples_per_s"],
+                                       "peak_mib": on[f"{peak_key}_peak_mib"]})
+            off = harness_cell([*steps, "sampler.enabled=false"], store, "sampler-off")
+            runs["sampler off"].append({"samples_per_s": off["samples_per_s"]})
+            runs["hand-written"].append(baseline("handwritten", cfg, store, peak_key))
+            runs["Seq2SeqTrainer"].append(baseline("trainer", cfg, store, peak_key))
+
+    median = {name: {key: statistics.median(run[key] for run in results)
+                     for key in results[0]} for name, results in runs.items()}
+    harness = median["sampler on"]
+    ratios = {
+        "sampler time ratio (on / off)":
+            median["sampler off"]["samples_per_s"] / harness["samples_per_s"],
+        "harness / hand-written loop: time ratio":
+            median["hand-written"]["samples_per_s"] / harness["samples_per_s"],
+        "harness / hand-written loop: peak memory ratio":
+            harness["peak_mib"] / median["hand-written"]["peak_mib"],
+        "harness / Seq2SeqTrainer: throughput ratio":
+            harness["samples_per_s"] / median["Seq2SeqTrainer"]["samples_per_s"],
+        "harness / Seq2SeqTrainer: peak memory ratio":
+            harness["peak_mib"] / median["Seq2SeqTrainer"]["peak_mib"],
+    }
+    write(args, cfg, peak_key, runs, median, ratios)
+
+
+def write(args, cfg, peak_key, runs, median, ratios) -> None:
+    facts = machine()
+    device = facts["gpu"] or f"cpu-{facts['cores']}-cores"
+    slug = device.lower().replace(" ", "-")
+    memory_kind = "GPU memory (NVML)" if peak_key == "gpu" else "host RSS"
+    lines = [f"# Benchmarks on {device}", "",
+             f"`make bench` on {facts['date']}: {facts['cpu']}, {facts['cores']} cores, "
+             f"{facts['memory_gib']} GiB, GPU: {facts['gpu'] or 'none'}; Python "
+             f"{facts['python']}, torch {facts['torch']}, transformers "
+             f"{facts['transformers']}.", "",
+             f"Cell: `{' '.join(CELL)} train.max_steps={args.steps}`; medians of "
+             f"{args.repeats} interleaved repeats; throughput without the first "
+             f"{cfg.train.throughput_skip_steps} steps; peak memory = {memory_kind}.", "",
+             "| comparison | ratio | target | verdict |", "|---|---:|---:|---|"]
+    for name, ratio in ratios.items():
+        target, direction = TARGETS[name]
+        lines.append(f"| {name} | {ratio:.3f} | {direction} {target} | "
+                     f"{verdict(ratio, target, direction)} |")
+    lines += ["", "| run | samples/s (median) | peak MiB (median) | samples/s, each repeat |",
+              "|---|---:|---:|---|"]
+    for name, results in runs.items():
+        peak = median[name].get("peak_mib")
+        lines.append(f"| {name} | {median[name]['samples_per_s']:.1f} | "
+                     f"{'' if peak is None else f'{peak:.0f}'} | "
+                     + ", ".join(f"{run['samples_per_s']:.1f}" for run in results) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{slug}.md").write_text(text)
+    (args.out / f"{slug}.json").write_text(json.dumps(
+        {"machine": facts, "cell": [*CELL, f"train.max_steps={args.steps}"], "runs": runs,
+         "medians": median, "ratios": ratios}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Cells that raise, are killed, or outgrow runner.cpu_memory_limit_mib, inside one real Hydra
+sweep (`python -m harness -m ...`): each ends with its own status and reason, the other cells
+finish ok, and no run is left RUNNING."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+# One Hydra option per case, each with its own seed so that each is a cell of its own (a key
+# given on the command line would override the cases' own).
+CASES = {
+    # An existing folder passes validation; loading a model from it fails in the cell.
+    "raises": "model:\n  source: {broken}\n  tokenizer: byte\ntrain:\n  seed: 1\n"
+              "  max_steps: 3\n",
+    # Batches of 400 fixture dialogues need a few GiB more address space than loading does.
+    "over_limit": "runner:\n  cpu_memory_limit_mib: 4000\ntrain:\n  batch_size: 400\n"
+                  "  seed: 2\n  max_steps: 3\n",
+    # Trains for long enough to be killed from outside while it trains.
+    "killed": "train:\n  max_steps: 100000\n  seed: 3\n",
+    "ok": "train:\n  seed: 4\n  max_steps: 3\n",
+}
+
+
+def _write_cases(folder, broken):
+    cases = folder / "case"
+    cases.mkdir(parents=True)
+    for name, body in CASES.items():
+        (cases / f"{name}.yaml").write_text("# @package _global_\n"
+                                            + body.format(broken=broken))
+
+
+def _kill_when_training(client, experiment, sweep, timeout_s=300):
+    """SIGKILL the cell of seed 3 once it has logged a training step."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and sweep.poll() is None:
+        found = client.get_experiment_by_name(experiment)
+        runs = [] if found is None else client.search_runs(
+            [found.experiment_id], "params.`train.seed` = '3'")
+        if runs and "train_loss" in runs[0].data.metrics and "pid" in runs[0].data.tags:
+            os.kill(int(runs[0].data.tags["pid"]), signal.SIGKILL)
+            return
+        time.sleep(0.5)
+    raise AssertionError("the long cell never started training")
+
+
+def test_failures_inside_a_sweep_end_with_their_status_and_spare_the_others(tmp_path):
+    broken = tmp_path / "not-a-model"
+    broken.mkdir()
+    _write_cases(tmp_path / "conf", broken)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "harness", "-m", f"hydra.searchpath=[file://{tmp_path}/conf]",
+         "+case=raises,over_limit,killed,ok", "eval.max_samples=4",
+         f"tracking.uri={uri}", "tracking.experiment=isolation",
+         f"tracking.artifact_location={tmp_path}/artifacts", f"cache_dir={tmp_path}/cache"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = MlflowClient(uri)
+        _kill_when_training(client, "isolation", sweep)
+        output, _ = sweep.communicate(timeout=600)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 0, output[-3000:]
+
+    experiment = client.get_experiment_by_name("isolation")
+    runs = {run.data.params["train.seed"]: run
+            for run in client.search_runs([experiment.experiment_id])}
+    assert len(runs) == 4
+    assert all(run.info.status != "RUNNING" for run in runs.values())
+    outcome = {seed: (run.data.tags["status"], run.info.status) for seed, run in runs.items()}
+    assert outcome == {"1": ("failed", "FAILED"), "2": ("oom", "FAILED"),
+                       "3": ("failed", "FAILED"), "4": ("ok", "FINISHED")}
+
+    raised = runs["1"].data.tags["status_reason"]
+    assert str(broken) in raised and raised.startswith("OSError")
+    over = runs["2"].data.tags["status_reason"]
+    assert over.startswith("out of memory in phase train: ") and "last sampled at" in over
+    assert runs["3"].data.tags["status_reason"] == ("the cell process was killed by SIGKILL "
+                                                    "in phase train")
+    # The killed cell keeps what it logged, and the runner still records its memory.
+    killed = runs["3"]
+    assert "train_loss" in killed.data.metrics and killed.data.metrics["cpu_train_peak_mib"] > 0
+    assert "memory_trace.csv" in {a.path for a in client.list_artifacts(killed.info.run_id)}
+    assert runs["4"].data.metrics["rouge1"] >= 0

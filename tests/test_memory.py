@@ -1,0 +1,213 @@
+"""The memory sampler (a real process watching a real process), its NVML path against a fake
+NVML (no GPU here), the trace's peaks, series and plot, and the breakdown of live tensors."""
+
+import subprocess
+import sys
+import textwrap
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+
+from harness import memory
+from harness.sampler import MIB, Sampler
+from tests.conftest import requires_cuda
+
+SPIKE_MIB = 300
+# Holds SPIKE_MIB of written (resident) memory for 50 ms, once, when told to on stdin.
+SPIKE = textwrap.dedent(f"""
+    import sys, time
+    sys.stdin.readline()
+    time.sleep(0.3)
+    spike = bytearray(b"x") * ({SPIKE_MIB} * 1024 * 1024)
+    time.sleep(0.05)
+    del spike
+    time.sleep(0.3)
+""")
+
+
+def test_the_sampler_catches_a_50_ms_host_allocation_spike(tmp_path):
+    out = tmp_path / "trace.csv"
+    sampler = memory.SamplerProcess(interval_ms=10, out=out)
+    spiker = subprocess.Popen([sys.executable, "-c", SPIKE], stdin=subprocess.PIPE, text=True)
+    try:
+        sampler.watch(spiker.pid)
+        spiker.stdin.write("go\n")
+        spiker.stdin.close()
+        assert spiker.wait(timeout=30) == 0
+    finally:
+        sampler.stop()
+    trace = memory.read_trace(out, [])
+    baseline = trace["cpu_mib"].iloc[:5].median()
+    assert trace["cpu_mib"].max() - baseline > 0.9 * SPIKE_MIB
+    assert trace["cpu_mib"].iloc[-5:].max() - baseline < 0.2 * SPIKE_MIB  # and its end
+    assert trace["gpu_mib"].isna().all() and trace.attrs["gpu_source"] is None
+    assert np.median(np.diff(trace["time_s"])) < 0.02
+
+
+class FakeNVML:
+    """The parts of pynvml the sampler calls, for two GPUs; the real one runs on a GPU."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, processes, used_mib, per_process_supported=True):
+        self.processes, self.used_mib = processes, used_mib
+        self.per_process_supported = per_process_supported
+
+    def nvmlDeviceGetCount(self):
+        return len(self.used_mib)
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        return int(uuid.removeprefix("GPU-fake-"))
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        if not self.per_process_supported:
+            raise self.NVMLError("Not Supported")
+        return [SimpleNamespace(pid=pid, usedGpuMemory=mib * MIB)
+                for device, pid, mib in self.processes if device == handle]
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return SimpleNamespace(used=self.used_mib[handle] * MIB)
+
+
+@pytest.fixture
+def child():
+    """A live child process with a child of its own: a process tree to watch."""
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               "subprocess.Popen([sys.executable, '-c', "
+                               "'import time; time.sleep(60)']); time.sleep(60)"])
+    time.sleep(1.0)
+    yield parent
+    import psutil
+    for process in psutil.Process(parent.pid).children(recursive=True):
+        process.kill()
+    parent.kill()
+    parent.wait()
+
+
+def test_nvml_per_process_memory_counts_the_cell_tree_on_every_gpu(child):
+    import psutil
+    grandchild = psutil.Process(child.pid).children()[0].pid
+    nvml = FakeNVML([(0, child.pid, 1000), (1, grandchild, 24), (0, 999_999, 5000)],
+                    used_mib=[7000, 600])
+    row = Sampler(child.pid, nvml).sample()
+    assert row["gpu_mib"] == 1024  # the other process's 5000 MiB is not the cell's
+    assert row["gpu_device_mib"] == 7600
+    assert row["cpu_mib"] > 5
+
+
+def test_nvml_device_memory_of_the_visible_gpus_when_per_process_is_unsupported(child):
+    nvml = FakeNVML([(1, child.pid, 1000)], used_mib=[7000, 600], per_process_supported=False)
+    assert Sampler(child.pid, nvml, "1").sample()["gpu_device_mib"] == 600
+    sampler = Sampler(child.pid, nvml, "GPU-fake-0")
+    rows = [sampler.sample() for _ in range(2)]
+    assert [row["gpu_mib"] for row in rows] == [None, None]
+    assert [row["gpu_device_mib"] for row in rows] == [7000, 7000]
+
+
+def _trace_csv(tmp_path, gpu, device):
+    times = 1000.0 + np.arange(10) * 0.01
+    path = tmp_path / "sampler.csv"
+    pd.DataFrame({"time": times, "cpu_mib": [100, 110, 300, 120, 130, 900, 140, 150, 160, 170],
+                  "gpu_mib": gpu, "gpu_device_mib": device}).to_csv(path, index=False)
+    return path, times
+
+
+def test_a_trace_is_split_into_phases_with_peaks_per_phase(tmp_path):
+    gpu = [0, 0, 50, 60, 70, 80, 2000, 90, 95, 99]
+    path, times = _trace_csv(tmp_path, gpu, [500 + g for g in gpu])
+    trace = memory.read_trace(path, [("load", times[1]), ("train", times[4]),
+                                     ("eval", times[8])])
+    assert list(trace["phase"]) == ["load"] * 4 + ["train"] * 4 + ["eval"] * 2
+    assert trace.attrs["gpu_source"] == "process"
+    assert memory.peaks(trace) == {
+        "cpu_peak_mib": 900, "cpu_load_peak_mib": 300, "cpu_train_peak_mib": 900,
+        "cpu_eval_peak_mib": 170, "gpu_peak_mib": 2000, "gpu_load_peak_mib": 60,
+        "gpu_train_peak_mib": 2000, "gpu_eval_peak_mib": 99, "gpu_device_peak_mib": 2500}
+    assert memory.last_sample(trace) == "last sampled at 0.1 s: cpu 170 MiB, gpu 99 MiB"
+
+
+def test_device_memory_stands_in_when_no_process_figure_exists(tmp_path):
+    path, times = _trace_csv(tmp_path, [None] * 10, [500 + i for i in range(10)])
+    trace = memory.read_trace(path, [("load", times[0])])
+    assert trace.attrs["gpu_source"] == "device"
+    assert memory.peaks(trace)["gpu_peak_mib"] == 509
+
+
+def test_downsampling_keeps_every_peak_within_the_point_budget(tmp_path):
+    count = 100_000
+    times = np.arange(count) * 0.01
+    cpu = np.full(count, 500.0)
+    cpu[[123, 54_321, 99_998]] = [900, 1200, 700]  # single-sample spikes
+    trace = pd.DataFrame({"time": times, "time_s": times, "phase": "train",
+                          "gpu_mib": np.nan, "gpu_device_mib": np.nan, "cpu_mib": cpu})
+    trace.attrs["gpu_source"] = None
+    small = memory.downsample(trace, 2000)
+    assert len(small) == 2000 and list(small.columns) == list(trace.columns)
+    assert sorted(small["cpu_mib"].nlargest(3)) == [700, 900, 1200]
+    assert small["time_s"].is_monotonic_increasing and small.attrs == trace.attrs
+
+
+def test_the_plot_is_a_png(tmp_path):
+    gpu = list(range(10))
+    path, times = _trace_csv(tmp_path, gpu, gpu)
+    trace = memory.read_trace(path, [("load", times[0]), ("train", times[5])])
+    memory.plot(trace, tmp_path / "memory.png", "t5-tiny/lora-r8/fp32")
+    assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_breakdown_counts_parameters_gradients_and_optimizer_state():
+    model = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32,
+                                                num_layers=1, num_heads=2,
+                                                decoder_start_token_id=0))
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = "decoder" in name
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable)
+    batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.ones(2, 3,
+                                                                                    dtype=torch.long)}
+    model(**batch).loss.backward()
+    optimizer.step()
+    counts = memory.breakdown(model, [optimizer])
+    all_mib = sum(p.numel() for p in model.parameters()) * 4 / MIB
+    trainable_mib = sum(p.numel() for p in trainable) * 4 / MIB
+    assert counts["mem_params_mib"] == pytest.approx(all_mib)
+    assert counts["mem_grads_mib"] == pytest.approx(trainable_mib)
+    # AdamW: exp_avg and exp_avg_sq per weight, plus a one-element step per weight.
+    steps_mib = len(trainable) * 4 / MIB
+    assert counts["mem_optimizer_mib"] == pytest.approx(2 * trainable_mib + steps_mib)
+
+
+def test_tensors_sharing_a_storage_count_once():
+    weight = torch.zeros(256, 1024)  # 1 MiB
+    assert memory.tensors_mib([weight, weight[:128], weight.view(-1), weight.T]) == 1.0
+    assert memory.tensors_mib([weight, torch.zeros(256, 1024)]) == 2.0
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_the_real_nvml_sees_a_cuda_process(tmp_path):
+    out = tmp_path / "trace.csv"
+    sampler = memory.SamplerProcess(interval_ms=10, out=out)
+    script = ("import sys, time, torch; sys.stdin.readline(); "
+              "x = torch.empty(1024 * 1024 * 1024, dtype=torch.uint8, device='cuda'); "
+              "torch.cuda.synchronize(); time.sleep(1.0)")
+    cuda = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, text=True)
+    try:
+        sampler.watch(cuda.pid)
+        cuda.stdin.write("go\n")
+        cuda.stdin.close()
+        assert cuda.wait(timeout=120) == 0
+    finally:
+        sampler.stop()
+    trace = memory.read_trace(out, [])
+    assert trace.attrs["gpu_source"] in ("process", "device")
+    assert trace["gpu_mib"].max() > 1024  # the tensor plus the CUDA context
