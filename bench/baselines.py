@@ -16,8 +16,7 @@ import time
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
-from transformers import (DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments,
-                          TrainerCallback, get_linear_schedule_with_warmup)
+from transformers import DataCollatorForSeq2Seq, get_linear_schedule_with_warmup
 
 from harness import data, models
 
@@ -49,19 +48,21 @@ def handwritten(model, dataset, collate, cfg, device) -> list[float]:
     return step_ends
 
 
-class StepEnds(TrainerCallback):
-    def __init__(self, device):
-        self.device, self.times = device, []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.times.append(time.perf_counter())
-
-
 def trainer(model, dataset, collate, cfg, device) -> list[float]:
+    # Imported here, so that the hand-written loop's process does not carry the Trainer's imports.
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
+
+    class StepEnds(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.times.append(time.perf_counter())
+
     train_cfg = cfg.train
-    step_ends = StepEnds(device)
+    step_ends = StepEnds()
     with tempfile.TemporaryDirectory() as output_dir:
         arguments = Seq2SeqTrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=train_cfg.batch_size,

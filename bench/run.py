@@ -8,7 +8,10 @@ use, side by side in one run, on one cell, medians over repeats, printed as rati
 Every run is a fresh process; the baselines (bench/baselines.py) build the same model and data
 with the harness's loaders and are watched by the same sampler. Throughput leaves out the first
 train.throughput_skip_steps steps in every loop. Peak memory is GPU memory with CUDA (NVML, as
-the harness reports it), host RSS without. Results: reports/bench/<device>.md and .json.
+the harness reports it), host RSS without. The contenders run one after the other in each
+repeat (the order alternates), and a ratio is the median of the repeats' ratios, so that a slow
+spell of a shared machine falls on both sides of a ratio. Results: reports/bench/<device>.md and
+.json.
 """
 
 import argparse
@@ -49,19 +52,23 @@ TARGETS = {
 
 
 def harness_cell(overrides: list[str], store: Path, experiment: str) -> dict:
+    """Run the cell through the runner; its metrics, plus wall_s, the runner's whole time."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[*CELL, *overrides,
                                            f"tracking.uri=sqlite:///{store}/mlflow.db",
                                            f"tracking.experiment={experiment}",
                                            f"tracking.artifact_location={store}/artifacts",
                                            f"cache_dir={store}/cache"])
+    start = time.perf_counter()
     status = runner.run(cfg)
+    wall_s = time.perf_counter() - start
     if status != "ok":
         raise RuntimeError(f"the benchmark cell ended {status}")
     client = MlflowClient(cfg.tracking.uri)
     found = client.get_experiment_by_name(experiment)
-    return client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"],
-                              max_results=1)[0].data.metrics
+    run = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"],
+                             max_results=1)[0]
+    return {**run.data.metrics, "wall_s": wall_s}
 
 
 def baseline(kind: str, cfg, store: Path, peak_key: str) -> dict:
@@ -106,7 +113,7 @@ def verdict(ratio: float, target: float, direction: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench")
     args = parser.parse_args(argv)
@@ -118,31 +125,43 @@ def main(argv: list[str] | None = None) -> None:
     runs = {"sampler on": [], "sampler off": [], "hand-written": [], "Seq2SeqTrainer": []}
     with tempfile.TemporaryDirectory(prefix="harness-bench-") as folder:
         store = Path(folder)
-        # Interleaved, so that a slow spell of the machine hits every contender alike.
         for repeat in range(args.repeats):
             print(f"[bench] repeat {repeat + 1} of {args.repeats}", flush=True)
-            on = harness_cell(steps, store, "sampler-on")
-            runs["sampler on"].append({"samples_per_s": on["samples_per_s"],
-                                       "peak_mib": on[f"{peak_key}_peak_mib"]})
-            off = harness_cell([*steps, "sampler.enabled=false"], store, "sampler-off")
-            runs["sampler off"].append({"samples_per_s": off["samples_per_s"]})
-            runs["hand-written"].append(baseline("handwritten", cfg, store, peak_key))
-            runs["Seq2SeqTrainer"].append(baseline("trainer", cfg, store, peak_key))
+            contenders = {
+                "sampler on": lambda: harness_cell(steps, store, "sampler-on"),
+                "sampler off": lambda: harness_cell([*steps, "sampler.enabled=false"], store,
+                                                    "sampler-off"),
+                "hand-written": lambda: baseline("handwritten", cfg, store, peak_key),
+                "Seq2SeqTrainer": lambda: baseline("trainer", cfg, store, peak_key)}
+            order = list(contenders) if repeat % 2 == 0 else list(reversed(contenders))
+            for name in order:
+                result = contenders[name]()
+                if name.startswith("sampler"):
+                    result = {"samples_per_s": result["samples_per_s"],
+                              "peak_mib": result.get(f"{peak_key}_peak_mib"),
+                              "sampler_cpu_pct": 100 * result["sampler_cpu_s"] / result["wall_s"]
+                              if "sampler_cpu_s" in result else None}
+                runs[name].append(result)
+
+    def paired(numerator: str, denominator: str, key: str, invert: bool = False) -> float:
+        """The median over repeats of numerator / denominator (or its inverse)."""
+        ratios = [a[key] / b[key] for a, b in zip(runs[numerator], runs[denominator])]
+        return statistics.median(1 / r if invert else r for r in ratios)
 
     median = {name: {key: statistics.median(run[key] for run in results)
-                     for key in results[0]} for name, results in runs.items()}
-    harness = median["sampler on"]
+                     for key in results[0] if results[0][key] is not None}
+              for name, results in runs.items()}
     ratios = {
-        "sampler time ratio (on / off)":
-            median["sampler off"]["samples_per_s"] / harness["samples_per_s"],
+        # Time ratios: the samples/s of the other over the harness's (time = 1 / throughput).
+        "sampler time ratio (on / off)": paired("sampler off", "sampler on", "samples_per_s"),
         "harness / hand-written loop: time ratio":
-            median["hand-written"]["samples_per_s"] / harness["samples_per_s"],
+            paired("hand-written", "sampler on", "samples_per_s"),
         "harness / hand-written loop: peak memory ratio":
-            harness["peak_mib"] / median["hand-written"]["peak_mib"],
+            paired("sampler on", "hand-written", "peak_mib"),
         "harness / Seq2SeqTrainer: throughput ratio":
-            harness["samples_per_s"] / median["Seq2SeqTrainer"]["samples_per_s"],
+            paired("sampler on", "Seq2SeqTrainer", "samples_per_s"),
         "harness / Seq2SeqTrainer: peak memory ratio":
-            harness["peak_mib"] / median["Seq2SeqTrainer"]["peak_mib"],
+            paired("sampler on", "Seq2SeqTrainer", "peak_mib"),
     }
     write(args, cfg, peak_key, runs, median, ratios)
 
@@ -157,9 +176,13 @@ def write(args, cfg, peak_key, runs, median, ratios) -> None:
              f"{facts['memory_gib']} GiB, GPU: {facts['gpu'] or 'none'}; Python "
              f"{facts['python']}, torch {facts['torch']}, transformers "
              f"{facts['transformers']}.", "",
-             f"Cell: `{' '.join(CELL)} train.max_steps={args.steps}`; medians of "
-             f"{args.repeats} interleaved repeats; throughput without the first "
-             f"{cfg.train.throughput_skip_steps} steps; peak memory = {memory_kind}.", "",
+             f"Cell: `{' '.join(CELL)} train.max_steps={args.steps}`; {args.repeats} repeats, "
+             "each running every contender once (order alternating); a ratio is the median of "
+             "the repeats' ratios; throughput without the first "
+             f"{cfg.train.throughput_skip_steps} steps; peak memory = {memory_kind}. The "
+             "sampler itself used a median "
+             f"{median['sampler on']['sampler_cpu_pct']:.2f} % of one core over the cell's "
+             "wall time.", "",
              "| comparison | ratio | target | verdict |", "|---|---:|---:|---|"]
     for name, ratio in ratios.items():
         target, direction = TARGETS[name]

@@ -96,6 +96,7 @@ class ToRunner:
                 self.peaks[f"torch_{name}_peak_{kind}_mib"] = peak
                 overall = f"torch_peak_{kind}_mib"
                 self.peaks[overall] = max(self.peaks.get(overall, 0.0), peak)
+            self(self.peaks)  # now: a cell that dies later keeps this phase's peaks
 
 
 def run(cfg, cache_dir: str, log: ToRunner) -> None:
@@ -150,7 +151,6 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
                  "eval_time_s": time.perf_counter() - eval_start})
             _log_predictions(log, references, predictions)
 
-    log(log.peaks)
     if method in config.ADAPTER_METHODS:
         _log_adapter(log, model)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 
 from harness.sampler import MIB  # one constant for the whole harness
 
@@ -29,15 +30,24 @@ class SamplerProcess:
         # Wait until it has imported and initialised NVML, so the cell's first moments count.
         if self.process.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the memory sampler did not start (exit {self.process.wait()})")
+        self.start_cpu_s = self._cpu_s()  # its start-up, before the cell exists, costs the cell nothing
+
+    def _cpu_s(self) -> float:
+        times = psutil.Process(self.process.pid).cpu_times()
+        return times.user + times.system
 
     def watch(self, pid: int) -> None:
         self.process.stdin.write(f"{pid}\n")
         self.process.stdin.flush()
 
-    def stop(self) -> None:
+    def stop(self) -> float | None:
+        """Stop sampling; return the CPU seconds the sampler used while it watched, if known."""
+        cpu_s = None
         if self.process.poll() is None:
+            cpu_s = self._cpu_s() - self.start_cpu_s
             self.process.stdin.close()  # the sampler stops when its stdin closes
         self.process.wait(timeout=30)
+        return cpu_s
 
 
 def read_trace(path: Path, phase_starts: list[tuple[str, float]]) -> pd.DataFrame:

@@ -130,7 +130,9 @@ def _run_in_process(cfg: DictConfig, cell: dict, scratch: Path, record: CellReco
             process.terminate()
         process.join()
         if sampler:
-            sampler.stop()
+            sampler_cpu_s = sampler.stop()
+            if sampler_cpu_s is not None:  # what the measurement cost
+                record.log({"sampler_cpu_s": sampler_cpu_s})
 
     phase = record.phase
     if record.outcome is not None:
@@ -173,8 +175,10 @@ def _follow(receive, process, handle) -> None:
 def kernel_oom_kills() -> int | None:
     """How many processes the kernel's OOM killer has killed in this process's memory cgroup
     (cgroup v2 memory.events, v1 memory.oom_control); None where neither can be read."""
-    root = Path("/sys/fs/cgroup")
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
+    root, own = Path("/sys/fs/cgroup"), Path("/proc/self/cgroup")
+    if not own.exists():  # not Linux
+        return None
+    for line in own.read_text().splitlines():
         hierarchy, controllers, path = line.split(":", 2)
         if hierarchy == "0":
             folders, name = (root / path.lstrip("/"), root), "memory.events"

@@ -2,11 +2,12 @@
 
 import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
 from harness import runner
-from tests.conftest import compose_cell, runs_of
+from tests.conftest import compose_cell, requires_cuda, runs_of
 
 pytestmark = pytest.mark.slow
 
@@ -60,8 +61,9 @@ def test_a_finished_run_carries_every_contract_name(store, cell_overrides):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "predictions.csv", "adapter", "memory_trace.csv",
             "memory_trace.png"} <= artifacts
-    # On CPU the allocator keeps no peak: activations are left out rather than guessed.
-    assert "mem_activations_mib" not in run.data.metrics and "gpu_peak_mib" not in run.data.metrics
+    if not torch.cuda.is_available():
+        # On CPU the allocator keeps no peak: activations are left out rather than guessed.
+        assert not {"mem_activations_mib", "gpu_peak_mib"} & set(run.data.metrics)
     folder = download_artifacts(run_id=run.info.run_id, tracking_uri=store["uri"])
     predictions = pd.read_csv(f"{folder}/predictions.csv", keep_default_na=False)
     assert list(predictions.columns) == ["id", "reference", "prediction"]
@@ -122,3 +124,20 @@ def test_a_finished_cell_is_not_run_again(store, cell_overrides):
     assert status == "ok" and len(runs) == 1
     status, runs = _run(store, overrides, "runner.skip_finished=false")
     assert len(runs) == 2
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_a_cuda_cell_has_nvml_and_allocator_peaks_and_the_whole_breakdown(store, cell_overrides):
+    status, runs = _run(store, cell_overrides, "model=t5-mini", "method=full",
+                        "train.max_steps=5", "eval.max_samples=4")
+    assert status == "ok"
+    metrics, tags = runs[0].data.metrics, runs[0].data.tags
+    assert "NVML" in tags["gpu_memory_source"]
+    # NVML sees the CUDA context on top of what the allocator reserved.
+    assert metrics["gpu_peak_mib"] > metrics["torch_peak_reserved_mib"] \
+        >= metrics["torch_peak_allocated_mib"] >= metrics["torch_train_peak_allocated_mib"]
+    assert metrics["gpu_train_peak_mib"] > 0 and metrics["mem_activations_mib"] > 0
+    parts = sum(metrics[f"mem_{part}_mib"] for part in ("params", "grads", "optimizer",
+                                                          "activations"))
+    assert parts == pytest.approx(metrics["torch_train_peak_allocated_mib"], rel=1e-6)

@@ -30,23 +30,34 @@ SPIKE = textwrap.dedent(f"""
 """)
 
 
-def test_the_sampler_catches_a_50_ms_host_allocation_spike(tmp_path):
-    out = tmp_path / "trace.csv"
+def _trace_of(script: str, out, timeout_s: float):
+    """The real sampler's trace of `python -c script`, which starts on a line from stdin."""
     sampler = memory.SamplerProcess(interval_ms=10, out=out)
-    spiker = subprocess.Popen([sys.executable, "-c", SPIKE], stdin=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, text=True)
     try:
-        sampler.watch(spiker.pid)
-        spiker.stdin.write("go\n")
-        spiker.stdin.close()
-        assert spiker.wait(timeout=30) == 0
+        sampler.watch(child.pid)
+        child.stdin.write("go\n")
+        child.stdin.close()
+        assert child.wait(timeout=timeout_s) == 0
     finally:
         sampler.stop()
-    trace = memory.read_trace(out, [])
+    return memory.read_trace(out, [])
+
+
+def test_the_sampler_catches_a_50_ms_host_allocation_spike(tmp_path):
+    trace = _trace_of(SPIKE, tmp_path / "trace.csv", timeout_s=30)
     baseline = trace["cpu_mib"].iloc[:5].median()
     assert trace["cpu_mib"].max() - baseline > 0.9 * SPIKE_MIB
     assert trace["cpu_mib"].iloc[-5:].max() - baseline < 0.2 * SPIKE_MIB  # and its end
     assert trace["gpu_mib"].isna().all() and trace.attrs["gpu_source"] is None
     assert np.median(np.diff(trace["time_s"])) < 0.02
+
+
+def test_the_sampler_process_never_imports_torch():
+    # Without torch it cannot create a CUDA context, however the cell uses the GPU.
+    probe = ("import sys, harness.sampler; "
+             "sys.exit(sorted({'torch', 'transformers'} & set(sys.modules)) != [])")
+    assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
 
 
 class FakeNVML:
@@ -195,19 +206,9 @@ def test_tensors_sharing_a_storage_count_once():
 @requires_cuda
 @pytest.mark.gpu
 def test_the_real_nvml_sees_a_cuda_process(tmp_path):
-    out = tmp_path / "trace.csv"
-    sampler = memory.SamplerProcess(interval_ms=10, out=out)
     script = ("import sys, time, torch; sys.stdin.readline(); "
               "x = torch.empty(1024 * 1024 * 1024, dtype=torch.uint8, device='cuda'); "
               "torch.cuda.synchronize(); time.sleep(1.0)")
-    cuda = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, text=True)
-    try:
-        sampler.watch(cuda.pid)
-        cuda.stdin.write("go\n")
-        cuda.stdin.close()
-        assert cuda.wait(timeout=120) == 0
-    finally:
-        sampler.stop()
-    trace = memory.read_trace(out, [])
+    trace = _trace_of(script, tmp_path / "trace.csv", timeout_s=120)
     assert trace.attrs["gpu_source"] in ("process", "device")
     assert trace["gpu_mib"].max() > 1024  # the tensor plus the CUDA context
