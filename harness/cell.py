@@ -126,8 +126,7 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
                                   shuffle=True, generator=shuffle, collate_fn=collate)
         validation_loader = DataLoader(splits["validation"], batch_size=cfg.eval.batch_size,
                                        collate_fn=collate)
-        result = train(model, train_loader, validation_loader, cfg.train, precision, device,
-                       log)
+        result = train(model, train_loader, validation_loader, cfg, device, log)
     log({"train_time_s": result.train_time_s, "train_steps": result.steps,
          **result.throughput(cfg.train.throughput_skip_steps), **result.breakdown})
     if device.type == "cuda" and result.breakdown:

@@ -14,11 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 from harness import data
 from harness.errors import ConfigError
 
-ADAPTER_METHODS = ("lora",)
+ADAPTER_METHODS = ("lora", "lora_lomo")  # methods with LoRA adapters (method.r, ...)
+FUSED_METHODS = ("lomo", "lora_lomo")    # base weights updated inside backward (harness/lomo.py)
 ADAPTER_KEYS = ("r", "alpha", "dropout", "target_modules")
 MODEL_SOURCES = ("hub", "random")
 TOKENIZERS = ("auto", "byte", "hub")
-OPTIMIZERS = ("adamw",)
+OPTIMIZERS = ("adamw", "sgd")
 START_METHODS = ("forkserver", "spawn")
 # The groups that define what a cell computes; tracking, runner and sampler say where and how.
 CELL_GROUPS = ("model", "method", "precision", "data", "train", "eval")
@@ -26,10 +27,16 @@ CELL_GROUPS = ("model", "method", "precision", "data", "train", "eval")
 
 def invalid_cell_reason(cfg: DictConfig) -> str | None:
     """Why this combination cannot run at all, or None. Sweeps record such cells as skipped."""
-    if cfg.precision.name == "int8" and cfg.method.name not in ADAPTER_METHODS:
-        return (f"method={cfg.method.name} updates the base weights, which precision=int8 stores "
-                "quantized and cannot update: use an adapter method (method=lora) with int8, or "
-                "precision=fp32 / bf16 / fp16 with this method")
+    method = cfg.method.name
+    if cfg.precision.name == "int8" and method != "lora":
+        return (f"method={method} updates the base weights, which precision=int8 stores "
+                "quantized and cannot update: use method=lora with int8, or precision=fp32 / "
+                "bf16 / fp16 with this method")
+    if method in FUSED_METHODS and cfg.train.grad_accum_steps != 1:
+        return (f"method={method} updates each base weight inside backward and frees its "
+                "gradient, so gradients cannot accumulate over micro-batches "
+                f"(train.grad_accum_steps={cfg.train.grad_accum_steps}): set "
+                "train.grad_accum_steps=1 and raise train.batch_size instead")
     return None
 
 
@@ -48,6 +55,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.method.optimizer not in OPTIMIZERS:
         raise ConfigError(f"method.optimizer={cfg.method.optimizer!r}; expected one of "
                           f"{', '.join(OPTIMIZERS)}")
+    if cfg.method.name == "lomo" and cfg.method.optimizer != "sgd":
+        raise ConfigError(f"method=lomo with method.optimizer={cfg.method.optimizer!r}: LOMO "
+                          "updates every weight by SGD inside backward; use method.optimizer=sgd, "
+                          "or method=full for AdamW")
+    if cfg.method.name == "lora_lomo":
+        _check_positive(cfg, "method.lr_base")
     if cfg.method.name in ADAPTER_METHODS:
         _check_positive(cfg, "method.r", integer=True)
         _check_positive(cfg, "method.alpha")
@@ -111,8 +124,15 @@ def flat_params(cell: dict, cfg: DictConfig) -> dict:
             for key, value in flat.items()}
 
 
+def method_label(name: str, optimizer: str) -> str:
+    """full, full-sgd, lora, lomo, ...: SGD is news only where AdamW is the default (LOMO is SGD
+    by definition)."""
+    return f"{name}-sgd" if optimizer == "sgd" and name != "lomo" else name
+
+
 def run_name(cell: dict) -> str:
     """A short readable name for the MLflow UI: model / method[-r] / precision."""
     method = cell["method"]
     rank = f"-r{method['r']}" if "r" in method else ""
-    return f"{cell['model']['name']}/{method['name']}{rank}/{cell['precision']['name']}"
+    return (f"{cell['model']['name']}/{method_label(method['name'], method['optimizer'])}{rank}/"
+            f"{cell['precision']['name']}")

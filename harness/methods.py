@@ -1,16 +1,21 @@
-"""Fine-tuning methods: which weights train. full: all of them; lora: peft adapters only."""
+"""Fine-tuning methods: which weights train, and how.
+
+full: every weight, by method.optimizer (AdamW, or plain SGD as the LOMO paper's baseline).
+lora: peft adapters only, base frozen. lomo: every weight, by SGD fused into backward.
+lora_lomo: peft adapters by method.optimizer, and every base weight by SGD fused into backward.
+"""
 
 from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
 
 def base_frozen(method: str) -> bool:
     """Whether the method leaves the base weights untouched (so they may be stored in half)."""
-    return method != "full"
+    return method == "lora"
 
 
 def apply(model, method_cfg, precision: str):
     """The model with the method's trainable weights marked; peft wraps it for LoRA."""
-    if method_cfg.name == "full":
+    if method_cfg.name in ("full", "lomo"):
         model.requires_grad_(True)
         return model
     if precision == "int8":
@@ -20,4 +25,17 @@ def apply(model, method_cfg, precision: str):
                       lora_dropout=method_cfg.dropout,
                       target_modules=list(method_cfg.target_modules))
     # peft keeps the adapters in float32 when the base is in half precision.
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if method_cfg.name == "lora_lomo":
+        for parameter in fused_parameters(model, method_cfg.name):
+            parameter.requires_grad_(True)
+    return model
+
+
+def fused_parameters(model, method: str) -> list:
+    """The weights the method updates inside backward: all for lomo, the base's for lora_lomo."""
+    if method == "lomo":
+        return list(model.parameters())
+    if method == "lora_lomo":
+        return [parameter for name, parameter in model.named_parameters() if "lora_" not in name]
+    return []

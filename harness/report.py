@@ -15,12 +15,13 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
+from harness import config
 from harness.errors import ConfigError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 COLUMNS = {  # report column: (MLflow column, how to format it)
     "model": ("params.model.name", str),
-    "method": ("params.method.name", str),
+    "method": ("method", str),  # config.method_label: full, full-sgd, lora, lomo, lora_lomo
     "precision": ("params.precision.name", str),
     "rank": ("params.method.r", str),
     "ROUGE-1": ("metrics.rouge1", "{:.2f}".format),
@@ -47,13 +48,16 @@ def load_runs(experiment: str, tracking_uri: str) -> pd.DataFrame:
 def table(runs: pd.DataFrame) -> pd.DataFrame:
     """The report table: formatted cells, sorted by model size, method, precision and rank."""
     rows = runs.reindex(columns=[*{source for source, _ in COLUMNS.values()},
+                                 "params.method.name", "params.method.optimizer",
                                  "metrics.total_params", "tags.status", "tags.status_reason"])
+    rows["method"] = [config.method_label(name, optimizer) for name, optimizer in
+                      zip(rows["params.method.name"], rows["params.method.optimizer"])]
     # Smallest model first; a skipped cell has no parameter count, so take its model's.
     model_size = rows.groupby("params.model.name", dropna=False)["metrics.total_params"] \
         .transform("max")
     rank = pd.to_numeric(rows["params.method.r"], errors="coerce")
     order = pd.DataFrame({"size": model_size, "model": rows["params.model.name"],
-                          "method": rows["params.method.name"],
+                          "method": rows["method"],
                           "precision": rows["params.precision.name"], "rank": rank})
     rows = rows.loc[order.sort_values(list(order.columns), na_position="first").index]
     report = pd.DataFrame({name: [fmt(v) if pd.notna(v) else "—" for v in rows[source]]

@@ -1,5 +1,5 @@
-"""The training loop, top to bottom: AdamW, linear schedule with warm-up, gradient accumulation,
-clipping, mixed precision, per-step loss and per-epoch eval loss, the time of every step, and the
+"""The training loop, top to bottom: AdamW or SGD, or LOMO's updates fused into backward; linear
+schedule with warm-up, gradient accumulation, clipping, mixed precision, per-step loss and per-epoch eval loss, the time of every step, and the
 memory breakdown of the live tensors at the step that set the allocator's peak.
 """
 
@@ -12,8 +12,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from harness import evaluate, memory
+from harness import evaluate, lomo, memory, methods
 from harness.models import autocast
+from harness.sampler import MIB
 
 
 class Diverged(RuntimeError):
@@ -51,19 +52,36 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train(model, train_loader, validation_loader, train_cfg, precision: str,
-          device: torch.device, log_metrics) -> TrainResult:
-    """Train in place. `log_metrics(metrics: dict, step: int)` receives train_loss, lr, eval_loss."""
+def train(model, train_loader, validation_loader, cfg, device: torch.device,
+          log_metrics) -> TrainResult:
+    """Train in place as cfg.method says. `log_metrics(metrics: dict, step: int)` receives
+    train_loss, lr, eval_loss."""
+    train_cfg, precision = cfg.train, cfg.precision.name
     torch.manual_seed(train_cfg.seed)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_loader) / train_cfg.grad_accum_steps)
     total_steps = (train_cfg.max_steps if train_cfg.max_steps is not None
                    else steps_per_epoch * train_cfg.epochs)
     epochs = math.ceil(total_steps / steps_per_epoch) if total_steps else 0
-    scheduler = get_linear_schedule_with_warmup(optimizer, train_cfg.warmup_steps, total_steps)
-    # Scaling only matters for fp16, whose small range underflows gradients.
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    # LOMO methods update their fused weights inside backward; an optimizer steps the rest.
+    fused_weights = methods.fused_parameters(model, cfg.method.name)
+    fused_ids = {id(weight) for weight in fused_weights}
+    stepped = [p for p in model.parameters() if p.requires_grad and id(p) not in fused_ids]
+    optimizer = scheduler = fused = None
+    if stepped:
+        kind = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[cfg.method.optimizer]
+        optimizer = kind(stepped, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        scheduler = get_linear_schedule_with_warmup(optimizer, train_cfg.warmup_steps,
+                                                    total_steps)
+    if fused_weights:
+        fused = lomo.FusedSGD(fused_weights, lr=cfg.method.get("lr_base", train_cfg.lr),
+                              weight_decay=train_cfg.weight_decay,
+                              warmup_steps=train_cfg.warmup_steps, total_steps=total_steps,
+                              max_grad_norm=train_cfg.max_grad_norm, unfused=stepped)
+    # Scaling only matters for fp16, whose small range underflows gradients. GradScaler unscales
+    # through an optimizer step, which fused updates do not have: they keep a scale of their own.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and fused is None)
+    fused_scale = lomo.LossScale(enabled=precision == "fp16")
 
     step, eval_time = 0, 0.0
     result = TrainResult(steps=0, epochs=epochs, train_time_s=0.0, train_tokens=0)
@@ -71,52 +89,74 @@ def train(model, train_loader, validation_loader, train_cfg, precision: str,
     synchronize(device)
     start = step_start = time.perf_counter()
     progress = tqdm(total=total_steps, desc="training", unit="step")
-    for epoch in range(epochs):
-        model.train()
-        for micro_step, batch in enumerate(train_loader):
-            batch = {key: value.to(device) for key, value in batch.items()}
-            with autocast(device, precision):
-                loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise Diverged(f"loss {loss.item()} at step {step} (epoch {epoch}), "
-                               f"precision {precision}")
-            scaler.scale(loss / train_cfg.grad_accum_steps).backward()
-            step_samples += len(batch["input_ids"])
-            step_tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
-            if (micro_step + 1) % train_cfg.grad_accum_steps and micro_step + 1 < len(train_loader):
-                continue
-            if train_cfg.max_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
-            scaler.step(optimizer)
-            # Parameters, gradients and optimizer state are all alive here. Record them at the
-            # step that raised the allocator's peak (on CPU, which keeps no peak: the first).
-            allocated = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-            if step == 0 or allocated > peak_allocated:
-                result.breakdown, peak_allocated = memory.breakdown(model, [optimizer]), allocated
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            progress.update()
-            if step % train_cfg.log_every_steps == 0 or step == total_steps:
-                log_metrics({"train_loss": loss.item(), "lr": scheduler.get_last_lr()[0]}, step)
+    try:
+        for epoch in range(epochs):
+            model.train()
+            for micro_step, batch in enumerate(train_loader):
+                batch = {key: value.to(device) for key, value in batch.items()}
+                with autocast(device, precision):
+                    loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise Diverged(f"loss {loss.item()} at step {step} (epoch {epoch}), "
+                                   f"precision {precision}")
+                step_samples += len(batch["input_ids"])
+                step_tokens += (int(batch["attention_mask"].sum())
+                                + int((batch["labels"] != -100).sum()))
+                if fused is None:
+                    scaler.scale(loss / train_cfg.grad_accum_steps).backward()
+                    if ((micro_step + 1) % train_cfg.grad_accum_steps
+                            and micro_step + 1 < len(train_loader)):
+                        continue
+                    if train_cfg.max_grad_norm is not None:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(stepped, train_cfg.max_grad_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    # The fused weights are updated during this backward (harness/lomo.py).
+                    finite = fused.step(loss, fused_scale.scale)
+                    fused_scale.update(finite)
+                    if optimizer is not None and finite:
+                        optimizer.step()
+                # Parameters, gradients and optimizer state are all alive here. Record them at
+                # the step that raised the allocator's peak (on CPU, which keeps no peak: the
+                # first). A fused step held one fused gradient at a time: the largest counts.
+                allocated = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                             else 0)
+                if step == 0 or allocated > peak_allocated:
+                    result.breakdown = memory.breakdown(model, [optimizer] if optimizer else [])
+                    if fused is not None:
+                        result.breakdown["mem_grads_mib"] += fused.largest_grad_bytes / MIB
+                    peak_allocated = allocated
+                if scheduler is not None:
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step += 1
+                progress.update()
+                if step % train_cfg.log_every_steps == 0 or step == total_steps:
+                    rates = {"lr": scheduler.get_last_lr()[0] if scheduler else fused.last_lr()}
+                    if scheduler and fused:  # lora_lomo: the base weights' rate beside
+                        rates["lr_base"] = fused.last_lr()
+                    log_metrics({"train_loss": loss.item(), **rates}, step)
+                synchronize(device)
+                now = time.perf_counter()
+                result.step_times_s.append(now - step_start)
+                result.step_samples.append(step_samples)
+                result.step_tokens.append(step_tokens)
+                step_samples = step_tokens = 0
+                step_start = now
+                if step == total_steps:
+                    break
+            # The eval loss pass belongs to evaluation, not to the training time.
             synchronize(device)
-            now = time.perf_counter()
-            result.step_times_s.append(now - step_start)
-            result.step_samples.append(step_samples)
-            result.step_tokens.append(step_tokens)
-            step_samples = step_tokens = 0
-            step_start = now
-            if step == total_steps:
-                break
-        # The eval loss pass belongs to evaluation, not to the training time.
-        synchronize(device)
-        eval_start = time.perf_counter()
-        log_metrics({"eval_loss": evaluate.loss(model, validation_loader, precision, device),
-                     "epoch": epoch + 1}, step)
-        eval_time += time.perf_counter() - eval_start
-        step_start = time.perf_counter()
+            eval_start = time.perf_counter()
+            log_metrics({"eval_loss": evaluate.loss(model, validation_loader, precision, device),
+                         "epoch": epoch + 1}, step)
+            eval_time += time.perf_counter() - eval_start
+            step_start = time.perf_counter()
+    finally:
+        if fused is not None:
+            fused.remove()  # generation and later code must see ordinary parameters
     synchronize(device)
     progress.close()
     result.steps, result.train_tokens = step, sum(result.step_tokens)

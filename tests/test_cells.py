@@ -91,6 +91,18 @@ def test_a_spawned_cell_without_sampler_trains_and_records_no_memory(store, cell
     assert "train_time_s" in metrics and "rouge1" in metrics and "cpu_peak_mib" not in metrics
 
 
+@pytest.mark.parametrize("method", ["lomo", "lora_lomo"])
+def test_a_lomo_cell_trains_every_weight_holding_one_weight_gradient(store, cell_overrides,
+                                                                      method):
+    status, runs = _run(store, cell_overrides, f"method={method}", "train.max_steps=3",
+                        "eval.max_samples=4")
+    assert status == "ok"
+    metrics = runs[0].data.metrics
+    assert metrics["trainable_params"] == metrics["total_params"]
+    # The largest weight of t5-tiny is a tenth of all: far less than every gradient at once.
+    assert 0 < metrics["mem_grads_mib"] < metrics["mem_params_mib"] / 5
+
+
 def test_int8_lora_cell_runs_on_cpu(store, cell_overrides):
     status, runs = _run(store, cell_overrides, "method=lora", "precision=int8",
                         "train.max_steps=3", "eval.max_samples=4")

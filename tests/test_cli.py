@@ -30,18 +30,23 @@ def test_demo_grid_runs_and_reports_a_row_per_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     store = {"uri": f"sqlite:///{tmp_path}/mlflow.db"}
     runs = runs_of(store, "demo")
-    statuses = sorted(run.data.tags["status"] for run in runs)
-    # full fp32, lora r4 / r8 in fp32 and int8, and full int8 recorded as skipped.
-    assert statuses == ["ok"] * 5 + ["skipped"]
+    outcome = sorted((run.data.tags["mlflow.runName"], run.data.tags["status"]) for run in runs)
+    # Ranks collapse for the methods without adapters; int8 skips every method but lora.
+    assert outcome == sorted([
+        ("t5-tiny/full/fp32", "ok"), ("t5-tiny/full/int8", "skipped"),
+        ("t5-tiny/full-sgd/fp32", "ok"), ("t5-tiny/full-sgd/int8", "skipped"),
+        ("t5-tiny/lomo/fp32", "ok"), ("t5-tiny/lomo/int8", "skipped"),
+        *[(f"t5-tiny/lora-r{r}/{p}", "ok") for r in (4, 8) for p in ("fp32", "int8")],
+        *[(f"t5-tiny/lora_lomo-r{r}/fp32", "ok") for r in (4, 8)],
+        *[(f"t5-tiny/lora_lomo-r{r}/int8", "skipped") for r in (4, 8)]])
     assert all(run.info.status != "RUNNING" for run in runs)
-    assert sum(run.data.params["method.name"] == "full" for run in runs) == 2  # ranks collapsed
 
     out = tmp_path / "report"
     assert report.main(["--experiment", "demo", "--tracking-uri", store["uri"],
                         "--out", str(out)]) == 0
     markdown = (out / "report.md").read_text()
     rows = [line for line in markdown.splitlines() if line.startswith("| t5-tiny")]
-    assert len(rows) == len(runs) == 6
+    assert len(rows) == len(runs) == 14
     header = [cell.strip() for cell in markdown.splitlines()[4].strip("|").split("|")]
     assert header[:9] == ["model", "method", "precision", "rank", "ROUGE-1", "ROUGE-2",
                           "train time (min)", "GPU memory (MiB)", "CPU memory (MiB)"]

@@ -37,11 +37,32 @@ def test_unknown_option_lists_the_valid_ones(group, valid):
     assert valid in str(error.value)
 
 
-def test_full_fine_tuning_on_int8_is_an_invalid_cell():
-    cfg = compose_cell("method=full", "precision=int8")
+@pytest.mark.parametrize("method", ["full", "lomo", "lora_lomo"])
+def test_updating_base_weights_on_int8_is_an_invalid_cell(method):
+    cfg = compose_cell(f"method={method}", "precision=int8")
     reason = config.invalid_cell_reason(cfg)
-    assert "method=full" in reason and "int8" in reason and "method=lora" in reason
+    assert f"method={method}" in reason and "int8" in reason and "method=lora" in reason
     assert config.invalid_cell_reason(compose_cell("method=lora", "precision=int8")) is None
+
+
+@pytest.mark.parametrize("method", ["lomo", "lora_lomo"])
+def test_lomo_with_gradient_accumulation_is_an_invalid_cell(method):
+    reason = config.invalid_cell_reason(compose_cell(f"method={method}",
+                                                     "train.grad_accum_steps=4"))
+    assert "train.grad_accum_steps=4" in reason and "train.grad_accum_steps=1" in reason
+    assert config.invalid_cell_reason(compose_cell(f"method={method}")) is None
+    assert config.invalid_cell_reason(compose_cell("method=full",
+                                                   "train.grad_accum_steps=4")) is None
+
+
+def test_lomo_methods_have_their_own_rates():
+    lora_lomo = compose_cell("method=lora_lomo", "method.lr_lora=2e-3")
+    assert (lora_lomo.train.lr, lora_lomo.method.lr_base) == (2e-3, 1e-3)
+    assert compose_cell("method=lomo").train.lr == 1e-3
+    assert config.run_name(config.cell_config(
+        compose_cell("method=full", "method.optimizer=sgd"))) == "t5-tiny/full-sgd/fp32"
+    assert config.run_name(config.cell_config(compose_cell("method=lora_lomo"))) == \
+        "t5-tiny/lora_lomo-r8/fp32"
 
 
 def test_a_single_invalid_cell_is_refused_without_a_run(cell_overrides, store):
@@ -53,7 +74,9 @@ def test_a_single_invalid_cell_is_refused_without_a_run(cell_overrides, store):
 
 @pytest.mark.parametrize("override, message", [
     ("method.r=0", "method.r=0; expected a positive integer"),
-    ("method.optimizer=lion", "method.optimizer='lion'; expected one of adamw"),
+    ("method.optimizer=lion", "method.optimizer='lion'; expected one of adamw, sgd"),
+    ("method=lomo method.optimizer=adamw", "LOMO updates every weight by SGD"),
+    ("method=lora_lomo method.lr_base=0", "method.lr_base=0"),
     ("method.alpha=-1", "method.alpha=-1"),
     ("method.dropout=1.5", "method.dropout=1.5"),
     ("method.target_modules=[]", "method.target_modules is empty"),
@@ -106,6 +129,6 @@ def test_demo_experiment_extends_the_defaults_with_its_grid():
         cfg = compose("demo", overrides=["method=full", f"hydra.searchpath=[file://{REPO / 'conf'}]"],
                       return_hydra_config=True)
     assert cfg.tracking.experiment == "demo"
-    assert cfg.train.lr == cfg.demo_lr.full
+    assert cfg.train.lr == cfg.demo_lr.full.adamw
     assert cfg.hydra.sweeper.params.model == "t5-tiny,t5-mini"
     assert cfg.hydra.mode.name == "MULTIRUN"

@@ -31,7 +31,7 @@ def _setup(tmp_path, *overrides):
 def _train(tmp_path, *overrides):
     cfg, model, (train_loader, validation_loader) = _setup(tmp_path, *overrides)
     logged = []
-    result = train(model, train_loader, validation_loader, cfg.train, cfg.precision.name, CPU,
+    result = train(model, train_loader, validation_loader, cfg, CPU,
                    lambda metrics, step: logged.append((step, metrics)))
     return result, logged, model
 
@@ -62,14 +62,15 @@ def test_lora_training_changes_only_the_adapters(tmp_path):
     cfg, model, (train_loader, validation_loader) = _setup(tmp_path, "train.max_steps=3",
                                                            "train.lr=0.01")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train(model, train_loader, validation_loader, cfg.train, "fp32", CPU, lambda *a: None)
+    train(model, train_loader, validation_loader, cfg, CPU, lambda *a: None)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_B" in n or "lora_A" in n for n in changed)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16", "int8"])
-def test_every_precision_trains_on_cpu(tmp_path, precision):
-    result, logged, _ = _train(tmp_path, "method=lora", f"precision={precision}",
+@pytest.mark.parametrize("method, precision", [
+    ("lora", "bf16"), ("lora", "fp16"), ("lora", "int8"), ("lomo", "fp16"), ("lora_lomo", "bf16")])
+def test_every_precision_trains_on_cpu(tmp_path, method, precision):
+    result, logged, _ = _train(tmp_path, f"method={method}", f"precision={precision}",
                                "train.max_steps=2", "train.lr=0.01")
     assert result.steps == 2
     assert all(math.isfinite(m["train_loss"]) for _, m in logged if "train_loss" in m)
@@ -81,7 +82,7 @@ def test_a_non_finite_loss_ends_training_as_diverged(tmp_path):
     with torch.no_grad():
         model.lm_head.weight.fill_(float("inf"))
     with pytest.raises(Diverged, match="at step 0"):
-        train(model, train_loader, validation_loader, cfg.train, "fp32", CPU, lambda *a: None)
+        train(model, train_loader, validation_loader, cfg, CPU, lambda *a: None)
 
 
 def test_rouge_is_f1_times_100_with_stemming():

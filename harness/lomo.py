@@ -1,0 +1,113 @@
+"""LOMO (arXiv 2306.09782): the SGD update fused into backward.
+
+Each fused parameter gets a `torch.optim.SGD` of its own and a post-accumulate-grad hook: as soon
+as backward has accumulated the parameter's gradient, the hook steps its optimizer and frees the
+gradient. The gradients of all fused parameters therefore never exist at once; at most one is
+alive. The learning-rate schedule is a transformers schedule per optimizer.
+
+Clipping by the global gradient norm needs that norm before any update, so a clipped step runs
+backward twice, as the reference implementation (lomo_optim.Lomo) does: a norm pass that keeps the
+graph and frees each gradient after measuring it, then the update pass. Parameters that are not
+fused (LoRA+LOMO's adapters, trained by AdamW) are measured in the norm pass too, so that the whole
+model is clipped by one norm; step() leaves their gradients clipped and unscaled for their own
+optimizer.
+"""
+
+import torch
+from transformers import get_linear_schedule_with_warmup
+
+
+class FusedSGD:
+    """SGD on `parameters`, applied inside backward. `step(loss)` replaces loss.backward()."""
+
+    def __init__(self, parameters, lr: float, weight_decay: float, warmup_steps: int,
+                 total_steps: int, max_grad_norm: float | None, unfused=()):
+        self.parameters = list(parameters)
+        self.unfused = list(unfused)
+        self.max_grad_norm = max_grad_norm
+        self.optimizers = {parameter: torch.optim.SGD([parameter], lr=lr,
+                                                      weight_decay=weight_decay)
+                           for parameter in self.parameters}
+        self.schedules = [get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+                          for optimizer in self.optimizers.values()]
+        self.clip_coef = 1.0
+        self.measuring = False
+        self.squared_norms = []
+        self.grad_scale = 1.0  # the fp16 loss scale the gradients carry
+        self.largest_grad_bytes = 0  # the most gradient memory a fused step held at once
+        self.hooks = [parameter.register_post_accumulate_grad_hook(self._on_gradient)
+                      for parameter in self.parameters]
+
+    @torch.no_grad()
+    def _on_gradient(self, parameter: torch.Tensor) -> None:
+        gradient = parameter.grad
+        self.largest_grad_bytes = max(self.largest_grad_bytes,
+                                      gradient.numel() * gradient.element_size())
+        if self.measuring:
+            self.squared_norms.append((gradient.float() / self.grad_scale).pow(2).sum())
+        else:
+            gradient.mul_(self.clip_coef / self.grad_scale)
+            self.optimizers[parameter].step()
+        parameter.grad = None
+
+    def step(self, loss: torch.Tensor, grad_scale: float = 1.0) -> bool:
+        """Backward with the fused updates; False (nothing updated) when a gradient was not
+        finite, which only the norm pass can see before it is too late."""
+        self.grad_scale = grad_scale
+        self.clip_coef = 1.0
+        if self.max_grad_norm is not None or grad_scale != 1.0:
+            total_norm = self._norm_pass(loss)
+            if not torch.isfinite(total_norm):
+                return False
+            if self.max_grad_norm is not None:
+                self.clip_coef = min(1.0, self.max_grad_norm / (float(total_norm) + 1e-6))
+        (loss * grad_scale).backward()
+        for parameter in self.unfused:
+            if parameter.grad is not None:
+                parameter.grad.mul_(self.clip_coef / grad_scale)
+        for schedule in self.schedules:
+            schedule.step()
+        return True
+
+    def _norm_pass(self, loss: torch.Tensor) -> torch.Tensor:
+        self.measuring, self.squared_norms = True, []
+        try:
+            (loss * self.grad_scale).backward(retain_graph=True)
+        finally:
+            self.measuring = False
+        for parameter in self.unfused:  # measured, then cleared for the update pass
+            if parameter.grad is not None:
+                self.squared_norms.append((parameter.grad.float() / self.grad_scale)
+                                          .pow(2).sum())
+                parameter.grad = None
+        if not self.squared_norms:
+            return torch.tensor(0.0)
+        return torch.stack(self.squared_norms).sum().sqrt()
+
+    def last_lr(self) -> float:
+        return self.schedules[0].get_last_lr()[0] if self.schedules else 0.0
+
+    def remove(self) -> None:
+        """Take the hooks off: evaluation and later code see ordinary parameters again."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+
+class LossScale:
+    """fp16's dynamic loss scale for fused steps, with GradScaler's defaults: halve it when a
+    gradient is not finite (that step updates nothing), double it after 2000 finite steps."""
+
+    def __init__(self, enabled: bool, initial: float = 2.0**16, growth_interval: int = 2000):
+        self.scale = initial if enabled else 1.0
+        self.enabled, self.growth_interval = enabled, growth_interval
+        self.finite_steps = 0
+
+    def update(self, finite: bool) -> None:
+        if not self.enabled:
+            return
+        self.finite_steps = self.finite_steps + 1 if finite else 0
+        if not finite:
+            self.scale /= 2
+        elif self.finite_steps % self.growth_interval == 0:
+            self.scale *= 2
