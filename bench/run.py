@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 CELL = ["model=t5-mini", "method=full", "precision=fp32", "data=synthetic",
         "data.length_sigma=0", "data.source_length_median=128", "data.target_length_median=28",
         "data.train_size=1600", "data.validation_size=8", "data.test_size=8",
-        "train.batch_size=8", "train.lr=1e-4", "runner.skip_finished=false"]
+        "train.batch_size=8", "train.lr=1e-4", "force=true"]
 # (name, target, how the ratio is formed, which way is good)
 TARGETS = {
     "sampler time ratio (on / off)": (1.01, "<="),

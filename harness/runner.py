@@ -23,7 +23,8 @@ from harness.errors import ConfigError
 
 
 def run(cfg: DictConfig) -> str:
-    """Run one cell; return its status (ok, oom, diverged, skipped, failed)."""
+    """Run one cell; return its status (ok, oom, diverged, skipped, failed; killed by Ctrl-C,
+    which is raised on)."""
     config.validate(cfg)
     invalid = config.invalid_cell_reason(cfg)
     if invalid and not _in_sweep():
@@ -33,7 +34,7 @@ def run(cfg: DictConfig) -> str:
     name = config.run_name(cell)
     client, experiment_id = tracking.connect(cfg.tracking)
 
-    if cfg.runner.skip_finished:
+    if not cfg.force:
         previous = tracking.finished_run(client, experiment_id, fingerprint)
         if previous is not None:
             status = previous.data.tags["status"]
@@ -58,6 +59,10 @@ def run(cfg: DictConfig) -> str:
             _run_in_process(cfg, cell, scratch, record)
             if (scratch / "sampler.csv").exists():
                 _record_memory(record, scratch, cfg.sampler, name)
+    except KeyboardInterrupt:  # Ctrl-C: this run is KILLED, every finished one stays as it is
+        record.outcome = ("killed", f"interrupted in phase {record.phase}; a rerun runs this "
+                                    "cell again")
+        raise
     finally:
         record.log.flush()
         if record.outcome is None:  # the runner itself was stopped (Ctrl-C, an error)

@@ -18,6 +18,7 @@ import argparse
 import csv
 import os
 import select
+import signal
 import sys
 import time
 
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interval-ms", type=float, default=10.0)
     parser.add_argument("--out", required=True, help="the csv file to write")
     args = parser.parse_args(argv)
+    # Ctrl-C reaches the whole process group; the runner decides when sampling ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     interval_s = args.interval_ms / 1000
     nvml = init_nvml()
     print("ready", flush=True)

@@ -13,7 +13,7 @@ from mlflow.entities import Metric, Param
 # A rerun skips cells that ended with one of these; failed cells run again.
 FINISHED = ("ok", "oom", "diverged", "skipped")
 RUN_STATUS = {"ok": "FINISHED", "skipped": "FINISHED", "diverged": "FAILED", "oom": "FAILED",
-              "failed": "FAILED"}
+              "failed": "FAILED", "killed": "KILLED"}
 
 
 def connect(tracking_cfg) -> tuple[MlflowClient, str]:

@@ -134,7 +134,7 @@ def test_a_finished_cell_is_not_run_again(store, cell_overrides):
     assert _run(store, overrides)[0] == "ok"
     status, runs = _run(store, overrides)
     assert status == "ok" and len(runs) == 1
-    status, runs = _run(store, overrides, "runner.skip_finished=false")
+    status, runs = _run(store, overrides, "force=true")
     assert len(runs) == 2
 
 

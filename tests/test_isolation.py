@@ -38,34 +38,38 @@ def _write_cases(folder, broken):
                                             + body.format(broken=broken))
 
 
-def _kill_when_training(client, experiment, sweep, timeout_s=300):
-    """SIGKILL the cell of seed 3 once it has logged a training step."""
+def _wait_until_training(client, experiment, sweep, seed, timeout_s=300):
+    """The run of the cell with this train.seed, once it has logged a training step."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and sweep.poll() is None:
         found = client.get_experiment_by_name(experiment)
         runs = [] if found is None else client.search_runs(
-            [found.experiment_id], "params.`train.seed` = '3'")
+            [found.experiment_id], f"params.`train.seed` = '{seed}' and "
+                                   "attributes.status = 'RUNNING'")
         if runs and "train_loss" in runs[0].data.metrics and "pid" in runs[0].data.tags:
-            os.kill(int(runs[0].data.tags["pid"]), signal.SIGKILL)
-            return
-        time.sleep(0.5)
-    raise AssertionError("the long cell never started training")
+            return runs[0]
+        time.sleep(0.3)
+    raise AssertionError(f"the cell of seed {seed} never started training")
+
+
+def _sweep(tmp_path, experiment, *overrides):
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness", "-m", *overrides, "eval.max_samples=4",
+         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.experiment={experiment}",
+         f"tracking.artifact_location={tmp_path}/artifacts", f"cache_dir={tmp_path}/cache"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_failures_inside_a_sweep_end_with_their_status_and_spare_the_others(tmp_path):
     broken = tmp_path / "not-a-model"
     broken.mkdir()
     _write_cases(tmp_path / "conf", broken)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    sweep = subprocess.Popen(
-        [sys.executable, "-m", "harness", "-m", f"hydra.searchpath=[file://{tmp_path}/conf]",
-         "+case=raises,over_limit,killed,ok", "eval.max_samples=4",
-         f"tracking.uri={uri}", "tracking.experiment=isolation",
-         f"tracking.artifact_location={tmp_path}/artifacts", f"cache_dir={tmp_path}/cache"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep = _sweep(tmp_path, "isolation", f"hydra.searchpath=[file://{tmp_path}/conf]",
+                   "+case=raises,over_limit,killed,ok")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     try:
-        client = MlflowClient(uri)
-        _kill_when_training(client, "isolation", sweep)
+        long_cell = _wait_until_training(client, "isolation", sweep, seed=3)
+        os.kill(int(long_cell.data.tags["pid"]), signal.SIGKILL)
         output, _ = sweep.communicate(timeout=600)
     finally:
         sweep.kill()
@@ -91,3 +95,32 @@ def test_failures_inside_a_sweep_end_with_their_status_and_spare_the_others(tmp_
     assert "train_loss" in killed.data.metrics and killed.data.metrics["cpu_train_peak_mib"] > 0
     assert "memory_trace.csv" in {a.path for a in client.list_artifacts(killed.info.run_id)}
     assert runs["4"].data.metrics["rouge1"] >= 0
+
+
+def test_an_interrupted_sweep_reruns_only_what_did_not_finish(tmp_path):
+    grid = ["train.seed=1,2", "train.max_steps=200"]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    sweep = _sweep(tmp_path, "resume", *grid)
+    try:
+        interrupted = _wait_until_training(client, "resume", sweep, seed=2)
+        sweep.send_signal(signal.SIGINT)  # Ctrl-C
+        sweep.communicate(timeout=120)
+    finally:
+        sweep.kill()
+    experiment = client.get_experiment_by_name("resume").experiment_id
+    first = {run.data.params["train.seed"]: run for run in client.search_runs([experiment])}
+    assert (first["1"].data.tags["status"], first["1"].info.status) == ("ok", "FINISHED")
+    killed = client.get_run(interrupted.info.run_id)
+    assert (killed.data.tags["status"], killed.info.status) == ("killed", "KILLED")
+    assert killed.data.tags["status_reason"].startswith("interrupted in phase train")
+    assert "train_loss" in killed.data.metrics  # what it had logged stays
+
+    rerun = _sweep(tmp_path, "resume", *grid)
+    output, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, output[-3000:]
+    assert "already ok" in output
+    runs = client.search_runs([experiment])
+    assert sorted((r.data.params["train.seed"], r.data.tags["status"]) for r in runs) == [
+        ("1", "ok"), ("2", "killed"), ("2", "ok")]
+    assert first["1"].info.run_id in {run.info.run_id for run in runs}
+    assert all(run.info.status != "RUNNING" for run in runs)
