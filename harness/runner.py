@@ -12,6 +12,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from mlflow.entities import RunTag
@@ -26,6 +27,10 @@ def run(cfg: DictConfig) -> str:
     """Run one cell; return its status (ok, oom, diverged, skipped, failed; killed by Ctrl-C,
     which is raised on)."""
     config.validate(cfg)
+    if cfg.requires_gpu and not cfg.allow_cpu and not torch.cuda.is_available():
+        raise ConfigError(f"experiment {cfg.tracking.experiment} is meant for a GPU "
+                          "(requires_gpu=true) and this machine has no CUDA device: run "
+                          "`make demo` for the CPU grid, or add allow_cpu=true to run it here")
     invalid = config.invalid_cell_reason(cfg)
     if invalid and not _in_sweep():
         raise ConfigError(invalid)

@@ -5,6 +5,7 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 
 from harness import report
 from tests.conftest import REPO, runs_of
@@ -75,4 +76,15 @@ def test_data_file_missing_a_column_is_refused_before_any_run(tmp_path):
     result = _harness(tmp_path, "data=local", f"data.path={path}", *_store_args(tmp_path, "bad"))
     assert result.returncode == 2
     assert f"error: {path}: missing column summary" in result.stderr
+    assert runs_of({"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "bad") == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+@pytest.mark.parametrize("experiment", ["reference_table", "full_grid"])
+def test_a_gpu_experiment_is_refused_without_cuda_and_points_to_the_demo(tmp_path, experiment):
+    result = _harness(tmp_path, "-cd", str(REPO / "experiments"), "-cn", experiment,
+                      *_store_args(tmp_path, "bad"))
+    assert result.returncode == 2
+    assert "error: experiment bad is meant for a GPU" in result.stderr
+    assert "`make demo`" in result.stderr and "allow_cpu=true" in result.stderr
     assert runs_of({"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "bad") == []

@@ -1,8 +1,11 @@
 """Config composition and validation: everything is refused before anything is loaded."""
 
+import itertools
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
+
 from harness import config, runner
 from harness.errors import ConfigError
 from tests.conftest import REPO, compose_cell, runs_of
@@ -132,3 +135,51 @@ def test_demo_experiment_extends_the_defaults_with_its_grid():
     assert cfg.train.lr == cfg.demo_lr.full.adamw
     assert cfg.hydra.sweeper.params.model == "t5-tiny,t5-mini"
     assert cfg.hydra.mode.name == "MULTIRUN"
+
+
+def _experiment(name: str, *overrides: str, hydra_config: bool = False):
+    with initialize_config_dir(config_dir=str(REPO / "experiments"), version_base="1.3"):
+        return compose(name, overrides=[*overrides, f"hydra.searchpath=[file://{REPO / 'conf'}]"],
+                       return_hydra_config=hydra_config)
+
+
+REFERENCE_ROWS = {  # DESIGN.md's reference table, plus LoRA+LOMO for each size
+    "base_full": ("flan-t5-base", "full", "fp32"), "base_lora": ("flan-t5-base", "lora", "fp32"),
+    "large_lora": ("flan-t5-large", "lora", "fp32"), "xl_lora": ("flan-t5-xl", "lora", "fp32"),
+    "xl_lora_fp16": ("flan-t5-xl", "lora", "fp16"), "xl_lora_int8": ("flan-t5-xl", "lora", "int8"),
+    "base_lora_lomo": ("flan-t5-base", "lora_lomo", "fp32"),
+    "large_lora_lomo": ("flan-t5-large", "lora_lomo", "fp32"),
+    "xl_lora_lomo": ("flan-t5-xl", "lora_lomo", "fp32"),
+}
+
+
+def test_the_reference_table_experiment_has_the_studys_rows_and_settings():
+    swept = _experiment("reference_table", hydra_config=True).hydra.sweeper.params
+    assert swept["+reference_row"].split(",") == list(REFERENCE_ROWS)
+    for row, (model, method, precision) in REFERENCE_ROWS.items():
+        cfg = _experiment("reference_table", f"+reference_row={row}")
+        assert (cfg.model.name, cfg.method.name, cfg.precision.name) == (model, method, precision)
+        assert (cfg.data.name, cfg.train.epochs, cfg.train.batch_size) == ("samsum", 3, 8)
+        assert cfg.train.lr == (5e-5 if method == "full" else 1e-3)
+        if method != "full":
+            assert (cfg.method.alpha, cfg.method.dropout) == (32, 0.05)
+            assert list(cfg.method.target_modules) == ["q", "v"]
+        assert cfg.requires_gpu and config.invalid_cell_reason(cfg) is None
+    # Memory-only on a GPU without downloads: the command line wins over the experiment.
+    offline = _experiment("reference_table", "+reference_row=xl_lora", "data=synthetic",
+                          "model.source=random")
+    assert (offline.data.name, offline.model.source) == ("synthetic", "random")
+
+
+def test_the_full_grid_collapses_ranks_and_skips_what_cannot_run():
+    params = _experiment("full_grid", hydra_config=True).hydra.sweeper.params
+    axes = [(key, value.split(",")) for key, value in params.items()]
+    runnable, skipped = set(), set()
+    for choice in itertools.product(*(values for _, values in axes)):
+        cfg = _experiment("full_grid", *(f"{key}={value}" for (key, _), value in
+                                         zip(axes, choice)))
+        cell = config.fingerprint(config.cell_config(cfg))
+        (skipped if config.invalid_cell_reason(cfg) else runnable).add(cell)
+    # Per size: full and lomo in 3 precisions, lora in 4 x 3 ranks, lora_lomo in 3 x 3 ranks;
+    # skipped: full, lomo and lora_lomo (3 ranks) on int8.
+    assert (len(runnable), len(skipped)) == (3 * (3 + 3 + 12 + 9), 3 * (1 + 1 + 3))
