@@ -51,14 +51,18 @@ TARGETS = {
 }
 
 
+def compose_cell(overrides: list[str]):
+    """The benchmark cell, with these overrides, as Hydra composes it from conf/."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=[*CELL, *overrides])
+
+
 def harness_cell(overrides: list[str], store: Path, experiment: str) -> dict:
     """Run the cell through the runner; its metrics, plus wall_s, the runner's whole time."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*CELL, *overrides,
-                                           f"tracking.uri=sqlite:///{store}/mlflow.db",
-                                           f"tracking.experiment={experiment}",
-                                           f"tracking.artifact_location={store}/artifacts",
-                                           f"cache_dir={store}/cache"])
+    cfg = compose_cell([*overrides, f"tracking.uri=sqlite:///{store}/mlflow.db",
+                        f"tracking.experiment={experiment}",
+                        f"tracking.artifact_location={store}/artifacts",
+                        f"cache_dir={store}/cache"])
     start = time.perf_counter()
     status = runner.run(cfg)
     wall_s = time.perf_counter() - start
@@ -119,8 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     peak_key = "gpu" if torch.cuda.is_available() else "cpu"
     steps = [f"train.max_steps={args.steps}"]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*CELL, *steps])
+    cfg = compose_cell(steps)
 
     runs = {"sampler on": [], "sampler off": [], "hand-written": [], "Seq2SeqTrainer": []}
     with tempfile.TemporaryDirectory(prefix="harness-bench-") as folder:

@@ -44,7 +44,7 @@ class FusedSGD:
         self.largest_grad_bytes = max(self.largest_grad_bytes,
                                       gradient.numel() * gradient.element_size())
         if self.measuring:
-            self.squared_norms.append((gradient.float() / self.grad_scale).pow(2).sum())
+            self.squared_norms.append(self._squared_norm(gradient))
         else:
             gradient.mul_(self.clip_coef / self.grad_scale)
             self.optimizers[parameter].step()
@@ -77,12 +77,14 @@ class FusedSGD:
             self.measuring = False
         for parameter in self.unfused:  # measured, then cleared for the update pass
             if parameter.grad is not None:
-                self.squared_norms.append((parameter.grad.float() / self.grad_scale)
-                                          .pow(2).sum())
+                self.squared_norms.append(self._squared_norm(parameter.grad))
                 parameter.grad = None
         if not self.squared_norms:
             return torch.tensor(0.0)
         return torch.stack(self.squared_norms).sum().sqrt()
+
+    def _squared_norm(self, gradient: torch.Tensor) -> torch.Tensor:
+        return (gradient.float() / self.grad_scale).pow(2).sum()
 
     def last_lr(self) -> float:
         return self.schedules[0].get_last_lr()[0] if self.schedules else 0.0

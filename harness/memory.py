@@ -30,7 +30,8 @@ class SamplerProcess:
         # Wait until it has imported and initialised NVML, so the cell's first moments count.
         if self.process.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the memory sampler did not start (exit {self.process.wait()})")
-        self.start_cpu_s = self._cpu_s()  # its start-up, before the cell exists, costs the cell nothing
+        # Its start-up, before the cell exists, costs the cell nothing: count from here.
+        self.start_cpu_s = self._cpu_s()
 
     def _cpu_s(self) -> float:
         times = psutil.Process(self.process.pid).cpu_times()

@@ -1,6 +1,7 @@
 """The training loop, top to bottom: AdamW or SGD, or LOMO's updates fused into backward; linear
-schedule with warm-up, gradient accumulation, clipping, mixed precision, per-step loss and per-epoch eval loss, the time of every step, and the
-memory breakdown of the live tensors at the step that set the allocator's peak.
+schedule with warm-up, gradient accumulation, clipping, mixed precision, per-step loss and
+per-epoch eval loss, the time of every step, and the memory breakdown of the live tensors at the
+step that set the allocator's peak.
 """
 
 import math
@@ -128,7 +129,7 @@ def train(model, train_loader, validation_loader, cfg, device: torch.device,
                     if fused is not None:
                         result.breakdown["mem_grads_mib"] += fused.largest_grad_bytes / MIB
                     peak_allocated = allocated
-                if scheduler is not None:
+                if optimizer is not None:
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 step += 1

@@ -35,6 +35,12 @@ def cell_overrides(store, request):
             f"cache_dir={store['cache']}"]
 
 
+def folder_store_overrides(folder, experiment: str) -> list[str]:
+    """Overrides that send `python -m harness` to an sqlite store and cache inside `folder`."""
+    return [f"tracking.uri=sqlite:///{folder}/mlflow.db", f"tracking.experiment={experiment}",
+            f"tracking.artifact_location={folder}/artifacts", f"cache_dir={folder}/cache"]
+
+
 def runs_of(store, experiment: str):
     client = MlflowClient(store["uri"])
     found = client.get_experiment_by_name(experiment)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from harness import report
-from tests.conftest import REPO, runs_of
+from tests.conftest import REPO, folder_store_overrides, runs_of
 
 pytestmark = pytest.mark.slow
 
@@ -18,16 +18,11 @@ def _harness(cwd, *args):
                           capture_output=True, timeout=600)
 
 
-def _store_args(tmp_path, experiment):
-    return [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.experiment={experiment}",
-            f"tracking.artifact_location={tmp_path}/artifacts", f"cache_dir={tmp_path}/cache"]
-
-
 def test_demo_grid_runs_and_reports_a_row_per_run(tmp_path):
     # The demo experiment as `make demo` runs it, narrowed to t5-tiny and a few steps.
     result = _harness(tmp_path, "-cd", str(REPO / "experiments"), "-cn", "demo",
                       "model=t5-tiny", "train.max_steps=3", "eval.max_samples=4",
-                      *_store_args(tmp_path, "demo"))
+                      *folder_store_overrides(tmp_path, "demo"))
     assert result.returncode == 0, result.stderr[-3000:]
     store = {"uri": f"sqlite:///{tmp_path}/mlflow.db"}
     runs = runs_of(store, "demo")
@@ -59,21 +54,22 @@ def test_demo_grid_runs_and_reports_a_row_per_run(tmp_path):
     (["method=full", "precision=int8"], "error: method=full updates the base weights"),
 ])
 def test_bad_input_is_a_clear_error_and_leaves_no_run(tmp_path, args, message):
-    result = _harness(tmp_path, *args, *_store_args(tmp_path, "bad"))
+    result = _harness(tmp_path, *args, *folder_store_overrides(tmp_path, "bad"))
     assert result.returncode != 0
     assert message in result.stderr
     assert runs_of({"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "bad") == []
 
 
 def test_unknown_model_lists_the_valid_ones(tmp_path):
-    result = _harness(tmp_path, "model=flan-t5-huge", *_store_args(tmp_path, "bad"))
+    result = _harness(tmp_path, "model=flan-t5-huge", *folder_store_overrides(tmp_path, "bad"))
     assert "flan-t5-base" in result.stderr and "t5-tiny" in result.stderr
 
 
 def test_data_file_missing_a_column_is_refused_before_any_run(tmp_path):
     path = tmp_path / "mine.csv"
     pd.DataFrame({"id": ["1"], "dialogue": ["A: hi"]}).to_csv(path, index=False)
-    result = _harness(tmp_path, "data=local", f"data.path={path}", *_store_args(tmp_path, "bad"))
+    result = _harness(tmp_path, "data=local", f"data.path={path}",
+                      *folder_store_overrides(tmp_path, "bad"))
     assert result.returncode == 2
     assert f"error: {path}: missing column summary" in result.stderr
     assert runs_of({"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "bad") == []
@@ -83,7 +79,7 @@ def test_data_file_missing_a_column_is_refused_before_any_run(tmp_path):
 @pytest.mark.parametrize("experiment", ["reference_table", "full_grid"])
 def test_a_gpu_experiment_is_refused_without_cuda_and_points_to_the_demo(tmp_path, experiment):
     result = _harness(tmp_path, "-cd", str(REPO / "experiments"), "-cn", experiment,
-                      *_store_args(tmp_path, "bad"))
+                      *folder_store_overrides(tmp_path, "bad"))
     assert result.returncode == 2
     assert "error: experiment bad is meant for a GPU" in result.stderr
     assert "`make demo`" in result.stderr and "allow_cpu=true" in result.stderr

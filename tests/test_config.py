@@ -126,21 +126,20 @@ def test_params_are_the_flattened_resolved_config():
     assert not any("hydra" in key for key in params)
 
 
+def _experiment(name: str, *overrides: str, hydra_config: bool = False):
+    """An experiment as `python -m harness -cd experiments -cn NAME` composes it."""
+    with initialize_config_dir(config_dir=str(REPO / "experiments"), version_base="1.3"):
+        return compose(name, overrides=[*overrides, f"hydra.searchpath=[file://{REPO / 'conf'}]"],
+                       return_hydra_config=hydra_config)
+
+
 def test_demo_experiment_extends_the_defaults_with_its_grid():
     # As `python -m harness -cd experiments -cn demo method=full` composes it.
-    with initialize_config_dir(config_dir=str(REPO / "experiments"), version_base="1.3"):
-        cfg = compose("demo", overrides=["method=full", f"hydra.searchpath=[file://{REPO / 'conf'}]"],
-                      return_hydra_config=True)
+    cfg = _experiment("demo", "method=full", hydra_config=True)
     assert cfg.tracking.experiment == "demo"
     assert cfg.train.lr == cfg.demo_lr.full.adamw
     assert cfg.hydra.sweeper.params.model == "t5-tiny,t5-mini"
     assert cfg.hydra.mode.name == "MULTIRUN"
-
-
-def _experiment(name: str, *overrides: str, hydra_config: bool = False):
-    with initialize_config_dir(config_dir=str(REPO / "experiments"), version_base="1.3"):
-        return compose(name, overrides=[*overrides, f"hydra.searchpath=[file://{REPO / 'conf'}]"],
-                       return_hydra_config=hydra_config)
 
 
 REFERENCE_ROWS = {  # DESIGN.md's reference table, plus LoRA+LOMO for each size

@@ -11,7 +11,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import REPO
+from tests.conftest import REPO, folder_store_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +55,7 @@ def _wait_until_training(client, experiment, sweep, seed, timeout_s=300):
 def _sweep(tmp_path, experiment, *overrides):
     return subprocess.Popen(
         [sys.executable, "-m", "harness", "-m", *overrides, "eval.max_samples=4",
-         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.experiment={experiment}",
-         f"tracking.artifact_location={tmp_path}/artifacts", f"cache_dir={tmp_path}/cache"],
+         *folder_store_overrides(tmp_path, experiment)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -183,8 +183,8 @@ def test_breakdown_counts_parameters_gradients_and_optimizer_state():
         parameter.requires_grad = "decoder" in name
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable)
-    batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.ones(2, 3,
-                                                                                    dtype=torch.long)}
+    batch = {"input_ids": torch.ones(2, 5, dtype=torch.long),
+             "labels": torch.ones(2, 3, dtype=torch.long)}
     model(**batch).loss.backward()
     optimizer.step()
     counts = memory.breakdown(model, [optimizer])
