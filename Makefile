@@ -1,4 +1,4 @@
-# make install | test | test-fast | bench | demo | sweep EXP=name | report EXP=name | ui
+# make install | test | test-fast | bench | demo | sweep EXP=name | report EXP=name | ui | server
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,8 +7,11 @@ TORCH ?= torch==2.13.0
 EXP ?= demo
 PORT ?= 5000
 TRACKING_URI ?= sqlite:///mlflow.db
+# make server: a PostgreSQL database for the runs, a folder for the artifacts the server serves.
+BACKEND_STORE_URI ?= postgresql://harness:harness@127.0.0.1:5432/harness
+ARTIFACTS ?= mlartifacts
 
-.PHONY: install test test-fast bench demo sweep report ui
+.PHONY: install test test-fast bench demo sweep report ui server
 
 install: $(VENV)/.installed
 
@@ -17,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,server]"
 	touch $@
 
 test: install
@@ -42,3 +45,10 @@ report: install
 
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT)
+
+# A tracking server on this machine's loopback only; sweeps log to it with tracking=server
+# (MLFLOW_TRACKING_URI=http://127.0.0.1:$(PORT)). Put a reverse proxy with authentication in
+# front of it before opening it to a network.
+server: install
+	$(VENV)/bin/mlflow server --backend-store-uri $(BACKEND_STORE_URI) \
+		--artifacts-destination $(ARTIFACTS) --host 127.0.0.1 --port $(PORT)

@@ -126,7 +126,13 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
                                   shuffle=True, generator=shuffle, collate_fn=collate)
         validation_loader = DataLoader(splits["validation"], batch_size=cfg.eval.batch_size,
                                        collate_fn=collate)
-        result = train(model, train_loader, validation_loader, cfg, device, log)
+        validation_rouge = None
+        if cfg.eval.rouge_every_epoch and text is not None:
+            def validation_rouge():
+                return _rouge(model, tokenizer, splits["validation"], text["validation"], cfg,
+                              collate, device)[0]
+        result = train(model, train_loader, validation_loader, cfg, device, log,
+                       validation_rouge)
     log({"train_time_s": result.train_time_s, "train_steps": result.steps,
          **result.throughput(cfg.train.throughput_skip_steps), **result.breakdown})
     if device.type == "cuda" and result.breakdown:
@@ -137,21 +143,26 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
     if text is not None:
         with log.phase("eval"):
             eval_start = time.perf_counter()
-            test = splits["test"]
-            references = text["test"]
-            if cfg.eval.max_samples is not None:
-                test = test.select(range(min(cfg.eval.max_samples, len(test))))
-                references = references.select(range(len(test)))
-            test_loader = DataLoader(test, batch_size=cfg.eval.batch_size, collate_fn=collate)
-            predictions = evaluate.generate(model, tokenizer, test_loader, cfg.eval, precision,
-                                            device)
+            scores, references, predictions = _rouge(model, tokenizer, splits["test"],
+                                                     text["test"], cfg, collate, device)
             synchronize(device)
-            log({**evaluate.rouge(predictions, references["summary"]),
-                 "eval_time_s": time.perf_counter() - eval_start})
+            log({**scores, "eval_time_s": time.perf_counter() - eval_start})
             _log_predictions(log, references, predictions)
 
     if method in config.ADAPTER_METHODS:
         _log_adapter(log, model)
+
+
+def _rouge(model, tokenizer, tokens, references, cfg, collate, device):
+    """ROUGE of generations for the first eval.max_samples examples of one split:
+    (scores, references, predictions)."""
+    if cfg.eval.max_samples is not None:
+        tokens = tokens.select(range(min(cfg.eval.max_samples, len(tokens))))
+        references = references.select(range(len(tokens)))
+    loader = DataLoader(tokens, batch_size=cfg.eval.batch_size, collate_fn=collate)
+    predictions = evaluate.generate(model, tokenizer, loader, cfg.eval, cfg.precision.name,
+                                    device)
+    return evaluate.rouge(predictions, references["summary"]), references, predictions
 
 
 def _log_predictions(log: ToRunner, references, predictions) -> None:

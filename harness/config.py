@@ -20,7 +20,7 @@ ADAPTER_KEYS = ("r", "alpha", "dropout", "target_modules")
 MODEL_SOURCES = ("hub", "random")
 TOKENIZERS = ("auto", "byte", "hub")
 OPTIMIZERS = ("adamw", "sgd")
-START_METHODS = ("forkserver", "spawn")
+START_METHODS = ("auto", "forkserver", "spawn")
 # The groups that define what a cell computes; tracking, runner and sampler say where and how.
 CELL_GROUPS = ("model", "method", "precision", "data", "train", "eval")
 

@@ -3,6 +3,7 @@ turned into peaks per phase, MLflow series and artifacts; and, inside the cell, 
 the live tensors into parameters, gradients and optimizer state.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +23,15 @@ GPU_SOURCES = {"process": "NVML used memory of the cell's processes",
 class SamplerProcess:
     """`python -m harness.sampler` beside a cell: start it, watch(pid), and stop() it."""
 
-    def __init__(self, interval_ms: float, out: Path):
+    def __init__(self, interval_ms: float, out: Path, cuda_visible_devices: str | None = None):
         self.out = Path(out)
+        environment = dict(os.environ)
+        if cuda_visible_devices is not None:  # the GPU the cell sees (harness/gpus.py)
+            environment["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
         self.process = subprocess.Popen(
             [sys.executable, "-m", "harness.sampler", "--interval-ms", str(interval_ms),
-             "--out", str(self.out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             "--out", str(self.out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=environment)
         # Wait until it has imported and initialised NVML, so the cell's first moments count.
         if self.process.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the memory sampler did not start (exit {self.process.wait()})")

@@ -37,7 +37,7 @@ def load_model(model_cfg, precision: str, base_frozen: bool, device: torch.devic
         return _load_int8(model_cfg, device)
     if model_cfg.source == "random":
         with torch.device(device):
-            model = _random_model(model_cfg)
+            model = random_model(model_cfg)
         return model.to(dtype)
     return T5ForConditionalGeneration.from_pretrained(
         _location(model_cfg), revision=model_cfg.revision, dtype=dtype).to(device)
@@ -50,7 +50,7 @@ def _load_int8(model_cfg, device: torch.device):
             _location(model_cfg), revision=model_cfg.revision,
             quantization_config=quantization, device_map={"": device})
     # bitsandbytes quantizes while loading saved weights, so random weights are saved first.
-    model = _random_model(model_cfg)
+    model = random_model(model_cfg)
     with tempfile.TemporaryDirectory(prefix="harness-random-") as folder:
         model.save_pretrained(folder)
         del model
@@ -58,7 +58,7 @@ def _load_int8(model_cfg, device: torch.device):
             folder, quantization_config=quantization, device_map={"": device})
 
 
-def _random_model(model_cfg) -> T5ForConditionalGeneration:
+def random_model(model_cfg) -> T5ForConditionalGeneration:
     """The architecture with seeded random weights, parameter for parameter like the trained one."""
     torch.manual_seed(model_cfg.seed)
     architecture = dict(model_cfg.architecture)

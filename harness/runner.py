@@ -3,8 +3,10 @@ fresh process, and records how it ended. A crash, a kill or an out-of-memory in 
 take the sweep, or any other cell's result, down with it.
 """
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
+import os
 import re
 import signal
 import socket
@@ -19,18 +21,17 @@ from mlflow.entities import RunTag
 from omegaconf import DictConfig, OmegaConf
 
 from harness import cell as cell_module
-from harness import config, memory, tracking
+from harness import config, gpus, memory, tracking
 from harness.errors import ConfigError
+
+START_METHODS = ("fork", "forkserver", "spawn")  # the standard library's
 
 
 def run(cfg: DictConfig) -> str:
     """Run one cell; return its status (ok, oom, diverged, skipped, failed; killed by Ctrl-C,
     which is raised on)."""
     config.validate(cfg)
-    if cfg.requires_gpu and not cfg.allow_cpu and not torch.cuda.is_available():
-        raise ConfigError(f"experiment {cfg.tracking.experiment} is meant for a GPU "
-                          "(requires_gpu=true) and this machine has no CUDA device: run "
-                          "`make demo` for the CPU grid, or add allow_cpu=true to run it here")
+    check_machine(cfg)
     invalid = config.invalid_cell_reason(cfg)
     if invalid and not _in_sweep():
         raise ConfigError(invalid)
@@ -59,9 +60,12 @@ def run(cfg: DictConfig) -> str:
 
     record = CellRecord(client, run_id)
     try:
-        with tempfile.TemporaryDirectory(prefix="harness-cell-") as folder:
+        with (tempfile.TemporaryDirectory(prefix="harness-cell-") as folder,
+              gpus.claim(gpus.candidates(cfg.runner.gpus), Path(cfg.runner.gpu_lock_dir)) as gpu):
+            if gpu is not None:
+                client.set_tag(run_id, "gpu", gpu)
             scratch = Path(folder)
-            _run_in_process(cfg, cell, scratch, record)
+            _run_in_process(cfg, cell, scratch, record, gpu)
             if (scratch / "sampler.csv").exists():
                 _record_memory(record, scratch, cfg.sampler, name)
     except KeyboardInterrupt:  # Ctrl-C: this run is KILLED, every finished one stays as it is
@@ -76,6 +80,19 @@ def run(cfg: DictConfig) -> str:
     status, reason = record.outcome
     print(f"[harness] {name}: {status}" + (f": {reason}" if reason else ""))
     return status
+
+
+def check_machine(cfg: DictConfig) -> None:
+    """Refuse what this machine cannot run (ConfigError), before any run is created."""
+    cuda = torch.cuda.is_available()
+    if cfg.requires_gpu and not cfg.allow_cpu and not cuda:
+        raise ConfigError(f"experiment {cfg.tracking.experiment} is meant for a GPU "
+                          "(requires_gpu=true) and this machine has no CUDA device: run "
+                          "`make demo` for the CPU grid, or add allow_cpu=true to run it here")
+    if cfg.runner.start_method == "forkserver" and cuda:
+        raise ConfigError("runner.start_method=forkserver cannot start a cell that uses CUDA: "
+                          "the server imports bitsandbytes, which initialises CUDA, and a forked "
+                          "child cannot use it; use runner.start_method=spawn (or auto)")
 
 
 class CellRecord:
@@ -113,21 +130,31 @@ def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _run_in_process(cfg: DictConfig, cell: dict, scratch: Path, record: CellRecord) -> None:
-    """Start the sampler, then the cell; record what it sends until it ends, and how it ended."""
-    context = multiprocessing.get_context(cfg.runner.start_method)
-    if cfg.runner.start_method == "forkserver":
+def _run_in_process(cfg: DictConfig, cell: dict, scratch: Path, record: CellRecord,
+                    gpu: str | None) -> None:
+    """Start the sampler, then the cell, both seeing only `gpu` (None: what this process sees);
+    record what the cell sends until it ends, and how it ended."""
+    start_method = cfg.runner.start_method
+    if start_method == "auto":
+        start_method = "spawn" if torch.cuda.is_available() else "forkserver"
+    if multiprocessing.get_start_method(allow_none=True) not in (None, *START_METHODS):
+        # In a joblib worker the global start method is loky's own, which a child started by
+        # the standard library cannot find; this process starts only cells, as below.
+        multiprocessing.set_start_method(start_method, force=True)
+    context = multiprocessing.get_context(start_method)
+    if start_method == "forkserver":
         # The server imports torch and transformers once; every cell forks from it.
         context.set_forkserver_preload(["harness.cell"])
     receive, send = context.Pipe(duplex=False)
     process = context.Process(
         target=cell_module.main, name="harness-cell",
         args=(cell, cfg.cache_dir, str(scratch), cfg.runner.cpu_memory_limit_mib, send))
-    sampler = (memory.SamplerProcess(cfg.sampler.interval_ms, scratch / "sampler.csv")
+    sampler = (memory.SamplerProcess(cfg.sampler.interval_ms, scratch / "sampler.csv", gpu)
                if cfg.sampler.enabled else None)
     oom_kills_before = kernel_oom_kills()
     try:
-        process.start()
+        with _visible_gpu(gpu):  # a spawned cell starts with this environment
+            process.start()
         send.close()
         if sampler:
             sampler.watch(process.pid)
@@ -160,6 +187,21 @@ def _run_in_process(cfg: DictConfig, cell: dict, scratch: Path, record: CellReco
     else:
         record.outcome = ("failed", f"the cell process exited with code {process.exitcode} in "
                                     f"phase {phase} without a result")
+
+
+@contextlib.contextmanager
+def _visible_gpu(gpu: str | None):
+    """CUDA_VISIBLE_DEVICES=gpu in this process's environment for the block (a no-op for None)."""
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    try:
+        yield
+    finally:
+        if gpu is not None and before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        elif gpu is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 def _follow(receive, process, handle) -> None:

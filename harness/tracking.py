@@ -5,11 +5,17 @@ cell process sends it as they arrive (so nothing finished is lost if the cell di
 the memory the sampler saw, and closes the run with the outcome.
 """
 
+import fcntl
 import time
 
+import requests
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from harness.errors import ConfigError
+
+# The MLflow UI opens such an experiment on its runs table (model training), not on GenAI traces.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 # A rerun skips cells that ended with one of these; failed cells run again.
 FINISHED = ("ok", "oom", "diverged", "skipped")
 RUN_STATUS = {"ok": "FINISHED", "skipped": "FINISHED", "diverged": "FAILED", "oom": "FAILED",
@@ -17,13 +23,35 @@ RUN_STATUS = {"ok": "FINISHED", "skipped": "FINISHED", "diverged": "FAILED", "oo
 
 
 def connect(tracking_cfg) -> tuple[MlflowClient, str]:
-    """The client and the id of the experiment named by tracking.experiment (created if new)."""
+    """The client and the id of the experiment named by tracking.experiment (created if new).
+    A tracking server that does not answer is a ConfigError, before any cell runs."""
+    if tracking_cfg.uri.startswith(("http://", "https://")):
+        check_server(tracking_cfg.uri)
     client = MlflowClient(tracking_cfg.uri)
+    if tracking_cfg.uri.startswith("sqlite:///"):
+        # Parallel workers opening a new store at once would each create its tables and collide:
+        # the first creates them under a lock, the others find them.
+        with open(tracking_cfg.uri.removeprefix("sqlite:///") + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            client.search_experiments(max_results=1)
     experiment = client.get_experiment_by_name(tracking_cfg.experiment)
     if experiment is not None:
         return client, experiment.experiment_id
     return client, client.create_experiment(tracking_cfg.experiment,
-                                            artifact_location=tracking_cfg.artifact_location)
+                                            artifact_location=tracking_cfg.artifact_location,
+                                            tags=EXPERIMENT_TAGS)
+
+
+def check_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Ask the server's /health once: MLflow's own client would retry for minutes first."""
+    try:
+        answer = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+        answer.raise_for_status()
+    except requests.RequestException as error:
+        raise ConfigError(
+            f"tracking.uri={uri} does not answer ({type(error).__name__}: {error}); start the "
+            "server (make server), fix tracking.uri, or log to a local file with "
+            "tracking=local") from None
 
 
 def finished_run(client: MlflowClient, experiment_id: str, fingerprint: str):

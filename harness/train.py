@@ -1,7 +1,7 @@
 """The training loop, top to bottom: AdamW or SGD, or LOMO's updates fused into backward; linear
 schedule with warm-up, gradient accumulation, clipping, mixed precision, per-step loss and
-per-epoch eval loss, the time of every step, and the memory breakdown of the live tensors at the
-step that set the allocator's peak.
+per-epoch eval loss (and ROUGE where asked), the time of every step, and the memory breakdown of
+the live tensors at the step that set the allocator's peak.
 """
 
 import math
@@ -53,10 +53,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train(model, train_loader, validation_loader, cfg, device: torch.device,
-          log_metrics) -> TrainResult:
+def train(model, train_loader, validation_loader, cfg, device: torch.device, log_metrics,
+          validation_rouge=None) -> TrainResult:
     """Train in place as cfg.method says. `log_metrics(metrics: dict, step: int)` receives
-    train_loss, lr, eval_loss."""
+    train_loss and lr per step, eval_loss per epoch, and with `validation_rouge` (a function that
+    returns ROUGE scores of the validation split) eval_rouge1, eval_rouge2, ... per epoch."""
     train_cfg, precision = cfg.train, cfg.precision.name
     torch.manual_seed(train_cfg.seed)
     steps_per_epoch = math.ceil(len(train_loader) / train_cfg.grad_accum_steps)
@@ -151,8 +152,12 @@ def train(model, train_loader, validation_loader, cfg, device: torch.device,
             # The eval loss pass belongs to evaluation, not to the training time.
             synchronize(device)
             eval_start = time.perf_counter()
-            log_metrics({"eval_loss": evaluate.loss(model, validation_loader, precision, device),
-                         "epoch": epoch + 1}, step)
+            epoch_metrics = {"eval_loss": evaluate.loss(model, validation_loader, precision,
+                                                        device), "epoch": epoch + 1}
+            if validation_rouge is not None:  # learning curves of ROUGE (the rank sweep)
+                epoch_metrics.update({f"eval_{key}": value
+                                      for key, value in validation_rouge().items()})
+            log_metrics(epoch_metrics, step)
             eval_time += time.perf_counter() - eval_start
             step_start = time.perf_counter()
     finally:

@@ -1,5 +1,7 @@
 """Shared test helpers: real Hydra composition of conf/, and a real sqlite MLflow store."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,12 @@ def folder_store_overrides(folder, experiment: str) -> list[str]:
     """Overrides that send `python -m harness` to an sqlite store and cache inside `folder`."""
     return [f"tracking.uri=sqlite:///{folder}/mlflow.db", f"tracking.experiment={experiment}",
             f"tracking.artifact_location={folder}/artifacts", f"cache_dir={folder}/cache"]
+
+
+def run_harness(cwd, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m harness ARGS` in `cwd`, as a user types it."""
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=timeout)
 
 
 def runs_of(store, experiment: str):

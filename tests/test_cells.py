@@ -153,3 +153,22 @@ def test_a_cuda_cell_has_nvml_and_allocator_peaks_and_the_whole_breakdown(store,
     parts = sum(metrics[f"mem_{part}_mib"] for part in ("params", "grads", "optimizer",
                                                           "activations"))
     assert parts == pytest.approx(metrics["torch_train_peak_allocated_mib"], rel=1e-6)
+
+
+def test_rouge_every_epoch_gives_learning_curves_beside_eval_loss(store, cell_overrides):
+    # What the rank sweep logs: per epoch, eval loss and ROUGE of the validation split.
+    status, runs = _run(store, cell_overrides, "method=lora", "train.epochs=3",
+                        "train.lr=1e-2", "data.train_size=32", "data.validation_size=8",
+                        "eval.max_samples=4", "eval.rouge_every_epoch=true")
+    assert status == "ok"
+    client = MlflowClient(store["uri"])
+    run_id = runs[0].info.run_id
+    curves = {name: client.get_metric_history(run_id, name)
+              for name in ("epoch", "eval_loss", "eval_rouge1", "eval_rouge2", "eval_rougeL")}
+    # 32 examples at batch 8: 4 steps an epoch; one point per epoch, at its last step.
+    assert [(m.step, m.value) for m in curves["epoch"]] == [(4, 1), (8, 2), (12, 3)]
+    for name, history in curves.items():
+        assert [m.step for m in history] == [4, 8, 12], name
+    assert all(0 <= m.value <= 100 for m in curves["eval_rouge1"])
+    # The test split's ROUGE stays the final, separate figure.
+    assert "rouge1" in runs[0].data.metrics

@@ -1,26 +1,18 @@
 """The command line as users type it: Hydra multirun of an experiment, the report, and errors."""
 
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
 import torch
 
 from harness import report
-from tests.conftest import REPO, folder_store_overrides, runs_of
+from tests.conftest import REPO, folder_store_overrides, run_harness, runs_of
 
 pytestmark = pytest.mark.slow
 
 
-def _harness(cwd, *args):
-    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, text=True,
-                          capture_output=True, timeout=600)
-
-
 def test_demo_grid_runs_and_reports_a_row_per_run(tmp_path):
     # The demo experiment as `make demo` runs it, narrowed to t5-tiny and a few steps.
-    result = _harness(tmp_path, "-cd", str(REPO / "experiments"), "-cn", "demo",
+    result = run_harness(tmp_path, "-cd", str(REPO / "experiments"), "-cn", "demo",
                       "model=t5-tiny", "train.max_steps=3", "eval.max_samples=4",
                       *folder_store_overrides(tmp_path, "demo"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -36,6 +28,20 @@ def test_demo_grid_runs_and_reports_a_row_per_run(tmp_path):
         *[(f"t5-tiny/lora_lomo-r{r}/fp32", "ok") for r in (4, 8)],
         *[(f"t5-tiny/lora_lomo-r{r}/int8", "skipped") for r in (4, 8)]])
     assert all(run.info.status != "RUNNING" for run in runs)
+    # The plan comes first, one row per cell with skip reasons; the summary last, from MLflow.
+    plan_start, summary_start = (result.stdout.index("[harness] plan of demo: 20 grid points, "
+                                                     "14 cells: 9 to run, 5 to skip"),
+                                 result.stdout.index("[harness] summary of demo:"))
+    assert plan_start < result.stdout.index("[harness] cell 1/20: t5-tiny/full/fp32") \
+        < result.stdout.index("[harness] cell 20/20 done: skipped") < summary_start
+    plan_rows = [line for line in result.stdout[plan_start:summary_start].splitlines()
+                 if line.startswith("| ") and "t5-tiny/" in line]
+    assert len(plan_rows) == 14 and "| skip " in plan_rows[1]
+    assert "which precision=int8 stores quantized and cannot update" in plan_rows[1]
+    summary_rows = [line for line in result.stdout[summary_start:].splitlines()
+                    if line.startswith("| t5-tiny/")]
+    assert sorted(row.split("|")[1].strip() for row in summary_rows) == sorted(
+        name for name, _ in outcome)
 
     out = tmp_path / "report"
     assert report.main(["--experiment", "demo", "--tracking-uri", store["uri"],
@@ -54,21 +60,21 @@ def test_demo_grid_runs_and_reports_a_row_per_run(tmp_path):
     (["method=full", "precision=int8"], "error: method=full updates the base weights"),
 ])
 def test_bad_input_is_a_clear_error_and_leaves_no_run(tmp_path, args, message):
-    result = _harness(tmp_path, *args, *folder_store_overrides(tmp_path, "bad"))
+    result = run_harness(tmp_path, *args, *folder_store_overrides(tmp_path, "bad"))
     assert result.returncode != 0
     assert message in result.stderr
     assert runs_of({"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "bad") == []
 
 
 def test_unknown_model_lists_the_valid_ones(tmp_path):
-    result = _harness(tmp_path, "model=flan-t5-huge", *folder_store_overrides(tmp_path, "bad"))
+    result = run_harness(tmp_path, "model=flan-t5-huge", *folder_store_overrides(tmp_path, "bad"))
     assert "flan-t5-base" in result.stderr and "t5-tiny" in result.stderr
 
 
 def test_data_file_missing_a_column_is_refused_before_any_run(tmp_path):
     path = tmp_path / "mine.csv"
     pd.DataFrame({"id": ["1"], "dialogue": ["A: hi"]}).to_csv(path, index=False)
-    result = _harness(tmp_path, "data=local", f"data.path={path}",
+    result = run_harness(tmp_path, "data=local", f"data.path={path}",
                       *folder_store_overrides(tmp_path, "bad"))
     assert result.returncode == 2
     assert f"error: {path}: missing column summary" in result.stderr
@@ -78,7 +84,7 @@ def test_data_file_missing_a_column_is_refused_before_any_run(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 @pytest.mark.parametrize("experiment", ["reference_table", "full_grid"])
 def test_a_gpu_experiment_is_refused_without_cuda_and_points_to_the_demo(tmp_path, experiment):
-    result = _harness(tmp_path, "-cd", str(REPO / "experiments"), "-cn", experiment,
+    result = run_harness(tmp_path, "-cd", str(REPO / "experiments"), "-cn", experiment,
                       *folder_store_overrides(tmp_path, "bad"))
     assert result.returncode == 2
     assert "error: experiment bad is meant for a GPU" in result.stderr

@@ -1,12 +1,10 @@
 """Config composition and validation: everything is refused before anything is loaded."""
 
-import itertools
-
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
-from harness import config, runner
+from harness import config, runner, sweep
 from harness.errors import ConfigError
 from tests.conftest import REPO, compose_cell, runs_of
 
@@ -170,15 +168,31 @@ def test_the_reference_table_experiment_has_the_studys_rows_and_settings():
     assert (offline.data.name, offline.model.source) == ("synthetic", "random")
 
 
+def grid(name: str, *overrides: str) -> list:
+    """Every job of an experiment's sweep, composed as `make sweep EXP=name` composes them."""
+    with initialize_config_dir(config_dir=str(REPO / "experiments"), version_base="1.3"):
+        cfg = compose(name, overrides=[*overrides, f"hydra.searchpath=[file://{REPO / 'conf'}]"],
+                      return_hydra_config=True)
+        return sweep.cells(cfg)
+
+
 def test_the_full_grid_collapses_ranks_and_skips_what_cannot_run():
-    params = _experiment("full_grid", hydra_config=True).hydra.sweeper.params
-    axes = [(key, value.split(",")) for key, value in params.items()]
+    jobs = grid("full_grid")
+    assert len(jobs) == 3 * 4 * 4 * 3  # sizes x precisions x methods x ranks
     runnable, skipped = set(), set()
-    for choice in itertools.product(*(values for _, values in axes)):
-        cfg = _experiment("full_grid", *(f"{key}={value}" for (key, _), value in
-                                         zip(axes, choice)))
+    for cfg in jobs:
         cell = config.fingerprint(config.cell_config(cfg))
         (skipped if config.invalid_cell_reason(cfg) else runnable).add(cell)
     # Per size: full and lomo in 3 precisions, lora in 4 x 3 ranks, lora_lomo in 3 x 3 ranks;
     # skipped: full, lomo and lora_lomo (3 ranks) on int8.
     assert (len(runnable), len(skipped)) == (3 * (3 + 3 + 12 + 9), 3 * (1 + 1 + 3))
+
+
+def test_the_rank_sweep_trains_base_lora_at_three_ranks_with_rouge_every_epoch():
+    jobs = grid("rank_sweep")
+    assert [job.method.r for job in jobs] == [4, 8, 16]
+    for job in jobs:
+        assert (job.model.name, job.method.name, job.precision.name) == ("flan-t5-base", "lora",
+                                                                        "fp32")
+        assert (job.train.epochs, job.train.batch_size, job.method.alpha) == (15, 8, 32)
+        assert job.eval.rouge_every_epoch and job.requires_gpu and job.data.name == "samsum"

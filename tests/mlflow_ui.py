@@ -1,0 +1,118 @@
+"""The MLflow UI in a real headless Chromium (Debian's, driven by Playwright): what a user sees of
+an experiment. Used by tests/test_ui.py, and to take the screenshots in reports/demo/:
+
+  python -m tests.mlflow_ui --tracking-uri sqlite:///mlflow.db --experiment demo \
+      --out reports/demo/mlflow-ui.png
+"""
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+from mlflow import MlflowClient
+from playwright.sync_api import expect, sync_playwright
+
+# As this machine's probe starts Chromium: no sandbox as root, no calls to Google's services
+# (the network is closed and each refused connection slows the page).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 60_000
+
+
+@contextmanager
+def mlflow_ui(tracking_uri: str, log_path: Path):
+    """`mlflow ui` on a free loopback port; yields its address."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
+                                   tracking_uri, "--host", "127.0.0.1", "--port", str(port)],
+                                  stdout=log, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{address}/health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow ui did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield address
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def browse(address: str, tracking_uri: str, experiment: str, table_png: Path,
+           run_png: Path | None = None) -> dict:
+    """Open the experiment's runs table, then its first run: its metrics, then its memory plot
+    artifact. Returns what was seen: run names in the table, metric names on the run page, and
+    the plot's size in pixels. Screenshots of the table (and of the run's plot)."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"])
+    chromium = os.environ.get("HARNESS_TEST_CHROMIUM", "/usr/bin/chromium")
+    seen = {}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 900})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(f"{address}/#/experiments/{found.experiment_id}/runs"
+                  "?workflowType=machine_learning")
+        expect(page.get_by_text(f"{len(runs)} matching runs")).to_be_visible()
+        seen["table"] = [name for run in runs
+                         if page.get_by_role("link", name=(name := run.info.run_name)).count()]
+        _close_assistant(page)
+        page.screenshot(path=str(table_png))
+
+        first = runs[0]
+        page.get_by_role("link", name=first.info.run_name).first.click()
+        expect(page.get_by_text(f"Metrics ({len(first.data.metrics)})")).to_be_visible()
+        seen["metrics"] = [name for name in first.data.metrics
+                           if page.get_by_text(name, exact=True).count()]
+        page.get_by_role("tab", name="Artifacts").click()
+        page.get_by_text("memory_trace.png", exact=True).click()
+        plot = page.get_by_role("img", name="memory_trace.png")
+        expect(plot).to_be_visible()
+        seen["plot_size"] = plot.evaluate("image => [image.naturalWidth, image.naturalHeight]")
+        if run_png is not None:
+            _close_assistant(page)
+            page.screenshot(path=str(run_png))
+        browser.close()
+    return seen
+
+
+def _close_assistant(page) -> None:
+    """The UI's assistant panel covers a third of the page; close it where it is open."""
+    close = page.get_by_role("button", name="Close")
+    if close.count():
+        close.first.click()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument("--experiment", default="demo")
+    parser.add_argument("--out", type=Path, default=Path("reports/demo/mlflow-ui.png"))
+    args = parser.parse_args(argv)
+    with mlflow_ui(args.tracking_uri, args.out.with_suffix(".log")) as address:
+        seen = browse(address, args.tracking_uri, args.experiment, args.out,
+                      args.out.with_name(args.out.stem + "-run.png"))
+    args.out.with_suffix(".log").unlink()
+    print(f"{len(seen['table'])} runs in the table, {len(seen['metrics'])} metrics on the first "
+          f"run's page, memory plot {seen['plot_size']}; screenshots beside {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Sweeps at scale, for real: cells in parallel on joblib workers pinned to GPUs, jobs through
+submitit's local executor, a shared `mlflow server` on PostgreSQL, and the refusal of a tracking
+server that does not answer."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from tests.conftest import folder_store_overrides, run_harness
+
+pytestmark = pytest.mark.slow
+
+# Tiny cells: what is tested is how they are launched and recorded.
+QUICK = ["model=t5-tiny", "method=lora", "train.max_steps=5", "eval.max_samples=4"]
+
+
+def _finished(uri: str, experiment: str) -> list:
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id]) if found else []
+
+
+def test_parallel_joblib_workers_each_hold_their_own_gpu(tmp_path):
+    # 4 cells on 2 workers into one new sqlite store; each cell pinned to GPU 0 or 1.
+    result = run_harness(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                         "runner.gpus=[0,1]", f"runner.gpu_lock_dir={tmp_path}/locks",
+                         *QUICK, "method.r=2,4,8,16", *folder_store_overrides(tmp_path, "par"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = _finished(f"sqlite:///{tmp_path}/mlflow.db", "par")
+    assert sorted(run.info.run_name for run in runs) == [
+        f"t5-tiny/lora-r{r}/fp32" for r in (16, 2, 4, 8)]
+    assert {(run.info.status, run.data.tags["status"]) for run in runs} == {("FINISHED", "ok")}
+    assert {run.data.tags["gpu"] for run in runs} == {"0", "1"}
+    # Two workers ran at once, and never on the same GPU at the same time.
+    spans = sorted((run.info.start_time, run.info.end_time, run.data.tags["gpu"]) for run in runs)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
+    for gpu in ("0", "1"):
+        on_gpu = [span for span in spans if span[2] == gpu]
+        assert all(later[0] >= earlier[1] for earlier, later in zip(on_gpu, on_gpu[1:]))
+    assert "[harness] summary of par:" in result.stdout
+
+
+def test_submitit_local_executor_runs_each_cell_as_a_job(tmp_path):
+    result = run_harness(tmp_path, "-m", "hydra/launcher=submitit_local",
+                         "hydra.launcher.timeout_min=10", "hydra.sweep.dir=sweep", *QUICK,
+                         "method.r=2,4", *folder_store_overrides(tmp_path, "jobs"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = _finished(f"sqlite:///{tmp_path}/mlflow.db", "jobs")
+    assert {(run.info.status, run.data.tags["status"]) for run in runs} == {("FINISHED", "ok")}
+    assert len(runs) == 2
+    # Each cell ran inside a submitit job of its own, whose log shows the cell's progress.
+    job_logs = sorted((tmp_path / "sweep" / ".submitit").glob("*/*_log.out"))
+    assert len(job_logs) == 2
+    assert all("[harness] cell" in log.read_text() for log in job_logs)
+
+
+def test_the_shipped_slurm_launcher_gives_each_cell_one_gpu():
+    from tests.test_config import _experiment
+
+    launcher = _experiment("full_grid", "hydra/launcher=slurm", hydra_config=True).hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (1, 1, 1)
+    assert launcher.timeout_min >= 360  # the reference's longest cell: 350 min on an A10G
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def postgres_database():
+    """A new PostgreSQL database for one test (HARNESS_TEST_POSTGRES: an admin URI; .ci/run
+    starts the server), dropped afterwards."""
+    admin_uri = os.environ.get("HARNESS_TEST_POSTGRES")
+    if not admin_uri:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run this test: .ci/services.sh exports HARNESS_TEST_POSTGRES")
+        pytest.skip("no PostgreSQL: run `eval \"$(bash .ci/services.sh)\"` first")
+    import psycopg
+
+    name = f"harness_test_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_uri, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    yield admin_uri.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(admin_uri, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def mlflow_server(postgres_database, tmp_path):
+    """`mlflow server` on a free loopback port, PostgreSQL behind it, artifacts it serves."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_database,
+         "--artifacts-destination", str(tmp_path / "served-artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if requests.get(f"{uri}/health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_cells_log_to_a_shared_server_on_postgresql(mlflow_server, tmp_path):
+    result = run_harness(tmp_path, "-m", "tracking=server", f"tracking.uri={mlflow_server}",
+                         "tracking.experiment=shared", f"cache_dir={tmp_path}/cache", *QUICK,
+                         "method.r=2,4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Read back through the server, as a colleague would.
+    client = MlflowClient(mlflow_server)
+    runs = _finished(mlflow_server, "shared")
+    assert {(run.info.status, run.data.tags["status"]) for run in runs} == {("FINISHED", "ok")}
+    assert len(runs) == 2
+    for run in runs:
+        assert run.data.params["method.name"] == "lora"
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 5
+        assert run.data.metrics["cpu_peak_mib"] > 0
+        # Artifacts go through the server's own store (mlflow-artifacts:/), not a local folder.
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
+        names = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "memory_trace.csv", "memory_trace.png", "predictions.csv",
+                "adapter"} <= names
+        trace = client.download_artifacts(run.info.run_id, "memory_trace.csv", str(tmp_path))
+        assert open(trace).readline().startswith("time_s,phase,")
+    # A rerun against the same server finds both cells finished and runs nothing.
+    again = run_harness(tmp_path, "-m", "tracking=server", f"tracking.uri={mlflow_server}",
+                        "tracking.experiment=shared", f"cache_dir={tmp_path}/cache", *QUICK,
+                        "method.r=2,4")
+    assert again.returncode == 0 and "0 to run, 0 to skip, 2 done already" in again.stdout
+    assert len(_finished(mlflow_server, "shared")) == 2
+
+
+def test_a_tracking_server_that_does_not_answer_is_refused_before_any_cell(tmp_path):
+    silent = f"http://127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    for mode in ([], ["-m"]):  # one cell, and a sweep
+        result = run_harness(tmp_path, *mode, "tracking=server", f"tracking.uri={silent}",
+                             *QUICK, timeout=120)
+        assert result.returncode == 2
+        assert f"error: tracking.uri={silent} does not answer" in result.stderr
+        assert "make server" in result.stderr
+        assert "training" not in result.stderr + result.stdout  # no cell started
+    assert time.monotonic() - started < 90  # not MLflow's minutes of retries
