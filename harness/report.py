@@ -1,10 +1,16 @@
-"""The report: one markdown table per experiment, read from MLflow alone (nothing is rerun).
+"""The report: tables, charts and a slide deck per experiment, read from MLflow alone (nothing is
+rerun), the same bytes for the same store.
 
     python -m harness.report --experiment demo [--tracking-uri sqlite:///mlflow.db] [--out DIR]
 
-writes DIR/report.md (default reports/<experiment>/): a row per run with the reference table's
-columns (model, method, precision, rank, ROUGE-1, ROUGE-2, train time, GPU and CPU memory) and the
-status, with the reason for every cell that did not finish ok.
+writes to DIR (default reports/<experiment>/):
+- report.md: the comparison table in the reference table's shape (model, method, precision,
+  rank, ROUGE-1, ROUGE-2, train time, GPU and CPU memory) plus memory relative to full
+  fine-tuning of the same model, trainable %, tokens/s, the number of runs and the status; the
+  reference figures beside the cells that match a reference row; the findings; the charts.
+  Several ok runs of one cell (seeds, reruns) show as mean ± std; every cell that did not finish
+  ok is shown with its reason, never dropped.
+- the charts (harness/charts.py) and slides.md, a Marp deck (harness/slides.py).
 """
 
 import argparse
@@ -13,27 +19,29 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import yaml
 from mlflow import MlflowClient
 
-from harness import config
+from harness import charts, config, slides
 from harness.errors import ConfigError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-COLUMNS = {  # report column: (MLflow column, how to format it)
-    "model": ("params.model.name", str),
-    "method": ("method", str),  # config.method_label: full, full-sgd, lora, lomo, lora_lomo
-    "precision": ("params.precision.name", str),
-    "rank": ("params.method.r", str),
-    "ROUGE-1": ("metrics.rouge1", "{:.2f}".format),
-    "ROUGE-2": ("metrics.rouge2", "{:.2f}".format),
-    "train time (min)": ("metrics.train_time_s", lambda s: f"{s / 60:.2f}"),
-    "GPU memory (MiB)": ("metrics.gpu_peak_mib", "{:.0f}".format),
-    "CPU memory (MiB)": ("metrics.cpu_peak_mib", "{:.0f}".format),
+REFERENCE = Path(__file__).with_name("reference.yaml")
+# Averaged over the ok runs of a cell; their spread is shown as ± std.
+METRICS = ("rouge1", "rouge2", "train_time_s", "gpu_peak_mib", "cpu_peak_mib", "trainable_pct",
+           "tokens_per_s", "total_params", "mem_params_mib", "mem_grads_mib",
+           "mem_optimizer_mib", "mem_activations_mib")
+# Params that make runs the same cell in the report: all but the seed and where a run was logged.
+NOT_THE_CELL = ("params.train.seed", "params.tracking.", "params.runner.", "params.sampler.")
+TABLE = {  # report column: (cell column, decimals)
+    "ROUGE-1": ("rouge1", 2), "ROUGE-2": ("rouge2", 2), "train time (min)": ("train_time_min", 2),
+    "GPU memory (MiB)": ("gpu_peak_mib", 0), "CPU memory (MiB)": ("cpu_peak_mib", 0),
 }
 
 
 def load_runs(experiment: str, tracking_uri: str) -> pd.DataFrame:
-    """Every run of the experiment, one row each, columns as mlflow.search_runs names them."""
+    """Every run of the experiment, one row each, columns as mlflow.search_runs names them,
+    oldest first."""
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -42,39 +50,213 @@ def load_runs(experiment: str, tracking_uri: str) -> pd.DataFrame:
                           f"{', '.join(names) or 'none'}: run `make sweep EXP={experiment}` "
                           "first, or pass --tracking-uri")
     mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.search_runs([found.experiment_id], output_format="pandas")
+    runs = mlflow.search_runs([found.experiment_id], output_format="pandas")
+    return runs.sort_values(["start_time", "run_id"]).reset_index(drop=True) if len(runs) else runs
 
 
-def table(runs: pd.DataFrame) -> pd.DataFrame:
-    """The report table: formatted cells, sorted by model size, method, precision and rank."""
-    rows = runs.reindex(columns=[*{source for source, _ in COLUMNS.values()},
-                                 "params.method.name", "params.method.optimizer",
-                                 "metrics.total_params", "tags.status", "tags.status_reason"])
-    rows["method"] = [config.method_label(name, optimizer) for name, optimizer in
-                      zip(rows["params.method.name"], rows["params.method.optimizer"])]
+def memory_source(runs: pd.DataFrame) -> str:
+    """"GPU" when the store holds GPU peaks; "host" for a CPU-only store."""
+    gpu = runs.get("metrics.gpu_peak_mib")
+    return "GPU" if gpu is not None and gpu.notna().any() else "host"
+
+
+def cells(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell with its ok runs averaged (metric and metric_std), and one row per run
+    that did not finish ok; sorted by model size, method, precision and rank. Keeps run_ids."""
+    runs = runs.reindex(columns=sorted({*runs.columns, *(f"metrics.{m}" for m in METRICS),
+                                        "params.method.r", "params.method.optimizer",
+                                        "tags.status", "tags.status_reason"}))
+    identity = [column for column in runs.columns if column.startswith("params.")
+                and not column.startswith(NOT_THE_CELL)]
+    runs["key"] = runs[identity].fillna("").astype(str).agg("|".join, axis=1)
+    runs["status"] = runs["tags.status"].fillna("unknown")
+    rows = []
+    for key, group in runs.groupby("key", sort=False):
+        ok = group[group.status == "ok"]
+        if len(ok):
+            rows.append(_row(ok, "ok", ""))
+        for _, run in group[group.status != "ok"].iterrows():
+            rows.append(_row(run.to_frame().T, run.status, run["tags.status_reason"]))
+    table = pd.DataFrame(rows)
     # Smallest model first; a skipped cell has no parameter count, so take its model's.
-    model_size = rows.groupby("params.model.name", dropna=False)["metrics.total_params"] \
-        .transform("max")
-    rank = pd.to_numeric(rows["params.method.r"], errors="coerce")
-    order = pd.DataFrame({"size": model_size, "model": rows["params.model.name"],
-                          "method": rows["method"],
-                          "precision": rows["params.precision.name"], "rank": rank})
-    rows = rows.loc[order.sort_values(list(order.columns), na_position="first").index]
-    report = pd.DataFrame({name: [fmt(v) if pd.notna(v) else "—" for v in rows[source]]
-                           for name, (source, fmt) in COLUMNS.items()})
-    report["status"] = [status if status == "ok" or pd.isna(reason) else f"{status}: {reason}"
-                        for status, reason in zip(rows["tags.status"].fillna("unknown"),
-                                                  rows["tags.status_reason"])]
-    return report
+    table["model_size"] = table.groupby("model")["total_params"].transform("max")
+    table = table.sort_values(["model_size", "model", "method", "precision", "rank", "status"],
+                              na_position="first", kind="stable").reset_index(drop=True)
+    table["memory_vs_full"] = _relative_to_full(table, memory_source(runs))
+    return table
 
 
-def render(experiment: str, runs: pd.DataFrame) -> str:
-    body = table(runs).to_markdown(index=False, disable_numparse=True) if len(runs) else "No runs."
-    return (f"# Experiment `{experiment}`\n\n"
-            f"{len(runs)} runs. ROUGE is F1 x 100 on the test split; train time is the training "
-            "loop alone; GPU memory is the NVML peak of the cell's processes (— without CUDA); "
-            "CPU memory is the peak RSS of the cell's process tree.\n\n"
-            f"{body}\n")
+def _row(runs: pd.DataFrame, status: str, reason) -> dict:
+    first = runs.iloc[0]
+    method = config.method_label(first["params.method.name"], first["params.method.optimizer"])
+    rank = pd.to_numeric(first["params.method.r"], errors="coerce")
+    row = {"model": first["params.model.name"], "method": method,
+           "precision": first["params.precision.name"], "rank": rank,
+           "label": (f"{first['params.model.name']}/{method}"
+                     + ("" if pd.isna(rank) else f"-r{rank:.0f}")
+                     + f"/{first['params.precision.name']}"),
+           "runs": len(runs), "status": status, "reason": "" if pd.isna(reason) else reason,
+           "run_ids": list(runs["run_id"])}
+    for metric in METRICS:
+        values = pd.to_numeric(runs[f"metrics.{metric}"], errors="coerce").dropna()
+        row[metric] = values.mean() if len(values) else float("nan")
+        row[f"{metric}_std"] = values.std() if len(values) > 1 else float("nan")
+    row["train_time_min"], row["train_time_min_std"] = (row["train_time_s"] / 60,
+                                                        row["train_time_s_std"] / 60)
+    return row
+
+
+def _relative_to_full(table: pd.DataFrame, source: str) -> pd.Series:
+    """Peak memory over that of full fine-tuning (AdamW; fp32 where it ran) of the same model."""
+    memory = table["gpu_peak_mib" if source == "GPU" else "cpu_peak_mib"]
+    full = table[(table.method == "full") & (table.status == "ok") & memory.notna()]
+    order = (full.precision != "fp32").sort_values(kind="stable").index  # fp32 first
+    baseline = memory[order].groupby(table.model[order], sort=False).first()
+    return memory / table.model.map(baseline)
+
+
+def _number(value, spread, decimals: int) -> str:
+    if pd.isna(value):
+        return "—"
+    text = f"{value:.{decimals}f}"
+    return text if pd.isna(spread) else f"{text} ± {spread:.{decimals}f}"
+
+
+def table(rows: pd.DataFrame, source: str) -> pd.DataFrame:
+    """The report table, formatted."""
+    shown = pd.DataFrame({"model": rows.model, "method": rows.method,
+                          "precision": rows.precision,
+                          "rank": rows["rank"].map(lambda r: "—" if pd.isna(r) else f"{r:.0f}")})
+    for name, (column, decimals) in TABLE.items():
+        shown[name] = [_number(v, s, decimals) for v, s in zip(rows[column],
+                                                                rows[f"{column}_std"])]
+    shown[f"{source} memory / full FT"] = rows.memory_vs_full.map(
+        lambda ratio: "—" if pd.isna(ratio) else f"{ratio:.2f}")
+    shown["trainable %"] = [_number(v, float("nan"), 2) for v in rows.trainable_pct]
+    shown["tokens/s"] = [_number(v, s, 0) for v, s in zip(rows.tokens_per_s,
+                                                           rows.tokens_per_s_std)]
+    shown["runs"] = rows.runs.astype(str)
+    shown["status"] = [status if status == "ok" or not reason else f"{status}: {reason}"
+                       for status, reason in zip(rows.status, rows.reason)]
+    return shown
+
+
+def reference() -> tuple[str, pd.DataFrame]:
+    data = yaml.safe_load(REFERENCE.read_text())
+    return data["source"], pd.DataFrame(data["rows"])
+
+
+def beside_reference(rows: pd.DataFrame) -> pd.DataFrame:
+    """The ok cells that match a reference row (model, method, precision), ours beside theirs."""
+    _, figures = reference()
+    figures = figures.rename(columns=lambda c: c if c in ("model", "method", "precision")
+                             else f"reference_{c}")
+    matched = rows[rows.status == "ok"].merge(figures, on=["model", "method", "precision"])
+    pairs = {"ROUGE-1": ("rouge1", "rouge1", 2), "ROUGE-2": ("rouge2", "rouge2", 2),
+             "train time (min)": ("train_time_min", "train_time_min", 2),
+             "GPU memory (MiB)": ("gpu_peak_mib", "gpu_memory_mb", 0),
+             "CPU memory (MiB)": ("cpu_peak_mib", "cpu_memory_mb", 0)}
+    shown = pd.DataFrame({"model": matched.model, "method": matched.method,
+                          "precision": matched.precision,
+                          "rank": matched["rank"].map(lambda r: "—" if pd.isna(r)
+                                                      else f"{r:.0f}")})
+    for name, (ours, theirs, decimals) in pairs.items():
+        shown[name] = [_number(v, s, decimals) for v, s in zip(matched[ours],
+                                                                matched[f"{ours}_std"])]
+        unit = " (MB)" if "memory" in name else ""
+        shown[f"{name.split(' (')[0]}, reference{unit}"] = matched[f"reference_{theirs}"].map(
+            lambda value: f"{value:.{decimals}f}")
+    return shown
+
+
+def findings(rows: pd.DataFrame, source: str) -> list[str]:
+    """Sentences the runs support, each computed from them; none where the data is missing."""
+    ok = rows[rows.status == "ok"]
+    memory = "gpu_peak_mib" if source == "GPU" else "cpu_peak_mib"
+    said = []
+    for model, cells_of_model in ok.groupby("model", sort=False):
+        full = cells_of_model[(cells_of_model.method == "full")
+                              & (cells_of_model.precision == "fp32")]
+        if len(full) != 1:
+            continue
+        full = full.iloc[0]
+        for _, cell in cells_of_model[cells_of_model.precision == "fp32"].iterrows():
+            if cell.method == "full" or pd.isna(cell[memory]):
+                continue
+            change = ("" if pd.isna(cell.rouge1) or pd.isna(full.rouge1)
+                      else f" at a ROUGE-1 change of {cell.rouge1 - full.rouge1:+.2f} points")
+            said.append(f"On {model}, {cell.label.split('/', 1)[1]} needs "
+                        f"{100 * cell[memory] / full[memory]:.0f} % of full fine-tuning's "
+                        f"{source} memory ({cell[memory]:.0f} vs {full[memory]:.0f} MiB)"
+                        f"{change}.")
+    front = charts.pareto_front(ok.dropna(subset=[memory, "rouge1"]), memory, "rouge1")
+    if len(front):
+        said.append("On the ROUGE-1 / peak memory Pareto front (no other cell is both better "
+                    "and smaller): " + ", ".join(front.label) + ".")
+    rates = ok.dropna(subset=["tokens_per_s"])
+    if len(rates):
+        fastest = rates[rates.tokens_per_s == rates.tokens_per_s.max()]
+        said.append(f"Highest training throughput: {', '.join(fastest.label)} at "
+                    f"{fastest.tokens_per_s.iloc[0]:.0f} tokens/s.")
+    other = rows[rows.status != "ok"]
+    if len(other):
+        counts = other.status.value_counts().sort_index()
+        said.append(f"{len(other)} of {len(rows)} rows did not finish ok: "
+                    + ", ".join(f"{n} {status}" for status, n in counts.items()) + ".")
+    return said
+
+
+def histories(client: MlflowClient, rows: pd.DataFrame, names: tuple) -> dict:
+    """{label: {metric: [(step, value), ...]}} of the first ok run of each ok cell."""
+    found = {}
+    for _, row in rows[rows.status == "ok"].iterrows():
+        series = {name: [(m.step, m.value) for m in sorted(
+            client.get_metric_history(row.run_ids[0], name), key=lambda m: (m.step, m.timestamp))]
+            for name in names}
+        if any(series.values()):
+            found[row.label] = series
+    return found
+
+
+def render(experiment: str, tracking_uri: str, out: Path) -> dict:
+    """Write report.md, the charts and slides.md into `out`; return their paths by name."""
+    runs = load_runs(experiment, tracking_uri)
+    out.mkdir(parents=True, exist_ok=True)
+    if not len(runs):
+        (out / "report.md").write_text(f"# Experiment `{experiment}`\n\nNo runs.\n")
+        return {"report": out / "report.md"}
+    source = memory_source(runs)
+    rows = cells(runs)
+    client = MlflowClient(tracking_uri)
+    series = "gpu_mib" if source == "GPU" else "cpu_mib"
+    made = charts.draw(rows, source, out,
+                       curves=histories(client, rows, ("epoch", "eval_loss", "eval_rouge1")),
+                       memory_series=histories(client, rows, (series,)))
+    said = findings(rows, source)
+    reference_source, _ = reference()
+    matched = beside_reference(rows)
+    note = ("ROUGE is F1 x 100 on the test split; train time is the training loop alone; GPU "
+            "memory is the NVML peak of the cell's processes (— without CUDA); CPU memory is the "
+            "peak RSS of the cell's process tree. Several ok runs of one cell (seeds, reruns) "
+            "show as mean ± std; `runs` counts them.")
+    if source == "host":
+        note += (" This store has no GPU figures (the cells ran without CUDA): memory ratios "
+                 "and charts use host memory.")
+    parts = [f"# Experiment `{experiment}`", f"{len(runs)} runs, {len(rows)} rows. {note}",
+             table(rows, source).to_markdown(index=False, disable_numparse=True)]
+    if len(matched):
+        parts += ["## Beside the reference", f"Reference figures: {reference_source}.",
+                  matched.to_markdown(index=False, disable_numparse=True)]
+    if said:
+        parts += ["## Findings", "\n".join(f"- {sentence}" for sentence in said)]
+    parts += ["## Charts"] + [f"![{chart.title}]({chart.path.name})\n\n{chart.caption}"
+                              for chart in made]
+    (out / "report.md").write_text("\n\n".join(parts) + "\n")
+    deck = slides.deck(experiment, len(runs), source, table(rows, source), made, said,
+                       reference_source if len(matched) else None)
+    (out / "slides.md").write_text(deck)
+    return {"report": out / "report.md", "slides": out / "slides.md",
+            **{chart.path.stem: chart.path for chart in made}}
 
 
 def main(argv=None) -> int:
@@ -82,18 +264,16 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", required=True, help="the MLflow experiment to report")
     parser.add_argument("--tracking-uri", default=DEFAULT_URI,
-                        help=f"the MLflow store (default {DEFAULT_URI})")
+                        help=f"the MLflow store or server (default {DEFAULT_URI})")
     parser.add_argument("--out", help="output folder (default reports/<experiment>)")
     args = parser.parse_args(argv)
+    out = Path(args.out or Path("reports") / args.experiment)
     try:
-        runs = load_runs(args.experiment, args.tracking_uri)
+        written = render(args.experiment, args.tracking_uri, out)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = Path(args.out or Path("reports") / args.experiment)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(render(args.experiment, runs))
-    print(f"wrote {out / 'report.md'} ({len(runs)} runs)")
+    print(f"wrote {', '.join(str(path) for path in written.values())}")
     return 0
 
 

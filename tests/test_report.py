@@ -1,4 +1,9 @@
-"""The report reads MLflow alone: a row per run, formatted, with every non-ok cell's reason."""
+"""The report reads MLflow alone and gives the same bytes for the same store: a golden test on a
+store built here with known runs (two seeds of one cell, oom, diverged and skipped cells, learning
+curves and memory series), its charts, its slide deck, and its errors."""
+
+import re
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -6,64 +11,143 @@ from mlflow.entities import Metric, Param
 
 from harness import report
 
+GOLDEN = Path(__file__).with_name("golden")
 
-def _log(client, experiment_id, params, metrics, status, reason=""):
-    run = client.create_run(experiment_id, tags={"status": status})
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
+
+def _log(client, experiment_id, name, params, metrics, status, reason="", series=()):
+    """A finished run as the runner leaves it; series: (metric, [(step, value), ...])."""
+    run = client.create_run(experiment_id, run_name=name, start_time=len(_log.started) * 1000,
+                            tags={"status": status})
+    _log.started.append(name)
+    run_id = run.info.run_id
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
                      metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
+    for metric, points in series:
+        client.log_batch(run_id, metrics=[Metric(metric, value, step, step)
+                                          for step, value in points])
     if reason:
-        client.set_tag(run.info.run_id, "status_reason", reason)
-    client.set_terminated(run.info.run_id, "FINISHED" if status == "ok" else "FAILED")
+        client.set_tag(run_id, "status_reason", reason)
+    client.set_terminated(run_id, "FINISHED" if status in ("ok", "skipped") else "FAILED",
+                          end_time=len(_log.started) * 1000 + 500)
+
+
+_log.started = []
+
+
+def _cell(model, method, precision, rank=None, optimizer="adamw", seed=42):
+    params = {"model.name": model, "method.name": method, "method.optimizer": optimizer,
+              "precision.name": precision, "train.seed": seed, "tracking.uri": "anywhere"}
+    if rank is not None:
+        params["method.r"] = rank
+    return params
+
+
+def _measured(rouge1, gpu, cpu=4000.0, tokens=3000.0, pct=100.0, params=850.0, grads=850.0,
+              optimizer=1700.0, activations=3000.0):
+    return {"rouge1": rouge1, "rouge2": rouge1 / 2, "train_time_s": 2400.0, "gpu_peak_mib": gpu,
+            "cpu_peak_mib": cpu, "tokens_per_s": tokens, "trainable_pct": pct,
+            "total_params": 2.5e8, "mem_params_mib": params, "mem_grads_mib": grads,
+            "mem_optimizer_mib": optimizer, "mem_activations_mib": activations}
+
+
+def _curve(losses, rouges):
+    """Per epoch at steps 100, 200, ...: epoch, eval_loss, eval_rouge1."""
+    steps = [100 * (i + 1) for i in range(len(losses))]
+    return [("epoch", [(s, i + 1) for i, s in enumerate(steps)]),
+            ("eval_loss", list(zip(steps, losses))), ("eval_rouge1", list(zip(steps, rouges)))]
+
+
+def _memory(peak):
+    return [("gpu_mib", [(0, 600.0), (1000, peak / 2), (2000, peak), (3000, peak * 0.9)])]
 
 
 @pytest.fixture
-def demo_store(tmp_path):
+def golden_store(tmp_path):
+    _log.started.clear()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    experiment_id = client.create_experiment("grid", artifact_location=str(tmp_path / "a"))
-    cell = {"model.name": "t5-mini", "method.name": "lora", "precision.name": "fp32"}
-    _log(client, experiment_id, {**cell, "method.r": 8},
-         {"rouge1": 41.23456, "rouge2": 20.5, "train_time_s": 90.0, "cpu_peak_mib": 700.4,
-          "gpu_peak_mib": 3298.0, "total_params": 2000}, "ok")
-    _log(client, experiment_id, {**cell, "method.r": 4},
-         {"rouge1": 40.0, "rouge2": 19.0, "train_time_s": 60.0, "cpu_peak_mib": 690.0,
-          "total_params": 2000}, "ok")
-    _log(client, experiment_id, {**cell, "method.name": "full", "precision.name": "int8"}, {},
-         "skipped", "int8 weights cannot be updated")
-    _log(client, experiment_id, {"model.name": "t5-tiny", "method.name": "full",
-                                 "precision.name": "fp16"},
-         {"total_params": 500}, "diverged", "loss nan at step 3")
+    experiment = client.create_experiment("golden", artifact_location=str(tmp_path / "a"))
+    base = "flan-t5-base"
+    _log(client, experiment, "full", _cell(base, "full", "fp32"),
+         _measured(51.0, 14000.0), "ok", series=_memory(14000.0))
+    # Two seeds of one LoRA cell: mean ± std.
+    for seed, rouge1, gpu in ((1, 51.5, 3300.0), (2, 52.5, 3500.0)):
+        _log(client, experiment, f"lora-r8 seed {seed}", _cell(base, "lora", "fp32", 8, seed=seed),
+             _measured(rouge1, gpu, pct=0.36, grads=3.4, optimizer=6.8, activations=1500.0),
+             "ok", series=[*_curve([1.5, 1.4, 1.45], [48.0, 50.0, 49.0]), *_memory(gpu)])
+    _log(client, experiment, "lora-r4", _cell(base, "lora", "fp32", 4),
+         _measured(51.2, 3200.0, pct=0.18, grads=1.7, optimizer=3.4, activations=1450.0),
+         "ok", series=[*_curve([1.5, 1.38, 1.36], [48.5, 50.5, 51.0]), *_memory(3200.0)])
+    _log(client, experiment, "lomo", _cell(base, "lomo", "fp32", optimizer="sgd"),
+         _measured(49.0, 5200.0, tokens=2500.0, grads=9.0, optimizer=0.0), "ok")
+    _log(client, experiment, "full fp16", _cell(base, "full", "fp16"), {"total_params": 2.5e8},
+         "diverged", "loss nan at step 3 (epoch 0), precision fp16")
+    _log(client, experiment, "full int8", _cell(base, "full", "int8"), {}, "skipped",
+         "method=full updates the base weights, which precision=int8 stores quantized")
+    _log(client, experiment, "xl lora", _cell("flan-t5-xl", "lora", "fp32", 8),
+         {"total_params": 2.85e9, "cpu_peak_mib": 12000.0}, "oom",
+         "out of memory in phase train: CUDA out of memory")
     return uri
 
 
-def test_one_row_per_run_in_a_stable_order(demo_store):
-    table = report.table(report.load_runs("grid", demo_store))
-    assert len(table) == 4
-    assert list(table.columns) == [*report.COLUMNS, "status"]
-    # Smallest model first, then method, precision and rank (4 before 8).
-    assert list(zip(table["model"], table["method"], table["precision"], table["rank"])) == [
-        ("t5-tiny", "full", "fp16", "—"), ("t5-mini", "full", "int8", "—"),
-        ("t5-mini", "lora", "fp32", "4"), ("t5-mini", "lora", "fp32", "8")]
-    last = table.iloc[-1]
-    assert (last["ROUGE-1"], last["train time (min)"], last["GPU memory (MiB)"],
-            last["CPU memory (MiB)"], last["status"]) == ("41.23", "1.50", "3298", "700", "ok")
-    assert table.iloc[0]["status"] == "diverged: loss nan at step 3"
-    assert table.iloc[1]["status"] == "skipped: int8 weights cannot be updated"
+def _render(uri, out):
+    assert report.main(["--experiment", "golden", "--tracking-uri", uri, "--out", str(out)]) == 0
+    return {path.name: path.read_bytes() for path in sorted(out.iterdir())}
 
 
-def test_report_file_is_written_and_deterministic(demo_store, tmp_path):
-    out = tmp_path / "out"
-    assert report.main(["--experiment", "grid", "--tracking-uri", demo_store,
-                        "--out", str(out)]) == 0
-    first = (out / "report.md").read_text()
-    report.main(["--experiment", "grid", "--tracking-uri", demo_store, "--out", str(out)])
-    assert (out / "report.md").read_text() == first
-    table_lines = [line for line in first.splitlines() if line.startswith("| t5-")]
-    assert len(table_lines) == 4
-    assert first.splitlines()[0] == "# Experiment `grid`"
+def test_the_report_is_the_golden_markdown(golden_store, tmp_path):
+    files = _render(golden_store, tmp_path / "out")
+    assert files["report.md"].decode() == (GOLDEN / "report.md").read_text()
 
 
-def test_unknown_experiment_names_the_ones_there(demo_store, capsys):
-    assert report.main(["--experiment", "nope", "--tracking-uri", demo_store]) == 2
+def test_the_same_store_gives_the_same_bytes(golden_store, tmp_path):
+    assert _render(golden_store, tmp_path / "one") == _render(golden_store, tmp_path / "two")
+
+
+def test_every_chart_is_drawn_and_referenced(golden_store, tmp_path):
+    files = _render(golden_store, tmp_path / "out")
+    charts = {"breakdown.png", "rouge_vs_memory.png", "learning_curves.png",
+              "memory_over_time_flan-t5-base.png"}
+    assert charts <= set(files)
+    for name in charts:
+        assert files[name].startswith(b"\x89PNG") and len(files[name]) > 10_000
+        assert f"]({name})" in files["report.md"].decode()
+        assert f"]({name})" in files["slides.md"].decode()
+
+
+def test_the_deck_is_marp_with_a_slide_per_section(golden_store, tmp_path):
+    deck = _render(golden_store, tmp_path / "out")["slides.md"].decode()
+    front, *slides = deck.split("\n---\n")  # front matter, then one slide per part
+    assert front.startswith("---\n") and re.search(r"^marp: true$", front, re.MULTILINE)
+    titles = [slide.strip().splitlines()[0] for slide in slides]
+    assert titles == ["# Fine-tuning flan-t5: experiment `golden`", "## Results",
+                      "## Memory breakdown", "## ROUGE-1 against memory", "## Learning curves",
+                      "## Memory over time, flan-t5-base", "## Findings"]
+    assert deck == (GOLDEN / "slides.md").read_text()
+
+
+def test_a_cpu_only_store_reports_host_memory_and_says_so(tmp_path):
+    _log.started.clear()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("golden", artifact_location=str(tmp_path / "a"))
+    for method, cpu, rouge1 in (("full", 700.0, 10.0), ("lora", 650.0, 9.0)):
+        metrics = {key: value for key, value in _measured(rouge1, 0.0, cpu=cpu).items()
+                   if key not in ("gpu_peak_mib", "mem_activations_mib")}
+        _log(client, experiment, method, _cell("t5-mini", method, "fp32",
+                                               8 if method == "lora" else None),
+             metrics, "ok", series=[("cpu_mib", [(0, 300.0), (500, cpu)])])
+    files = _render(uri, tmp_path / "out")
+    markdown = files["report.md"].decode()
+    assert "This store has no GPU figures" in markdown
+    assert "host memory / full FT" in markdown
+    assert "lora-r8/fp32 needs 93 % of full fine-tuning's host memory (650 vs 700 MiB) at a " \
+           "ROUGE-1 change of -1.00 points" in markdown
+    assert "no GPU in these runs" in files["slides.md"].decode()
+    assert {"breakdown.png", "rouge_vs_memory.png", "memory_over_time_t5-mini.png"} <= set(files)
+
+
+def test_unknown_experiment_names_the_ones_there(golden_store, capsys):
+    assert report.main(["--experiment", "nope", "--tracking-uri", golden_store]) == 2
     error = capsys.readouterr().err
-    assert "no experiment 'nope'" in error and "grid" in error
+    assert "no experiment 'nope'" in error and "golden" in error

@@ -13,6 +13,7 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
+from harness import report
 from tests.conftest import folder_store_overrides, run_harness
 
 pytestmark = pytest.mark.slow
@@ -147,6 +148,11 @@ def test_cells_log_to_a_shared_server_on_postgresql(mlflow_server, tmp_path):
                         "method.r=2,4")
     assert again.returncode == 0 and "0 to run, 0 to skip, 2 done already" in again.stdout
     assert len(_finished(mlflow_server, "shared")) == 2
+    # The report reads a server as it reads a file.
+    assert report.main(["--experiment", "shared", "--tracking-uri", mlflow_server,
+                        "--out", str(tmp_path / "report")]) == 0
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert markdown.count("| t5-tiny ") == 2 and (tmp_path / "report" / "slides.md").exists()
 
 
 def test_a_tracking_server_that_does_not_answer_is_refused_before_any_cell(tmp_path):
