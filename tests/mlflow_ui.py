@@ -16,6 +16,7 @@ from pathlib import Path
 
 import requests
 from mlflow import MlflowClient
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect, sync_playwright
 
 # As this machine's probe starts Chromium: no sandbox as root, no calls to Google's services
@@ -71,14 +72,15 @@ def browse(address: str, tracking_uri: str, experiment: str, table_png: Path,
         page.goto(f"{address}/#/experiments/{found.experiment_id}/runs"
                   "?workflowType=machine_learning")
         expect(page.get_by_text(f"{len(runs)} matching runs")).to_be_visible()
-        seen["table"] = [name for run in runs
-                         if page.get_by_role("link", name=(name := run.info.run_name)).count()]
+        # The count shows before the rows have rendered: wait for each run's row a while.
+        seen["table"] = [run.info.run_name for run in runs if _shows(page, run.info.run_name)]
         _close_assistant(page)
         page.screenshot(path=str(table_png))
 
         first = runs[0]
         page.get_by_role("link", name=first.info.run_name).first.click()
         expect(page.get_by_text(f"Metrics ({len(first.data.metrics)})")).to_be_visible()
+        page.get_by_text("train_loss", exact=True).first.wait_for()  # the table has rendered
         seen["metrics"] = [name for name in first.data.metrics
                            if page.get_by_text(name, exact=True).count()]
         page.get_by_role("tab", name="Artifacts").click()
@@ -91,6 +93,14 @@ def browse(address: str, tracking_uri: str, experiment: str, table_png: Path,
             page.screenshot(path=str(run_png))
         browser.close()
     return seen
+
+
+def _shows(page, run_name: str, timeout_ms: int = 15_000) -> bool:
+    try:
+        page.get_by_role("link", name=run_name).first.wait_for(timeout=timeout_ms)
+        return True
+    except PlaywrightTimeout:
+        return False
 
 
 def _close_assistant(page) -> None:
