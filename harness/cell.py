@@ -126,13 +126,13 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
                                   shuffle=True, generator=shuffle, collate_fn=collate)
         validation_loader = DataLoader(splits["validation"], batch_size=cfg.eval.batch_size,
                                        collate_fn=collate)
-        validation_rouge = None
-        if cfg.eval.rouge_every_epoch and text is not None:
-            def validation_rouge():
-                return _rouge(model, tokenizer, splits["validation"], text["validation"], cfg,
-                              collate, device)[0]
+        def validation_rouge():  # ROUGE learning curves (eval.rouge_every_epoch)
+            return _rouge(model, tokenizer, splits["validation"], text["validation"], cfg,
+                          collate, device)[0]
+
+        per_epoch = cfg.eval.rouge_every_epoch and text is not None
         result = train(model, train_loader, validation_loader, cfg, device, log,
-                       validation_rouge)
+                       validation_rouge if per_epoch else None)
     log({"train_time_s": result.train_time_s, "train_steps": result.steps,
          **result.throughput(cfg.train.throughput_skip_steps), **result.breakdown})
     if device.type == "cuda" and result.breakdown:

@@ -48,8 +48,14 @@ def draw(rows: pd.DataFrame, source: str, out: Path, curves: dict,
     return [chart for chart in made if chart is not None]
 
 
-def _peak(source: str) -> str:
+def peak_metric(source: str) -> str:
+    """The peak a report compares: the GPU's, or the host's on a store without GPU figures."""
     return "gpu_peak_mib" if source == "GPU" else "cpu_peak_mib"
+
+
+def series_metric(source: str) -> str:
+    """The sampled memory series logged beside that peak."""
+    return "gpu_mib" if source == "GPU" else "cpu_mib"
 
 
 def _memory_words(source: str, peak: bool = True) -> str:
@@ -64,7 +70,7 @@ def _save(figure, path: Path) -> None:
 
 
 def breakdown(ok: pd.DataFrame, source: str, path: Path) -> Chart | None:
-    cells = ok.dropna(subset=[_peak(source), "mem_params_mib"])
+    cells = ok.dropna(subset=[peak_metric(source), "mem_params_mib"])
     if not len(cells):
         return None
     figure, axes = plt.subplots(figsize=(9, 1.5 + 0.35 * len(cells)))
@@ -75,7 +81,7 @@ def breakdown(ok: pd.DataFrame, source: str, path: Path) -> Chart | None:
         left += values
     # What the peak holds beyond the counted tensors: CUDA context and allocator cache on a GPU;
     # on the host, libraries, data and (without CUDA, uncounted) activations.
-    axes.barh(cells.label, (cells[_peak(source)] - left).clip(lower=0), left=left,
+    axes.barh(cells.label, (cells[peak_metric(source)] - left).clip(lower=0), left=left,
               label="everything else", color="lightgrey")
     axes.invert_yaxis()
     axes.set_xlabel("MiB")
@@ -103,7 +109,7 @@ def pareto_front(cells: pd.DataFrame, memory: str, quality: str) -> pd.DataFrame
 
 
 def rouge_vs_memory(ok: pd.DataFrame, source: str, path: Path) -> Chart | None:
-    memory = _peak(source)
+    memory = peak_metric(source)
     cells = ok.dropna(subset=[memory, "rouge1"])
     if not len(cells):
         return None
@@ -154,7 +160,7 @@ def learning_curves(ok: pd.DataFrame, curves: dict, path: Path) -> Chart | None:
 
 
 def memory_over_time(series: dict, model: str, source: str, path: Path) -> Chart | None:
-    name = "gpu_mib" if source == "GPU" else "cpu_mib"
+    name = series_metric(source)
     lines = {label: points[name] for label, points in series.items() if points[name]}
     if not lines:
         return None

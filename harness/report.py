@@ -108,7 +108,7 @@ def _row(runs: pd.DataFrame, status: str, reason) -> dict:
 
 def _relative_to_full(table: pd.DataFrame, source: str) -> pd.Series:
     """Peak memory over that of full fine-tuning (AdamW; fp32 where it ran) of the same model."""
-    memory = table["gpu_peak_mib" if source == "GPU" else "cpu_peak_mib"]
+    memory = table[charts.peak_metric(source)]
     full = table[(table.method == "full") & (table.status == "ok") & memory.notna()]
     order = (full.precision != "fp32").sort_values(kind="stable").index  # fp32 first
     baseline = memory[order].groupby(table.model[order], sort=False).first()
@@ -172,7 +172,7 @@ def beside_reference(rows: pd.DataFrame) -> pd.DataFrame:
 def findings(rows: pd.DataFrame, source: str) -> list[str]:
     """Sentences the runs support, each computed from them; none where the data is missing."""
     ok = rows[rows.status == "ok"]
-    memory = "gpu_peak_mib" if source == "GPU" else "cpu_peak_mib"
+    memory = charts.peak_metric(source)
     said = []
     for model, cells_of_model in ok.groupby("model", sort=False):
         full = cells_of_model[(cells_of_model.method == "full")
@@ -228,10 +228,9 @@ def render(experiment: str, tracking_uri: str, out: Path) -> dict:
     source = memory_source(runs)
     rows = cells(runs)
     client = MlflowClient(tracking_uri)
-    series = "gpu_mib" if source == "GPU" else "cpu_mib"
     made = charts.draw(rows, source, out,
                        curves=histories(client, rows, ("epoch", "eval_loss", "eval_rouge1")),
-                       memory_series=histories(client, rows, (series,)))
+                       memory_series=histories(client, rows, (charts.series_metric(source),)))
     said = findings(rows, source)
     reference_source, _ = reference()
     matched = beside_reference(rows)

@@ -24,8 +24,6 @@ from harness import cell as cell_module
 from harness import config, gpus, memory, tracking
 from harness.errors import ConfigError
 
-START_METHODS = ("fork", "forkserver", "spawn")  # the standard library's
-
 
 def run(cfg: DictConfig) -> str:
     """Run one cell; return its status (ok, oom, diverged, skipped, failed; killed by Ctrl-C,
@@ -137,7 +135,8 @@ def _run_in_process(cfg: DictConfig, cell: dict, scratch: Path, record: CellReco
     start_method = cfg.runner.start_method
     if start_method == "auto":
         start_method = "spawn" if torch.cuda.is_available() else "forkserver"
-    if multiprocessing.get_start_method(allow_none=True) not in (None, *START_METHODS):
+    if multiprocessing.get_start_method(allow_none=True) not in (
+            None, *multiprocessing.get_all_start_methods()):
         # In a joblib worker the global start method is loky's own, which a child started by
         # the standard library cannot find; this process starts only cells, as below.
         multiprocessing.set_start_method(start_method, force=True)
@@ -192,15 +191,17 @@ def _run_in_process(cfg: DictConfig, cell: dict, scratch: Path, record: CellReco
 @contextlib.contextmanager
 def _visible_gpu(gpu: str | None):
     """CUDA_VISIBLE_DEVICES=gpu in this process's environment for the block (a no-op for None)."""
+    if gpu is None:
+        yield
+        return
     before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     try:
         yield
     finally:
-        if gpu is not None and before is None:
+        if before is None:
             del os.environ["CUDA_VISIBLE_DEVICES"]
-        elif gpu is not None:
+        else:
             os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 

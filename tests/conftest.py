@@ -1,10 +1,14 @@
 """Shared test helpers: real Hydra composition of conf/, and a real sqlite MLflow store."""
 
+import socket
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
@@ -53,3 +57,38 @@ def runs_of(store, experiment: str):
     client = MlflowClient(store["uri"])
     found = client.get_experiment_by_name(experiment)
     return [] if found is None else client.search_runs([found.experiment_id])
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def mlflow_serving(command: str, backend_store_uri: str, log_path: Path, *options: str):
+    """`mlflow server` or `mlflow ui` on a free loopback port, until the block ends; yields its
+    address once it answers /health."""
+    port = free_port()
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", command, "--backend-store-uri",
+                                   backend_store_uri, "--host", "127.0.0.1", "--port", str(port),
+                                   *options], stdout=log, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{address}/health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow {command} did not start: "
+                                   f"{log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield address
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

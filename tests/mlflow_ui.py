@@ -7,17 +7,13 @@ an experiment. Used by tests/test_ui.py, and to take the screenshots in reports/
 
 import argparse
 import os
-import socket
-import subprocess
-import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
-import requests
 from mlflow import MlflowClient
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect, sync_playwright
+
+from tests.conftest import mlflow_serving
 
 # As this machine's probe starts Chromium: no sandbox as root, no calls to Google's services
 # (the network is closed and each refused connection slows the page).
@@ -27,32 +23,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 TIMEOUT_MS = 60_000
 
 
-@contextmanager
 def mlflow_ui(tracking_uri: str, log_path: Path):
-    """`mlflow ui` on a free loopback port; yields its address."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
-                                   tracking_uri, "--host", "127.0.0.1", "--port", str(port)],
-                                  stdout=log, stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{address}/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow ui did not start: {log_path.read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield address
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    """`mlflow ui` on a free loopback port; a context that yields its address."""
+    return mlflow_serving("ui", tracking_uri, log_path)
 
 
 def browse(address: str, tracking_uri: str, experiment: str, table_png: Path,

@@ -3,18 +3,14 @@ submitit's local executor, a shared `mlflow server` on PostgreSQL, and the refus
 server that does not answer."""
 
 import os
-import socket
-import subprocess
-import sys
 import time
 import uuid
 
 import pytest
-import requests
 from mlflow import MlflowClient
 
 from harness import report
-from tests.conftest import folder_store_overrides, run_harness
+from tests.conftest import folder_store_overrides, free_port, mlflow_serving, run_harness
 
 pytestmark = pytest.mark.slow
 
@@ -71,12 +67,6 @@ def test_the_shipped_slurm_launcher_gives_each_cell_one_gpu():
     assert launcher.timeout_min >= 360  # the reference's longest cell: 350 min on an A10G
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def postgres_database():
     """A new PostgreSQL database for one test (HARNESS_TEST_POSTGRES: an admin URI; .ci/run
@@ -99,26 +89,10 @@ def postgres_database():
 @pytest.fixture
 def mlflow_server(postgres_database, tmp_path):
     """`mlflow server` on a free loopback port, PostgreSQL behind it, artifacts it serves."""
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_database,
-         "--artifacts-destination", str(tmp_path / "served-artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                if requests.get(f"{uri}/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-        yield uri
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with mlflow_serving("server", postgres_database, tmp_path / "server.log",
+                        "--artifacts-destination", str(tmp_path / "served-artifacts"),
+                        "--workers", "1") as address:
+        yield address
 
 
 def test_cells_log_to_a_shared_server_on_postgresql(mlflow_server, tmp_path):
@@ -156,7 +130,7 @@ def test_cells_log_to_a_shared_server_on_postgresql(mlflow_server, tmp_path):
 
 
 def test_a_tracking_server_that_does_not_answer_is_refused_before_any_cell(tmp_path):
-    silent = f"http://127.0.0.1:{_free_port()}"
+    silent = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     for mode in ([], ["-m"]):  # one cell, and a sweep
         result = run_harness(tmp_path, *mode, "tracking=server", f"tracking.uri={silent}",
