@@ -1,4 +1,5 @@
-# make install | test | test-fast | bench | demo | sweep EXP=name | report EXP=name | ui | server
+# make install | test | test-fast | bench | demo | plan EXP=name | sweep EXP=name | report EXP=name
+# | ui | server | gpu-check
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ TRACKING_URI ?= sqlite:///mlflow.db
 BACKEND_STORE_URI ?= postgresql://harness:harness@127.0.0.1:5432/harness
 ARTIFACTS ?= mlartifacts
 
-.PHONY: install test test-fast bench demo sweep report ui server
+.PHONY: install test test-fast bench demo plan sweep report ui server gpu-check
 
 install: $(VENV)/.installed
 
@@ -37,6 +38,10 @@ demo: install
 	$(PY) -m harness -cd experiments -cn demo
 	$(PY) -m harness.report --experiment demo --tracking-uri $(TRACKING_URI)
 
+# The plan of an experiment, without a GPU and without running anything: reports/$(EXP)/plan.csv.
+plan: install
+	$(PY) -m harness.plan $(EXP) $(ARGS)
+
 sweep: install
 	$(PY) -m harness -cd experiments -cn $(EXP) $(ARGS)
 
@@ -52,3 +57,9 @@ ui: install
 server: install
 	$(VENV)/bin/mlflow server --backend-store-uri $(BACKEND_STORE_URI) \
 		--artifacts-destination $(ARTIFACTS) --host 127.0.0.1 --port $(PORT)
+
+# On a CUDA GPU: the reference rows (and LoRA+LOMO) with random weights for a few dozen steps,
+# and the benchmarks; writes reports/gpu-<device>/. ROWS=base_full,xl_lora and PARTS=cells,bench
+# run a part of it into the same store.
+gpu-check: install
+	$(PY) -m harness.gpu_check $(if $(ROWS),--rows $(ROWS)) $(if $(PARTS),--parts $(PARTS))

@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench")
+    parser.add_argument("--stem", help="name of the .md and .json files (default: the device)")
     args = parser.parse_args(argv)
     peak_key = "gpu" if torch.cuda.is_available() else "cpu"
     steps = [f"train.max_steps={args.steps}"]
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
 def write(args, cfg, peak_key, runs, median, ratios) -> None:
     facts = machine()
     device = facts["gpu"] or f"cpu-{facts['cores']}-cores"
-    slug = device.lower().replace(" ", "-")
+    slug = args.stem or device.lower().replace(" ", "-")
     memory_kind = "GPU memory (NVML)" if peak_key == "gpu" else "host RSS"
     lines = [f"# Benchmarks on {device}", "",
              f"`make bench` on {facts['date']}: {facts['cpu']}, {facts['cores']} cores, "

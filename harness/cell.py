@@ -6,6 +6,7 @@ it goes, which the runner records at once, so that nothing finished is lost if t
   ("phase", name, unix time)               load, train, eval start (splits the memory trace)
   ("metrics", {name: value}, step, unix ms)
   ("tag", name, value)
+  ("params", {name: value})                params known only once the cell has loaded its data
   ("artifact", local path, artifact folder) a file or folder the cell wrote under its scratch
   ("result", status, reason)               last: ok, diverged, oom or failed
 """
@@ -80,6 +81,9 @@ class ToRunner:
     def tag(self, name: str, value: str) -> None:
         self.connection.send(("tag", name, value))
 
+    def params(self, params: dict) -> None:
+        self.connection.send(("params", params))
+
     def artifact(self, path: Path, folder: str | None = None) -> None:
         self.connection.send(("artifact", str(path), folder))
 
@@ -107,17 +111,21 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
         load_start = time.perf_counter()
         tokenizer = models.load_tokenizer(cfg.model)
         model = models.load_model(cfg.model, precision, methods.base_frozen(method), device)
-        model = methods.apply(model, cfg.method, precision)
-        if data.has_text(cfg.data):
-            text = data.load_text(cfg.data)
-            splits = data.tokenize(text, tokenizer, cfg.data, cache_dir)
-        else:
-            text, splits = None, data.synthetic(cfg.data, vocab_size=len(tokenizer))
+        model = methods.prepare(model, cfg)
+        text, splits, lengths = data.load(cfg.data, cfg.model, tokenizer, cache_dir)
+        if text is None:
             log.tag("rouge", f"not computed: data={cfg.data.name} has no text")
+        # The cuts as numbers beside their specs (data.source_max_length=p85 -> 255).
+        log.params({f"data.{key}_resolved": lengths[side] for side, key in data.SIDES.items()})
         trainable, total = models.count_params(model)
         log({"trainable_params": trainable, "total_params": total,
              "trainable_pct": 100 * trainable / total,
              "load_time_s": time.perf_counter() - load_start})
+        if device.type == "cuda":
+            # Loading frees what it needed only on the way (half-precision casts, quantization's
+            # copies), which the allocator would keep cached: give it back, so that the memory
+            # of training is training's own.
+            torch.cuda.empty_cache()
 
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
     with log.phase("train"):

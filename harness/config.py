@@ -14,12 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 from harness import data
 from harness.errors import ConfigError
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the Hydra config groups
 ADAPTER_METHODS = ("lora", "lora_lomo")  # methods with LoRA adapters (method.r, ...)
 FUSED_METHODS = ("lomo", "lora_lomo")    # base weights updated inside backward (harness/lomo.py)
 ADAPTER_KEYS = ("r", "alpha", "dropout", "target_modules")
 MODEL_SOURCES = ("hub", "random")
 TOKENIZERS = ("auto", "byte", "hub")
 OPTIMIZERS = ("adamw", "sgd")
+ATTENTION = ("sdpa", "eager")
 START_METHODS = ("auto", "forkserver", "spawn")
 # The groups that define what a cell computes; tracking, runner and sampler say where and how.
 CELL_GROUPS = ("model", "method", "precision", "data", "train", "eval")
@@ -52,6 +54,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.tokenizer not in TOKENIZERS:
         raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r}; expected one of "
                           f"{', '.join(TOKENIZERS)}")
+    if cfg.model.attn_implementation not in ATTENTION:
+        raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation!r}; expected "
+                          "sdpa (PyTorch's fused attention) or eager (matmul and softmax)")
+    if not isinstance(cfg.train.gradient_checkpointing, bool):
+        raise ConfigError(f"train.gradient_checkpointing={cfg.train.gradient_checkpointing!r}; "
+                          "expected true or false")
     if cfg.method.optimizer not in OPTIMIZERS:
         raise ConfigError(f"method.optimizer={cfg.method.optimizer!r}; expected one of "
                           f"{', '.join(OPTIMIZERS)}")

@@ -1,23 +1,46 @@
-"""Datasets: the splits a data config names, tokenised once per tokenizer and cached on disk.
+"""Datasets: the splits a data config names, cut and padded as it says, tokenised once per
+tokenizer and cached on disk.
 
 Every text source (samsum, fixture, local) yields a DatasetDict with splits train / validation /
 test and columns id, dialogue, summary. `synthetic` yields token ids shaped like SAMSum directly.
+
+Sources and targets are cut at data.source_max_length / target_max_length: a number of tokens, or
+a percentile of the tokenized lengths (`p85`), measured as the public flan-t5 SAMSum recipes
+measure it: the dialogues alone (no prefix) and the summaries, of train and test together, each
+truncated at the tokenizer's model_max_length (512 for flan-t5). The lengths are measured once per
+dataset and tokenizer and cached. data.padding says how batches are padded: `longest` (each batch
+to its longest example) or `max_length` (every example to the cut, labels padded with -100, as
+the recipes do).
 """
 
 import hashlib
 import json
+import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset
 
-from harness import fixture
+from harness import fixture, models
 from harness.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
 COLUMNS = ("id", "dialogue", "summary")
 LOCAL_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
+SIDES = {"source": "source_max_length", "target": "target_max_length"}  # side: its config key
+PADDINGS = ("longest", "max_length")
+PERCENTILE = re.compile(r"p(\d+(?:\.\d+)?)")
+IGNORED_LABEL = -100  # what the loss skips: label padding
+# T5's special ids: padding and end of sequence (synthetic data draws from the ids above them).
+PAD_ID, EOS_ID = 0, 1
+
+
+class Loaded(NamedTuple):
+    text: DatasetDict | None   # id, dialogue, summary; None for synthetic data
+    splits: DatasetDict        # input_ids, attention_mask, labels
+    lengths: dict              # the cut of each side in tokens: {"source": 255, "target": 50}
 
 
 def has_text(data_cfg) -> bool:
@@ -26,9 +49,109 @@ def has_text(data_cfg) -> bool:
 
 
 def check(data_cfg) -> None:
-    """Cheap checks of user-supplied data, run before any model is loaded."""
+    """Cheap checks of the lengths, the padding and user-supplied data, run before any model is
+    loaded."""
+    for key in SIDES.values():
+        percentile(data_cfg[key], f"data.{key}")
+    if data_cfg.padding not in PADDINGS:
+        raise ConfigError(f"data.padding={data_cfg.padding!r}; expected longest (each batch "
+                          "padded to its longest example) or max_length (every example padded to "
+                          "data.source_max_length / target_max_length, as the recipes do)")
     if data_cfg.name == "local":
         _read_local(data_cfg)
+
+
+def percentile(spec, key: str = "the length") -> float | None:
+    """85.0 for `p85`, None for a number of tokens; a ConfigError for anything else."""
+    if isinstance(spec, int) and not isinstance(spec, bool) and spec > 0:
+        return None
+    found = PERCENTILE.fullmatch(spec) if isinstance(spec, str) else None
+    if found and 0 < float(found.group(1)) <= 100:
+        return float(found.group(1))
+    raise ConfigError(f"{key}={spec!r}; expected a positive number of tokens (e.g. 512) or a "
+                      "percentile of the tokenized lengths from p1 to p100 (e.g. p85; p100 is "
+                      "the longest example)")
+
+
+def cut(spec, lengths) -> int:
+    """The length a side is cut at: the spec itself, or its percentile of `lengths` rounded down
+    (as the recipes take int(np.percentile(...)))."""
+    share = percentile(spec)
+    return spec if share is None else int(np.percentile(lengths, share))
+
+
+def load(data_cfg, model_cfg, tokenizer, cache_dir: str) -> Loaded:
+    """The data a cell trains and evaluates on: text (if any), tokenised splits, resolved cuts."""
+    if not has_text(data_cfg):
+        lengths = resolve_lengths(data_cfg, lambda: synthetic_lengths(data_cfg))
+        return Loaded(None, synthetic(data_cfg, len(tokenizer), lengths), lengths)
+    text = load_text(data_cfg)
+    lengths = resolve_lengths(data_cfg, lambda: token_lengths(text, tokenizer),
+                              lengths_cache(data_cfg, model_cfg, cache_dir))
+    return Loaded(text, tokenize(text, tokenizer, data_cfg, lengths, cache_dir), lengths)
+
+
+def planned_lengths(data_cfg, model_cfg, cache_dir: str) -> tuple[dict | None, str]:
+    """The cuts a cell will use, known before it runs: (lengths, where they come from), or
+    (None, why not). Numbers need nothing. Percentiles come from the lengths measured here before
+    (cached), else from measuring now where that downloads nothing (synthetic draws; fixture or
+    local files under the byte tokenizer), else from the figures the data config publishes
+    (data.published_lengths)."""
+    specs = {side: data_cfg[key] for side, key in SIDES.items()}
+    if all(percentile(spec) is None for spec in specs.values()):
+        return specs, "config"
+    if not has_text(data_cfg):
+        return resolve_lengths(data_cfg, lambda: synthetic_lengths(data_cfg)), "synthetic draws"
+    cache = lengths_cache(data_cfg, model_cfg, cache_dir)
+    offline = data_cfg.name in ("fixture", "local") and (
+        models.tokenizer_identity(model_cfg) == "byte" or Path(model_cfg.source).is_dir())
+    if cache.exists() or offline:
+        return resolve_lengths(data_cfg, lambda: token_lengths(
+            load_text(data_cfg), models.load_tokenizer(model_cfg)), cache), "measured"
+    published = data_cfg.get("published_lengths") or {}
+    resolved = {}
+    for side, spec in specs.items():
+        resolved[side] = spec if percentile(spec) is None else published.get(side, {}).get(spec)
+        if resolved[side] is None:
+            return None, (f"data.{SIDES[side]}={spec} of {data_cfg.name} is not measured on "
+                          "this machine yet; a first cell measures it")
+    return resolved, "published"
+
+
+def resolve_lengths(data_cfg, measure, cache: Path | None = None) -> dict:
+    """{"source": tokens, "target": tokens}. Percentiles need the measured lengths: `measure()`
+    gives them ({side: array}), read from / written to `cache` when one is given."""
+    specs = {side: data_cfg[key] for side, key in SIDES.items()}
+    if all(percentile(spec) is None for spec in specs.values()):
+        return specs
+    if cache is not None and cache.exists():
+        with np.load(cache) as stored:
+            measured = {side: stored[side] for side in SIDES}
+    else:
+        measured = measure()
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, **measured)
+    return {side: cut(spec, measured[side]) for side, spec in specs.items()}
+
+
+def token_lengths(text: DatasetDict, tokenizer) -> dict:
+    """Tokenized lengths of the dialogues and summaries of train and test together, each
+    truncated at the tokenizer's model_max_length: what the recipes take percentiles of."""
+    both = concatenate_datasets([text["train"], text["test"]])
+    return {side: np.array([len(ids) for ids in
+                            tokenizer(list(both[column]), truncation=True)["input_ids"]])
+            for side, column in (("source", "dialogue"), ("target", "summary"))}
+
+
+def lengths_cache(data_cfg, model_cfg, cache_dir: str) -> Path:
+    """Where the measured lengths of this dataset under this model's tokenizer are kept; named
+    from the config alone, so that a plan finds them without loading anything."""
+    data_identity = {key: str(value) for key, value in data_cfg.items()
+                     if key not in (*SIDES.values(), "padding")}
+    identity = {"data": data_identity, "tokenizer": models.tokenizer_identity(model_cfg)}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / "lengths" / f"{key}.npz"
 
 
 def load_text(data_cfg) -> DatasetDict:
@@ -110,8 +233,10 @@ def _read_table(path: Path) -> pd.DataFrame:
     return table[list(COLUMNS)].astype(str)
 
 
-def tokenize(text: DatasetDict, tokenizer, data_cfg, cache_dir: str) -> DatasetDict:
-    """input_ids / attention_mask / labels for every split, cached per dataset and tokenizer.
+def tokenize(text: DatasetDict, tokenizer, data_cfg, lengths: dict,
+             cache_dir: str) -> DatasetDict:
+    """input_ids / attention_mask / labels for every split, cut at `lengths` and padded as
+    data.padding says, cached per dataset and tokenizer.
 
     A sweep runs each cell in a fresh process; the cache file lets every cell after the first
     load the tokenised splits instead of tokenising again.
@@ -119,13 +244,16 @@ def tokenize(text: DatasetDict, tokenizer, data_cfg, cache_dir: str) -> DatasetD
     key = _cache_key(data_cfg, tokenizer)
     folder = Path(cache_dir) / "tokenized"
     folder.mkdir(parents=True, exist_ok=True)
+    padding = "max_length" if data_cfg.padding == "max_length" else False
 
     def encode(batch):
         encoded = tokenizer([data_cfg.prefix + dialogue for dialogue in batch["dialogue"]],
-                            max_length=data_cfg.source_max_length, truncation=True)
-        encoded["labels"] = tokenizer(text_target=batch["summary"],
-                                      max_length=data_cfg.target_max_length,
-                                      truncation=True)["input_ids"]
+                            max_length=lengths["source"], truncation=True, padding=padding)
+        labels = tokenizer(text_target=batch["summary"], max_length=lengths["target"],
+                           truncation=True, padding=padding)["input_ids"]
+        # Padded labels would be learnt as tokens: the loss skips IGNORED_LABEL instead.
+        encoded["labels"] = [[IGNORED_LABEL if token == tokenizer.pad_token_id else token
+                              for token in label] for label in labels] if padding else labels
         return encoded
 
     return DatasetDict({
@@ -147,25 +275,46 @@ def _cache_key(data_cfg, tokenizer) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def synthetic(data_cfg, vocab_size: int) -> DatasetDict:
-    """Random token ids with SAMSum-like source and target lengths (log-normal, clipped)."""
-    def split_of(size: int, seed: int) -> Dataset:
-        rng = np.random.default_rng(seed)
+def _synthetic_draws(data_cfg, split: str):
+    """The split's random generator, and its source and target lengths drawn from it first:
+    log-normal around the medians, clipped to [2, data.longest_source / longest_target]."""
+    size = data_cfg[f"{split}_size"]
+    rng = np.random.default_rng(data_cfg.seed * 1000 + SPLITS.index(split))
 
-        def lengths(median, maximum):
-            drawn = median * np.exp(data_cfg.length_sigma * rng.standard_normal(size))
-            return np.clip(np.rint(drawn), 2, maximum).astype(int)
+    def lengths(median, longest):
+        drawn = median * np.exp(data_cfg.length_sigma * rng.standard_normal(size))
+        return np.clip(np.rint(drawn), 2, longest).astype(int)
 
-        sources = lengths(data_cfg.source_length_median, data_cfg.source_max_length)
-        targets = lengths(data_cfg.target_length_median, data_cfg.target_max_length)
+    return (rng, lengths(data_cfg.source_length_median, data_cfg.longest_source),
+            lengths(data_cfg.target_length_median, data_cfg.longest_target))
+
+
+def synthetic_lengths(data_cfg) -> dict:
+    """The uncut lengths of synthetic train and test together, as token_lengths measures text."""
+    draws = [_synthetic_draws(data_cfg, split) for split in ("train", "test")]
+    return {side: np.concatenate([draw[index] for draw in draws])
+            for index, side in enumerate(SIDES, start=1)}
+
+
+def synthetic(data_cfg, vocab_size: int, lengths: dict | None = None) -> DatasetDict:
+    """Random token ids with SAMSum-like source and target lengths (log-normal, clipped), cut at
+    `lengths` (default: data.source_max_length / target_max_length resolved on these draws) and
+    padded as data.padding says."""
+    lengths = lengths or resolve_lengths(data_cfg, lambda: synthetic_lengths(data_cfg))
+    pad = data_cfg.padding == "max_length"
+
+    def sequence(rng, length: int, cut_at: int, pad_with: int) -> list:
         # Ids 0 and 1 are T5's pad and eos: draw from the rest, end every sequence with eos.
-        def ids(length):
-            return rng.integers(2, vocab_size, length - 1).tolist() + [1]
-        input_ids = [ids(n) for n in sources]
-        return Dataset.from_dict({"input_ids": input_ids,
-                                  "attention_mask": [[1] * len(x) for x in input_ids],
-                                  "labels": [ids(n) for n in targets]})
+        length = min(length, cut_at)
+        ids = rng.integers(EOS_ID + 1, vocab_size, length - 1).tolist() + [EOS_ID]
+        return ids + [pad_with] * (cut_at - length) if pad else ids
 
-    sizes = (data_cfg.train_size, data_cfg.validation_size, data_cfg.test_size)
-    return DatasetDict({split: split_of(size, data_cfg.seed * 1000 + offset)
-                        for offset, (split, size) in enumerate(zip(SPLITS, sizes))})
+    def split_of(split: str) -> Dataset:
+        rng, sources, targets = _synthetic_draws(data_cfg, split)
+        input_ids = [sequence(rng, n, lengths["source"], PAD_ID) for n in sources]
+        return Dataset.from_dict({
+            "input_ids": input_ids,
+            "attention_mask": [[int(token != PAD_ID) for token in ids] for ids in input_ids],
+            "labels": [sequence(rng, n, lengths["target"], IGNORED_LABEL) for n in targets]})
+
+    return DatasetDict({split: split_of(split) for split in SPLITS})

@@ -1,98 +1,261 @@
-"""A cell's peak GPU memory, estimated before it runs from its architecture, method and precision.
+"""A cell's peak GPU memory, estimated before it runs, on any machine, without a GPU.
 
-Nothing is allocated: the model is built on PyTorch's meta device, the method is applied to it as
-the cell would, and one forward pass of the longest batch the data allows (train.batch_size x
-data.source_max_length, target length data.target_max_length) runs under autograd's
-saved-tensor hooks, which see every activation kept for backward. Then
+    python -m harness.estimate model=flan-t5-xl method=lora precision=int8 train.batch_size=8
 
-  peak = weights + optimizer state + max(activations, gradients) + CUDA context
+prints one cell's breakdown; its last line is a JSON object of the parts in MiB.
 
-because activations are freed during backward while the gradients are being written. Weights
-are counted in the dtype the cell stores them in (int8: LLM.int8 linear layers with their row
-scales, T5's wo and the rest in float32). Half-precision autocast is approximated by running the
-forward pass in that dtype. The CUDA context is a typical figure for PyTorch on a recent GPU;
-temporaries inside a kernel and the allocator's fragmentation are not counted.
+What it does: it builds the cell's model on PyTorch's meta device (shapes and dtypes, no data) as
+the cell does (weights stored in the cell's precision: float32, half for the frozen weights of
+bf16 / fp16 LoRA, bitsandbytes LLM.int8 layers for int8), applies the method with peft,
+switches on activation checkpointing where train.gradient_checkpointing says so, and runs two
+training steps of the cell's own code (harness/train.py's forward and Updates: loss, backward,
+clipping, the optimizer or LOMO's fused updates) on a batch of train.batch_size examples padded
+to the resolved source and target lengths. harness/simulate.py makes that step behave as on
+CUDA (autocast's casts, the memory-efficient attention kernel) and records every tensor it
+allocates and frees. Then:
+
+  weights      the weights and quantization scales, as stored;
+  gradients    the gradients alive at the step's peak (all trainable weights' for an optimizer,
+               one weight's at a time for LOMO's fused updates);
+  optimizer    the optimizer state alive at the peak (AdamW: two moments and a step per tensor);
+  activations  everything else alive at the peak: what autograd keeps for backward (with
+               checkpointing: the inputs of every block, plus the block being recomputed), the
+               logits, the loss and their gradients, autocast's half copies, and the
+               temporaries of the op that set the peak;
+  allocator    what PyTorch's caching allocator reserves beyond the tensors alive at its peak,
+               from a replay of the same allocations and frees through its documented rules
+               (harness/allocator.py): blocks rounded up, segments of 2 / 20 MiB, freed blocks
+               cached rather than returned; with the cuBLAS workspaces it hands out;
+  cuda_context what a process that has initialised CUDA, cuBLAS and PyTorch's kernels holds
+               outside the allocator: a typical figure (CUDA_CONTEXT_MIB), not a measurement.
+
+  total = weights + the simulated peak (gradients + optimizer + activations) + allocator
+          + cuda_context
+
+which is what NVML (nvidia-smi) shows for the cell's process during training.
+
+Left out: the memory inside a kernel that is not a tensor (cuBLAS and attention workspaces
+beyond what the allocator hands out), LLM.int8's outlier columns (data-dependent; counted as
+none), evaluation and generation (smaller than training for these cells), the loading phase
+(the cell returns what loading cached to the device before it trains), the fp16 loss scale (two
+numbers), and other processes on the GPU. The study's own figures may include some of these.
 """
 
+import contextlib
+import hashlib
 import json
+import sys
 from functools import lru_cache
+from importlib.metadata import version
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harness import methods, models
+from harness import allocator, config, data, lomo, methods, models, simulate, train
+from harness.errors import ConfigError
 from harness.sampler import MIB
 
-CUDA_CONTEXT_MIB = 500  # what nvidia-smi shows for a process that has initialised CUDA in torch
-PARTS = ("weights", "gradients", "optimizer", "activations", "cuda_context")
+# A CUDA context with PyTorch's kernels loaded lazily (CUDA >= 11.7), cuBLAS initialised: about
+# what nvidia-smi shows for a process that has run a matmul. `make gpu-check` measures it on a
+# GPU as NVML's peak less the allocator's reserved peak.
+CUDA_CONTEXT_MIB = 500
+# cuBLAS's workspace per thread, from the caching allocator, kept for the process's life: PyTorch's
+# documented default CUBLAS_WORKSPACE_CONFIG=:4096:2:16:8 (Hopper GPUs get more).
+CUBLAS_WORKSPACE_BYTES = 2 * 4096 * 1024 + 8 * 16 * 1024
+PARTS = ("weights", "gradients", "optimizer", "activations", "allocator", "cuda_context")
+META = torch.device("meta")
+STEPS = 2  # the second step runs with the optimizer state the first one created
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
 
 
-def gpu_peak_mib(cell: dict) -> dict:
-    """{weights, gradients, optimizer, activations, cuda_context, total} in MiB for the cell
-    (config.cell_config of a resolved cell)."""
-    # Only what the estimate reads, as a string: the cache key (a grid repeats architectures).
-    spec = {"model": cell["model"], "method": cell["method"],
-            "precision": cell["precision"]["name"], "batch_size": cell["train"]["batch_size"],
-            "lengths": [cell["data"]["source_max_length"], cell["data"]["target_max_length"]]}
-    return dict(_estimate(json.dumps(spec, sort_keys=True)))
+def gpu_peak_mib(cell: dict, lengths: dict, cache_dir: str | None = None) -> dict:
+    """{weights, gradients, optimizer, activations, allocator, cuda_context, total} in MiB for a
+    cell (config.cell_config of a resolved cell) whose sources and targets are cut at `lengths`
+    ({"source": tokens, "target": tokens}). A simulation takes seconds (about 10 for flan-t5-xl
+    on one core); with `cache_dir` its result is kept there for the next plan or run of the same
+    cell, under a key that changes with the harness's code and the library versions."""
+    train_cfg = cell["train"]
+    # Only what the estimate reads: the key of both caches (a grid repeats architectures).
+    spec = json.dumps({"model": cell["model"], "method": cell["method"],
+                       "precision": cell["precision"], "lengths": lengths,
+                       "train": {key: train_cfg[key] for key in (
+                           "batch_size", "grad_accum_steps", "max_grad_norm", "weight_decay",
+                           "gradient_checkpointing")}}, sort_keys=True)
+    if cache_dir is None:
+        return dict(_estimate(spec))
+    path = Path(cache_dir) / "estimates" / f"{_cache_key(spec)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    parts = dict(_estimate(spec))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(parts))
+    return parts
+
+
+def _cache_key(spec: str) -> str:
+    """The spec, the source of the code the estimate runs, and the versions of the libraries
+    whose kernels and layers it simulates."""
+    code = [Path(module.__file__).read_bytes() for module in (
+        allocator, methods, models, simulate, train, lomo, sys.modules[__name__])]
+    versions = [version(package) for package in LIBRARIES]
+    digest = hashlib.sha256(spec.encode())
+    for part in [*code, *(text.encode() for text in versions)]:
+        digest.update(part)
+    return digest.hexdigest()[:20]
 
 
 @lru_cache(maxsize=64)
 def _estimate(spec_json: str) -> tuple:
     spec = json.loads(spec_json)
-    method, precision = OmegaConf.create(spec["method"]), spec["precision"]
-    with torch.device("meta"):
-        model = models.random_model(OmegaConf.create(spec["model"]))
-    if precision in models.HALF_DTYPES and methods.base_frozen(method.name):
-        model = model.to(models.HALF_DTYPES[precision])
-    model = methods.apply(model, method, "fp32")  # int8 storage is counted by _stored_bytes
+    cfg = OmegaConf.create({**spec, "train": {**spec["train"], "lr": 1e-3, "warmup_steps": 0}})
+    on_cuda = simulate.AsOnCuda(models.HALF_DTYPES.get(cfg.precision.name))
+    model = _meta_model(cfg, on_cuda)
+    steps = simulated_steps(model, cfg, spec["lengths"], META, on_cuda)
 
-    fused = {id(weight) for weight in methods.fused_parameters(model, method.name)}
-    stepped = [p for p in model.parameters() if p.requires_grad and id(p) not in fused]
-    weights = sum(_stored_bytes(name, p, precision) for name, p in model.named_parameters())
-    gradients = sum(p.numel() * 4 for p in stepped)
-    if fused:  # one fused gradient lives at a time: the largest
-        gradients += max(p.numel() for p in model.parameters() if id(p) in fused) * 4
-    # AdamW: two float32 moments per weight and a step count per tensor; plain SGD: nothing.
-    optimizer = sum(p.numel() * 8 + 4 for p in stepped) if method.optimizer == "adamw" else 0
-    if precision in models.HALF_DTYPES:  # autocast computes in half, adapters included
-        model = model.to(models.HALF_DTYPES[precision])
-    activations = _saved_for_backward(model, spec["batch_size"], *spec["lengths"])
-    parts = {"weights": weights / MIB, "gradients": gradients / MIB,
-             "optimizer": optimizer / MIB, "activations": activations / MIB,
-             "cuda_context": CUDA_CONTEXT_MIB}
-    parts["total"] = (parts["weights"] + parts["optimizer"] + CUDA_CONTEXT_MIB
-                      + max(parts["activations"], parts["gradients"]))
+    peak, at = simulate.peak(steps.events)
+    alive = simulate.alive_at(steps.events, at)
+    parts = {"weights": sum(steps.weights), "gradients": steps.bytes_of(alive & steps.gradients),
+             "optimizer": steps.bytes_of(alive & steps.states)}
+    parts["activations"] = peak - parts["gradients"] - parts["optimizer"]
+    # The weights were allocated first, one tensor each, when the model was loaded; cuBLAS takes
+    # a workspace from the allocator for each thread that runs matmuls (the loop's, autograd's).
+    loading = [(("weight", index), size) for index, size in enumerate(steps.weights)]
+    workspaces = [(("cublas", thread), CUBLAS_WORKSPACE_BYTES) for thread in ("loop", "backward")]
+    parts["allocator"] = (allocator.replay(loading + workspaces + steps.events)
+                          - parts["weights"] - peak)
+    parts = {name: value / MIB for name, value in parts.items()}
+    parts["cuda_context"] = CUDA_CONTEXT_MIB
+    parts["total"] = sum(parts.values())
     return tuple(parts.items())
 
 
-def _stored_bytes(name: str, parameter, precision: str) -> int:
-    """Bytes of one weight as the cell stores it: LLM.int8 quantizes the linear layers of the
-    blocks except T5's wo (one byte per weight plus a float32 scale per row)."""
-    if precision == "int8" and not parameter.requires_grad and ".block." in name \
-            and name.endswith(".weight") and parameter.dim() == 2 \
-            and not name.endswith("wo.weight") and "lora_" not in name:
-        return parameter.numel() + parameter.shape[0] * 4
-    if parameter.requires_grad:
-        return parameter.numel() * 4
-    return parameter.numel() * parameter.element_size()
+class Steps(NamedTuple):
+    """What simulated_steps saw: the weights' sizes, every later allocation and free in order
+    (simulate.Trace's events), and which of them were gradients and optimizer state."""
+    weights: list
+    events: list
+    sizes: dict
+    gradients: set
+    states: set
+
+    def bytes_of(self, serials) -> int:
+        return sum(self.sizes[serial] for serial in serials)
 
 
-def _saved_for_backward(model, batch_size: int, source_length: int, target_length: int) -> int:
-    """Bytes of the tensors autograd keeps for backward in one training forward pass of a full
-    batch (each storage once, weights left out)."""
-    weights = {p.untyped_storage()._cdata for p in model.parameters()}
-    saved = {}
+def simulated_steps(model, cfg, lengths: dict, device: torch.device,
+                    on_cuda: simulate.AsOnCuda | None = None) -> Steps:
+    """STEPS training steps of the cell's own code on a batch padded to `lengths`, every tensor
+    traced. On the meta device for the estimate; on the CPU, the same steps for real (the tests
+    check that both see the same allocations)."""
+    weights = _weight_storages(model)
+    trace = simulate.Trace(existing=weights.values())
+    gradients, states = set(), set()
+    with trace, on_cuda or contextlib.nullcontext():
+        batch = _batch(cfg.train.batch_size, lengths, device)
+        # LOMO frees each fused gradient inside backward: note them as they appear (registered
+        # first, so that these hooks run before the updates' own).
+        hooks = [weight.register_post_accumulate_grad_hook(
+            lambda weight: gradients.add(trace.serial_of(weight.grad)))
+            for weight in methods.fused_parameters(model, cfg.method.name)]
+        updates = train.Updates(model, cfg, STEPS, device, foreach=True, loss_scaling=False)
+        model.train()
+        for _ in range(STEPS):
+            updates.backward(train.forward(model, batch, "fp32", device), update=True)
+            gradients.update(trace.serial_of(p.grad) for p in model.parameters()
+                             if p.grad is not None)
+            if updates.optimizer is not None:
+                states.update(trace.serial_of(value)
+                              for state in updates.optimizer.state.values()
+                              for value in state.values() if isinstance(value, torch.Tensor))
+            updates.next_step()
+        updates.close()
+        for hook in hooks:
+            hook.remove()
+    return Steps([storage.nbytes() for storage in weights.values()], trace.events, trace.sizes,
+                 gradients - {None}, states - {None})
 
-    def keep(tensor):
-        storage = tensor.untyped_storage()
-        if storage._cdata not in weights:
-            saved[storage._cdata] = storage.nbytes()
-        return tensor
 
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        # No attention mask: a full batch is all tokens, and masks cannot be read on meta.
-        model(input_ids=torch.zeros(batch_size, source_length, dtype=torch.long, device="meta"),
-              labels=torch.zeros(batch_size, target_length, dtype=torch.long, device="meta"))
-    return sum(saved.values())
+def _meta_model(cfg, on_cuda: simulate.AsOnCuda):
+    """The cell's model on the meta device, stored and prepared as harness/cell.py does. A
+    checkpointed block is recomputed inside backward, where the forward's function modes are not
+    active: it gets `on_cuda` of its own, as on CUDA checkpointing re-enters autocast."""
+    precision = cfg.precision.name
+    with torch.device(META):
+        model = models.random_model(cfg.model, models.stored_dtype(
+            precision, methods.base_frozen(cfg.method.name)))
+    if precision == "int8":
+        _quantize_int8(model)
+    return methods.prepare(model, cfg, context_fn=lambda: (contextlib.nullcontext(), on_cuda))
+
+
+def _quantize_int8(model) -> None:
+    """LLM.int8 layers where from_pretrained puts them (transformers' own bitsandbytes
+    quantizer chooses), each with an int8 weight and a float32 scale per row."""
+    import bitsandbytes as bnb  # imported here: only int8 cells need it
+    from transformers import BitsAndBytesConfig
+    from transformers.quantizers import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(BitsAndBytesConfig(load_in_8bit=True))
+    quantizer.preprocess_model(model, device_map={"": META})
+    for layer in model.modules():
+        if isinstance(layer, bnb.nn.Linear8bitLt):
+            layer.weight.CB = layer.weight.data
+            layer.weight.SCB = torch.empty(layer.out_features, device=META)
+            # Outlier columns depend on the data, which meta tensors do not have: none here.
+            layer.state.threshold = 0.0
+
+
+def _weight_storages(model) -> dict:
+    """Every storage the model holds before training, once each: weights, buffers and the
+    int8 layers' row scales."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [weight.SCB for weight in model.parameters()
+                if isinstance(getattr(weight, "SCB", None), torch.Tensor)]
+    return {tensor.untyped_storage()._cdata: tensor.untyped_storage() for tensor in tensors}
+
+
+def _batch(batch_size: int, lengths: dict, device: torch.device) -> dict:
+    """A training batch padded to the cut lengths, as the collator gives it: its last token of
+    each side is padding (a mask of 0, a label of -100)."""
+    def tokens(length, padding):
+        ids = torch.full((batch_size, length), data.EOS_ID + 1, dtype=torch.long, device=device)
+        ids[:, -1] = padding
+        return ids
+    attention_mask = tokens(lengths["source"], 0)
+    attention_mask[:, :-1] = 1
+    return {"input_ids": tokens(lengths["source"], data.PAD_ID), "attention_mask": attention_mask,
+            "labels": tokens(lengths["target"], data.IGNORED_LABEL)}
+
+
+def main(argv: list[str]) -> int:
+    """`python -m harness.estimate <overrides>`: one cell's estimate, its parts as JSON last."""
+    with initialize_config_dir(config_dir=str(config.CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=argv)
+    try:
+        config.validate(cfg)
+        invalid = config.invalid_cell_reason(cfg)
+        if invalid:
+            raise ConfigError(invalid)
+        lengths, lengths_from = data.planned_lengths(cfg.data, cfg.model, cfg.cache_dir)
+        if lengths is None:
+            raise ConfigError(f"no estimate: {lengths_from}")
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    cell = config.cell_config(cfg)
+    parts = {name: round(value, 1) for name, value in
+             gpu_peak_mib(cell, lengths, cfg.cache_dir).items()}
+    print(f"{config.run_name(cell)}, batch {cfg.train.batch_size}, lengths "
+          f"{lengths['source']} / {lengths['target']} ({lengths_from}), gradient checkpointing "
+          f"{'on' if cfg.train.gradient_checkpointing else 'off'}:")
+    for name in (*PARTS, "total"):
+        print(f"  {name:>13}  {parts[name]:>10,.1f} MiB")
+    print(json.dumps(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

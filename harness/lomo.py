@@ -25,8 +25,10 @@ class FusedSGD:
         self.parameters = list(parameters)
         self.unfused = list(unfused)
         self.max_grad_norm = max_grad_norm
+        # One weight per optimizer: the single-tensor update, in place on every device (a
+        # "foreach" over one tensor saves nothing).
         self.optimizers = {parameter: torch.optim.SGD([parameter], lr=lr,
-                                                      weight_decay=weight_decay)
+                                                      weight_decay=weight_decay, foreach=False)
                            for parameter in self.parameters}
         self.schedules = [get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
                           for optimizer in self.optimizers.values()]

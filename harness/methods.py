@@ -7,10 +7,21 @@ lora_lomo: peft adapters by method.optimizer, and every base weight by SGD fused
 
 from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
+from harness import models
+
 
 def base_frozen(method: str) -> bool:
     """Whether the method leaves the base weights untouched (so they may be stored in half)."""
     return method == "lora"
+
+
+def prepare(model, cfg, **checkpoint_options):
+    """The loaded model as a cell trains it: activation checkpointing where
+    train.gradient_checkpointing says (before peft wraps the model, as peft's k-bit preparation
+    does), then the method."""
+    if cfg.train.gradient_checkpointing:
+        models.checkpoint_activations(model, **checkpoint_options)
+    return apply(model, cfg.method, cfg.precision.name)
 
 
 def apply(model, method_cfg, precision: str):

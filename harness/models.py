@@ -7,8 +7,8 @@ import tempfile
 import warnings
 
 import torch
-from transformers import (AutoTokenizer, BitsAndBytesConfig, ByT5Tokenizer, T5Config,
-                          T5ForConditionalGeneration)
+from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig,
+                          ByT5Tokenizer, T5Config, T5ForConditionalGeneration)
 
 # bitsandbytes warns on every int8 matmul that it casts float32 inputs to float16.
 warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
@@ -18,11 +18,24 @@ HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def load_tokenizer(model_cfg):
     """The model's own tokenizer, or the byte-level ByT5 tokenizer, which needs no files."""
+    if tokenizer_identity(model_cfg) == "byte":
+        return ByT5Tokenizer()
+    return AutoTokenizer.from_pretrained(_tokenizer_location(model_cfg),
+                                         revision=model_cfg.revision)
+
+
+def tokenizer_identity(model_cfg) -> str:
+    """Which tokenizer load_tokenizer gives for this config, without loading it: `byte`, or
+    where the model's own comes from."""
     choice = model_cfg.tokenizer
     if choice == "byte" or (choice == "auto" and model_cfg.source == "random"):
-        return ByT5Tokenizer()
-    location = model_cfg.source if model_cfg.source not in ("hub", "random") else model_cfg.hub_id
-    return AutoTokenizer.from_pretrained(location, revision=model_cfg.revision)
+        return "byte"
+    return f"{_tokenizer_location(model_cfg)}@{model_cfg.revision}"
+
+
+def _tokenizer_location(model_cfg) -> str:
+    # Random weights have no files of their own: their tokenizer=hub is model.hub_id's.
+    return model_cfg.hub_id if model_cfg.source in ("hub", "random") else model_cfg.source
 
 
 def load_model(model_cfg, precision: str, base_frozen: bool, device: torch.device):
@@ -30,17 +43,23 @@ def load_model(model_cfg, precision: str, base_frozen: bool, device: torch.devic
 
     fp32: float32. bf16 / fp16: frozen weights in the half dtype; weights that train stay float32
     (autocast does the half-precision compute), so full fine-tuning keeps float32 weights.
-    int8: LLM.int8 base weights through bitsandbytes (transformers keeps T5's wo in float32).
+    int8: LLM.int8 base weights through bitsandbytes. In fp16 and int8, transformers keeps T5's
+    wo in float32 (T5's _keep_in_fp32_modules); random weights are stored the same way.
     """
-    dtype = HALF_DTYPES[precision] if precision in HALF_DTYPES and base_frozen else torch.float32
+    dtype = stored_dtype(precision, base_frozen)
     if precision == "int8":
         return _load_int8(model_cfg, device)
     if model_cfg.source == "random":
-        with torch.device(device):
-            model = random_model(model_cfg)
-        return model.to(dtype)
+        with torch.device(device):  # built in place, in its dtype: no float32 copy on the GPU
+            return random_model(model_cfg, dtype)
     return T5ForConditionalGeneration.from_pretrained(
-        _location(model_cfg), revision=model_cfg.revision, dtype=dtype).to(device)
+        _location(model_cfg), revision=model_cfg.revision, dtype=dtype,
+        attn_implementation=model_cfg.attn_implementation).to(device)
+
+
+def stored_dtype(precision: str, base_frozen: bool) -> torch.dtype:
+    """The dtype the model's weights are stored in (int8's unquantized layers: float32)."""
+    return HALF_DTYPES[precision] if precision in HALF_DTYPES and base_frozen else torch.float32
 
 
 def _load_int8(model_cfg, device: torch.device):
@@ -48,22 +67,33 @@ def _load_int8(model_cfg, device: torch.device):
     if model_cfg.source != "random":
         return T5ForConditionalGeneration.from_pretrained(
             _location(model_cfg), revision=model_cfg.revision,
-            quantization_config=quantization, device_map={"": device})
+            quantization_config=quantization, device_map={"": device},
+            attn_implementation=model_cfg.attn_implementation)
     # bitsandbytes quantizes while loading saved weights, so random weights are saved first.
     model = random_model(model_cfg)
     with tempfile.TemporaryDirectory(prefix="harness-random-") as folder:
         model.save_pretrained(folder)
         del model
         return T5ForConditionalGeneration.from_pretrained(
-            folder, quantization_config=quantization, device_map={"": device})
+            folder, quantization_config=quantization, device_map={"": device},
+            attn_implementation=model_cfg.attn_implementation)
 
 
-def random_model(model_cfg) -> T5ForConditionalGeneration:
-    """The architecture with seeded random weights, parameter for parameter like the trained one."""
+def random_model(model_cfg, dtype: torch.dtype = torch.float32) -> T5ForConditionalGeneration:
+    """The architecture with seeded random weights, parameter for parameter like the trained one,
+    stored in `dtype` as from_pretrained would store it."""
     torch.manual_seed(model_cfg.seed)
     architecture = dict(model_cfg.architecture)
-    model = T5ForConditionalGeneration(T5Config(**architecture, decoder_start_token_id=0,
-                                                pad_token_id=0, eos_token_id=1))
+    config = T5Config(**architecture, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+                      attn_implementation=model_cfg.attn_implementation)
+    model = AutoModelForSeq2SeqLM.from_config(config, dtype=dtype)
+    # from_pretrained keeps these in float32 (T5: wo, for fp16); from_config does not.
+    keep = {*(model._keep_in_fp32_modules_strict or ())}
+    if dtype == torch.float16:
+        keep |= {*(model._keep_in_fp32_modules or ())}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in keep:
+            module.to(torch.float32)
     if architecture.get("tie_word_embeddings") is False:
         # transformers 5 always ties T5's lm_head to the input embedding when it builds a model
         # from a config; flan-t5 (T5 v1.1) checkpoints have their own lm_head, which
@@ -78,6 +108,17 @@ def random_model(model_cfg) -> T5ForConditionalGeneration:
 
 def _location(model_cfg) -> str:
     return model_cfg.hub_id if model_cfg.source == "hub" else model_cfg.source
+
+
+def checkpoint_activations(model, **checkpoint_options) -> None:
+    """Activation (gradient) checkpointing through transformers' own API: each block keeps only
+    its inputs in forward and recomputes its activations during backward. Non-reentrant (the
+    default of transformers 5), which lets gradients reach adapters behind frozen embeddings and
+    runs LOMO's per-weight hooks once per weight; transformers also makes the embeddings' output
+    require grad, as peft's k-bit preparation does. `checkpoint_options` go to
+    torch.utils.checkpoint.checkpoint."""
+    model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False, **checkpoint_options})
 
 
 def autocast(device: torch.device, precision: str):

@@ -19,23 +19,23 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-import yaml
 from mlflow import MlflowClient
 
-from harness import charts, config, slides
+from harness import charts, config, reference, slides
 from harness.errors import ConfigError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-REFERENCE = Path(__file__).with_name("reference.yaml")
 # Averaged over the ok runs of a cell; their spread is shown as ± std.
-METRICS = ("rouge1", "rouge2", "train_time_s", "gpu_peak_mib", "cpu_peak_mib", "trainable_pct",
+METRICS = ("rouge1", "rouge2", "train_time_s", "gpu_peak_mib", "estimate_gpu_mib", "cpu_peak_mib",
+           "trainable_pct",
            "tokens_per_s", "total_params", "mem_params_mib", "mem_grads_mib",
            "mem_optimizer_mib", "mem_activations_mib")
 # Params that make runs the same cell in the report: all but the seed and where a run was logged.
 NOT_THE_CELL = ("params.train.seed", "params.tracking.", "params.runner.", "params.sampler.")
 TABLE = {  # report column: (cell column, decimals)
     "ROUGE-1": ("rouge1", 2), "ROUGE-2": ("rouge2", 2), "train time (min)": ("train_time_min", 2),
-    "GPU memory (MiB)": ("gpu_peak_mib", 0), "CPU memory (MiB)": ("cpu_peak_mib", 0),
+    "GPU memory (MiB)": ("gpu_peak_mib", 0), "GPU estimate (MiB)": ("estimate_gpu_mib", 0),
+    "CPU memory (MiB)": ("cpu_peak_mib", 0),
 }
 
 
@@ -141,17 +141,11 @@ def table(rows: pd.DataFrame, source: str) -> pd.DataFrame:
     return shown
 
 
-def reference() -> tuple[str, pd.DataFrame]:
-    data = yaml.safe_load(REFERENCE.read_text())
-    return data["source"], pd.DataFrame(data["rows"])
-
-
 def beside_reference(rows: pd.DataFrame) -> pd.DataFrame:
     """The ok cells that match a reference row (model, method, precision), ours beside theirs."""
-    _, figures = reference()
-    figures = figures.rename(columns=lambda c: c if c in ("model", "method", "precision")
-                             else f"reference_{c}")
-    matched = rows[rows.status == "ok"].merge(figures, on=["model", "method", "precision"])
+    _, figures = reference.load()
+    figures = figures.rename(columns=lambda c: c if c in reference.KEYS else f"reference_{c}")
+    matched = rows[rows.status == "ok"].merge(figures, on=list(reference.KEYS))
     pairs = {"ROUGE-1": ("rouge1", "rouge1", 2), "ROUGE-2": ("rouge2", "rouge2", 2),
              "train time (min)": ("train_time_min", "train_time_min", 2),
              "GPU memory (MiB)": ("gpu_peak_mib", "gpu_memory_mb", 0),
@@ -166,6 +160,13 @@ def beside_reference(rows: pd.DataFrame) -> pd.DataFrame:
         unit = " (MB)" if "memory" in name else ""
         shown[f"{name.split(' (')[0]}, reference{unit}"] = matched[f"reference_{theirs}"].map(
             lambda value: f"{value:.{decimals}f}")
+    # The plan's estimate of this cell beside the study's figure (the study's MB read as MiB).
+    at = list(shown.columns).index("GPU memory, reference (MB)") + 1
+    shown.insert(at, "GPU estimate (MiB)", [_number(v, float("nan"), 0)
+                                            for v in matched.estimate_gpu_mib])
+    shown.insert(at + 1, "estimate / reference", [
+        _number(v / reference_mb, float("nan"), 2)
+        for v, reference_mb in zip(matched.estimate_gpu_mib, matched.reference_gpu_memory_mb)])
     return shown
 
 
@@ -232,12 +233,13 @@ def render(experiment: str, tracking_uri: str, out: Path) -> dict:
                        curves=histories(client, rows, ("epoch", "eval_loss", "eval_rouge1")),
                        memory_series=histories(client, rows, (charts.series_metric(source),)))
     said = findings(rows, source)
-    reference_source, _ = reference()
+    reference_source, _ = reference.load()
     matched = beside_reference(rows)
     note = ("ROUGE is F1 x 100 on the test split; train time is the training loop alone; GPU "
-            "memory is the NVML peak of the cell's processes (— without CUDA); CPU memory is the "
-            "peak RSS of the cell's process tree. Several ok runs of one cell (seeds, reruns) "
-            "show as mean ± std; `runs` counts them.")
+            "memory is the NVML peak of the cell's processes (— without CUDA); GPU estimate is "
+            "the plan's estimate of that peak for a CUDA run (`make plan`, docs/estimator.md); "
+            "CPU memory is the peak RSS of the cell's process tree. Several ok runs of one cell "
+            "(seeds, reruns) show as mean ± std; `runs` counts them.")
     if source == "host":
         note += (" This store has no GPU figures (the cells ran without CUDA): memory ratios "
                  "and charts use host memory.")

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from mlflow.entities import RunTag
+from mlflow.entities import Param, RunTag
 from omegaconf import DictConfig, OmegaConf
 
 from harness import cell as cell_module
-from harness import config, gpus, memory, tracking
+from harness import config, data, estimate, gpus, memory, tracking
 from harness.errors import ConfigError
 
 
@@ -66,6 +66,7 @@ def run(cfg: DictConfig) -> str:
             _run_in_process(cfg, cell, scratch, record, gpu)
             if (scratch / "sampler.csv").exists():
                 _record_memory(record, scratch, cfg.sampler, name)
+        _record_estimate(record, cfg, cell)
     except KeyboardInterrupt:  # Ctrl-C: this run is KILLED, every finished one stays as it is
         record.outcome = ("killed", f"interrupted in phase {record.phase}; a rerun runs this "
                                     "cell again")
@@ -101,6 +102,7 @@ class CellRecord:
         self.client, self.run_id = client, run_id
         self.log = tracking.MetricLogger(client, run_id)
         self.phases = []
+        self.params = {}  # those the cell logged (the resolved lengths)
         self.outcome = None
 
     def __call__(self, message: tuple) -> None:
@@ -112,6 +114,10 @@ class CellRecord:
             self.log(metrics, step, timestamp_ms)
         elif kind == "tag":
             self.client.set_tag(self.run_id, *body)
+        elif kind == "params":
+            self.params.update(body[0])
+            self.client.log_batch(self.run_id, params=[Param(key, str(value))
+                                                       for key, value in body[0].items()])
         elif kind == "artifact":
             path, folder = body
             write = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
@@ -252,6 +258,27 @@ def kernel_oom_kills() -> int | None:
 def _oom_killed(before: int | None) -> bool:
     after = kernel_oom_kills()
     return before is not None and after is not None and after > before
+
+
+def _record_estimate(record: CellRecord, cfg: DictConfig, cell: dict) -> None:
+    """The plan's estimate of the cell's peak GPU memory beside what it measured, at the lengths
+    the cell resolved: estimate_gpu_mib and its parts (estimate_weights_mib, ...)."""
+    lengths = {side: record.params.get(f"data.{key}_resolved")
+               for side, key in data.SIDES.items()}
+    if None in lengths.values():  # the cell ended before it loaded its data
+        lengths, _ = data.planned_lengths(cfg.data, cfg.model, cfg.cache_dir)
+    if lengths is None:
+        return
+    try:
+        parts = estimate.gpu_peak_mib(cell, lengths, cfg.cache_dir)
+    except Exception:
+        traceback.print_exc()
+        record.client.set_tag(record.run_id, "estimate", "not computed: "
+                              + traceback.format_exc().strip().splitlines()[-1])
+        return
+    record.log({("estimate_gpu_mib" if name == "total" else f"estimate_{name}_mib"): value
+                for name, value in parts.items()})
+    record.log.flush()
 
 
 def _record_memory(record: CellRecord, scratch: Path, sampler_cfg, title: str) -> None:

@@ -2,11 +2,12 @@
 table at the end. A Hydra callback (conf/config.yaml registers it), so it works with every
 launcher: the basic one, joblib (one worker per GPU) and submitit (SLURM, or its local executor).
 
-The plan expands the grid as Hydra's basic sweeper does, composes every cell, and says for each
-what will happen (run; skip, with the reason; done already, with the run) and its estimated peak
-GPU memory (harness/estimate.py) against the GPUs this machine has. The summary reads the cells'
-runs back from MLflow, so it is right whichever process or machine ran them. Both are printed and
-written beside Hydra's outputs in the sweep folder (plan.csv, summary.csv).
+The plan (harness/plan.py) expands the grid as Hydra's basic sweeper does, composes every cell,
+and says for each what will happen (run; skip, with the reason; done already, with the run) and
+its estimated peak GPU memory (harness/estimate.py) against the GPUs this machine has. The
+summary reads the cells' runs back from MLflow, so it is right whichever process or machine ran
+them. Both are printed and written beside Hydra's outputs in the sweep folder (plan.csv,
+summary.csv).
 """
 
 import sys
@@ -23,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from harness import config as cells_config
-from harness import estimate, gpus, runner, tracking
+from harness import gpus, plan, runner, tracking
 from harness.errors import ConfigError
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -39,45 +40,6 @@ def cells(sweep_config: DictConfig) -> list[DictConfig]:
     overrides = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
     jobs = BasicSweeper.split_arguments(overrides, max_batch_size=None)[0]
     return [loader.load_sweep_config(sweep_config, job) for job in jobs]
-
-
-def plan(jobs: list[DictConfig], found_gpus: list[dict]) -> pd.DataFrame:
-    """One row per job: cell, fingerprint, plan (run, skip, done), why, the GPU memory estimate
-    and whether it fits the smallest GPU found. Raises ConfigError for a job that cannot be
-    composed into a valid cell, before anything runs."""
-    client, experiment_id = tracking.connect(jobs[0].tracking)  # an unreachable server: here
-    smallest = min((gpu["total_mib"] for gpu in found_gpus), default=None)
-    rows = []
-    for number, job in enumerate(jobs, start=1):
-        try:
-            cells_config.validate(job)
-        except ConfigError as error:
-            raise ConfigError(f"cell {number} ({' '.join(job.hydra.overrides.task)}): {error}")
-        cell = cells_config.cell_config(job)
-        fingerprint = cells_config.fingerprint(cell)
-        invalid = cells_config.invalid_cell_reason(job)
-        previous = (None if invalid or job.force
-                    else tracking.finished_run(client, experiment_id, fingerprint))
-        if invalid:
-            action, why, needed = "skip", invalid, None
-        else:
-            needed = estimate.gpu_peak_mib(cell)["total"]
-            action, why = "run", ""
-            if previous is not None:
-                action = "done"
-                why = f"already {previous.data.tags['status']} in run {previous.info.run_id}"
-        rows.append({"#": number, "cell": cells_config.run_name(cell),
-                     "fingerprint": fingerprint, "plan": action, "why": why, "GPU estimate (MiB)": needed,
-                     "fits": _fits(needed, smallest)})
-    return pd.DataFrame(rows)
-
-
-def _fits(needed: float | None, gpu_mib: float | None) -> str:
-    if needed is None:
-        return ""
-    if gpu_mib is None:
-        return ""
-    return "yes" if needed <= gpu_mib else "NO"
 
 
 def summary(jobs: list[DictConfig]) -> pd.DataFrame:
@@ -106,20 +68,6 @@ def summary(jobs: list[DictConfig]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _table(frame: pd.DataFrame) -> str:
-    """For the terminal: numbers rounded, blanks for what is unknown, reasons to their first
-    clause (the csv files keep them whole)."""
-    shown = frame.copy()
-    for column in shown.columns:
-        if column == "why":
-            shown[column] = shown[column].map(lambda text: text.split(": ")[0])
-        elif pd.api.types.is_numeric_dtype(shown[column]) and column != "#":
-            shown[column] = shown[column].map(
-                lambda value: "" if pd.isna(value) else f"{value:.0f}" if abs(value) >= 10
-                else f"{value:.1f}")
-    return shown.fillna("").to_markdown(index=False, disable_numparse=True)
-
-
 class SweepProgress(Callback):
     """Prints the plan, a line per cell as it starts and ends, and the summary."""
 
@@ -135,21 +83,21 @@ class SweepProgress(Callback):
             runner.check_machine(config)
             jobs = cells(config)
             found = gpus.describe(gpus.candidates(config.runner.gpus))
-            table = plan(jobs, found)
+            table = plan.plan(jobs, found, config.get("plan_gpu"))
         except ConfigError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
         self.total = len(jobs)
         machine = (", ".join(f"GPU {gpu['gpu']}: {gpu['name']}, {gpu['total_mib']:.0f} MiB"
-                             for gpu in found) or "no GPU found (the estimate is for a CUDA run)")
+                             for gpu in found) or "no GPU found (the estimate is for a CUDA run"
+                   + (f"; fits: against {table.gpu.iloc[0]})" if table.gpu.iloc[0] else ")"))
         counts = table.drop_duplicates("fingerprint")["plan"].value_counts()
         print(f"[harness] plan of {config.tracking.experiment}: {len(jobs)} grid points, "
               f"{table.fingerprint.nunique()} cells: "
               + ", ".join(f"{counts.get(action, 0)} to {action}" for action in
                           ("run", "skip")) + f", {counts.get('done', 0)} done already")
         print(f"[harness] {machine}")
-        # One row per cell: grid points that differ only in knobs a method ignores are one cell.
-        print(_table(table.drop_duplicates("fingerprint")))
+        print(plan.as_text(plan.shown(table)))
         _save(table, config, "plan.csv")
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
@@ -171,7 +119,7 @@ class SweepProgress(Callback):
             return
         table = summary(cells(config))
         print(f"[harness] summary of {config.tracking.experiment}:")
-        print(_table(table))
+        print(plan.as_text(table))
         _save(table, config, "summary.csv")
         print(f"[harness] browse the runs: make ui; the report: make report "
               f"EXP={config.tracking.experiment}")

@@ -7,6 +7,7 @@ the memory the sampler saw, and closes the run with the outcome.
 
 import fcntl
 import time
+from pathlib import Path
 
 import requests
 from mlflow import MlflowClient
@@ -22,11 +23,15 @@ RUN_STATUS = {"ok": "FINISHED", "skipped": "FINISHED", "diverged": "FAILED", "oo
               "failed": "FAILED", "killed": "KILLED"}
 
 
-def connect(tracking_cfg) -> tuple[MlflowClient, str]:
-    """The client and the id of the experiment named by tracking.experiment (created if new).
-    A tracking server that does not answer is a ConfigError, before any cell runs."""
+def connect(tracking_cfg, create: bool = True) -> tuple[MlflowClient | None, str | None]:
+    """The client and the id of the experiment named by tracking.experiment (created if new;
+    without `create`, None, and no client for an sqlite store that does not exist). A tracking
+    server that does not answer is a ConfigError, before any cell runs."""
     if tracking_cfg.uri.startswith(("http://", "https://")):
         check_server(tracking_cfg.uri)
+    store = Path(tracking_cfg.uri.removeprefix("sqlite:///"))
+    if not create and tracking_cfg.uri.startswith("sqlite:///") and not store.exists():
+        return None, None  # no store yet: nothing in it, and nothing to create
     client = MlflowClient(tracking_cfg.uri)
     if tracking_cfg.uri.startswith("sqlite:///"):
         # Parallel workers opening a new store at once would each create its tables and collide:
@@ -37,6 +42,8 @@ def connect(tracking_cfg) -> tuple[MlflowClient, str]:
     experiment = client.get_experiment_by_name(tracking_cfg.experiment)
     if experiment is not None:
         return client, experiment.experiment_id
+    if not create:
+        return client, None
     return client, client.create_experiment(tracking_cfg.experiment,
                                             artifact_location=tracking_cfg.artifact_location,
                                             tags=EXPERIMENT_TAGS)

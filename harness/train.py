@@ -1,7 +1,7 @@
-"""The training loop, top to bottom: AdamW or SGD, or LOMO's updates fused into backward; linear
-schedule with warm-up, gradient accumulation, clipping, mixed precision, per-step loss and
-per-epoch eval loss (and ROUGE where asked), the time of every step, and the memory breakdown of
-the live tensors at the step that set the allocator's peak.
+"""The training loop, top to bottom: AdamW or SGD, or LOMO's updates fused into backward (the
+Updates of a cell); linear schedule with warm-up, gradient accumulation, clipping, mixed
+precision, per-step loss and per-epoch eval loss (and ROUGE where asked), the time of every step,
+and the memory breakdown of the live tensors at the step that set the allocator's peak.
 """
 
 import math
@@ -53,6 +53,96 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Updates:
+    """How a loss becomes updated weights, as cfg.method says: an optimizer (AdamW or SGD) steps
+    the weights it trains after backward, LOMO's FusedSGD updates its weights inside backward;
+    with the linear schedule, gradient clipping, gradient accumulation and fp16's loss scaling.
+    The training loop uses it, and so does the memory estimate (harness/estimate.py), which runs
+    it on the meta device with `foreach=True` (what torch.optim picks on CUDA) and no loss scale
+    (GradScaler reads its overflow flag back from the device, which meta tensors cannot do)."""
+
+    def __init__(self, model, cfg, total_steps: int, device: torch.device, foreach=None,
+                 loss_scaling: bool = True):
+        train_cfg = cfg.train
+        self.accumulation, self.max_grad_norm = train_cfg.grad_accum_steps, train_cfg.max_grad_norm
+        fused_weights = methods.fused_parameters(model, cfg.method.name)
+        fused_ids = {id(weight) for weight in fused_weights}
+        self.stepped = [p for p in model.parameters() if p.requires_grad and id(p) not in fused_ids]
+        self.optimizer = self.scheduler = self.fused = None
+        if self.stepped:
+            kind = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[cfg.method.optimizer]
+            self.optimizer = kind(self.stepped, lr=train_cfg.lr,
+                                  weight_decay=train_cfg.weight_decay, foreach=foreach)
+            self.scheduler = get_linear_schedule_with_warmup(self.optimizer,
+                                                             train_cfg.warmup_steps, total_steps)
+        if fused_weights:
+            self.fused = lomo.FusedSGD(fused_weights, lr=cfg.method.get("lr_base", train_cfg.lr),
+                                       weight_decay=train_cfg.weight_decay,
+                                       warmup_steps=train_cfg.warmup_steps,
+                                       total_steps=total_steps,
+                                       max_grad_norm=train_cfg.max_grad_norm,
+                                       unfused=self.stepped)
+        # Scaling only matters for fp16, whose small range underflows gradients. GradScaler
+        # unscales through an optimizer step, which fused updates do not have: they keep a scale
+        # of their own.
+        scaling = loss_scaling and cfg.precision.name == "fp16"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=scaling and self.fused is None)
+        self.fused_scale = lomo.LossScale(enabled=scaling)
+
+    def backward(self, loss: torch.Tensor, update: bool) -> bool:
+        """Backward of one micro-batch; with `update` (its last), the update too. False while
+        gradients accumulate."""
+        if self.fused is not None:  # the fused weights are updated during this backward
+            finite = self.fused.step(loss, self.fused_scale.scale)
+            self.fused_scale.update(finite)
+            if self.optimizer is not None and finite:
+                self.optimizer.step()
+            return True
+        self.scaler.scale(loss / self.accumulation).backward()
+        if not update:
+            return False
+        if self.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.stepped, self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return True
+
+    def next_step(self) -> None:
+        """After an update: the schedule moves on and the gradients are freed."""
+        if self.optimizer is not None:
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def rates(self) -> dict:
+        """lr (lora_lomo: the adapters', with the base weights' as lr_base)."""
+        if self.scheduler is None:
+            return {"lr": self.fused.last_lr()}
+        rates = {"lr": self.scheduler.get_last_lr()[0]}
+        if self.fused is not None:
+            rates["lr_base"] = self.fused.last_lr()
+        return rates
+
+    def breakdown(self, model) -> dict:
+        """mem_params_mib, mem_grads_mib, mem_optimizer_mib now; a fused step held one fused
+        gradient at a time, the largest, which counts."""
+        found = memory.breakdown(model, [self.optimizer] if self.optimizer else [])
+        if self.fused is not None:
+            found["mem_grads_mib"] += self.fused.largest_grad_bytes / MIB
+        return found
+
+    def close(self) -> None:
+        if self.fused is not None:
+            self.fused.remove()  # generation and later code must see ordinary parameters
+
+
+def forward(model, batch: dict, precision: str, device: torch.device) -> torch.Tensor:
+    """The training loss of one batch. No key/value cache: training never decodes step by step
+    (and activation checkpointing cannot keep one)."""
+    with autocast(device, precision):
+        return model(**batch, use_cache=False).loss
+
+
 def train(model, train_loader, validation_loader, cfg, device: torch.device, log_metrics,
           validation_rouge=None) -> TrainResult:
     """Train in place as cfg.method says. `log_metrics(metrics: dict, step: int)` receives
@@ -64,26 +154,7 @@ def train(model, train_loader, validation_loader, cfg, device: torch.device, log
     total_steps = (train_cfg.max_steps if train_cfg.max_steps is not None
                    else steps_per_epoch * train_cfg.epochs)
     epochs = math.ceil(total_steps / steps_per_epoch) if total_steps else 0
-
-    # LOMO methods update their fused weights inside backward; an optimizer steps the rest.
-    fused_weights = methods.fused_parameters(model, cfg.method.name)
-    fused_ids = {id(weight) for weight in fused_weights}
-    stepped = [p for p in model.parameters() if p.requires_grad and id(p) not in fused_ids]
-    optimizer = scheduler = fused = None
-    if stepped:
-        kind = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[cfg.method.optimizer]
-        optimizer = kind(stepped, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-        scheduler = get_linear_schedule_with_warmup(optimizer, train_cfg.warmup_steps,
-                                                    total_steps)
-    if fused_weights:
-        fused = lomo.FusedSGD(fused_weights, lr=cfg.method.get("lr_base", train_cfg.lr),
-                              weight_decay=train_cfg.weight_decay,
-                              warmup_steps=train_cfg.warmup_steps, total_steps=total_steps,
-                              max_grad_norm=train_cfg.max_grad_norm, unfused=stepped)
-    # Scaling only matters for fp16, whose small range underflows gradients. GradScaler unscales
-    # through an optimizer step, which fused updates do not have: they keep a scale of their own.
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and fused is None)
-    fused_scale = lomo.LossScale(enabled=precision == "fp16")
+    updates = Updates(model, cfg, total_steps, device)
 
     step, eval_time = 0, 0.0
     result = TrainResult(steps=0, epochs=epochs, train_time_s=0.0, train_tokens=0)
@@ -96,50 +167,30 @@ def train(model, train_loader, validation_loader, cfg, device: torch.device, log
             model.train()
             for micro_step, batch in enumerate(train_loader):
                 batch = {key: value.to(device) for key, value in batch.items()}
-                with autocast(device, precision):
-                    loss = model(**batch).loss
+                loss = forward(model, batch, precision, device)
                 if not torch.isfinite(loss):
                     raise Diverged(f"loss {loss.item()} at step {step} (epoch {epoch}), "
                                    f"precision {precision}")
                 step_samples += len(batch["input_ids"])
                 step_tokens += (int(batch["attention_mask"].sum())
                                 + int((batch["labels"] != -100).sum()))
-                if fused is None:
-                    scaler.scale(loss / train_cfg.grad_accum_steps).backward()
-                    if ((micro_step + 1) % train_cfg.grad_accum_steps
-                            and micro_step + 1 < len(train_loader)):
-                        continue
-                    if train_cfg.max_grad_norm is not None:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(stepped, train_cfg.max_grad_norm)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    # The fused weights are updated during this backward (harness/lomo.py).
-                    finite = fused.step(loss, fused_scale.scale)
-                    fused_scale.update(finite)
-                    if optimizer is not None and finite:
-                        optimizer.step()
+                last_micro_step = (not (micro_step + 1) % train_cfg.grad_accum_steps
+                                   or micro_step + 1 == len(train_loader))
+                if not updates.backward(loss, update=last_micro_step):
+                    continue
                 # Parameters, gradients and optimizer state are all alive here. Record them at
                 # the step that raised the allocator's peak (on CPU, which keeps no peak: the
-                # first). A fused step held one fused gradient at a time: the largest counts.
+                # first).
                 allocated = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                              else 0)
                 if step == 0 or allocated > peak_allocated:
-                    result.breakdown = memory.breakdown(model, [optimizer] if optimizer else [])
-                    if fused is not None:
-                        result.breakdown["mem_grads_mib"] += fused.largest_grad_bytes / MIB
+                    result.breakdown = updates.breakdown(model)
                     peak_allocated = allocated
-                if optimizer is not None:
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                updates.next_step()
                 step += 1
                 progress.update()
                 if step % train_cfg.log_every_steps == 0 or step == total_steps:
-                    rates = {"lr": scheduler.get_last_lr()[0] if scheduler else fused.last_lr()}
-                    if scheduler and fused:  # lora_lomo: the base weights' rate beside
-                        rates["lr_base"] = fused.last_lr()
-                    log_metrics({"train_loss": loss.item(), **rates}, step)
+                    log_metrics({"train_loss": loss.item(), **updates.rates()}, step)
                 synchronize(device)
                 now = time.perf_counter()
                 result.step_times_s.append(now - step_start)
@@ -161,8 +212,7 @@ def train(model, train_loader, validation_loader, cfg, device: torch.device, log
             eval_time += time.perf_counter() - eval_start
             step_start = time.perf_counter()
     finally:
-        if fused is not None:
-            fused.remove()  # generation and later code must see ordinary parameters
+        updates.close()
     synchronize(device)
     progress.close()
     result.steps, result.train_tokens = step, sum(result.step_tokens)

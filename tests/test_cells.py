@@ -83,6 +83,25 @@ def test_a_finished_run_carries_every_contract_name(store, cell_overrides):
                                            client.list_artifacts(run.info.run_id, "adapter")}
 
 
+def test_a_recipe_cell_logs_its_resolved_lengths_and_its_estimate(store, cell_overrides):
+    # The study's LoRA recipe on the fixture: percentile cuts, padding, checkpointing.
+    status, runs = _run(store, cell_overrides, "method=lora", "+recipe=samsum_lora",
+                        "model.attn_implementation=sdpa", "train.max_steps=2",
+                        "eval.max_samples=2")
+    assert status == "ok"
+    params, metrics = runs[0].data.params, runs[0].data.metrics
+    assert (params["data.source_max_length"], params["data.target_max_length"]) == ("p85", "p90")
+    assert (params["train.gradient_checkpointing"], params["data.padding"]) == ("True",
+                                                                               "max_length")
+    cut = {side: int(params[f"data.{side}_max_length_resolved"]) for side in ("source", "target")}
+    assert 0 < cut["target"] < cut["source"] < 384
+    # The plan's estimate of this cell, at the cuts it resolved, beside what it measured.
+    parts = ("weights", "gradients", "optimizer", "activations", "allocator", "cuda_context")
+    assert metrics["estimate_gpu_mib"] == pytest.approx(
+        sum(metrics[f"estimate_{part}_mib"] for part in parts), abs=0.01)
+    assert metrics["estimate_weights_mib"] == pytest.approx(metrics["mem_params_mib"], rel=1e-6)
+
+
 def test_a_spawned_cell_without_sampler_trains_and_records_no_memory(store, cell_overrides):
     status, runs = _run(store, cell_overrides, "runner.start_method=spawn", "sampler.enabled=false",
                         "train.max_steps=2", "eval.max_samples=2")

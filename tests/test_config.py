@@ -87,6 +87,9 @@ def test_a_single_invalid_cell_is_refused_without_a_run(cell_overrides, store):
     ("eval.num_beams=0", "eval.num_beams=0"),
     ("model.source=/no/such/folder", "model.source='/no/such/folder'"),
     ("model.tokenizer=words", "model.tokenizer='words'"),
+    ("model.attn_implementation=flash", "model.attn_implementation='flash'; expected sdpa"),
+    ("train.gradient_checkpointing=sometimes",
+     "train.gradient_checkpointing='sometimes'; expected true or false"),
     ("data=local", "data=local needs data.path"),
     ("data=local data.path=/no/such/file.csv", "data.path=/no/such/file.csv does not exist"),
 ])
@@ -101,8 +104,11 @@ def test_fingerprint_is_stable_and_ignores_where_runs_are_logged():
     first = config.cell_config(compose_cell("method.r=4"))
     again = config.cell_config(compose_cell("method.r=4", "tracking.experiment=other"))
     other = config.cell_config(compose_cell("method.r=16"))
+    checkpointed = config.cell_config(compose_cell("method.r=4",
+                                                   "train.gradient_checkpointing=true"))
+    padded = config.cell_config(compose_cell("method.r=4", "data.padding=max_length"))
     assert config.fingerprint(first) == config.fingerprint(again)
-    assert config.fingerprint(first) != config.fingerprint(other)
+    assert len({config.fingerprint(cell) for cell in (first, other, checkpointed, padded)}) == 4
 
 
 def test_rank_does_not_split_full_fine_tuning_cells():
@@ -120,6 +126,8 @@ def test_params_are_the_flattened_resolved_config():
     assert params["method.target_modules"] == '["q", "v"]'
     assert params["train.lr"] == cfg.method.lr
     assert params["model.architecture.d_model"] == 64
+    assert params["train.gradient_checkpointing"] is False
+    assert (params["data.source_max_length"], params["data.padding"]) == (384, "longest")
     assert "tracking.uri" in params
     assert not any("hydra" in key for key in params)
 
@@ -158,14 +166,30 @@ def test_the_reference_table_experiment_has_the_studys_rows_and_settings():
         assert (cfg.model.name, cfg.method.name, cfg.precision.name) == (model, method, precision)
         assert (cfg.data.name, cfg.train.epochs, cfg.train.batch_size) == ("samsum", 3, 8)
         assert cfg.train.lr == (5e-5 if method == "full" else 1e-3)
-        if method != "full":
-            assert (cfg.method.alpha, cfg.method.dropout) == (32, 0.05)
+        # The recipes: padded to percentile lengths with checkpointing (LoRA), padded to the
+        # longest without (full fine-tuning); eager attention, as in transformers 4.27.
+        assert (cfg.data.padding, cfg.model.attn_implementation) == ("max_length", "eager")
+        if method == "full":
+            assert (cfg.data.source_max_length, cfg.data.target_max_length) == ("p100", "p100")
+            assert not cfg.train.gradient_checkpointing
+        else:
+            assert (cfg.data.source_max_length, cfg.data.target_max_length) == ("p85", "p90")
+            assert cfg.train.gradient_checkpointing
+            assert (cfg.method.r, cfg.method.alpha, cfg.method.dropout) == (16, 32, 0.05)
             assert list(cfg.method.target_modules) == ["q", "v"]
         assert cfg.requires_gpu and config.invalid_cell_reason(cfg) is None
+        assert cfg.plan_gpu.memory_mib == 23028  # the plan's fit, without a GPU: the A10G
     # Memory-only on a GPU without downloads: the command line wins over the experiment.
     offline = _experiment("reference_table", "+reference_row=xl_lora", "data=synthetic",
                           "model.source=random")
     assert (offline.data.name, offline.model.source) == ("synthetic", "random")
+    # The harness's earlier, heavier settings stay one override away (README, "Sweeps").
+    heavier = _experiment("reference_table", "+reference_row=base_lora",
+                          "data.source_max_length=512", "data.target_max_length=128",
+                          "data.padding=longest", "train.gradient_checkpointing=false",
+                          "model.attn_implementation=sdpa")
+    assert (heavier.data.source_max_length, heavier.data.padding,
+            heavier.train.gradient_checkpointing) == (512, "longest", False)
 
 
 def grid(name: str, *overrides: str) -> list:
@@ -178,14 +202,15 @@ def grid(name: str, *overrides: str) -> list:
 
 def test_the_full_grid_collapses_ranks_and_skips_what_cannot_run():
     jobs = grid("full_grid")
-    assert len(jobs) == 3 * 4 * 4 * 3  # sizes x precisions x methods x ranks
+    assert len(jobs) == 3 * 4 * 4 * 3 * 2  # sizes x precisions x methods x ranks x checkpointing
     runnable, skipped = set(), set()
     for cfg in jobs:
         cell = config.fingerprint(config.cell_config(cfg))
         (skipped if config.invalid_cell_reason(cfg) else runnable).add(cell)
-    # Per size: full and lomo in 3 precisions, lora in 4 x 3 ranks, lora_lomo in 3 x 3 ranks;
-    # skipped: full, lomo and lora_lomo (3 ranks) on int8.
-    assert (len(runnable), len(skipped)) == (3 * (3 + 3 + 12 + 9), 3 * (1 + 1 + 3))
+    # Per size, checkpointing off and on: full and lomo in 3 precisions, lora in 4 x 3 ranks,
+    # lora_lomo in 3 x 3 ranks; skipped: full, lomo and lora_lomo (3 ranks) on int8.
+    assert (len(runnable), len(skipped)) == (2 * 3 * (3 + 3 + 12 + 9), 2 * 3 * (1 + 1 + 3))
+    assert {job.train.gradient_checkpointing for job in jobs} == {False, True}
 
 
 def test_the_rank_sweep_trains_base_lora_at_three_ranks_with_rouge_every_epoch():

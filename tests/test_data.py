@@ -3,11 +3,12 @@ the tokenisation cache."""
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 from transformers import ByT5Tokenizer
 
-from harness import data, fixture
+from harness import config, data, fixture, models
 from harness.errors import ConfigError
 from tests.conftest import compose_cell
 
@@ -116,15 +117,19 @@ def test_synthetic_batches_are_shaped_like_samsum():
     assert not data.has_text(cfg)
 
 
+def _lengths(cfg) -> dict:
+    return {side: cfg[key] for side, key in data.SIDES.items()}
+
+
 def test_tokenisation_is_cached_once_per_dataset_and_tokenizer(tmp_path):
     cfg = compose_cell("data.train_size=40", "data.validation_size=8", "data.test_size=8").data
     tokenizer = ByT5Tokenizer()
     text = data.load_text(cfg)
-    first = data.tokenize(text, tokenizer, cfg, str(tmp_path))
+    first = data.tokenize(text, tokenizer, cfg, _lengths(cfg), str(tmp_path))
     cache_files = sorted((tmp_path / "tokenized").glob("*.arrow"))
     assert len(cache_files) == 3
     written = {path: path.stat().st_mtime_ns for path in cache_files}
-    second = data.tokenize(text, tokenizer, cfg, str(tmp_path))
+    second = data.tokenize(text, tokenizer, cfg, _lengths(cfg), str(tmp_path))
     assert {path: path.stat().st_mtime_ns for path in cache_files} == written  # read, not rewritten
     assert second["train"]["input_ids"] == first["train"]["input_ids"]
     example = first["train"][0]
@@ -134,8 +139,85 @@ def test_tokenisation_is_cached_once_per_dataset_and_tokenizer(tmp_path):
     # Another tokenizer (here: other lengths) gets its own cache entry.
     shorter = compose_cell("data.train_size=40", "data.validation_size=8", "data.test_size=8",
                            "data.source_max_length=32").data
-    data.tokenize(text, tokenizer, shorter, str(tmp_path))
+    data.tokenize(text, tokenizer, shorter, _lengths(shorter), str(tmp_path))
     assert len(list((tmp_path / "tokenized").glob("*.arrow"))) == 6
-    assert max(len(ids) for ids in
-               data.tokenize(text, tokenizer, shorter, str(tmp_path))["train"]["input_ids"]) == 32
+    assert max(len(ids) for ids in data.tokenize(text, tokenizer, shorter, _lengths(shorter),
+                                                 str(tmp_path))["train"]["input_ids"]) == 32
     json.dumps(example)  # plain lists, no tensors
+
+
+def test_percentile_lengths_are_numpys_of_train_and_test_and_cached(tmp_path, monkeypatch):
+    cfg = compose_cell("data.source_max_length=p85", "data.target_max_length=p90",
+                       "data.padding=max_length")
+    tokenizer = models.load_tokenizer(cfg.model)
+    loaded = data.load(cfg.data, cfg.model, tokenizer, str(tmp_path))
+    # As the recipe measures them: the dialogues alone and the summaries, train and test together.
+    text = data.load_text(cfg.data)
+    dialogues = [*text["train"]["dialogue"], *text["test"]["dialogue"]]
+    summaries = [*text["train"]["summary"], *text["test"]["summary"]]
+    expected = {"source": int(np.percentile([len(tokenizer(d)["input_ids"]) for d in dialogues],
+                                            85)),
+                "target": int(np.percentile([len(tokenizer(s)["input_ids"]) for s in summaries],
+                                            90))}
+    assert loaded.lengths == expected
+    assert 0 < expected["target"] < expected["source"]
+    # Padded to the cut: every example has the cut's length, label padding is -100.
+    train = loaded.splits["train"]
+    assert {len(ids) for ids in train["input_ids"]} == {expected["source"]}
+    assert {len(ids) for ids in train["labels"]} == {expected["target"]}
+    assert any(data.IGNORED_LABEL in labels for labels in train["labels"])
+    assert all(mask[-1] == 0 for mask, ids in zip(train["attention_mask"], train["input_ids"])
+               if ids[-1] == tokenizer.pad_token_id)
+    # The measured lengths are cached, keyed by the dataset and the tokenizer, not the spec.
+    assert data.lengths_cache(cfg.data, cfg.model, str(tmp_path)).exists()
+    monkeypatch.setattr(data, "token_lengths", lambda *args: pytest.fail("measured twice"))
+    other = compose_cell("data.source_max_length=p50", "data.target_max_length=p100")
+    assert data.load(other.data, other.model, tokenizer, str(tmp_path)).lengths["source"] \
+        < expected["source"]
+
+
+@pytest.mark.parametrize("key, value", [("source_max_length", "p0"), ("source_max_length", "p101"),
+                                        ("target_max_length", "85%"), ("target_max_length", -3),
+                                        ("source_max_length", "longest"), ("padding", "left")])
+def test_lengths_and_padding_are_checked_before_anything_loads(key, value):
+    cfg = compose_cell(f"data.{key}={value}")
+    with pytest.raises(ConfigError) as error:
+        config.validate(cfg)
+    assert f"data.{key}={value!r}" in str(error.value)
+    assert ("p85" in str(error.value)) or ("max_length" in str(error.value))
+
+
+def test_synthetic_lengths_have_samsums_published_percentiles():
+    # The generator is set so that its percentiles are the recipes' figures for SAMSum.
+    cfg = compose_cell("data=synthetic").data
+    drawn = data.synthetic_lengths(cfg)
+    assert len(drawn["source"]) == cfg.train_size + cfg.test_size
+    assert data.cut("p85", drawn["source"]) == 255 and data.cut("p90", drawn["target"]) == 50
+    assert data.cut("p100", drawn["source"]) == 512 and data.cut("p100", drawn["target"]) == 95
+    padded = compose_cell("data=synthetic", "data.train_size=32", "data.validation_size=4",
+                          "data.test_size=4", "data.source_max_length=p85",
+                          "data.target_max_length=48", "data.padding=max_length").data
+    splits = data.synthetic(padded, vocab_size=384)
+    cut = data.cut("p85", data.synthetic_lengths(padded)["source"])
+    assert {len(ids) for ids in splits["train"]["input_ids"]} == {cut}
+    assert {len(ids) for ids in splits["train"]["labels"]} == {48}
+    assert all(labels[-1] in (data.EOS_ID, data.IGNORED_LABEL)
+               for labels in splits["train"]["labels"])
+
+
+def test_the_plan_knows_lengths_before_any_data_is_loaded(tmp_path):
+    numbers = compose_cell()
+    assert data.planned_lengths(numbers.data, numbers.model, str(tmp_path)) == (
+        {"source": 384, "target": 96}, "config")
+    # SAMSum under flan-t5's tokenizer, not downloaded here: the recipes' published figures.
+    samsum = compose_cell("model=flan-t5-base", "data=samsum", "+recipe=samsum_lora")
+    assert data.planned_lengths(samsum.data, samsum.model, str(tmp_path)) == (
+        {"source": 255, "target": 50}, "published")
+    unknown = compose_cell("model=flan-t5-base", "data=samsum", "data.source_max_length=p99")
+    lengths, why = data.planned_lengths(unknown.data, unknown.model, str(tmp_path))
+    assert lengths is None and "data.source_max_length=p99" in why and "not measured" in why
+    # Fixture text under the byte tokenizer downloads nothing: measured now, and cached.
+    fixture = compose_cell("data.source_max_length=p85")
+    lengths, source = data.planned_lengths(fixture.data, fixture.model, str(tmp_path))
+    assert source == "measured" and lengths["target"] == 96
+    assert data.lengths_cache(fixture.data, fixture.model, str(tmp_path)).exists()

@@ -26,8 +26,8 @@ def _model_and_batch(method: str, *overrides):
     if "dropout" in cfg.method:  # LoRA dropout would make the compared forwards differ
         cfg.method.dropout = 0.0
     tokenizer = models.load_tokenizer(cfg.model)
-    model = models.load_model(cfg.model, "fp32", methods.base_frozen(method), CPU)
-    model = methods.apply(model, cfg.method, "fp32")
+    model = methods.prepare(models.load_model(cfg.model, "fp32", methods.base_frozen(method),
+                                              CPU), cfg)
     splits = data.synthetic(cfg.data, vocab_size=len(tokenizer))
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
     loaders = [DataLoader(splits[split], batch_size=cfg.train.batch_size, collate_fn=collate)
@@ -46,13 +46,30 @@ def _largest_difference(model, reference) -> float:
                for a, b in zip(model.parameters(), reference.parameters()))
 
 
+def _count_updates(fused: lomo.FusedSGD) -> dict:
+    """How many times each fused weight's optimizer steps, by weight."""
+    counts = {weight: 0 for weight in fused.parameters}
+    for weight, optimizer in fused.optimizers.items():
+        optimizer.register_step_post_hook(
+            lambda *_, weight=weight: counts.__setitem__(weight, counts[weight] + 1))
+    return counts
+
+
 @pytest.mark.parametrize("max_grad_norm", [None, 1.0])
-def test_a_lomo_step_is_a_plain_sgd_step(max_grad_norm):
-    _, model, batch, _ = _model_and_batch("lomo")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_lomo_step_is_a_plain_sgd_step(max_grad_norm, checkpointing):
+    # With activation checkpointing, backward recomputes each block: the fused update must still
+    # run once per weight (the norm pass updates nothing).
+    _, model, batch, _ = _model_and_batch(
+        "lomo", f"train.gradient_checkpointing={str(checkpointing).lower()}")
     reference = copy.deepcopy(model)
     before = copy.deepcopy(model)
 
-    assert _fused(model, "lomo", max_grad_norm).step(model(**batch).loss)
+    fused = _fused(model, "lomo", max_grad_norm)
+    updates = _count_updates(fused)
+    model.train()
+    assert fused.step(model(**batch).loss)
+    assert set(updates.values()) == {1}
 
     sgd = torch.optim.SGD(reference.parameters(), lr=LR)
     reference(**batch).loss.backward()
@@ -78,13 +95,20 @@ def test_lomo_matches_the_reference_implementation():
 
 
 @pytest.mark.parametrize("max_grad_norm", [None, 1.0])
-def test_a_lora_lomo_step_is_sgd_on_the_base_and_adamw_on_the_adapters(max_grad_norm):
-    _, model, batch, _ = _model_and_batch("lora_lomo")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_lora_lomo_step_is_sgd_on_the_base_and_adamw_on_the_adapters(max_grad_norm,
+                                                                        checkpointing):
+    _, model, batch, _ = _model_and_batch(
+        "lora_lomo", f"train.gradient_checkpointing={str(checkpointing).lower()}")
     reference = copy.deepcopy(model)
 
     adapters = [p for n, p in model.named_parameters() if "lora_" in n]
     adamw = torch.optim.AdamW(adapters, lr=1e-3)
-    assert _fused(model, "lora_lomo", max_grad_norm, unfused=adapters).step(model(**batch).loss)
+    fused = _fused(model, "lora_lomo", max_grad_norm, unfused=adapters)
+    updates = _count_updates(fused)
+    model.train()
+    assert fused.step(model(**batch).loss)
+    assert set(updates.values()) == {1}
     adamw.step()
 
     base = methods.fused_parameters(reference, "lora_lomo")

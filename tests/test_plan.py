@@ -1,110 +1,114 @@
-"""The plan before a sweep: its memory estimate, which cells fit a GPU, and the GPU each cell
-holds while it runs."""
+"""The plan before a sweep (and `make plan`): its memory estimate against the study's table, which
+cells fit a GPU, and the GPU each cell holds while it runs."""
 
 import multiprocessing
+import subprocess
+import sys
 import time
 
+import pandas as pd
 import pytest
-import torch
+from omegaconf import OmegaConf
 
-from harness import config, estimate, gpus, memory, methods, models, runner, sweep
+from harness import config, estimate, gpus, plan, runner
 from harness.errors import ConfigError
 from tests.conftest import compose_cell, requires_cuda, runs_of
 from tests.test_config import grid
 
 
-def _estimate(*overrides: str) -> dict:
-    return estimate.gpu_peak_mib(config.cell_config(compose_cell(*overrides)))
-
-
-@pytest.mark.parametrize("method, optimizer", [("full", "adamw"), ("full", "sgd"),
-                                               ("lora", "adamw"), ("lomo", "sgd")])
-def test_weights_gradients_and_optimizer_state_match_a_real_step(method, optimizer):
-    # The estimate works on the meta device; the breakdown counts the live tensors of a real
-    # t5-mini after one optimizer step on CPU.
-    cfg = compose_cell("model=t5-mini", f"method={method}", f"method.optimizer={optimizer}")
-    model = methods.apply(models.load_model(cfg.model, "fp32", methods.base_frozen(method),
-                                            torch.device("cpu")), cfg.method, "fp32")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer_ = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[optimizer](trainable, 1e-3)
-    ids = torch.randint(3, 200, (2, 16))
-    model(input_ids=ids, labels=ids).loss.backward()
-    optimizer_.step()
-    real = memory.breakdown(model, [optimizer_])
-    if method == "lomo":  # one fused gradient at a time: the largest weight's
-        real["mem_grads_mib"] = max(p.numel() for p in trainable) * 4 / memory.MIB
-    estimated = _estimate("model=t5-mini", f"method={method}", f"method.optimizer={optimizer}")
-    assert estimated["weights"] == pytest.approx(real["mem_params_mib"], rel=1e-6)
-    assert estimated["gradients"] == pytest.approx(real["mem_grads_mib"], rel=1e-6)
-    assert estimated["optimizer"] == pytest.approx(real["mem_optimizer_mib"], abs=1e-6)
-
-
-@pytest.mark.slow
-def test_activations_are_what_a_real_forward_keeps_for_backward():
-    # flan-t5-base at full length, one example: the estimate's meta forward against a real one
-    # on CPU, which runs the same operators as CUDA (counted: what autograd keeps).
-    cfg = compose_cell("model=flan-t5-base", "model.source=random", "method=full",
-                       "train.batch_size=1")
-    model = models.load_model(cfg.model, "fp32", False, torch.device("cpu"))
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def keep(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    source, target = cfg.data.source_max_length, cfg.data.target_max_length
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        model(input_ids=torch.randint(3, 30000, (1, source)),
-              labels=torch.randint(3, 30000, (1, target)))
-    assert estimate.gpu_peak_mib(config.cell_config(cfg))["activations"] == pytest.approx(
-        sum(kept.values()) / memory.MIB, rel=0.01)
-
-
-def test_the_estimate_orders_methods_and_precisions_as_their_memory_does():
-    xl = ["model=flan-t5-xl", "method=lora"]
-    fp32, fp16, int8 = (_estimate(*xl, f"precision={p}") for p in ("fp32", "fp16", "int8"))
-    assert int8["weights"] < fp16["weights"] < fp32["weights"]
-    # flan-t5-xl has 2.85 B weights: 10.6 GiB in float32.
-    assert fp32["weights"] == pytest.approx(2.85e9 * 4 / memory.MIB, rel=0.01)
-    # Short sequences, where gradients outweigh activations: LOMO's single fused gradient shows.
-    base = ["model=flan-t5-base", "train.batch_size=2", "data.source_max_length=64",
-            "data.target_max_length=16"]
-    full, sgd, lomo, lora = (_estimate(*base, f"method={m}")["total"]
-                             for m in ("full", "full_sgd", "lomo", "lora"))
-    assert full > sgd > lomo > lora
-    doubled = _estimate(*base, "method=full", "train.batch_size=4")
-    assert doubled["activations"] == pytest.approx(
-        2 * _estimate(*base, "method=full")["activations"], rel=0.05)
-
-
 def test_the_plan_says_what_runs_what_is_skipped_and_what_does_not_fit(tmp_path):
-    jobs = grid("demo", "model=t5-mini", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
-    needed = [estimate.gpu_peak_mib(config.cell_config(job))["total"] for job in jobs
-              if not config.invalid_cell_reason(job)]
+    jobs = grid("demo", "model=t5-mini", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                f"cache_dir={tmp_path}/cache")
+    needed = [estimate.gpu_peak_mib(config.cell_config(job), {"source": 384, "target": 96})
+              ["total"] for job in jobs if not config.invalid_cell_reason(job)]
     # A GPU between the smallest and the largest estimate: some cells fit, some do not.
     gpu = {"gpu": "0", "name": "small GPU", "total_mib": (min(needed) + max(needed)) / 2}
-    table = sweep.plan(jobs, [gpu])
+    table = plan.plan(jobs, [gpu])
     assert len(table) == 20 and table.fingerprint.nunique() == 14
     skipped = table[table.plan == "skip"]
     assert set(skipped.cell.str.split("/").str[2]) == {"int8"}
     assert skipped.why.str.contains("cannot update").all()
-    assert skipped["GPU estimate (MiB)"].isna().all()
+    assert skipped.estimate_mib.isna().all()
     runnable = table[table.plan == "run"]
     assert set(runnable.fits) == {"yes", "NO"}
-    assert ((runnable["GPU estimate (MiB)"] <= gpu["total_mib"])
-            == (runnable.fits == "yes")).all()
-    # Without a GPU the plan still estimates, and says nothing about fitting.
-    assert set(sweep.plan(jobs, []).fits) == {""}
+    assert ((runnable.estimate_mib <= gpu["total_mib"]) == (runnable.fits == "yes")).all()
+    assert set(table.gpu) == {"small GPU (this machine)"}
+    parts = [f"{part}_mib" for part in estimate.PARTS]
+    assert (runnable[parts].sum(axis=1) - runnable.estimate_mib).abs().max() < 1e-6
+    # Without a GPU, against the one the experiment names, else nothing about fitting.
+    named = plan.plan(jobs, [], OmegaConf.create({"name": "A10G", "memory_mib": 23028}))
+    assert set(named[named.plan == "run"].fits) == {"yes"} and set(named.gpu) == {"A10G"}
+    assert set(plan.plan(jobs, []).fits) == {""}
 
 
 def test_a_cell_that_cannot_be_valid_stops_the_plan_before_anything_runs(tmp_path):
     jobs = grid("demo", "model=t5-tiny", "train.lr=-1",
                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
     with pytest.raises(ConfigError, match=r"cell 1 \(.*\): train.lr=-1"):
-        sweep.plan(jobs, [])
+        plan.plan(jobs, [])
+
+
+# The study's rows the estimate misses by more than 25 %, and why (docs/estimator.md).
+MISSES = {
+    "base_lora": "0.61: flan-t5-base LoRA; the study's figure holds about 1.3 GB the model of "
+                 "our run does not see (its CUDA context, of an older CUDA stack, is the "
+                 "likeliest part); make gpu-check measures ours",
+    "large_lora": "0.72: flan-t5-large LoRA; the same gap as base LoRA, 1.7 GB",
+}
+
+
+@pytest.fixture(scope="module")
+def reference_plan(tmp_path_factory):
+    """`make plan EXP=reference_table`, as a user runs it, in a folder of its own."""
+    folder = tmp_path_factory.mktemp("plan")
+    result = subprocess.run([sys.executable, "-m", "harness.plan", "reference_table",
+                             f"cache_dir={folder}/cache", f"tracking.uri=sqlite:///{folder}/m.db"],
+                            cwd=folder, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout, pd.read_csv(folder / "reports" / "reference_table" / "plan.csv")
+
+
+@pytest.mark.slow
+def test_make_plan_writes_the_plan_of_any_experiment_without_a_gpu(reference_plan):
+    stdout, table = reference_plan
+    assert len(table) == 9 and set(table.plan) == {"run"}
+    for column in ("cell", "model", "method", "precision", "gradient_checkpointing",
+                   *(f"{part}_mib" for part in estimate.PARTS), "estimate_mib",
+                   "reference_gpu_mib", "estimate_ratio", "fits"):
+        assert column in table.columns, column
+    # This machine has no GPU: the fit is against the experiment's, the study's A10G.
+    assert set(table.gpu) == {"NVIDIA A10G (the study's)"}
+    assert "fits: against NVIDIA A10G (the study's)" in stdout
+    rows = table.dropna(subset=["reference_gpu_mib"])
+    assert len(rows) == 6 and not (table.method == "lora_lomo").isin(rows.method).any()
+    assert (rows.estimate_ratio == rows.estimate_mib / rows.reference_gpu_mib).all()
+    # The recipes: LoRA rows checkpoint at 255 / 50, full fine-tuning at 512 / 95, padded.
+    lora = table[table.method != "full"]
+    assert lora.gradient_checkpointing.all() and set(lora.lengths) == {"255/50"}
+    full = table[table.method == "full"].iloc[0]
+    assert not full.gradient_checkpointing and full.lengths == "512/95"
+    assert set(table.lengths_from) == {"published"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", [
+    pytest.param(row, marks=pytest.mark.xfail(strict=True, reason=MISSES[row]))
+    if row in MISSES else row
+    for row in ("base_full", "base_lora", "large_lora", "xl_lora", "xl_lora_fp16",
+                "xl_lora_int8")])
+def test_each_reference_row_fits_an_a10g_and_is_within_25_percent_of_the_study(reference_plan,
+                                                                               row):
+    _, table = reference_plan
+    model, method, precision = {
+        "base_full": ("flan-t5-base", "full", "fp32"), "base_lora": ("flan-t5-base", "lora",
+                                                                      "fp32"),
+        "large_lora": ("flan-t5-large", "lora", "fp32"), "xl_lora": ("flan-t5-xl", "lora", "fp32"),
+        "xl_lora_fp16": ("flan-t5-xl", "lora", "fp16"),
+        "xl_lora_int8": ("flan-t5-xl", "lora", "int8")}[row]
+    found = table[(table.model == model) & (table.method == method)
+                  & (table.precision == precision)].iloc[0]
+    assert found.fits == "yes" and found.estimate_mib <= 23028
+    assert 0.75 <= found.estimate_ratio <= 1.25, found.estimate_ratio
 
 
 def _hold(lock_dir, candidates, hold_s, queue):
@@ -144,17 +148,15 @@ def test_without_gpus_nothing_is_pinned(tmp_path):
 @pytest.mark.slow
 @requires_cuda
 def test_the_estimate_is_near_what_a_cuda_cell_measures(store, cell_overrides):
-    # Every batch at full length (synthetic lengths far above the caps), so that the longest
-    # batch the estimate assumes is the one that runs; runner.gpus pins the cell to GPU 0.
+    # Every batch padded to the cut, so that the batch the estimate assumes is the one that
+    # runs; runner.gpus pins the cell to GPU 0. The runner logs the estimate beside the peak.
     overrides = [*cell_overrides, "model=flan-t5-base", "model.source=random", "method=lora",
-                 "data=synthetic", "data.source_length_median=100000",
-                 "data.target_length_median=100000", "data.train_size=64",
+                 "+recipe=samsum_lora", "data=synthetic", "data.train_size=64",
                  "data.validation_size=8", "data.test_size=8", "train.max_steps=8",
                  "runner.gpus=[0]"]
     cfg = compose_cell(*overrides)
     assert runner.run(cfg) == "ok"
     run = runs_of(store, cfg.tracking.experiment)[0]
     assert run.data.tags["gpu"] == "0"
-    estimated = estimate.gpu_peak_mib(config.cell_config(cfg))
-    measured = run.data.metrics["gpu_peak_mib"]
-    assert 0.75 < estimated["total"] / measured < 1.25, (estimated, measured)
+    metrics = run.data.metrics
+    assert 0.85 < metrics["estimate_gpu_mib"] / metrics["gpu_train_peak_mib"] < 1.15, metrics

@@ -18,10 +18,9 @@ def _setup(tmp_path, *overrides):
     cfg = compose_cell("data.train_size=32", "data.validation_size=8", "data.test_size=8",
                        *overrides)
     tokenizer = models.load_tokenizer(cfg.model)
-    model = models.load_model(cfg.model, cfg.precision.name,
-                              methods.base_frozen(cfg.method.name), CPU)
-    model = methods.apply(model, cfg.method, cfg.precision.name)
-    splits = data.tokenize(data.load_text(cfg.data), tokenizer, cfg.data, str(tmp_path))
+    model = methods.prepare(models.load_model(cfg.model, cfg.precision.name,
+                                              methods.base_frozen(cfg.method.name), CPU), cfg)
+    splits = data.load(cfg.data, cfg.model, tokenizer, str(tmp_path)).splits
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
     loaders = [DataLoader(splits[s], batch_size=cfg.train.batch_size, collate_fn=collate)
                for s in ("train", "validation")]
@@ -76,6 +75,33 @@ def test_every_precision_trains_on_cpu(tmp_path, method, precision):
     assert all(math.isfinite(m["train_loss"]) for _, m in logged if "train_loss" in m)
 
 
+@pytest.mark.parametrize("method, precision", [
+    ("full", "fp32"), ("lora", "fp32"), ("lora", "int8"), ("lora", "bf16"), ("lomo", "fp32"),
+    ("lora_lomo", "bf16")])
+def test_checkpointing_trains_every_method_and_precision_to_the_same_weights(tmp_path, method,
+                                                                            precision):
+    # Recomputing activations in backward changes the memory, not the updates (no dropout in
+    # t5-tiny): two SGD steps land on the same weights, and the adapters behind frozen int8 or
+    # half-precision embeddings get their gradients. (SGD: AdamW's first steps are the sign of
+    # each gradient, which rounding can flip where a gradient is near zero.)
+    settings = [f"method={method}", f"precision={precision}", "method.optimizer=sgd",
+                "train.lr=0.05"]
+    trained = {}
+    for checkpointing in ("false", "true"):
+        _, logged, model = _train(tmp_path, *settings, "train.max_steps=2",
+                                  f"train.gradient_checkpointing={checkpointing}")
+        blocks = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        assert any(m.gradient_checkpointing for m in blocks) == (checkpointing == "true")
+        trained[checkpointing] = {n: p.detach().float() for n, p in model.named_parameters()
+                                  if p.requires_grad}
+    _, _, untrained = _train(tmp_path, *settings, "train.max_steps=0")
+    before = {n: p.detach().float() for n, p in untrained.named_parameters() if p.requires_grad}
+    moved = [n for n, weight in trained["true"].items() if not torch.equal(weight, before[n])]
+    assert moved and (method != "lora" or all("lora_" in n for n in moved))
+    for name, weight in trained["true"].items():
+        torch.testing.assert_close(weight, trained["false"][name], rtol=1e-3, atol=1e-4)
+
+
 def test_a_non_finite_loss_ends_training_as_diverged(tmp_path):
     cfg, model, (train_loader, validation_loader) = _setup(tmp_path, "method=full",
                                                            "train.max_steps=2")
@@ -98,7 +124,7 @@ def test_rouge_is_f1_times_100_with_stemming():
 def test_generation_is_deterministic(tmp_path):
     cfg, model, _ = _setup(tmp_path)
     tokenizer = models.load_tokenizer(cfg.model)
-    splits = data.tokenize(data.load_text(cfg.data), tokenizer, cfg.data, str(tmp_path))
+    splits = data.load(cfg.data, cfg.model, tokenizer, str(tmp_path)).splits
     loader = DataLoader(splits["test"], batch_size=4,
                         collate_fn=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))
     first = evaluate.generate(model, tokenizer, loader, cfg.eval, "fp32", CPU)

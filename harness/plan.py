@@ -1,0 +1,172 @@
+"""The plan of an experiment: every cell, what will happen to it, and its estimated peak GPU memory
+against a GPU, before anything runs.
+
+    python -m harness.plan <experiment> [key=value ...]      or      make plan EXP=<name>
+
+prints the plan and writes it to reports/<experiment>/plan.csv. It needs no GPU and runs nothing:
+the estimate (harness/estimate.py) simulates each cell on PyTorch's meta device. Each row says
+what the sweep would do with the cell (run; skip, with the reason; done already, with the run),
+the lengths it cuts at and where they come from, the estimate and its parts, the study's GPU
+memory where the cell is a row of the reference table (and the estimate's ratio to it), and
+whether the estimate fits the smallest GPU of this machine, or, on a machine without one, the GPU
+the experiment names (plan_gpu). A sweep prints the same plan before its first cell
+(harness/sweep.py).
+"""
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, open_dict
+
+from harness import config, data, estimate, gpus, reference, tracking
+from harness.errors import ConfigError
+
+EXPERIMENTS = config.CONF_DIR.parent / "experiments"
+# The terminal shows these columns of the plan (plan.csv has them all).
+SHOWN = {"#": "#", "cell": "cell", "gradient_checkpointing": "ckpt", "lengths": "lengths",
+         "plan": "plan", "why": "why", "estimate_mib": "GPU estimate (MiB)",
+         "reference_gpu_mib": "reference (MiB)", "estimate_ratio": "ratio", "fits": "fits"}
+
+
+def plan(jobs: list[DictConfig], found_gpus: list[dict], named_gpu=None,
+         create_experiment: bool = True) -> pd.DataFrame:
+    """One row per job (see the module's docstring for the columns). Raises ConfigError for a
+    job that cannot be composed into a valid cell, before anything runs."""
+    client, experiment_id = tracking.connect(jobs[0].tracking, create=create_experiment)
+    gpu = _gpu_to_compare(found_gpus, named_gpu)
+    rows = []
+    for number, job in enumerate(jobs, start=1):
+        try:
+            config.validate(job)
+        except ConfigError as error:
+            raise ConfigError(f"cell {number} ({' '.join(job.hydra.overrides.task)}): {error}")
+        cell = config.cell_config(job)
+        fingerprint = config.fingerprint(cell)
+        row = {"#": number, "cell": config.run_name(cell), "model": job.model.name,
+               "method": config.method_label(job.method.name, job.method.optimizer),
+               "precision": job.precision.name, "rank": cell["method"].get("r"),
+               "gradient_checkpointing": job.train.gradient_checkpointing,
+               "attention": job.model.attn_implementation, "batch_size": job.train.batch_size,
+               "fingerprint": fingerprint, "plan": "run", "why": ""}
+        invalid = config.invalid_cell_reason(job)
+        previous = (None if invalid or job.force or experiment_id is None
+                    else tracking.finished_run(client, experiment_id, fingerprint))
+        if invalid:
+            row.update(plan="skip", why=invalid)
+        elif previous is not None:
+            row.update(plan="done", why=f"already {previous.data.tags['status']} in run "
+                                        f"{previous.info.run_id}")
+        if not invalid:
+            row.update(_estimate(job, cell))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table["gpu"] = gpu[0] if gpu else ""
+    estimates = table.get("estimate_mib", pd.Series([None] * len(table)))
+    table["fits"] = [_fits(needed, gpu) for needed in estimates]
+    return table
+
+
+def _estimate(job: DictConfig, cell: dict) -> dict:
+    """The cell's lengths, its estimate and parts, and the reference figure it is compared with."""
+    lengths, lengths_from = data.planned_lengths(job.data, job.model, job.cache_dir)
+    if lengths is None:
+        return {"lengths_from": lengths_from}
+    parts = estimate.gpu_peak_mib(cell, lengths, job.cache_dir)
+    found = {"source_length": lengths["source"], "target_length": lengths["target"],
+             "lengths": f"{lengths['source']}/{lengths['target']}", "lengths_from": lengths_from,
+             **{f"{name}_mib": parts[name] for name in estimate.PARTS},
+             "estimate_mib": parts["total"]}
+    study = reference.gpu_mib(job.model.name, job.method.name, job.precision.name) \
+        if job.method.optimizer == "adamw" else None
+    if study is not None:
+        found.update(reference_gpu_mib=study, estimate_ratio=parts["total"] / study)
+    return found
+
+
+def _gpu_to_compare(found_gpus: list[dict], named_gpu) -> tuple[str, float] | None:
+    """(name, MiB) of the smallest GPU found here, else of the experiment's plan_gpu, else None."""
+    if found_gpus:
+        smallest = min(found_gpus, key=lambda gpu: gpu["total_mib"])
+        return f"{smallest['name']} (this machine)", smallest["total_mib"]
+    if named_gpu:
+        return named_gpu.name, named_gpu.memory_mib
+    return None
+
+
+def _fits(needed, gpu) -> str:
+    if needed is None or pd.isna(needed) or gpu is None:
+        return ""
+    return "yes" if needed <= gpu[1] else "NO"
+
+
+def as_text(frame: pd.DataFrame) -> str:
+    """For the terminal: numbers rounded, blanks for what is unknown, reasons to their first
+    clause (the csv files keep them whole)."""
+    shown = frame.copy()
+    for column in shown.columns:
+        if column == "why":
+            shown[column] = shown[column].map(lambda text: text.split(": ")[0])
+        elif pd.api.types.is_bool_dtype(shown[column]):
+            shown[column] = shown[column].map({True: "on", False: "off"})
+        elif pd.api.types.is_numeric_dtype(shown[column]) and column != "#":
+            shown[column] = shown[column].map(
+                lambda value: "" if pd.isna(value) else f"{value:.0f}" if abs(value) >= 10
+                else f"{value:.2f}")
+    return shown.fillna("").to_markdown(index=False, disable_numparse=True)
+
+
+def shown(table: pd.DataFrame) -> pd.DataFrame:
+    """The plan's columns for the terminal, one row per cell (grid points that differ only in a
+    knob their method ignores are one cell)."""
+    cells = table.drop_duplicates("fingerprint")
+    return cells[[column for column in SHOWN if column in cells]].rename(columns=SHOWN)
+
+
+def compose_experiment(name: str, overrides: list[str]) -> list[DictConfig]:
+    """Every job of an experiment, composed as `make sweep EXP=name ARGS=...` composes them;
+    overrides may sweep (method.r=4,8)."""
+    from harness import sweep  # the sweep's own expansion of a grid
+
+    if not (EXPERIMENTS / f"{name}.yaml").exists():
+        known = sorted(path.stem for path in EXPERIMENTS.glob("*.yaml"))
+        raise ConfigError(f"no experiment {name!r}; expected one of {', '.join(known)} "
+                          "(experiments/<name>.yaml)")
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed = [text for text, override in zip(overrides, parsed) if not override.is_sweep_override()]
+    with initialize_config_dir(config_dir=str(EXPERIMENTS), version_base="1.3"):
+        sweep_config = compose(name, overrides=[*fixed, f"hydra.searchpath=[file://"
+                                                         f"{config.CONF_DIR}]"],
+                               return_hydra_config=True)
+        with open_dict(sweep_config):
+            sweep_config.hydra.overrides.task = overrides
+        return sweep.cells(sweep_config)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0].startswith("-") or "=" in argv[0]:
+        print("usage: python -m harness.plan <experiment> [key=value ...]", file=sys.stderr)
+        return 2
+    name, overrides = argv[0], argv[1:]
+    try:
+        jobs = compose_experiment(name, overrides)
+        found = gpus.describe(gpus.candidates(jobs[0].runner.gpus))
+        table = plan(jobs, found, jobs[0].get("plan_gpu"), create_experiment=False)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = Path("reports") / name
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "plan.csv", index=False)
+    compared = table.gpu.iloc[0] or "no GPU (none found, and the experiment names none)"
+    print(f"[harness] plan of {name}: {len(table)} grid points, {table.fingerprint.nunique()} "
+          f"cells; fits: against {compared}")
+    print(as_text(shown(table)))
+    print(f"[harness] wrote {out / 'plan.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,143 @@
+"""The estimate: its simulated steps against the same steps run for real on the CPU, its parts
+against the live tensors of a real model, activation checkpointing, and the command line."""
+
+import json
+import subprocess
+import sys
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from harness import config, estimate, memory, methods, models, simulate
+from tests.conftest import REPO, compose_cell
+
+CPU = torch.device("cpu")
+LENGTHS = {"source": 24, "target": 8}
+
+
+def _cell(*overrides):
+    # Eager attention: the CPU has no memory-efficient attention kernel to compare with.
+    cfg = compose_cell("model=t5-mini", "model.attn_implementation=eager", *overrides)
+    if "dropout" in cfg.method:
+        cfg.method.dropout = 0.0
+    return cfg
+
+
+def _on_cpu(cfg):
+    """The cell's model on the CPU, as the cell builds it; LLM.int8 without outlier columns, as
+    the estimate counts it."""
+    model = models.load_model(cfg.model, cfg.precision.name,
+                              methods.base_frozen(cfg.method.name), CPU)
+    for layer in model.modules():
+        if isinstance(layer, bnb.nn.Linear8bitLt):
+            layer.state.threshold = 0.0
+    return methods.prepare(model, cfg)
+
+
+def _both(cfg) -> tuple:
+    on_meta = estimate.simulated_steps(estimate._meta_model(cfg, simulate.AsOnCuda(None)), cfg,
+                                       LENGTHS, estimate.META, simulate.AsOnCuda(None))
+    return on_meta, estimate.simulated_steps(_on_cpu(cfg), cfg, LENGTHS, CPU)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["method=full"], ["method=full", "method.optimizer=sgd"], ["method=lora"],
+    ["method=lora", "train.gradient_checkpointing=true"],
+    ["method=full", "train.gradient_checkpointing=true"],
+    ["method=lomo", "train.gradient_checkpointing=true"], ["method=lora_lomo"],
+    ["method=lora", "precision=int8", "train.gradient_checkpointing=true"]],
+    ids=lambda overrides: " ".join(overrides))
+def test_the_simulated_steps_are_the_steps_run_for_real(overrides):
+    # Two training steps of the cell's own code on the meta device allocate and free what the
+    # same steps allocate and free on real tensors: the same weights, the same peak.
+    cfg = _cell(*overrides)
+    on_meta, on_cpu = _both(cfg)
+    assert on_meta.weights == on_cpu.weights
+    assert simulate.peak(on_meta.events)[0] == simulate.peak(on_cpu.events)[0]
+    if cfg.precision.name != "int8":  # bitsandbytes' CPU kernels return other shapes inside
+        assert [size for _, size in on_meta.events] == [size for _, size in on_cpu.events]
+    assert on_meta.bytes_of(on_meta.gradients) == on_cpu.bytes_of(on_cpu.gradients)
+    assert on_meta.bytes_of(on_meta.states) == on_cpu.bytes_of(on_cpu.states)
+
+
+def test_checkpointing_keeps_far_less_for_backward():
+    # On real tensors: a step's peak beyond the weights and the adapters' state.
+    peaks = {flag: simulate.peak(estimate.simulated_steps(
+        _on_cpu(cfg := _cell("method=lora", f"train.gradient_checkpointing={flag}")),
+        cfg, {"source": 64, "target": 16}, CPU).events)[0] for flag in ("false", "true")}
+    assert peaks["true"] < 0.5 * peaks["false"]
+
+
+def _estimate(*overrides, lengths=LENGTHS) -> dict:
+    return estimate.gpu_peak_mib(config.cell_config(_cell(*overrides)), lengths)
+
+
+@pytest.mark.parametrize("method, optimizer, precision", [
+    ("full", "adamw", "fp32"), ("full", "sgd", "fp32"), ("lora", "adamw", "bf16"),
+    ("lora", "adamw", "int8"), ("lomo", "sgd", "fp32")])
+def test_weights_and_optimizer_state_are_a_real_steps(method, optimizer, precision):
+    # The live tensors of a real model on the CPU after one optimizer step.
+    cfg = _cell(f"method={method}", f"method.optimizer={optimizer}", f"precision={precision}")
+    model = _on_cpu(cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    step = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[optimizer](trainable, lr=1e-3)
+    ids = torch.randint(3, 200, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    step.step()
+    real = memory.breakdown(model, [step])
+    # LLM.int8's row scales, which its layers move from the weight to their state when they run.
+    scales = sum(layer.state.SCB.numel() * 4 for layer in model.modules()
+                 if isinstance(layer, bnb.nn.Linear8bitLt))
+    parts = _estimate(f"method={method}", f"method.optimizer={optimizer}",
+                      f"precision={precision}")
+    assert parts["weights"] == pytest.approx(real["mem_params_mib"] + scales / memory.MIB)
+    # AdamW's step counts are host tensors on a GPU: the estimate counts them (4 bytes each).
+    assert parts["optimizer"] == pytest.approx(real["mem_optimizer_mib"], abs=0.01)
+    if method == "lomo":  # never more than the largest weight's gradient at once
+        assert parts["gradients"] <= max(p.numel() for p in trainable) * 4 / memory.MIB
+
+
+def test_the_estimate_orders_methods_precisions_and_checkpointing_as_their_memory_does():
+    xl = ["model=flan-t5-xl", "method=lora", "train.gradient_checkpointing=true"]
+    lengths = {"source": 64, "target": 16}
+    fp32, fp16, int8 = (_estimate(*xl, f"precision={p}", lengths=lengths)
+                        for p in ("fp32", "fp16", "int8"))
+    assert int8["weights"] < fp16["weights"] < fp32["weights"]
+    # flan-t5-xl has 2.85 B weights: 10.6 GiB in float32.
+    assert fp32["weights"] == pytest.approx(2.85e9 * 4 / memory.MIB, rel=0.01)
+    base = ["model=flan-t5-base", "train.batch_size=2"]
+    full, sgd, lomo, lora = (_estimate(*base, f"method={m}")["total"]
+                             for m in ("full", "full_sgd", "lomo", "lora"))
+    assert full > sgd > lomo > lora
+    plain, checkpointed = (_estimate("model=flan-t5-base", "method=lora",
+                                     f"train.gradient_checkpointing={flag}",
+                                     lengths={"source": 255, "target": 50})
+                           for flag in ("false", "true"))
+    assert checkpointed["activations"] < plain["activations"] / 4
+
+
+def test_estimates_are_cached_on_disk_by_cell_and_code(tmp_path, monkeypatch):
+    cell = config.cell_config(_cell("method=lora"))
+    first = estimate.gpu_peak_mib(cell, LENGTHS, str(tmp_path))
+    assert len(list((tmp_path / "estimates").glob("*.json"))) == 1
+    monkeypatch.setattr(estimate, "_estimate", lambda spec: pytest.fail("simulated again"))
+    assert estimate.gpu_peak_mib(cell, LENGTHS, str(tmp_path)) == first
+
+
+def test_the_command_line_prints_one_cells_parts_as_json_last(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "harness.estimate", "model=t5-mini",
+                             "method=lora", "train.gradient_checkpointing=true",
+                             f"cache_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    parts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(parts) == {"weights", "gradients", "optimizer", "activations", "allocator",
+                          "cuda_context", "total"}
+    assert parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"),
+                                           abs=0.5)
+    assert "t5-mini/lora-r8/fp32, batch 8, lengths 384 / 96 (config)" in result.stdout
+    refused = subprocess.run([sys.executable, "-m", "harness.estimate", "method=full",
+                              "precision=int8"], cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 2 and "method=full" in refused.stderr

@@ -1,0 +1,67 @@
+"""`make gpu-check`: a clear refusal without CUDA, and its tables from a real store (filled here
+by CPU cells, whose GPU columns stay empty); on a GPU, the real thing."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from harness import gpu_check, runner
+from tests.conftest import REPO, compose_cell, requires_cuda
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_without_cuda_it_refuses_at_once_and_writes_nothing(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "harness.gpu_check"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "error: make gpu-check measures the harness on a CUDA GPU" in result.stderr
+    assert "make plan EXP=reference_table" in result.stderr
+    assert not (tmp_path / "reports").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_a_part_it_does_not_know_is_refused():
+    assert gpu_check.main(["--parts", "cells,warmup"]) == 2
+
+
+def test_the_device_names_its_folder():
+    assert gpu_check.device_folder("NVIDIA H100 80GB HBM3") == "gpu-nvidia-h100-80gb-hbm3"
+
+
+@pytest.mark.slow
+def test_runs_csv_and_the_report_come_from_the_store(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for method in ("lora", "lora_lomo"):
+        cfg = compose_cell(f"method={method}", "+recipe=samsum_lora", "data=synthetic",
+                           "data.train_size=32", "data.validation_size=4", "data.test_size=32",
+                           "train.max_steps=2", f"tracking.uri={uri}",
+                           f"tracking.experiment={gpu_check.EXPERIMENT}",
+                           f"cache_dir={tmp_path}/cache")
+        assert runner.run(cfg) == "ok"
+    runs = gpu_check.runs_table(uri)
+    assert list(runs.cell) == ["t5-tiny/lora-r16/fp32", "t5-tiny/lora_lomo-r16/fp32"]
+    assert set(runs.gradient_checkpointing) == {"True"} and set(runs.status) == {"ok"}
+    parts = [f"estimate_{part}_mib" for part in ("weights", "gradients", "optimizer",
+                                                 "activations", "allocator", "cuda_context")]
+    assert (runs[parts].sum(axis=1) - runs.estimate_mib).abs().max() < 0.01
+    assert runs.gpu_train_peak_mib.isna().all()  # no GPU here: nothing measured, nothing passed
+    assert not runs.within_15_pct.any()
+    text = gpu_check.report("a CPU", runs, None)
+    assert text.startswith("# GPU check on a CPU") and "t5-tiny/lora_lomo-r16/fp32" in text
+    assert "0 of 2 cells within 15%" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@requires_cuda
+def test_gpu_check_measures_a_row_and_its_estimate_holds(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "harness.gpu_check", "--rows", "base_lora",
+                             "--parts", "cells"], cwd=REPO, capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = REPO / "reports" / gpu_check.device_folder(torch.cuda.get_device_name(0))
+    runs = pd.read_csv(folder / "runs.csv")
+    row = runs[runs.cell == "flan-t5-base/lora-r16/fp32"].iloc[0]
+    assert row.status == "ok" and row.within_15_pct, row.to_dict()
