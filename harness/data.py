@@ -15,6 +15,7 @@ the recipes do).
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -129,9 +130,11 @@ def resolve_lengths(data_cfg, measure, cache: Path | None = None) -> dict:
             measured = {side: stored[side] for side in SIDES}
     else:
         measured = measure()
-        if cache is not None:
+        if cache is not None:  # written whole, then renamed: a parallel reader sees all or none
             cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cache, **measured)
+            partial = cache.with_name(f"{cache.stem}.{os.getpid()}.partial.npz")
+            np.savez(partial, **measured)
+            partial.replace(cache)
     return {side: cut(spec, measured[side]) for side, spec in specs.items()}
 
 

@@ -44,6 +44,7 @@ numbers), and other processes on the GPU. The study's own figures may include so
 import contextlib
 import hashlib
 import json
+import os
 import sys
 from functools import lru_cache
 from importlib.metadata import version
@@ -91,7 +92,9 @@ def gpu_peak_mib(cell: dict, lengths: dict, cache_dir: str | None = None) -> dic
         return json.loads(path.read_text())
     parts = dict(_estimate(spec))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(parts))
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial")  # renamed when whole
+    partial.write_text(json.dumps(parts))
+    partial.replace(path)
     return parts
 
 

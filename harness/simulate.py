@@ -13,6 +13,7 @@ second and no memory. Two things differ from a CUDA run and are made to match it
   dropout in training) goes to the memory-efficient kernel, which keeps the output and a
   log-sum-exp per query. `AsOnCuda` calls that kernel's own op, whose meta version allocates what
   CUDA allocates, with the mask padded to a multiple of 16 as PyTorch pads it for that kernel.
+  (Without a mask, in half precision, CUDA may pick flash attention, which keeps the same.)
 
 `Trace` records every storage an op creates (not the weights and buffers that existed before)
 and when it is freed. Reads of values (`.item()`, `if tensor:`), which meta tensors do not have,
@@ -123,6 +124,10 @@ class AsOnCuda(TorchFunctionMode):
         if self.half is not None:  # autocast runs attention in half, mask included
             query, key, value, attn_mask = _cast((query, key, value, attn_mask), torch.float32,
                                                  self.half)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            # As PyTorch does first: a boolean mask becomes an additive float one.
+            attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype,
+                                    device=query.device).masked_fill(~attn_mask, float("-inf"))
         if attn_mask is not None:
             attn_mask = _aligned(attn_mask).expand(query.shape[0], query.shape[1],
                                                    query.shape[2], key.shape[2])
