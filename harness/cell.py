@@ -15,6 +15,8 @@ import contextlib
 import csv
 import errno
 import resource
+import signal
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -32,6 +34,9 @@ from harness.train import Diverged, synchronize, train
 
 def main(cell: dict, cache_dir: str, scratch: str, cpu_memory_limit_mib, connection) -> None:
     """Process entry point: run the cell, streaming to the runner, and send its result."""
+    # The runner stops a cell with SIGTERM (Ctrl-C, a kill, a time limit): exit as Python exits,
+    # releasing what the process holds (tqdm's lock, the pipe) rather than leaving it leaked.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if cpu_memory_limit_mib:
         limit = int(cpu_memory_limit_mib * MIB)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -132,8 +137,8 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
         shuffle = torch.Generator().manual_seed(cfg.train.seed)
         train_loader = DataLoader(splits["train"], batch_size=cfg.train.batch_size,
                                   shuffle=True, generator=shuffle, collate_fn=collate)
-        validation_loader = DataLoader(splits["validation"], batch_size=cfg.eval.batch_size,
-                                       collate_fn=collate)
+        validation_loader = DataLoader(_first(splits["validation"], cfg.eval.max_samples),
+                                       batch_size=cfg.eval.batch_size, collate_fn=collate)
         def validation_rouge():  # ROUGE learning curves (eval.rouge_every_epoch)
             return _rouge(model, tokenizer, splits["validation"], text["validation"], cfg,
                           collate, device)[0]
@@ -164,13 +169,17 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
 def _rouge(model, tokenizer, tokens, references, cfg, collate, device):
     """ROUGE of generations for the first eval.max_samples examples of one split:
     (scores, references, predictions)."""
-    if cfg.eval.max_samples is not None:
-        tokens = tokens.select(range(min(cfg.eval.max_samples, len(tokens))))
-        references = references.select(range(len(tokens)))
+    tokens, references = (_first(split, cfg.eval.max_samples) for split in (tokens, references))
     loader = DataLoader(tokens, batch_size=cfg.eval.batch_size, collate_fn=collate)
     predictions = evaluate.generate(model, tokenizer, loader, cfg.eval, cfg.precision.name,
                                     device)
     return evaluate.rouge(predictions, references["summary"]), references, predictions
+
+
+def _first(split, count: int | None):
+    """The split's first `count` examples (every evaluation pass is bounded by eval.max_samples);
+    all of them for None."""
+    return split if count is None else split.select(range(min(count, len(split))))
 
 
 def _log_predictions(log: ToRunner, references, predictions) -> None:

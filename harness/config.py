@@ -80,6 +80,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("train.batch_size", "train.grad_accum_steps", "train.epochs", "eval.batch_size",
                 "eval.num_beams", "eval.max_new_tokens"):
         _check_positive(cfg, key, integer=True)
+    if cfg.eval.max_samples is not None:
+        _check_positive(cfg, "eval.max_samples", integer=True)
     _check_positive(cfg, "train.lr")
     for key in ("sampler.interval_ms", "sampler.metric_max_points", "sampler.csv_max_rows"):
         _check_positive(cfg, key, integer=key != "sampler.interval_ms")

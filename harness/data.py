@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset
 
-from harness import fixture, models
+from harness import fixture
 from harness.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
@@ -105,8 +105,10 @@ def planned_lengths(data_cfg, model_cfg, cache_dir: str) -> tuple[dict | None, s
         return resolve_lengths(data_cfg, lambda: synthetic_lengths(data_cfg)), "synthetic draws"
     cache = lengths_cache(data_cfg, model_cfg, cache_dir)
     offline = data_cfg.name in ("fixture", "local") and (
-        models.tokenizer_identity(model_cfg) == "byte" or Path(model_cfg.source).is_dir())
+        tokenizer_identity(model_cfg) == "byte" or Path(model_cfg.source).is_dir())
     if cache.exists() or offline:
+        from harness import models  # torch and transformers: only to measure now
+
         return resolve_lengths(data_cfg, lambda: token_lengths(
             load_text(data_cfg), models.load_tokenizer(model_cfg)), cache), "measured"
     published = data_cfg.get("published_lengths") or {}
@@ -152,9 +154,23 @@ def lengths_cache(data_cfg, model_cfg, cache_dir: str) -> Path:
     from the config alone, so that a plan finds them without loading anything."""
     data_identity = {key: str(value) for key, value in data_cfg.items()
                      if key not in (*SIDES.values(), "padding")}
-    identity = {"data": data_identity, "tokenizer": models.tokenizer_identity(model_cfg)}
+    identity = {"data": data_identity, "tokenizer": tokenizer_identity(model_cfg)}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache_dir) / "lengths" / f"{key}.npz"
+
+
+def tokenizer_identity(model_cfg) -> str:
+    """Which tokenizer models.load_tokenizer gives for this model config, without loading it:
+    `byte`, or where the model's own comes from."""
+    choice = model_cfg.tokenizer
+    if choice == "byte" or (choice == "auto" and model_cfg.source == "random"):
+        return "byte"
+    return f"{tokenizer_location(model_cfg)}@{model_cfg.revision}"
+
+
+def tokenizer_location(model_cfg) -> str:
+    # Random weights have no files of their own: their tokenizer=hub is model.hub_id's.
+    return model_cfg.hub_id if model_cfg.source in ("hub", "random") else model_cfg.source
 
 
 def load_text(data_cfg) -> DatasetDict:

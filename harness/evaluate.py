@@ -13,7 +13,7 @@ def loss(model, loader, precision: str, device: torch.device) -> float:
     """Mean cross-entropy per target token over the whole split."""
     model.eval()
     total, count = 0.0, 0
-    for batch in loader:
+    for batch in tqdm(loader, desc="eval loss", unit="batch"):
         batch = {key: value.to(device) for key, value in batch.items()}
         with autocast(device, precision):
             batch_loss = model(**batch).loss

@@ -4,38 +4,22 @@ random weights offline; stored in the dtype the precision asks for.
 
 import contextlib
 import tempfile
-import warnings
 
 import torch
 from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig,
                           ByT5Tokenizer, T5Config, T5ForConditionalGeneration)
 
-# bitsandbytes warns on every int8 matmul that it casts float32 inputs to float16.
-warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
+from harness import data
 
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_tokenizer(model_cfg):
     """The model's own tokenizer, or the byte-level ByT5 tokenizer, which needs no files."""
-    if tokenizer_identity(model_cfg) == "byte":
+    if data.tokenizer_identity(model_cfg) == "byte":
         return ByT5Tokenizer()
-    return AutoTokenizer.from_pretrained(_tokenizer_location(model_cfg),
+    return AutoTokenizer.from_pretrained(data.tokenizer_location(model_cfg),
                                          revision=model_cfg.revision)
-
-
-def tokenizer_identity(model_cfg) -> str:
-    """Which tokenizer load_tokenizer gives for this config, without loading it: `byte`, or
-    where the model's own comes from."""
-    choice = model_cfg.tokenizer
-    if choice == "byte" or (choice == "auto" and model_cfg.source == "random"):
-        return "byte"
-    return f"{_tokenizer_location(model_cfg)}@{model_cfg.revision}"
-
-
-def _tokenizer_location(model_cfg) -> str:
-    # Random weights have no files of their own: their tokenizer=hub is model.hub_id's.
-    return model_cfg.hub_id if model_cfg.source in ("hub", "random") else model_cfg.source
 
 
 def load_model(model_cfg, precision: str, base_frozen: bool, device: torch.device):
@@ -74,9 +58,13 @@ def _load_int8(model_cfg, device: torch.device):
     with tempfile.TemporaryDirectory(prefix="harness-random-") as folder:
         model.save_pretrained(folder)
         del model
-        return T5ForConditionalGeneration.from_pretrained(
+        model = T5ForConditionalGeneration.from_pretrained(
             folder, quantization_config=quantization, device_map={"": device},
             attn_implementation=model_cfg.attn_implementation)
+    # Random weights come from no checkpoint (the folder is gone), as when built from a config:
+    # nothing for peft to look up when it saves the adapter.
+    model.name_or_path = model.config._name_or_path = ""
+    return model
 
 
 def random_model(model_cfg, dtype: torch.dtype = torch.float32) -> T5ForConditionalGeneration:

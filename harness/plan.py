@@ -120,8 +120,9 @@ def as_text(frame: pd.DataFrame) -> str:
 
 def shown(table: pd.DataFrame) -> pd.DataFrame:
     """The plan's columns for the terminal, one row per cell (grid points that differ only in a
-    knob their method ignores are one cell)."""
-    cells = table.drop_duplicates("fingerprint")
+    knob their method ignores are one cell), numbered as a sweep counts its cells."""
+    cells = table.drop_duplicates("fingerprint").assign(**{"#": lambda frame: range(
+        1, len(frame) + 1)})
     return cells[[column for column in SHOWN if column in cells]].rename(columns=SHOWN)
 
 

@@ -21,7 +21,7 @@ from mlflow.entities import Param, RunTag
 from omegaconf import DictConfig, OmegaConf
 
 from harness import cell as cell_module
-from harness import config, data, estimate, gpus, memory, tracking
+from harness import config, data, estimate, gpus, memory, stops, tracking
 from harness.errors import ConfigError
 
 
@@ -56,29 +56,61 @@ def run(cfg: DictConfig) -> str:
         tracking.end_run(client, run_id, "skipped", invalid)
         return "skipped"
 
-    record = CellRecord(client, run_id)
-    try:
-        with (tempfile.TemporaryDirectory(prefix="harness-cell-") as folder,
-              gpus.claim(gpus.candidates(cfg.runner.gpus), Path(cfg.runner.gpu_lock_dir)) as gpu):
-            if gpu is not None:
-                client.set_tag(run_id, "gpu", gpu)
-            scratch = Path(folder)
-            _run_in_process(cfg, cell, scratch, record, gpu)
-            if (scratch / "sampler.csv").exists():
-                _record_memory(record, scratch, cfg.sampler, name)
-        _record_estimate(record, cfg, cell)
-    except KeyboardInterrupt:  # Ctrl-C: this run is KILLED, every finished one stays as it is
-        record.outcome = ("killed", f"interrupted in phase {record.phase}; a rerun runs this "
-                                    "cell again")
-        raise
-    finally:
-        record.log.flush()
-        if record.outcome is None:  # the runner itself was stopped (Ctrl-C, an error)
-            record.outcome = ("failed", "the runner was interrupted")
-        tracking.end_run(client, run_id, *record.outcome)
+    record, stopped = CellRecord(client, run_id), None
+    with stops.stop_signals():
+        try:
+            with (tempfile.TemporaryDirectory(prefix="harness-cell-") as folder,
+                  gpus.claim(gpus.candidates(cfg.runner.gpus),
+                             Path(cfg.runner.gpu_lock_dir)) as gpu):
+                if gpu is not None:
+                    client.set_tag(run_id, "gpu", gpu)
+                scratch = Path(folder)
+                try:
+                    _run_in_process(cfg, cell, scratch, record, gpu)
+                finally:  # the memory trace so far, however the cell ended
+                    if (scratch / "sampler.csv").exists():
+                        _record_memory(record, scratch, cfg.sampler, name)
+            _record_estimate(record, cfg, cell)
+        except KeyboardInterrupt as stop:
+            # Ctrl-C, a kill, a time limit: this run is KILLED, every finished one stays as it is.
+            stopped = stop
+            why = stop.reason if isinstance(stop, stops.Stopped) else "interrupted"
+            record.outcome = ("killed", f"{why} in phase {record.phase}; a rerun runs this cell "
+                                        "again")
+            raise
+        finally:
+            record.log.flush()
+            if record.outcome is None:  # the runner itself failed
+                record.outcome = ("failed", "the runner was interrupted")
+            tracking.end_run(client, run_id, *record.outcome)
+            if isinstance(stopped, stops.Stopped):  # now whoever handled the signal before
+                stopped.pass_on()
     status, reason = record.outcome
     print(f"[harness] {name}: {status}" + (f": {reason}" if reason else ""))
+    if not _in_sweep():  # a sweep ends with its summary instead
+        print(_headline(client.get_run(run_id), cfg.tracking))
     return status
+
+
+def _headline(run, tracking_cfg) -> str:
+    """A finished single run's figures, where it was logged, and how to browse it."""
+    metrics = run.data.metrics
+
+    def figure(label: str, key: str, unit: str, decimals: int = 0) -> str:
+        value = metrics.get(key)
+        return f"{label} —" if value is None else f"{label} {value:.{decimals}f}{unit}"
+
+    figures = [figure("ROUGE-1", "rouge1", "", 2), figure("train", "train_time_s", " s", 1),
+               figure("GPU peak", "gpu_peak_mib", " MiB"),
+               figure("estimate", "estimate_gpu_mib", " MiB"),
+               figure("CPU peak", "cpu_peak_mib", " MiB")]
+    uri = tracking_cfg.uri
+    browse = (f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/"
+              f"{run.info.run_id}" if uri.startswith(("http://", "https://"))
+              else f"make ui (or: mlflow ui --backend-store-uri {uri})")
+    return (f"[harness] {', '.join(figures)}\n"
+            f"[harness] logged to experiment {tracking_cfg.experiment!r}, run "
+            f"{run.info.run_id}, in {uri}\n[harness] browse it: {browse}")
 
 
 def check_machine(cfg: DictConfig) -> None:
@@ -308,6 +340,5 @@ def _record_memory(record: CellRecord, scratch: Path, sampler_cfg, title: str) -
         client.set_tag(run_id, "memory_trace", "not recorded: "
                        + traceback.format_exc().strip().splitlines()[-1])
         return
-    status, reason = record.outcome
-    if status == "oom":
-        record.outcome = (status, f"{reason}; {memory.last_sample(trace)}")
+    if record.outcome is not None and record.outcome[0] == "oom":
+        record.outcome = ("oom", f"{record.outcome[1]}; {memory.last_sample(trace)}")

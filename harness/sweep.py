@@ -21,11 +21,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from harness import config as cells_config
-from harness import gpus, plan, runner, tracking
 from harness.errors import ConfigError
+
+# Hydra loads this callback for single runs too, which validate their config before torch and
+# MLflow load: the modules that bring them (gpus, plan, runner, tracking) are imported where a
+# sweep uses them.
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
@@ -44,6 +48,8 @@ def cells(sweep_config: DictConfig) -> list[DictConfig]:
 
 def summary(jobs: list[DictConfig]) -> pd.DataFrame:
     """One row per planned cell from its newest run in MLflow: status, times, peak memory."""
+    from harness import tracking
+
     client, experiment_id = tracking.connect(jobs[0].tracking)
     rows, seen = [], set()
     for job in jobs:
@@ -73,12 +79,15 @@ class SweepProgress(Callback):
 
     def __init__(self):
         self.total = 0
+        self.numbers = {}  # fingerprint: the cell's number in the plan
         self.started = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if config.hydra.sweeper._target_ != BASIC_SWEEPER:
             print("[harness] no plan: it expands the basic sweeper's grids only")
             return
+        from harness import gpus, plan, runner
+
         try:
             runner.check_machine(config)
             jobs = cells(config)
@@ -88,6 +97,8 @@ class SweepProgress(Callback):
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
         self.total = len(jobs)
+        self.numbers = {fingerprint: number for number, fingerprint in
+                        enumerate(table.fingerprint.drop_duplicates(), start=1)}
         machine = (", ".join(f"GPU {gpu['gpu']}: {gpu['name']}, {gpu['total_mib']:.0f} MiB"
                              for gpu in found) or "no GPU found (the estimate is for a CUDA run"
                    + (f"; fits: against {table.gpu.iloc[0]})" if table.gpu.iloc[0] else ")"))
@@ -101,23 +112,33 @@ class SweepProgress(Callback):
         _save(table, config, "plan.csv")
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:  # a single run reports for itself
+            return
         self.started = time.monotonic()
-        number = HydraConfig.get().job.num + 1
-        name = cells_config.run_name(cells_config.cell_config(config))
-        print(f"[harness] cell {number}/{self.total or '?'}: {name}", flush=True)
+        print(f"[harness] cell {self._position(config)}: "
+              f"{cells_config.run_name(cells_config.cell_config(config))}", flush=True)
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
-        number = HydraConfig.get().job.num + 1
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            return
         status = (job_return._return_value if job_return.status == JobStatus.COMPLETED
                   else f"error: {job_return._return_value!r}")
         seconds = time.monotonic() - self.started if self.started else 0.0
-        print(f"[harness] cell {number}/{self.total or '?'} done: {status} "
-              f"({seconds:.0f} s)", flush=True)
+        print(f"[harness] cell {self._position(config)} done: {status} ({seconds:.0f} s)",
+              flush=True)
+
+    def _position(self, config: DictConfig) -> str:
+        """k/N among the plan's cells (grid points that are one cell share a number)."""
+        fingerprint = cells_config.fingerprint(cells_config.cell_config(config))
+        number = self.numbers.get(fingerprint)
+        return f"{number or '?'}/{len(self.numbers) or '?'}"
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if not self.total:  # no plan was made
             return
         table = summary(cells(config))
+        from harness import plan
+
         print(f"[harness] summary of {config.tracking.experiment}:")
         print(plan.as_text(table))
         _save(table, config, "summary.csv")

@@ -88,6 +88,7 @@ class Updates:
         scaling = loss_scaling and cfg.precision.name == "fp16"
         self.scaler = torch.amp.GradScaler(device.type, enabled=scaling and self.fused is None)
         self.fused_scale = lomo.LossScale(enabled=scaling)
+        self.skipped = False  # whether the last update was skipped (fp16 overflow)
 
     def backward(self, loss: torch.Tensor, update: bool) -> bool:
         """Backward of one micro-batch; with `update` (its last), the update too. False while
@@ -97,6 +98,7 @@ class Updates:
             self.fused_scale.update(finite)
             if self.optimizer is not None and finite:
                 self.optimizer.step()
+            self.skipped = not finite
             return True
         self.scaler.scale(loss / self.accumulation).backward()
         if not update:
@@ -104,14 +106,18 @@ class Updates:
         if self.max_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.stepped, self.max_grad_norm)
+        scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.skipped = self.scaler.get_scale() < scale  # fp16 overflow: no step was taken
         return True
 
     def next_step(self) -> None:
-        """After an update: the schedule moves on and the gradients are freed."""
+        """After an update: the schedule moves on (unless fp16 skipped the step, as
+        transformers' Trainer does) and the gradients are freed."""
         if self.optimizer is not None:
-            self.scheduler.step()
+            if not self.skipped:
+                self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
 
     def rates(self) -> dict:

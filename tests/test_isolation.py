@@ -11,6 +11,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
+from harness import tracking
 from tests.conftest import REPO, folder_store_overrides
 
 pytestmark = pytest.mark.slow
@@ -123,3 +124,28 @@ def test_an_interrupted_sweep_reruns_only_what_did_not_finish(tmp_path):
         ("1", "ok"), ("2", "killed"), ("2", "ok")]
     assert first["1"].info.run_id in {run.info.run_id for run in runs}
     assert all(run.info.status != "RUNNING" for run in runs)
+
+
+def test_a_terminated_run_ends_killed_with_its_memory_trace_and_runs_again(tmp_path):
+    # kill, timeout and schedulers send SIGTERM: handled as Ctrl-C is, not left RUNNING.
+    run = subprocess.Popen([sys.executable, "-m", "harness", "train.max_steps=100000",
+                            *folder_store_overrides(tmp_path, "terminated")],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        training = _wait_until_training(client, "terminated", run, seed=42)
+        run.send_signal(signal.SIGTERM)
+        output, _ = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "[harness] stopped by SIGTERM" in output and "Traceback" not in output
+    killed = client.get_run(training.info.run_id)
+    assert (killed.data.tags["status"], killed.info.status) == ("killed", "KILLED")
+    assert killed.data.tags["status_reason"].startswith("stopped by SIGTERM (kill, timeout or a "
+                                                        "scheduler) in phase train")
+    assert "memory_trace.csv" in {a.path for a in client.list_artifacts(killed.info.run_id)}
+    assert killed.data.metrics["cpu_train_peak_mib"] > 0
+    # A rerun runs the cell again: it did not finish.
+    assert tracking.finished_run(client, killed.info.experiment_id,
+                                 killed.data.tags["cell"]) is None

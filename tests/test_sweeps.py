@@ -9,7 +9,7 @@ import uuid
 import pytest
 from mlflow import MlflowClient
 
-from harness import report
+from harness import report, tracking
 from tests.conftest import folder_store_overrides, free_port, mlflow_serving, run_harness
 
 pytestmark = pytest.mark.slow
@@ -56,6 +56,28 @@ def test_submitit_local_executor_runs_each_cell_as_a_job(tmp_path):
     job_logs = sorted((tmp_path / "sweep" / ".submitit").glob("*/*_log.out"))
     assert len(job_logs) == 2
     assert all("[harness] cell" in log.read_text() for log in job_logs)
+
+
+def test_a_job_at_its_time_limit_ends_killed_and_runs_again(tmp_path):
+    # submitit's local executor signals a job as SLURM does near its time limit (SIGUSR2, here
+    # 30 s before timeout_min), then stops it. The run must say so and keep its memory trace;
+    # Hydra's launcher is checkpointable, so submitit requeues the job, which runs the cell
+    # again, until it has timed out too often.
+    result = run_harness(tmp_path, "-m", "hydra/launcher=submitit_local",
+                         "hydra.launcher.timeout_min=1", "hydra.sweep.dir=sweep",
+                         "model=t5-tiny", "train.max_steps=100000", "train.seed=1",
+                         *folder_store_overrides(tmp_path, "limits"), timeout=400)
+    assert "timed-out too many times" in result.stderr
+    runs = _finished(f"sqlite:///{tmp_path}/mlflow.db", "limits")
+    assert len(runs) >= 2, result.stdout[-3000:] + result.stderr[-3000:]  # the cell, rerun
+    assert len({run.data.tags["cell"] for run in runs}) == 1
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for run in runs:
+        assert (run.data.tags["status"], run.info.status) == ("killed", "KILLED")
+        assert run.data.tags["status_reason"].startswith("the job reached its time limit")
+        assert "memory_trace.csv" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert tracking.finished_run(client, runs[0].info.experiment_id,
+                                 runs[0].data.tags["cell"]) is None
 
 
 def test_the_shipped_slurm_launcher_gives_each_cell_one_gpu():
