@@ -4,6 +4,8 @@ Hydra already refuses unknown group options (model=..., method=...) and lists th
 this module checks what Hydra cannot: values, combinations and user data.
 """
 
+import difflib
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -25,6 +27,7 @@ ATTENTION = ("sdpa", "eager")
 START_METHODS = ("auto", "forkserver", "spawn")
 # The groups that define what a cell computes; tracking, runner and sampler say where and how.
 CELL_GROUPS = ("model", "method", "precision", "data", "train", "eval")
+OTHER_GROUPS = ("tracking", "runner", "sampler")
 
 
 def invalid_cell_reason(cfg: DictConfig) -> str | None:
@@ -44,6 +47,7 @@ def invalid_cell_reason(cfg: DictConfig) -> str | None:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the bad value, what was expected and what to do."""
+    _check_known_keys(cfg)
     source = cfg.model.source
     if source not in MODEL_SOURCES and not Path(source).is_dir():
         raise ConfigError(f"model.source={source!r} is neither {' nor '.join(MODEL_SOURCES)} nor "
@@ -99,6 +103,27 @@ def validate(cfg: DictConfig) -> None:
     data.check(cfg.data)
 
 
+def _check_known_keys(cfg: DictConfig) -> None:
+    """Refuse a key that no option of its group has (`+method.rank=4`): nothing would read it,
+    and the cell would run with the default it meant to change."""
+    for group in (*CELL_GROUPS, *OTHER_GROUPS):
+        known = _group_keys(group)
+        for key in cfg[group]:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"did you mean {group}.{close[0]}? " if close else ""
+                raise ConfigError(f"{group}.{key}: no option of the {group} group has this key, "
+                                  f"so nothing would read it; {hint}the keys of {group} are "
+                                  f"{', '.join(sorted(known))}")
+
+
+@functools.cache
+def _group_keys(group: str) -> set:
+    """Every top-level key of the options of a config group (conf/<group>/*.yaml)."""
+    return {key for path in (CONF_DIR / group).glob("*.yaml")
+            for key in OmegaConf.load(path) if key != "defaults"}
+
+
 def _check_positive(cfg: DictConfig, key: str, integer: bool = False) -> None:
     value = OmegaConf.select(cfg, key)
     kind = "integer" if integer else "number"
@@ -128,7 +153,7 @@ def fingerprint(cell: dict) -> str:
 def flat_params(cell: dict, cfg: DictConfig) -> dict:
     """The resolved config as flat MLflow params: model.name, method.r, tracking.uri, ..."""
     whole = {**cell, **{group: OmegaConf.to_container(cfg[group], resolve=True)
-                        for group in ("tracking", "runner", "sampler")}}
+                        for group in OTHER_GROUPS}}
     flat = pd.json_normalize(whole, sep=".").iloc[0].to_dict()
     return {key: json.dumps(value) if isinstance(value, list) else value
             for key, value in flat.items()}

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import psutil
 
+from harness import gpus
 from harness.sampler import MIB  # one constant for the whole harness
 
 PHASES = ("load", "train", "eval")
@@ -141,6 +142,15 @@ def plot(trace: pd.DataFrame, path: Path, title: str) -> None:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def limits(runner_cfg, gpu: str | None = None) -> dict:
+    """The memory a cell may use here, in MiB: {"cpu": runner.cpu_memory_limit_mib, else the
+    host's memory; "gpu": the GPU it holds (`gpu`), else the smallest it may get, else None}."""
+    cpu = runner_cfg.cpu_memory_limit_mib or psutil.virtual_memory().total / MIB
+    found = gpus.describe([gpu] if gpu is not None else gpus.candidates(runner_cfg.gpus))
+    return {"cpu": float(cpu),
+            "gpu": min((g["total_mib"] for g in found), default=None)}
 
 
 def tensors_mib(tensors) -> float:

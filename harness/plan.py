@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, open_dict
 
-from harness import config, data, estimate, gpus, reference, tracking
+from harness import config, data, estimate, gpus, memory, reference, tracking
 from harness.errors import ConfigError
 
 EXPERIMENTS = config.CONF_DIR.parent / "experiments"
@@ -53,7 +53,8 @@ def plan(jobs: list[DictConfig], found_gpus: list[dict], named_gpu=None,
                "fingerprint": fingerprint, "plan": "run", "why": ""}
         invalid = config.invalid_cell_reason(job)
         previous = (None if invalid or job.force or experiment_id is None
-                    else tracking.finished_run(client, experiment_id, fingerprint))
+                    else tracking.finished_run(client, experiment_id, fingerprint,
+                                               memory.limits(job.runner)))
         if invalid:
             row.update(plan="skip", why=invalid)
         elif previous is not None:

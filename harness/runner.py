@@ -21,7 +21,7 @@ from mlflow.entities import Param, RunTag
 from omegaconf import DictConfig, OmegaConf
 
 from harness import cell as cell_module
-from harness import config, data, estimate, gpus, memory, stops, tracking
+from harness import config, data, estimate, gpus, hub, memory, stops, tracking
 from harness.errors import ConfigError
 
 
@@ -33,13 +33,16 @@ def run(cfg: DictConfig) -> str:
     invalid = config.invalid_cell_reason(cfg)
     if invalid and not _in_sweep():
         raise ConfigError(invalid)
+    if not invalid:
+        hub.check([cfg])
     cell = config.cell_config(cfg)
     fingerprint = config.fingerprint(cell)
     name = config.run_name(cell)
     client, experiment_id = tracking.connect(cfg.tracking)
 
     if not cfg.force:
-        previous = tracking.finished_run(client, experiment_id, fingerprint)
+        previous = tracking.finished_run(client, experiment_id, fingerprint,
+                                         memory.limits(cfg.runner))
         if previous is not None:
             status = previous.data.tags["status"]
             print(f"[harness] {name}: already {status} in run {previous.info.run_id} "
@@ -47,7 +50,7 @@ def run(cfg: DictConfig) -> str:
             return status
 
     resolved = OmegaConf.to_yaml(
-        {**cell, **{group: cfg[group] for group in ("tracking", "runner", "sampler")}},
+        {**cell, **{group: cfg[group] for group in config.OTHER_GROUPS}},
         resolve=True)
     run_id = tracking.start_run(client, experiment_id, name, config.flat_params(cell, cfg),
                                 {"cell": fingerprint, "status": "running"}, resolved)
@@ -64,6 +67,7 @@ def run(cfg: DictConfig) -> str:
                              Path(cfg.runner.gpu_lock_dir)) as gpu):
                 if gpu is not None:
                     client.set_tag(run_id, "gpu", gpu)
+                record.gpu = gpu
                 scratch = Path(folder)
                 try:
                     _run_in_process(cfg, cell, scratch, record, gpu)
@@ -82,6 +86,8 @@ def run(cfg: DictConfig) -> str:
             record.log.flush()
             if record.outcome is None:  # the runner itself failed
                 record.outcome = ("failed", "the runner was interrupted")
+            if record.outcome[0] == "oom":  # out of memory here; elsewhere it may fit
+                _tag_oom_limit(client, run_id, cfg, record)
             tracking.end_run(client, run_id, *record.outcome)
             if isinstance(stopped, stops.Stopped):  # now whoever handled the signal before
                 stopped.pass_on()
@@ -135,6 +141,7 @@ class CellRecord:
         self.log = tracking.MetricLogger(client, run_id)
         self.phases = []
         self.params = {}  # those the cell logged (the resolved lengths)
+        self.gpu = None  # the GPU the cell held
         self.outcome = None
 
     def __call__(self, message: tuple) -> None:
@@ -290,6 +297,16 @@ def kernel_oom_kills() -> int | None:
 def _oom_killed(before: int | None) -> bool:
     after = kernel_oom_kills()
     return before is not None and after is not None and after > before
+
+
+def _tag_oom_limit(client, run_id: str, cfg: DictConfig, record: CellRecord) -> None:
+    """Which memory the cell ran out of and how much there was (oom_limit: cpu or gpu,
+    oom_limit_mib): a rerun skips the cell only where there is no more of it."""
+    kind = "gpu" if "CUDA" in record.outcome[1] else "cpu"
+    available = memory.limits(cfg.runner, record.gpu)[kind]
+    if available is not None:
+        client.log_batch(run_id, tags=[RunTag("oom_limit", kind),
+                                       RunTag("oom_limit_mib", f"{available:.0f}")])
 
 
 def _record_estimate(record: CellRecord, cfg: DictConfig, cell: dict) -> None:

@@ -86,11 +86,12 @@ class SweepProgress(Callback):
         if config.hydra.sweeper._target_ != BASIC_SWEEPER:
             print("[harness] no plan: it expands the basic sweeper's grids only")
             return
-        from harness import gpus, plan, runner
+        from harness import gpus, hub, plan, runner
 
         try:
             runner.check_machine(config)
             jobs = cells(config)
+            hub.check([job for job in jobs if not cells_config.invalid_cell_reason(job)])
             found = gpus.describe(gpus.candidates(config.runner.gpus))
             table = plan.plan(jobs, found, config.get("plan_gpu"))
         except ConfigError as error:

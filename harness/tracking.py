@@ -61,11 +61,23 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
             "tracking=local") from None
 
 
-def finished_run(client: MlflowClient, experiment_id: str, fingerprint: str):
-    """The newest run of this cell that finished (see FINISHED), or None."""
+def finished_run(client: MlflowClient, experiment_id: str, fingerprint: str,
+                 limits: dict | None = None):
+    """The newest run of this cell that finished (see FINISHED), or None. An oom finished the
+    cell only on a machine with no more memory than where it ran out: `limits` are this one's
+    ({"cpu": MiB, "gpu": MiB or None}, see memory.limits)."""
     runs = client.search_runs([experiment_id], f"tags.cell = '{fingerprint}'",
                               order_by=["attributes.start_time DESC"])
-    return next((run for run in runs if run.data.tags.get("status") in FINISHED), None)
+    return next((run for run in runs if run.data.tags.get("status") in FINISHED
+                 and not _more_room_now(run, limits or {})), None)
+
+
+def _more_room_now(run, limits: dict) -> bool:
+    """Whether this machine has more of the memory the run ran out of (its oom_limit tags)."""
+    kind, hit = run.data.tags.get("oom_limit"), run.data.tags.get("oom_limit_mib")
+    if run.data.tags.get("status") != "oom" or kind is None or limits.get(kind) is None:
+        return False
+    return limits[kind] > float(hit)
 
 
 def start_run(client: MlflowClient, experiment_id: str, name: str, params: dict, tags: dict,

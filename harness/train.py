@@ -210,7 +210,8 @@ def train(model, train_loader, validation_loader, cfg, device: torch.device, log
             synchronize(device)
             eval_start = time.perf_counter()
             epoch_metrics = {"eval_loss": evaluate.loss(model, validation_loader, precision,
-                                                        device), "epoch": epoch + 1}
+                                                        device), "epoch": epoch + 1,
+                             "eval_examples": len(validation_loader.dataset)}
             if validation_rouge is not None:  # learning curves of ROUGE (the rank sweep)
                 epoch_metrics.update({f"eval_{key}": value
                                       for key, value in validation_rouge().items()})

@@ -102,6 +102,31 @@ def test_a_recipe_cell_logs_its_resolved_lengths_and_its_estimate(store, cell_ov
     assert metrics["estimate_weights_mib"] == pytest.approx(metrics["mem_params_mib"], rel=1e-6)
 
 
+@pytest.mark.parametrize("bound, expected", [([], 64), (["eval.max_samples=10"], 10)])
+def test_every_evaluation_pass_of_a_synthetic_cell_is_bounded(store, cell_overrides, bound,
+                                                              expected):
+    # Synthetic data measures memory and time: its eval-loss pass takes 64 examples unless told.
+    status, runs = _run(store, cell_overrides, "data=synthetic", "data.train_size=16",
+                        "data.validation_size=300", "data.test_size=16", "train.max_steps=1",
+                        *bound)
+    assert status == "ok"
+    assert runs[0].data.metrics["eval_examples"] == expected
+    assert runs[0].data.params["eval.max_samples"] == str(expected)
+
+
+def test_an_oom_is_skipped_only_where_there_is_no_more_memory(store, cell_overrides):
+    # The cap says how, not what: one cell, one fingerprint, three limits.
+    cell = [*cell_overrides, "train.batch_size=400", "train.max_steps=2", "eval.max_samples=2"]
+    assert _run(store, cell, "runner.cpu_memory_limit_mib=4000")[0] == "oom"
+    status, runs = _run(store, cell, "runner.cpu_memory_limit_mib=3900")  # less room: skipped
+    assert status == "oom" and len(runs) == 1
+    assert (runs[0].data.tags["oom_limit"], runs[0].data.tags["oom_limit_mib"]) == ("cpu",
+                                                                                   "4000")
+    status, runs = _run(store, cell, "runner.cpu_memory_limit_mib=30000")  # more: runs again
+    assert status == "ok" and sorted(run.data.tags["status"] for run in runs) == ["ok", "oom"]
+    assert len({run.data.tags["cell"] for run in runs}) == 1
+
+
 def test_a_spawned_cell_without_sampler_trains_and_records_no_memory(store, cell_overrides):
     status, runs = _run(store, cell_overrides, "runner.start_method=spawn", "sampler.enabled=false",
                         "train.max_steps=2", "eval.max_samples=2")

@@ -1,11 +1,15 @@
 """The command line as users type it: Hydra multirun of an experiment, the report, and errors."""
 
+import re
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 import torch
 
 from harness import report
-from tests.conftest import REPO, folder_store_overrides, run_harness, runs_of
+from tests.conftest import REPO, folder_store_overrides, free_port, run_harness, runs_of
 
 pytestmark = pytest.mark.slow
 
@@ -94,3 +98,45 @@ def test_a_gpu_experiment_is_refused_without_cuda_and_points_to_the_demo(tmp_pat
     assert "error: experiment bad is meant for a GPU" in result.stderr
     assert "`make demo`" in result.stderr and "allow_cpu=true" in result.stderr
     assert runs_of({"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "bad") == []
+
+
+# What a line that warns or fails looks like; the project shows none on a cell that works.
+NOISE = re.compile(r"warn|error|traceback|deprecat|failed to|leaked", re.IGNORECASE)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_cell_that_works_prints_no_warning_and_ends_with_its_headline(tmp_path, precision):
+    result = run_harness(tmp_path, f"precision={precision}", "train.max_steps=2",
+                         "eval.max_samples=4", *folder_store_overrides(tmp_path, "quiet"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).replace("\r", "\n").splitlines()
+    assert [line for line in lines if NOISE.search(line)] == []
+    tail = result.stdout.strip().splitlines()[-4:]
+    assert tail[0] == f"[harness] t5-tiny/lora-r8/{precision}: ok"
+    assert tail[1].startswith("[harness] ROUGE-1 ") and "CPU peak" in tail[1]
+    assert tail[2].startswith("[harness] logged to experiment 'quiet', run ")
+    assert tail[3].startswith("[harness] browse it: make ui")
+
+
+def test_a_config_error_is_refused_before_torch_transformers_or_mlflow_load(tmp_path):
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "harness", "train.lr=-1"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "error: train.lr=-1" in result.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert not {"torch", "transformers", "bitsandbytes", "mlflow", "peft"} & imported
+
+
+def test_without_the_hub_a_cell_and_a_sweep_are_refused_before_anything_runs(tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    single = run_harness(tmp_path, "model=flan-t5-base", *folder_store_overrides(tmp_path, "hub"))
+    assert single.returncode == 2
+    assert "model google/flan-t5-base must come from the Hugging Face hub" in single.stderr
+    assert "model.source=random data=synthetic" in single.stderr
+    sweep = run_harness(tmp_path, "-cd", str(REPO / "experiments"), "-cn", "reference_table",
+                        "allow_cpu=true", *folder_store_overrides(tmp_path, "hub"))
+    assert sweep.returncode == 2 and "dataset Samsung/samsum" in sweep.stderr
+    assert "[harness] cell" not in sweep.stdout and "Traceback" not in sweep.stderr
+    assert runs_of({"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "hub") == []

@@ -88,6 +88,10 @@ def test_a_single_invalid_cell_is_refused_without_a_run(cell_overrides, store):
     ("model.source=/no/such/folder", "model.source='/no/such/folder'"),
     ("model.tokenizer=words", "model.tokenizer='words'"),
     ("model.attn_implementation=flash", "model.attn_implementation='flash'; expected sdpa"),
+    # A key no option has would be read by nothing: the cell would run its default instead.
+    ("+method.rank=4", "method.rank: no option of the method group has this key"),
+    ("+data.paddin=max_length", "did you mean data.padding?"),
+    ("+train.grad_accumulation=4", "the keys of train are batch_size, epochs"),
     ("train.gradient_checkpointing=sometimes",
      "train.gradient_checkpointing='sometimes'; expected true or false"),
     ("data=local", "data=local needs data.path"),
