@@ -147,6 +147,7 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
         result = train(model, train_loader, validation_loader, cfg, device, log,
                        validation_rouge if per_epoch else None)
     log({"train_time_s": result.train_time_s, "train_steps": result.steps,
+         "train_tokens": result.train_tokens,
          **result.throughput(cfg.train.throughput_skip_steps), **result.breakdown})
     if device.type == "cuda" and result.breakdown:
         # Activations and everything else the step allocated beyond the tensors counted above.

@@ -4,6 +4,7 @@ bytes for the same runs:
 - breakdown.png: peak memory per cell, stacked by what holds it (parameters, gradients, optimizer
   state, activations, the rest);
 - rouge_vs_memory.png: ROUGE-1 against peak memory, the Pareto front marked;
+- rouge_vs_cost.png: ROUGE-1 against the training cost, where the runs have one;
 - learning_curves.png: eval loss and eval ROUGE-1 per epoch, a line per LoRA cell (rank);
 - memory_over_time_<model>.png: the sampled memory of each cell of one model size.
 
@@ -39,6 +40,7 @@ def draw(rows: pd.DataFrame, source: str, out: Path, curves: dict,
     ok = rows[rows.status == "ok"]
     made = [breakdown(ok, source, out / "breakdown.png"),
             rouge_vs_memory(ok, source, out / "rouge_vs_memory.png"),
+            rouge_vs_cost(ok, out / "rouge_vs_cost.png"),
             learning_curves(ok, curves, out / "learning_curves.png")]
     for model in ok.model.unique():
         labels = set(ok[ok.model == model].label)
@@ -109,26 +111,38 @@ def pareto_front(cells: pd.DataFrame, memory: str, quality: str) -> pd.DataFrame
 
 
 def rouge_vs_memory(ok: pd.DataFrame, source: str, path: Path) -> Chart | None:
-    memory = peak_metric(source)
-    cells = ok.dropna(subset=[memory, "rouge1"])
+    return _rouge_against(ok, peak_metric(source), f"{_memory_words(source)} (MiB)", "memory",
+                          path, "Up and to the left is better; on the red front no other cell "
+                                "has both a higher ROUGE-1 and a lower peak.")
+
+
+def rouge_vs_cost(ok: pd.DataFrame, path: Path) -> Chart | None:
+    return _rouge_against(ok, "cost_usd", "training cost (USD, training time x price per GPU "
+                                          "hour)", "cost", path,
+                          "Up and to the left is better; on the red front no other cell is "
+                          "both better and cheaper to train.")
+
+
+def _rouge_against(ok: pd.DataFrame, column: str, label: str, what: str, path: Path,
+                   caption: str) -> Chart | None:
+    """ROUGE-1 against one cost of each cell (memory, dollars), the Pareto front marked."""
+    cells = ok.dropna(subset=[column, "rouge1"])
     if not len(cells):
         return None
-    front = pareto_front(cells, memory, "rouge1")
+    front = pareto_front(cells, column, "rouge1")
     figure, axes = plt.subplots(figsize=(9, 5.5))
-    axes.scatter(cells[memory], cells.rouge1, color="tab:blue", label="cell")
-    axes.step(front[memory], front.rouge1, where="post", color="tab:red", label="Pareto front")
-    axes.scatter(front[memory], front.rouge1, color="tab:red", zorder=3)
+    axes.scatter(cells[column], cells.rouge1, color="tab:blue", label="cell")
+    axes.step(front[column], front.rouge1, where="post", color="tab:red", label="Pareto front")
+    axes.scatter(front[column], front.rouge1, color="tab:red", zorder=3)
     for _, cell in cells.iterrows():
-        axes.annotate(cell.label, (cell[memory], cell.rouge1), fontsize=7,
+        axes.annotate(cell.label, (cell[column], cell.rouge1), fontsize=7,
                       xytext=(4, 2), textcoords="offset points")
-    axes.set_xlabel(f"{_memory_words(source)} (MiB)")
+    axes.set_xlabel(label)
     axes.set_ylabel("ROUGE-1")
-    axes.set_title("ROUGE-1 against memory")
+    axes.set_title(f"ROUGE-1 against {what}")
     axes.legend(loc="lower right")
     _save(figure, path)
-    return Chart("ROUGE-1 against memory", path,
-                 "Up and to the left is better; on the red front no other cell has both a "
-                 "higher ROUGE-1 and a lower peak.")
+    return Chart(f"ROUGE-1 against {what}", path, caption)
 
 
 def learning_curves(ok: pd.DataFrame, curves: dict, path: Path) -> Chart | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from harness import data
+from harness import cost, data
 from harness.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the Hydra config groups
@@ -27,7 +27,7 @@ ATTENTION = ("sdpa", "eager")
 START_METHODS = ("auto", "forkserver", "spawn")
 # The groups that define what a cell computes; tracking, runner and sampler say where and how.
 CELL_GROUPS = ("model", "method", "precision", "data", "train", "eval")
-OTHER_GROUPS = ("tracking", "runner", "sampler")
+OTHER_GROUPS = ("tracking", "runner", "sampler", "cost")
 
 
 def invalid_cell_reason(cfg: DictConfig) -> str | None:
@@ -91,6 +91,7 @@ def validate(cfg: DictConfig) -> None:
         _check_positive(cfg, key, integer=key != "sampler.interval_ms")
     if cfg.runner.cpu_memory_limit_mib is not None:
         _check_positive(cfg, "runner.cpu_memory_limit_mib")
+    cost.check(cfg.cost)
     if cfg.runner.start_method not in START_METHODS:
         raise ConfigError(f"runner.start_method={cfg.runner.start_method!r}; expected one of "
                           f"{', '.join(START_METHODS)} (each cell in a fresh process)")
@@ -154,6 +155,7 @@ def flat_params(cell: dict, cfg: DictConfig) -> dict:
     """The resolved config as flat MLflow params: model.name, method.r, tracking.uri, ..."""
     whole = {**cell, **{group: OmegaConf.to_container(cfg[group], resolve=True)
                         for group in OTHER_GROUPS}}
+    whole["cost"].pop("prices")  # the table of prices is the same for every run
     flat = pd.json_normalize(whole, sep=".").iloc[0].to_dict()
     return {key: json.dumps(value) if isinstance(value, list) else value
             for key, value in flat.items()}

@@ -21,22 +21,25 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
-from harness import charts, config, reference, slides
+from harness import charts, config, cost, reference, slides
 from harness.errors import ConfigError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 # Averaged over the ok runs of a cell; their spread is shown as ± std.
 METRICS = ("rouge1", "rouge2", "train_time_s", "gpu_peak_mib", "estimate_gpu_mib", "cpu_peak_mib",
-           "trainable_pct",
-           "tokens_per_s", "total_params", "mem_params_mib", "mem_grads_mib",
-           "mem_optimizer_mib", "mem_activations_mib")
-# Params that make runs the same cell in the report: all but the seed and where a run was logged.
-NOT_THE_CELL = ("params.train.seed", "params.tracking.", "params.runner.", "params.sampler.")
+           "trainable_pct", "tokens_per_s", "cost_usd", "train_tokens_per_usd", "total_params",
+           "mem_params_mib", "mem_grads_mib", "mem_optimizer_mib", "mem_activations_mib")
+# Params that make runs the same cell in the report: all but the seed and where a run was logged
+# (or what it was priced at).
+NOT_THE_CELL = ("params.train.seed", "params.tracking.", "params.runner.", "params.sampler.",
+                "params.cost.")
 TABLE = {  # report column: (cell column, decimals)
     "ROUGE-1": ("rouge1", 2), "ROUGE-2": ("rouge2", 2), "train time (min)": ("train_time_min", 2),
-    "GPU memory (MiB)": ("gpu_peak_mib", 0), "GPU estimate (MiB)": ("estimate_gpu_mib", 0),
-    "CPU memory (MiB)": ("cpu_peak_mib", 0),
+    "cost (USD)": ("cost_usd", 3), "GPU memory (MiB)": ("gpu_peak_mib", 0),
+    "GPU estimate (MiB)": ("estimate_gpu_mib", 0), "CPU memory (MiB)": ("cpu_peak_mib", 0),
 }
+# The recommendation's GPU budgets, in GB as cards are sold (GB x 1024 MiB).
+BUDGETS_GB = (16, 24, 40, 80)
 
 
 def load_runs(experiment: str, tracking_uri: str) -> pd.DataFrame:
@@ -135,6 +138,7 @@ def table(rows: pd.DataFrame, source: str) -> pd.DataFrame:
     shown["trainable %"] = [_number(v, float("nan"), 2) for v in rows.trainable_pct]
     shown["tokens/s"] = [_number(v, s, 0) for v, s in zip(rows.tokens_per_s,
                                                            rows.tokens_per_s_std)]
+    shown["tokens/USD"] = [_number(v, float("nan"), 0) for v in rows.train_tokens_per_usd]
     shown["runs"] = rows.runs.astype(str)
     shown["status"] = [status if status == "ok" or not reason else f"{status}: {reason}"
                        for status, reason in zip(rows.status, rows.reason)]
@@ -199,12 +203,49 @@ def findings(rows: pd.DataFrame, source: str) -> list[str]:
         fastest = rates[rates.tokens_per_s == rates.tokens_per_s.max()]
         said.append(f"Highest training throughput: {', '.join(fastest.label)} at "
                     f"{fastest.tokens_per_s.iloc[0]:.0f} tokens/s.")
+    priced = ok.dropna(subset=["train_tokens_per_usd"])
+    if len(priced):
+        most = priced.loc[priced.train_tokens_per_usd.idxmax()]
+        study = "; ".join(f"{where}: {tokens / 1000:,.0f}K" for where, tokens in
+                          cost.STUDY_TOKENS_PER_USD.items())
+        said.append(f"Most training tokens per US dollar: {most.label} at "
+                    f"{most.train_tokens_per_usd / 1000:,.0f}K ({study}).")
     other = rows[rows.status != "ok"]
     if len(other):
         counts = other.status.value_counts().sort_index()
         said.append(f"{len(other)} of {len(rows)} rows did not finish ok: "
                     + ", ".join(f"{n} {status}" for status, n in counts.items()) + ".")
     return said
+
+
+def recommendation(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per GPU budget: the cell with the best ROUGE-1 whose peak fits it, and the cheapest cell
+    within 1 ROUGE-1 point of that one (by cost, else by training time). A cell's peak is its
+    measured GPU peak, else its estimate, marked as such."""
+    ok = rows[(rows.status == "ok") & rows.rouge1.notna()].copy()
+    ok["peak"] = ok.gpu_peak_mib.fillna(ok.estimate_gpu_mib)
+    ok["measured"] = ok.gpu_peak_mib.notna()
+    ok = ok.dropna(subset=["peak"])
+    by = "cost_usd" if ok.cost_usd.notna().all() and len(ok) else "train_time_s"
+    chosen = []
+    for budget in BUDGETS_GB:
+        fits = ok[ok.peak <= budget * 1024]
+        if not len(fits):
+            chosen.append({"GPU budget": f"{budget} GB", "best ROUGE-1": "no cell fits"})
+            continue
+        best = fits.loc[fits.rouge1.idxmax()]
+        near = fits[fits.rouge1 >= best.rouge1 - 1]
+        cheapest = near.loc[near[by].idxmin()]
+        chosen.append({"GPU budget": f"{budget} GB", "best ROUGE-1": _choice(best),
+                       "cheapest within 1 point": _choice(cheapest, by)})
+    return pd.DataFrame(chosen)
+
+
+def _choice(cell, by: str | None = None) -> str:
+    peak = f"{cell.peak:.0f} MiB" + ("" if cell.measured else " (estimate)")
+    price = "" if by is None else (f", {cell.cost_usd:.3f} USD" if by == "cost_usd" else
+                                  f", {cell.train_time_s / 60:.2f} min")
+    return f"{cell.label}: {cell.rouge1:.2f}, {peak}{price}"
 
 
 def histories(client: MlflowClient, rows: pd.DataFrame, names: tuple) -> dict:
@@ -252,6 +293,15 @@ def render(experiment: str, tracking_uri: str, out: Path) -> dict:
         parts += ["## Findings", "\n".join(f"- {sentence}" for sentence in said)]
     parts += ["## Charts"] + [f"![{chart.title}]({chart.path.name})\n\n{chart.caption}"
                               for chart in made]
+    advice = recommendation(rows)
+    if len(advice):
+        by = ("its training cost" if rows[rows.status == "ok"].cost_usd.notna().all()
+              else "its training time (these runs have no price: set cost.usd_per_hour)")
+        parts += ["## Recommendation",
+                  "For a GPU of each size: the cell with the best ROUGE-1 whose peak memory "
+                  "fits it, and, within 1 ROUGE-1 point of that, the cheapest by " + by + ". A "
+                  "peak marked (estimate) is the plan's estimate: that cell has no GPU "
+                  "measurement.", advice.to_markdown(index=False, disable_numparse=True)]
     (out / "report.md").write_text("\n\n".join(parts) + "\n")
     deck = slides.deck(experiment, len(runs), source, table(rows, source), made, said,
                        reference_source if len(matched) else None)

@@ -21,7 +21,7 @@ from mlflow.entities import Param, RunTag
 from omegaconf import DictConfig, OmegaConf
 
 from harness import cell as cell_module
-from harness import config, data, estimate, gpus, hub, memory, stops, tracking
+from harness import config, cost, data, estimate, gpus, hub, memory, stops, tracking
 from harness.errors import ConfigError
 
 
@@ -75,6 +75,7 @@ def run(cfg: DictConfig) -> str:
                     if (scratch / "sampler.csv").exists():
                         _record_memory(record, scratch, cfg.sampler, name)
             _record_estimate(record, cfg, cell)
+            _record_cost(record, cfg)
         except KeyboardInterrupt as stop:
             # Ctrl-C, a kill, a time limit: this run is KILLED, every finished one stays as it is.
             stopped = stop
@@ -110,6 +111,8 @@ def _headline(run, tracking_cfg) -> str:
                figure("GPU peak", "gpu_peak_mib", " MiB"),
                figure("estimate", "estimate_gpu_mib", " MiB"),
                figure("CPU peak", "cpu_peak_mib", " MiB")]
+    if "cost_usd" in metrics:
+        figures.append(figure("cost", "cost_usd", " USD", 4))
     uri = tracking_cfg.uri
     browse = (f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/"
               f"{run.info.run_id}" if uri.startswith(("http://", "https://"))
@@ -142,6 +145,7 @@ class CellRecord:
         self.phases = []
         self.params = {}  # those the cell logged (the resolved lengths)
         self.gpu = None  # the GPU the cell held
+        self.latest = {}  # the last value of each metric the cell sent
         self.outcome = None
 
     def __call__(self, message: tuple) -> None:
@@ -151,6 +155,7 @@ class CellRecord:
         elif kind == "metrics":
             metrics, step, timestamp_ms = body
             self.log(metrics, step, timestamp_ms)
+            self.latest.update(metrics)
         elif kind == "tag":
             self.client.set_tag(self.run_id, *body)
         elif kind == "params":
@@ -307,6 +312,19 @@ def _tag_oom_limit(client, run_id: str, cfg: DictConfig, record: CellRecord) -> 
     if available is not None:
         client.log_batch(run_id, tags=[RunTag("oom_limit", kind),
                                        RunTag("oom_limit_mib", f"{available:.0f}")])
+
+
+def _record_cost(record: CellRecord, cfg: DictConfig) -> None:
+    """cost_usd and train_tokens_per_usd at the price of the GPU the cell held (conf/cost/),
+    with the price and where it comes from as tags; nothing where no price is known."""
+    trained = {key: record.latest.get(key) for key in ("train_time_s", "train_tokens")}
+    found = gpus.describe([record.gpu]) if record.gpu is not None else []
+    rate = cost.price(cfg.cost, found[0]["name"] if found else None)
+    if None in trained.values() or rate is None:
+        return
+    record.log(cost.of_run(rate[0], **trained))
+    record.client.log_batch(record.run_id, tags=[RunTag("cost_usd_per_hour", f"{rate[0]:g}"),
+                                                 RunTag("cost_price_from", rate[1])])
 
 
 def _record_estimate(record: CellRecord, cfg: DictConfig, cell: dict) -> None:

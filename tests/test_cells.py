@@ -114,6 +114,22 @@ def test_every_evaluation_pass_of_a_synthetic_cell_is_bounded(store, cell_overri
     assert runs[0].data.params["eval.max_samples"] == str(expected)
 
 
+def test_a_priced_run_logs_its_cost_and_training_tokens_per_dollar(store, cell_overrides):
+    status, runs = _run(store, cell_overrides, "cost.usd_per_hour=3.6", "train.max_steps=2",
+                        "eval.max_samples=2")
+    assert status == "ok"
+    metrics, tags = runs[0].data.metrics, runs[0].data.tags
+    assert metrics["cost_usd"] == pytest.approx(metrics["train_time_s"] * 3.6 / 3600)
+    assert metrics["train_tokens_per_usd"] == pytest.approx(metrics["train_tokens"]
+                                                            / metrics["cost_usd"])
+    assert (tags["cost_usd_per_hour"], tags["cost_price_from"]) == ("3.6", "cost.usd_per_hour")
+    # Without a price (no GPU here to look one up by), no cost is made up.
+    status, runs = _run(store, cell_overrides, "train.max_steps=2", "eval.max_samples=2",
+                        "train.seed=7")
+    assert status == "ok" and not any("cost_usd" in run.data.metrics for run in runs
+                                      if run.data.params["train.seed"] == "7")
+
+
 def test_an_oom_is_skipped_only_where_there_is_no_more_memory(store, cell_overrides):
     # The cap says how, not what: one cell, one fingerprint, three limits.
     cell = [*cell_overrides, "train.batch_size=400", "train.max_steps=2", "eval.max_samples=2"]

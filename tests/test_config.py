@@ -92,6 +92,8 @@ def test_a_single_invalid_cell_is_refused_without_a_run(cell_overrides, store):
     ("+method.rank=4", "method.rank: no option of the method group has this key"),
     ("+data.paddin=max_length", "did you mean data.padding?"),
     ("+train.grad_accumulation=4", "the keys of train are batch_size, epochs"),
+    ("cost.instance=aws-g9", "cost.instance='aws-g9'; expected one of aws-g4dn.xlarge"),
+    ("cost.usd_per_hour=-1", "cost.usd_per_hour=-1; expected a positive price"),
     ("train.gradient_checkpointing=sometimes",
      "train.gradient_checkpointing='sometimes'; expected true or false"),
     ("data=local", "data=local needs data.path"),

@@ -45,7 +45,8 @@ def _cell(model, method, precision, rank=None, optimizer="adamw", seed=42):
 def _measured(rouge1, gpu, cpu=4000.0, tokens=3000.0, pct=100.0, params=850.0, grads=850.0,
               optimizer=1700.0, activations=3000.0):
     return {"rouge1": rouge1, "rouge2": rouge1 / 2, "train_time_s": 2400.0, "gpu_peak_mib": gpu,
-            "estimate_gpu_mib": 0.9 * gpu,
+            "estimate_gpu_mib": 0.9 * gpu, "cost_usd": 0.67 * (gpu or 1000) / 14000,
+            "train_tokens_per_usd": 2400 * tokens / (0.67 * (gpu or 1000) / 14000),
             "cpu_peak_mib": cpu, "tokens_per_s": tokens, "trainable_pct": pct,
             "total_params": 2.5e8, "mem_params_mib": params, "mem_grads_mib": grads,
             "mem_optimizer_mib": optimizer, "mem_activations_mib": activations}
@@ -107,7 +108,7 @@ def test_the_same_store_gives_the_same_bytes(golden_store, tmp_path):
 
 def test_every_chart_is_drawn_and_referenced(golden_store, tmp_path):
     files = _render(golden_store, tmp_path / "out")
-    charts = {"breakdown.png", "rouge_vs_memory.png", "learning_curves.png",
+    charts = {"breakdown.png", "rouge_vs_memory.png", "rouge_vs_cost.png", "learning_curves.png",
               "memory_over_time_flan-t5-base.png"}
     assert charts <= set(files)
     for name in charts:
@@ -122,7 +123,8 @@ def test_the_deck_is_marp_with_a_slide_per_section(golden_store, tmp_path):
     assert front.startswith("---\n") and re.search(r"^marp: true$", front, re.MULTILINE)
     titles = [slide.strip().splitlines()[0] for slide in slides]
     assert titles == ["# Fine-tuning flan-t5: experiment `golden`", "## Results",
-                      "## Memory breakdown", "## ROUGE-1 against memory", "## Learning curves",
+                      "## Memory breakdown", "## ROUGE-1 against memory",
+                      "## ROUGE-1 against cost", "## Learning curves",
                       "## Memory over time, flan-t5-base", "## Findings"]
     assert deck == (GOLDEN / "slides.md").read_text()
 
@@ -146,6 +148,21 @@ def test_a_cpu_only_store_reports_host_memory_and_says_so(tmp_path):
            "ROUGE-1 change of -1.00 points" in markdown
     assert "no GPU in these runs" in files["slides.md"].decode()
     assert {"breakdown.png", "rouge_vs_memory.png", "memory_over_time_t5-mini.png"} <= set(files)
+
+
+def test_the_recommendation_picks_per_gpu_budget_the_best_and_the_cheapest_close_to_it(
+        golden_store):
+    rows = report.cells(report.load_runs("golden", golden_store))
+    advice = report.recommendation(rows).set_index("GPU budget")
+    # 16 GB holds every flan-t5-base cell: the best is lora-r8 (52.00, two seeds), and within 1
+    # point of it the cheapest is lora-r4 (51.20 at 3200 MiB, which costs least here).
+    assert advice.loc["16 GB", "best ROUGE-1"] == "flan-t5-base/lora-r8/fp32: 52.00, 3400 MiB"
+    assert advice.loc["16 GB", "cheapest within 1 point"].startswith(
+        "flan-t5-base/lora-r4/fp32: 51.20, 3200 MiB, 0.153 USD")
+    assert list(advice.index) == ["16 GB", "24 GB", "40 GB", "80 GB"]
+    # A cell without a GPU measurement counts by its estimate, and says so.
+    rows.loc[rows.label == "flan-t5-base/lora-r8/fp32", "gpu_peak_mib"] = float("nan")
+    assert "(estimate)" in report.recommendation(rows).iloc[0]["best ROUGE-1"]
 
 
 def test_unknown_experiment_names_the_ones_there(golden_store, capsys):
