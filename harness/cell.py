@@ -7,6 +7,7 @@ it goes, which the runner records at once, so that nothing finished is lost if t
   ("metrics", {name: value}, step, unix ms)
   ("tag", name, value)
   ("params", {name: value})                params known only once the cell has loaded its data
+  ("datasets", {split: rows})              the splits it loaded (the run's dataset inputs)
   ("artifact", local path, artifact folder) a file or folder the cell wrote under its scratch
   ("result", status, reason)               last: ok, diverged, oom or failed
 """
@@ -122,6 +123,7 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
             log.tag("rouge", f"not computed: data={cfg.data.name} has no text")
         # The cuts as numbers beside their specs (data.source_max_length=p85 -> 255).
         log.params({f"data.{key}_resolved": lengths[side] for side, key in data.SIDES.items()})
+        log.connection.send(("datasets", {split: len(splits[split]) for split in data.SPLITS}))
         trainable, total = models.count_params(model)
         log({"trainable_params": trainable, "total_params": total,
              "trainable_pct": 100 * trainable / total,

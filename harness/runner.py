@@ -4,6 +4,7 @@ take the sweep, or any other cell's result, down with it.
 """
 
 import contextlib
+import json
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -74,6 +75,11 @@ def run(cfg: DictConfig) -> str:
                 finally:  # the memory trace so far, however the cell ended
                     if (scratch / "sampler.csv").exists():
                         _record_memory(record, scratch, cfg.sampler, name)
+                    if record.datasets:  # the same data under the same tokenizer: one digest
+                        identity = json.dumps([cell["data"], data.tokenizer_identity(cfg.model),
+                                               record.params], sort_keys=True, default=str)
+                        tracking.log_datasets(client, run_id, cfg.data, record.datasets,
+                                              identity)
             _record_estimate(record, cfg, cell)
             _record_cost(record, cfg)
         except KeyboardInterrupt as stop:
@@ -146,6 +152,7 @@ class CellRecord:
         self.params = {}  # those the cell logged (the resolved lengths)
         self.gpu = None  # the GPU the cell held
         self.latest = {}  # the last value of each metric the cell sent
+        self.datasets = {}  # split: rows, once the cell has loaded its data
         self.outcome = None
 
     def __call__(self, message: tuple) -> None:
@@ -158,6 +165,8 @@ class CellRecord:
             self.latest.update(metrics)
         elif kind == "tag":
             self.client.set_tag(self.run_id, *body)
+        elif kind == "datasets":
+            self.datasets = body[0]
         elif kind == "params":
             self.params.update(body[0])
             self.client.log_batch(self.run_id, params=[Param(key, str(value))

@@ -6,12 +6,16 @@ the memory the sampler saw, and closes the run with the outcome.
 """
 
 import fcntl
+import hashlib
+import json
 import time
 from pathlib import Path
 
 import requests
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 
 from harness.errors import ConfigError
 
@@ -90,11 +94,48 @@ def start_run(client: MlflowClient, experiment_id: str, name: str, params: dict,
 
 
 def end_run(client: MlflowClient, run_id: str, status: str, reason: str = "") -> None:
-    """Record the outcome and close the run: never left RUNNING."""
+    """Record the outcome and close the run: never left RUNNING. A run that did not end ok says
+    why in its description, which the MLflow UI shows with the run."""
     client.set_tag(run_id, "status", status)
     if reason:
         client.set_tag(run_id, "status_reason", reason[:5000])
+    if status != "ok":
+        client.set_tag(run_id, "mlflow.note.content", f"**{status}**" + (f": {reason}" if reason
+                                                                         else ""))
     client.set_terminated(run_id, RUN_STATUS[status])
+
+
+# MLflow's names for what a dataset was used for.
+CONTEXTS = {"train": "training", "validation": "validation", "test": "testing"}
+
+
+def log_datasets(client: MlflowClient, run_id: str, data_cfg, rows: dict, identity: str) -> None:
+    """The splits the cell used as the run's dataset inputs (the UI's Dataset column): name,
+    source, a digest of what they hold (`identity`: the data config, tokenizer and cuts), rows."""
+    inputs = []
+    for split, count in rows.items():
+        source_type, source = _dataset_source(data_cfg, split)
+        digest = hashlib.sha256(f"{identity}|{split}|{count}".encode()).hexdigest()[:8]
+        dataset = Dataset(name=f"{data_cfg.name}-{split}", digest=digest,
+                          source_type=source_type, source=source,
+                          profile=json.dumps({"num_rows": count}))
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context",
+                                                           CONTEXTS[split])]))
+    client.log_inputs(run_id, datasets=inputs)
+
+
+def _dataset_source(data_cfg, split: str) -> tuple[str, str]:
+    """(source type, source) as MLflow records them: the hub's dataset, a local file or folder,
+    or the harness's own generator (fixture, synthetic)."""
+    if data_cfg.name == "samsum":
+        hub = HuggingFaceDatasetSource(path=data_cfg.hub_id, revision=data_cfg.revision,
+                                       split=split)
+        return hub._get_source_type(), hub.to_json()
+    if data_cfg.name == "local":
+        return "local", json.dumps({"uri": str(Path(data_cfg.path).resolve())})
+    generated = CodeDatasetSource(tags={"generator": f"harness data={data_cfg.name}",
+                                        "seed": str(data_cfg.seed)})
+    return generated._get_source_type(), generated.to_json()
 
 
 class MetricLogger:

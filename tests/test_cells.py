@@ -1,5 +1,7 @@
 """Real cells through the runner: a fresh process each, a real sqlite MLflow store."""
 
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -81,6 +83,14 @@ def test_a_finished_run_carries_every_contract_name(store, cell_overrides):
     assert metrics["mem_optimizer_mib"] >= 2 * metrics["mem_grads_mib"]
     assert "adapter_model.safetensors" in {a.path.split("/")[-1] for a in
                                            client.list_artifacts(run.info.run_id, "adapter")}
+    # What it trained and evaluated on, as MLflow dataset inputs (the UI's Dataset column).
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["fixture-test", "fixture-train", "fixture-validation"]
+    assert {name: d.tags[0].value for name, d in inputs.items()} == {
+        "fixture-train": "training", "fixture-validation": "validation",
+        "fixture-test": "testing"}
+    assert json.loads(inputs["fixture-train"].dataset.profile) == {"num_rows": 400}
+    assert inputs["fixture-train"].dataset.source_type == "code"
 
 
 def test_a_recipe_cell_logs_its_resolved_lengths_and_its_estimate(store, cell_overrides):
@@ -138,6 +148,8 @@ def test_an_oom_is_skipped_only_where_there_is_no_more_memory(store, cell_overri
     assert status == "oom" and len(runs) == 1
     assert (runs[0].data.tags["oom_limit"], runs[0].data.tags["oom_limit_mib"]) == ("cpu",
                                                                                    "4000")
+    # The UI shows why with the run: its description.
+    assert runs[0].data.tags["mlflow.note.content"].startswith("**oom**: out of memory")
     status, runs = _run(store, cell, "runner.cpu_memory_limit_mib=30000")  # more: runs again
     assert status == "ok" and sorted(run.data.tags["status"] for run in runs) == ["ok", "oom"]
     assert len({run.data.tags["cell"] for run in runs}) == 1
