@@ -12,7 +12,22 @@ TRACKING_URI ?= sqlite:///mlflow.db
 BACKEND_STORE_URI ?= postgresql://harness:harness@127.0.0.1:5432/harness
 ARTIFACTS ?= mlartifacts
 
-.PHONY: install test test-fast bench demo plan sweep report ui server gpu-check
+.PHONY: help install test test-fast bench demo plan sweep report ui server gpu-check
+
+# The first target: `make` alone prints this.
+help:
+	@echo "make install            build .venv (torch $(TORCH), the project, its test extras)"
+	@echo "make test               the whole test suite (slow end-to-end tests included)"
+	@echo "make test-fast          the suite without the slow tests"
+	@echo "make demo               the CPU demo grid, then its report in reports/demo/"
+	@echo "make plan EXP=name      an experiment's plan and GPU memory estimates, nothing run"
+	@echo "make sweep EXP=name     run an experiment (ARGS=\"key=value ...\" to adjust)"
+	@echo "make report EXP=name    reports/name/: tables, recommendation, charts, slides"
+	@echo "make ui                 the MLflow UI on http://127.0.0.1:$(PORT)"
+	@echo "make server             a shared MLflow tracking server (PostgreSQL)"
+	@echo "make bench              the benchmarks, into reports/bench/"
+	@echo "make gpu-check          on a CUDA GPU: reference rows, estimates, benchmarks"
+	@echo "experiments (EXP=...):  $(basename $(notdir $(wildcard experiments/*.yaml)))"
 
 install: $(VENV)/.installed
 

@@ -75,11 +75,12 @@ def breakdown(ok: pd.DataFrame, source: str, path: Path) -> Chart | None:
     cells = ok.dropna(subset=[peak_metric(source), "mem_params_mib"])
     if not len(cells):
         return None
-    figure, axes = plt.subplots(figsize=(9, 1.5 + 0.35 * len(cells)))
+    figure, axes = plt.subplots(figsize=(11, 1.5 + 0.35 * len(cells)))
     left = pd.Series(0.0, index=cells.index)
     for column, name in PARTS.items():
         values = cells[column].fillna(0.0)
-        axes.barh(cells.label, values, left=left, label=name)
+        if values.any():  # the legend lists only the parts drawn
+            axes.barh(cells.label, values, left=left, label=name)
         left += values
     # What the peak holds beyond the counted tensors: CUDA context and allocator cache on a GPU;
     # on the host, libraries, data and (without CUDA, uncounted) activations.
@@ -89,7 +90,8 @@ def breakdown(ok: pd.DataFrame, source: str, path: Path) -> Chart | None:
     axes.set_xlabel("MiB")
     words = _memory_words(source)
     axes.set_title(f"{words[0].upper()}{words[1:]} per cell, by what holds it")
-    axes.legend(loc="lower right", fontsize="small")
+    # Beside the bars, never over them.
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     _save(figure, path)
     rest = ("the CUDA context and allocator cache" if source == "GPU" else
             "the interpreter, libraries, data and the activations, which are not counted "
@@ -130,17 +132,24 @@ def _rouge_against(ok: pd.DataFrame, column: str, label: str, what: str, path: P
     if not len(cells):
         return None
     front = pareto_front(cells, column, "rouge1")
-    figure, axes = plt.subplots(figsize=(9, 5.5))
+    figure, axes = plt.subplots(figsize=(11, 5.5))
     axes.scatter(cells[column], cells.rouge1, color="tab:blue", label="cell")
     axes.step(front[column], front.rouge1, where="post", color="tab:red", label="Pareto front")
     axes.scatter(front[column], front.rouge1, color="tab:red", zorder=3)
-    for _, cell in cells.iterrows():
-        axes.annotate(cell.label, (cell[column], cell.rouge1), fontsize=7,
+    # Points carry numbers, and a key beside the axes names them: long labels next to close
+    # points would overlap.
+    key = []
+    for number, (_, cell) in enumerate(cells.iterrows(), start=1):
+        axes.annotate(str(number), (cell[column], cell.rouge1), fontsize=8,
                       xytext=(4, 2), textcoords="offset points")
+        key.append(f"{number}  {cell.label}")
+    axes.text(1.02, 1, "\n".join(key), transform=axes.transAxes, fontsize=7, va="top",
+              family="monospace")
+    axes.set_xlim(left=0)  # from zero: the distances between cells are their real ratios
     axes.set_xlabel(label)
     axes.set_ylabel("ROUGE-1")
     axes.set_title(f"ROUGE-1 against {what}")
-    axes.legend(loc="lower right")
+    axes.legend(loc="lower left", bbox_to_anchor=(1.01, 0))  # outside, under the key
     _save(figure, path)
     return Chart(f"ROUGE-1 against {what}", path, caption)
 
@@ -155,13 +164,17 @@ def learning_curves(ok: pd.DataFrame, curves: dict, path: Path) -> Chart | None:
     with_rouge = any(series["eval_rouge1"] for series in lines.values())
     columns = 2 if with_rouge else 1
     figure, panels = plt.subplots(1, columns, figsize=(4 + 5 * columns, 4.5), squeeze=False)
-    for label, series in sorted(lines.items()):
+    for number, (label, series) in enumerate(sorted(lines.items())):
         epoch_at = dict(series["epoch"])  # step -> epoch
+        # A colour, line style and marker of its own per line, so that none reads as another.
+        style = {"color": plt.get_cmap("tab10")(number % 10),
+                 "linestyle": ("-", "--", ":", "-.")[number % 4],
+                 "marker": ("o", "s", "^", "D", "v")[number % 5]}
         for axes, name in zip(panels[0], ("eval_loss", "eval_rouge1")):
             points = [(epoch_at[step], value) for step, value in series[name]
                       if step in epoch_at]
             if points:
-                axes.plot(*zip(*points), marker="o", label=label)
+                axes.plot(*zip(*points), label=label, **style)
     for axes, name in zip(panels[0], ("eval loss", "eval ROUGE-1")):
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("epoch")

@@ -162,9 +162,9 @@ def flat_params(cell: dict, cfg: DictConfig) -> dict:
 
 
 def method_label(name: str, optimizer: str) -> str:
-    """full, full-sgd, lora, lomo, ...: SGD is news only where AdamW is the default (LOMO is SGD
-    by definition)."""
-    return f"{name}-sgd" if optimizer == "sgd" and name != "lomo" else name
+    """full, full_sgd, lora, lomo, ...: the option's name (method=full_sgd is full fine-tuning
+    with SGD); SGD is news only where AdamW is the default (LOMO is SGD by definition)."""
+    return f"{name}_sgd" if optimizer == "sgd" and name != "lomo" else name
 
 
 def run_name(cell: dict) -> str:

@@ -140,9 +140,23 @@ def table(rows: pd.DataFrame, source: str) -> pd.DataFrame:
                                                            rows.tokens_per_s_std)]
     shown["tokens/USD"] = [_number(v, float("nan"), 0) for v in rows.train_tokens_per_usd]
     shown["runs"] = rows.runs.astype(str)
-    shown["status"] = [status if status == "ok" or not reason else f"{status}: {reason}"
-                       for status, reason in zip(rows.status, rows.reason)]
+    shown["status"] = status_notes(rows)[0]
     return shown
+
+
+def status_notes(rows: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """The status column, kept narrow: `ok`, or the status and a note number; and the notes,
+    one per distinct reason, in order."""
+    notes, column = [], []
+    for status, reason in zip(rows.status, rows.reason):
+        if status == "ok" or not reason:
+            column.append(status)
+            continue
+        note = f"{status}: {reason}"
+        if note not in notes:
+            notes.append(note)
+        column.append(f"{status} [{notes.index(note) + 1}]")
+    return column, notes
 
 
 def beside_reference(rows: pd.DataFrame) -> pd.DataFrame:
@@ -174,11 +188,39 @@ def beside_reference(rows: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
-def findings(rows: pd.DataFrame, source: str) -> list[str]:
-    """Sentences the runs support, each computed from them; none where the data is missing."""
+def setup(runs: pd.DataFrame) -> str:
+    """What ran, in words, before any number: the models and their weights, the data, the
+    devices."""
+    runs = runs.reindex(columns=sorted({*runs.columns, "params.model.name", "params.model.source",
+                                        "params.data.name", "tags.device"}))
+    weights = {"hub": " (weights from the hub)", "random": " (random weights)", "": ""}
+    models = [f"{name}{weights.get(source, f' (weights from {source})')}" for name, source in
+              sorted(set(zip(runs["params.model.name"], runs["params.model.source"].fillna(""))))
+              if isinstance(name, str)]
+    data = sorted(set(runs["params.data.name"].dropna()))
+    devices = sorted(set(runs["tags.device"].dropna()))
+    return (f"What ran: {', '.join(models)}; data {', '.join(data) or 'unknown'}; on "
+            f"{', '.join(devices) or 'a device the runs do not record'}.")
+
+
+def toy_runs(runs: pd.DataFrame, source: str) -> bool:
+    """Whether the runs are random-init models on a CPU: they show the harness works, not how the
+    methods compare."""
+    return source == "host" and set(runs.get("params.model.source", pd.Series())) == {"random"}
+
+
+def findings(rows: pd.DataFrame, source: str, toy: bool = False) -> list[str]:
+    """Sentences the runs support, each computed from them; none where the data is missing, and
+    no comparison where the runs cannot show one (`toy`)."""
     ok = rows[rows.status == "ok"]
     memory = charts.peak_metric(source)
     said = []
+    if toy:
+        said.append("These runs are random-init models trained for a few steps on a CPU: they "
+                    "show the harness working end to end, not how the methods compare. Their "
+                    "ROUGE and host memory are not results; for those, run an experiment on a "
+                    "GPU with real weights (make sweep EXP=reference_table).")
+        ok = ok.iloc[:0]
     for model, cells_of_model in ok.groupby("model", sort=False):
         full = cells_of_model[(cells_of_model.method == "full")
                               & (cells_of_model.precision == "fp32")]
@@ -273,7 +315,8 @@ def render(experiment: str, tracking_uri: str, out: Path) -> dict:
     made = charts.draw(rows, source, out,
                        curves=histories(client, rows, ("epoch", "eval_loss", "eval_rouge1")),
                        memory_series=histories(client, rows, (charts.series_metric(source),)))
-    said = findings(rows, source)
+    toy = toy_runs(runs, source)
+    said = findings(rows, source, toy)
     reference_source, _ = reference.load()
     matched = beside_reference(rows)
     note = ("ROUGE is F1 x 100 on the test split; train time is the training loop alone; GPU "
@@ -284,8 +327,12 @@ def render(experiment: str, tracking_uri: str, out: Path) -> dict:
     if source == "host":
         note += (" This store has no GPU figures (the cells ran without CUDA): memory ratios "
                  "and charts use host memory.")
-    parts = [f"# Experiment `{experiment}`", f"{len(runs)} runs, {len(rows)} rows. {note}",
+    parts = [f"# Experiment `{experiment}`", setup(runs),
+             f"{len(runs)} runs, {len(rows)} rows. {note}",
              table(rows, source).to_markdown(index=False, disable_numparse=True)]
+    _, notes = status_notes(rows)
+    if notes:
+        parts.append("\n".join(f"{number}. {note}" for number, note in enumerate(notes, 1)))
     if len(matched):
         parts += ["## Beside the reference", f"Reference figures: {reference_source}.",
                   matched.to_markdown(index=False, disable_numparse=True)]
@@ -294,7 +341,10 @@ def render(experiment: str, tracking_uri: str, out: Path) -> dict:
     parts += ["## Charts"] + [f"![{chart.title}]({chart.path.name})\n\n{chart.caption}"
                               for chart in made]
     advice = recommendation(rows)
-    if len(advice):
+    if len(advice) and toy:
+        parts += ["## Recommendation", "None from these runs: random-init models on a CPU "
+                  "say nothing about which cell to choose (see Findings)."]
+    elif len(advice):
         by = ("its training cost" if rows[rows.status == "ok"].cost_usd.notna().all()
               else "its training time (these runs have no price: set cost.usd_per_hour)")
         parts += ["## Recommendation",
@@ -303,8 +353,8 @@ def render(experiment: str, tracking_uri: str, out: Path) -> dict:
                   "peak marked (estimate) is the plan's estimate: that cell has no GPU "
                   "measurement.", advice.to_markdown(index=False, disable_numparse=True)]
     (out / "report.md").write_text("\n\n".join(parts) + "\n")
-    deck = slides.deck(experiment, len(runs), source, table(rows, source), made, said,
-                       reference_source if len(matched) else None)
+    deck = slides.deck(experiment, setup(runs), len(runs), source, table(rows, source), made,
+                       said, reference_source if len(matched) else None)
     (out / "slides.md").write_text(deck)
     return {"report": out / "report.md", "slides": out / "slides.md",
             **{chart.path.stem: chart.path for chart in made}}

@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import platform
 import re
 import signal
 import socket
@@ -69,6 +70,7 @@ def run(cfg: DictConfig) -> str:
                 if gpu is not None:
                     client.set_tag(run_id, "gpu", gpu)
                 record.gpu = gpu
+                client.set_tag(run_id, "device", _device(gpu))
                 scratch = Path(folder)
                 try:
                     _run_in_process(cfg, cell, scratch, record, gpu)
@@ -103,6 +105,14 @@ def run(cfg: DictConfig) -> str:
     if not _in_sweep():  # a sweep ends with its summary instead
         print(_headline(client.get_run(run_id), cfg.tracking))
     return status
+
+
+def _device(gpu: str | None) -> str:
+    """What the cell ran on, in words: its GPU's name, else the host's processor."""
+    found = gpus.describe([gpu]) if gpu is not None else []
+    if found:
+        return found[0]["name"]
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def _headline(run, tracking_cfg) -> str:

@@ -21,14 +21,14 @@ SLIDE_COLUMNS = ("model", "method", "precision", "rank", "ROUGE-1", "train time 
                  "memory / full FT", "tokens/s", "status")
 
 
-def deck(experiment: str, run_count: int, source: str, table: pd.DataFrame, charts: list,
-         findings: list[str], reference_source: str | None) -> str:
-    slides = [_setup(experiment, run_count, source, reference_source)]
+def deck(experiment: str, what_ran: str, run_count: int, source: str, table: pd.DataFrame,
+         charts: list, findings: list[str], reference_source: str | None) -> str:
+    slides = [_setup(experiment, what_ran, run_count, source, reference_source)]
     compact = table.rename(columns={f"{source} memory / full FT": "memory / full FT"})
     compact = compact[[column for column in SLIDE_COLUMNS if column in compact]]
     memory_column = "GPU memory (MiB)" if source == "GPU" else "CPU memory (MiB)"
     compact.insert(5, memory_column, table[memory_column])
-    compact["status"] = compact.status.str.split(":").str[0]  # reasons are in report.md
+    compact["status"] = compact.status.str.split(" ").str[0]  # the notes are in report.md
     pages = range(0, len(compact), ROWS_PER_SLIDE)
     for number, start in enumerate(pages, start=1):
         part = f" ({number}/{len(pages)})" if len(pages) > 1 else ""
@@ -42,8 +42,9 @@ def deck(experiment: str, run_count: int, source: str, table: pd.DataFrame, char
     return FRONT_MATTER + "\n" + "\n\n---\n\n".join(slides) + "\n"
 
 
-def _setup(experiment: str, run_count: int, source: str, reference_source) -> str:
-    lines = [f"# Fine-tuning flan-t5: experiment `{experiment}`", "",
+def _setup(experiment: str, what_ran: str, run_count: int, source: str,
+           reference_source) -> str:
+    lines = [f"# Fine-tuning flan-t5: experiment `{experiment}`", "", f"- {what_ran}",
              f"- {run_count} runs from MLflow; one fresh process per cell, memory sampled every "
              "10 ms (NVML per process on a GPU, RSS of the process tree on the host)",
              "- ROUGE: F1 x 100 on the test split; train time: the training loop alone",

@@ -65,9 +65,10 @@ def summary(jobs: list[DictConfig]) -> pd.DataFrame:
         rows.append({
             "cell": cells_config.run_name(cell),
             "status": run.data.tags.get("status", "") if run else "not run",
-            "time (s)": ((run.info.end_time - run.info.start_time) / 1000
-                         if run and run.info.end_time else None),
-            "train time (s)": metrics.get("train_time_s"),
+            "wall time (min)": ((run.info.end_time - run.info.start_time) / 60000
+                                if run and run.info.end_time else None),
+            "train time (min)": (metrics["train_time_s"] / 60 if "train_time_s" in metrics
+                                 else None),
             "GPU peak (MiB)": metrics.get("gpu_peak_mib"),
             "CPU peak (MiB)": metrics.get("cpu_peak_mib"),
             "why": run.data.tags.get("status_reason", "") if run else ""})

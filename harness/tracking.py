@@ -1,4 +1,4 @@
-"""MLflow: one run per cell, named as DESIGN.md's contract says (params, metrics, tags, artifacts).
+"""MLflow: one run per cell, named as the contract of docs/design.md says (params, metrics, tags, artifacts).
 
 The runner alone writes to MLflow: it creates the run, writes the metrics, tags and artifacts the
 cell process sends it as they arrive (so nothing finished is lost if the cell dies later), adds

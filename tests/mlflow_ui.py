@@ -1,8 +1,8 @@
 """The MLflow UI in a real headless Chromium (Debian's, driven by Playwright): what a user sees of
-an experiment. Used by tests/test_ui.py, and to take the screenshots in reports/demo/:
+an experiment. Used by tests/test_ui.py, and to take the screenshots in docs/demo/:
 
   python -m tests.mlflow_ui --tracking-uri sqlite:///mlflow.db --experiment demo \
-      --out reports/demo/mlflow-ui.png
+      --out docs/demo/mlflow-ui.png
 """
 
 import argparse
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     parser.add_argument("--experiment", default="demo")
-    parser.add_argument("--out", type=Path, default=Path("reports/demo/mlflow-ui.png"))
+    parser.add_argument("--out", type=Path, default=Path("docs/demo/mlflow-ui.png"))
     args = parser.parse_args(argv)
     with mlflow_ui(args.tracking_uri, args.out.with_suffix(".log")) as address:
         seen = browse(address, args.tracking_uri, args.experiment, args.out,

@@ -26,7 +26,7 @@ def test_demo_grid_runs_and_reports_a_row_per_run(tmp_path):
     # Ranks collapse for the methods without adapters; int8 skips every method but lora.
     assert outcome == sorted([
         ("t5-tiny/full/fp32", "ok"), ("t5-tiny/full/int8", "skipped"),
-        ("t5-tiny/full-sgd/fp32", "ok"), ("t5-tiny/full-sgd/int8", "skipped"),
+        ("t5-tiny/full_sgd/fp32", "ok"), ("t5-tiny/full_sgd/int8", "skipped"),
         ("t5-tiny/lomo/fp32", "ok"), ("t5-tiny/lomo/int8", "skipped"),
         *[(f"t5-tiny/lora-r{r}/{p}", "ok") for r in (4, 8) for p in ("fp32", "int8")],
         *[(f"t5-tiny/lora_lomo-r{r}/fp32", "ok") for r in (4, 8)],
@@ -140,3 +140,28 @@ def test_without_the_hub_a_cell_and_a_sweep_are_refused_before_anything_runs(tmp
     assert sweep.returncode == 2 and "dataset Samsung/samsum" in sweep.stderr
     assert "[harness] cell" not in sweep.stdout and "Traceback" not in sweep.stderr
     assert runs_of({"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "hub") == []
+
+
+def test_make_help_lists_the_targets_and_the_experiments():
+    result = subprocess.run(["make", "-s", "help"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0
+    for target in ("install", "test", "demo", "plan", "sweep", "report", "ui", "bench",
+                   "gpu-check"):
+        assert f"make {target}" in result.stdout
+    experiments = sorted(path.stem for path in (REPO / "experiments").glob("*.yaml"))
+    assert f"experiments (EXP=...):  {' '.join(experiments)}" in result.stdout
+
+
+def test_the_repository_stands_alone_and_a_demo_leaves_its_clone_clean():
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert "docs/design.md" in tracked and "docs/demo/report.md" in tracked
+    pointing = subprocess.run(["git", "grep", "-l", "DESIGN.md", "--", ".", ":!tests/test_cli.py"],
+                              cwd=REPO, capture_output=True, text=True)
+    assert pointing.stdout == ""  # no file points outside the repository
+    assert "docs/design.md" in (REPO / "README.md").read_text()
+    # What make demo writes is not tracked: a first `make demo` leaves `git status` clean.
+    assert not [path for path in tracked if path.startswith("reports/demo/")]
+    assert subprocess.run(["git", "check-ignore", "-q", "reports/demo/report.md"],
+                          cwd=REPO).returncode == 0

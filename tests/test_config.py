@@ -61,7 +61,7 @@ def test_lomo_methods_have_their_own_rates():
     assert (lora_lomo.train.lr, lora_lomo.method.lr_base) == (2e-3, 1e-3)
     assert compose_cell("method=lomo").train.lr == 1e-3
     assert config.run_name(config.cell_config(
-        compose_cell("method=full", "method.optimizer=sgd"))) == "t5-tiny/full-sgd/fp32"
+        compose_cell("method=full", "method.optimizer=sgd"))) == "t5-tiny/full_sgd/fp32"
     assert config.run_name(config.cell_config(compose_cell("method=lora_lomo"))) == \
         "t5-tiny/lora_lomo-r8/fp32"
 
@@ -154,7 +154,7 @@ def test_demo_experiment_extends_the_defaults_with_its_grid():
     assert cfg.hydra.mode.name == "MULTIRUN"
 
 
-REFERENCE_ROWS = {  # DESIGN.md's reference table, plus LoRA+LOMO for each size
+REFERENCE_ROWS = {  # the study's table (docs/design.md), plus LoRA+LOMO for each size
     "base_full": ("flan-t5-base", "full", "fp32"), "base_lora": ("flan-t5-base", "lora", "fp32"),
     "large_lora": ("flan-t5-large", "lora", "fp32"), "xl_lora": ("flan-t5-xl", "lora", "fp32"),
     "xl_lora_fp16": ("flan-t5-xl", "lora", "fp16"), "xl_lora_int8": ("flan-t5-xl", "lora", "int8"),

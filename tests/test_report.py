@@ -165,6 +165,26 @@ def test_the_recommendation_picks_per_gpu_budget_the_best_and_the_cheapest_close
     assert "(estimate)" in report.recommendation(rows).iloc[0]["best ROUGE-1"]
 
 
+def test_toy_runs_say_what_they_cannot_show(tmp_path):
+    # Random-init models on a CPU: no comparison, no recommendation, and the setup says so.
+    _log.started.clear()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("golden", artifact_location=str(tmp_path / "a"))
+    for method, cpu, rouge1 in (("full", 700.0, 10.0), ("lora", 650.0, 9.0)):
+        metrics = {key: value for key, value in _measured(rouge1, 0.0, cpu=cpu).items()
+                   if key != "gpu_peak_mib"}
+        params = {**_cell("t5-mini", method, "fp32", 8 if method == "lora" else None),
+                  "model.source": "random", "data.name": "fixture"}
+        _log(client, experiment, method, params, metrics, "ok")
+    markdown = _render(uri, tmp_path / "out")["report.md"].decode()
+    assert "What ran: t5-mini (random weights); data fixture;" in markdown
+    assert markdown.index("What ran:") < markdown.index("| model")
+    findings = markdown[markdown.index("## Findings"):markdown.index("## Charts")]
+    assert "not how the methods compare" in findings and "% of full fine-tuning" not in findings
+    assert "None from these runs" in markdown
+
+
 def test_unknown_experiment_names_the_ones_there(golden_store, capsys):
     assert report.main(["--experiment", "nope", "--tracking-uri", golden_store]) == 2
     error = capsys.readouterr().err
