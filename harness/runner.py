@@ -74,6 +74,10 @@ def run(cfg: DictConfig) -> str:
                 scratch = Path(folder)
                 try:
                     _run_in_process(cfg, cell, scratch, record, gpu)
+                    if record.outcome[0] == "ok" and (scratch / "adapter").is_dir():
+                        tracking.log_adapter_model(client, experiment_id, run_id,
+                                                   cfg.tracking.uri, scratch / "adapter",
+                                                   _adapter_model_config(cfg, cell))
                 finally:  # the memory trace so far, however the cell ended
                     if (scratch / "sampler.csv").exists():
                         _record_memory(record, scratch, cfg.sampler, name)
@@ -105,6 +109,12 @@ def run(cfg: DictConfig) -> str:
     if not _in_sweep():  # a sweep ends with its summary instead
         print(_headline(client.get_run(run_id), cfg.tracking))
     return status
+
+
+def _adapter_model_config(cfg: DictConfig, cell: dict) -> dict:
+    """What the adapter's MLflow model needs to rebuild its base and summarise as the cell did."""
+    return {"model": cell["model"], "prefix": cfg.data.get("prefix", ""),
+            "max_new_tokens": cfg.eval.max_new_tokens}
 
 
 def _device(gpu: str | None) -> str:

@@ -9,8 +9,10 @@ import fcntl
 import hashlib
 import json
 import time
+from importlib.metadata import version
 from pathlib import Path
 
+import mlflow
 import requests
 from mlflow import MlflowClient
 from mlflow.data.code_dataset_source import CodeDatasetSource
@@ -103,6 +105,28 @@ def end_run(client: MlflowClient, run_id: str, status: str, reason: str = "") ->
         client.set_tag(run_id, "mlflow.note.content", f"**{status}**" + (f": {reason}" if reason
                                                                          else ""))
     client.set_terminated(run_id, RUN_STATUS[status])
+
+
+# What the adapter's MLflow model needs installed, at the versions that made it.
+MODEL_REQUIREMENTS = ("torch", "transformers", "peft", "omegaconf", "datasets", "pandas", "numpy",
+                      "mlflow")
+
+
+def log_adapter_model(client: MlflowClient, experiment_id: str, run_id: str,
+                      tracking_uri: str, adapter: Path, model_config: dict) -> str:
+    """The run's LoRA adapter as an MLflow model (harness/adapter_model.py), linked to the run
+    (the UI's Models column); its id."""
+    from harness import adapter_model  # its module imports mlflow.pyfunc, only needed here
+
+    logged = client.create_logged_model(experiment_id, name="adapter", source_run_id=run_id)
+    mlflow.set_tracking_uri(tracking_uri)  # log_model writes through MLflow's fluent API
+    mlflow.pyfunc.log_model(
+        name="adapter", python_model=adapter_model.__file__, model_id=logged.model_id,
+        artifacts={"adapter": str(adapter)}, model_config=model_config,
+        code_paths=[str(Path(adapter_model.__file__).parent)],
+        pip_requirements=[f"{package}=={version(package).split('+')[0]}"
+                          for package in MODEL_REQUIREMENTS])
+    return logged.model_id
 
 
 # MLflow's names for what a dataset was used for.

@@ -2,6 +2,7 @@
 
 import json
 
+import mlflow
 import pandas as pd
 import pytest
 import torch
@@ -91,6 +92,18 @@ def test_a_finished_run_carries_every_contract_name(store, cell_overrides):
         "fixture-test": "testing"}
     assert json.loads(inputs["fixture-train"].dataset.profile) == {"num_rows": 400}
     assert inputs["fixture-train"].dataset.source_type == "code"
+    # The adapter as an MLflow model of the run (the UI's Models column): adapter weights only,
+    # loadable back with MLflow's pyfunc flavour, summarising dialogues.
+    logged = client.search_logged_models([run.info.experiment_id])
+    assert [model.source_run_id for model in logged] == [run.info.run_id]
+    files = {a.path for a in client.list_logged_model_artifacts(logged[0].model_id,
+                                                                 "artifacts/adapter")}
+    assert "artifacts/adapter/adapter_model.safetensors" in files
+    assert not any(path.endswith("/model.safetensors") for path in files)
+    mlflow.set_tracking_uri(store["uri"])
+    summarizer = mlflow.pyfunc.load_model(f"models:/{logged[0].model_id}")
+    summaries = summarizer.predict(["Anna: Shall we meet at 5?", "Ben: I left the keys."])
+    assert len(summaries) == 2 and all(isinstance(text, str) for text in summaries)
 
 
 def test_a_recipe_cell_logs_its_resolved_lengths_and_its_estimate(store, cell_overrides):
