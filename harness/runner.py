@@ -81,11 +81,8 @@ def run(cfg: DictConfig) -> str:
                 finally:  # the memory trace so far, however the cell ended
                     if (scratch / "sampler.csv").exists():
                         _record_memory(record, scratch, cfg.sampler, name)
-                    if record.datasets:  # the same data under the same tokenizer: one digest
-                        identity = json.dumps([cell["data"], data.tokenizer_identity(cfg.model),
-                                               record.params], sort_keys=True, default=str)
-                        tracking.log_datasets(client, run_id, cfg.data, record.datasets,
-                                              identity)
+                    if record.datasets:
+                        _record_datasets(record, cfg, cell)
             _record_estimate(record, cfg, cell)
             _record_cost(record, cfg)
         except KeyboardInterrupt as stop:
@@ -354,6 +351,19 @@ def _record_cost(record: CellRecord, cfg: DictConfig) -> None:
     record.log(cost.of_run(rate[0], **trained))
     record.client.log_batch(record.run_id, tags=[RunTag("cost_usd_per_hour", f"{rate[0]:g}"),
                                                  RunTag("cost_price_from", rate[1])])
+
+
+def _record_datasets(record: CellRecord, cfg: DictConfig, cell: dict) -> None:
+    """The splits the cell loaded as the run's dataset inputs; the same data under the same
+    tokenizer and cut has one digest. A failure here leaves the cell's outcome as it is."""
+    identity = json.dumps([cell["data"], data.tokenizer_identity(cfg.model), record.params],
+                          sort_keys=True, default=str)
+    try:
+        tracking.log_datasets(record.client, record.run_id, cfg.data, record.datasets, identity)
+    except Exception:
+        traceback.print_exc()
+        record.client.set_tag(record.run_id, "datasets", "not recorded: "
+                              + traceback.format_exc().strip().splitlines()[-1])
 
 
 def _record_estimate(record: CellRecord, cfg: DictConfig, cell: dict) -> None:

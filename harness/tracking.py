@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.exceptions import MlflowException
 
 from harness.errors import ConfigError
 
@@ -145,7 +146,16 @@ def log_datasets(client: MlflowClient, run_id: str, data_cfg, rows: dict, identi
                           profile=json.dumps({"num_rows": count}))
         inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context",
                                                            CONTEXTS[split])]))
-    client.log_inputs(run_id, datasets=inputs)
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as error:
+            # Cells of a parallel sweep log the same dataset at once; the store keeps one row
+            # per dataset, and the insert that loses the race fails: the row exists now.
+            if "UNIQUE" not in str(error) or attempt == 2:
+                raise
+            time.sleep(0.5)
 
 
 def _dataset_source(data_cfg, split: str) -> tuple[str, str]:

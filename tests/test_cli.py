@@ -53,12 +53,13 @@ def test_demo_grid_runs_and_reports_a_row_per_run(tmp_path):
     markdown = (out / "report.md").read_text()
     rows = [line for line in markdown.splitlines() if line.startswith("| t5-tiny")]
     assert len(rows) == len(runs) == 14
-    header = [cell.strip() for cell in markdown.splitlines()[4].strip("|").split("|")]
-    assert header[:10] == ["model", "method", "precision", "rank", "ROUGE-1", "ROUGE-2",
-                           "train time (min)", "GPU memory (MiB)", "GPU estimate (MiB)",
-                           "CPU memory (MiB)"]
+    header_line = next(line for line in markdown.splitlines() if line.startswith("| model"))
+    header = [cell.strip() for cell in header_line.strip("|").split("|")]
+    assert header[:11] == ["model", "method", "precision", "rank", "ROUGE-1", "ROUGE-2",
+                           "train time (min)", "cost (USD)", "GPU memory (MiB)",
+                           "GPU estimate (MiB)", "CPU memory (MiB)"]
     # Every run that trained carries the plan's estimate of its cell, shown beside its memory.
-    estimated = [line.split("|")[9].strip() for line in rows if "| ok " in line]
+    estimated = [line.split("|")[10].strip() for line in rows if "| ok " in line]
     assert estimated and all(value.isdigit() for value in estimated)
 
 
