@@ -46,9 +46,22 @@ def browse(address: str, tracking_uri: str, experiment: str, table_png: Path,
                   "?workflowType=machine_learning")
         expect(page.get_by_text(f"{len(runs)} matching runs")).to_be_visible()
         # The count shows before the rows have rendered: wait for each run's row a while.
-        seen["table"] = [run.info.run_name for run in runs if _shows(page, run.info.run_name)]
+        seen["table"] = [run.info.run_name for run in runs
+                         if _shows(page.get_by_role("link", name=run.info.run_name))]
+        # The default columns: what each run trained on (Dataset), and its model (Models).
+        seen["datasets"] = page.get_by_text("fixture-train", exact=False).count()
+        seen["models"] = page.get_by_role("link", name="adapter").count()
         _close_assistant(page)
         page.screenshot(path=str(table_png))
+
+        # A run that did not end ok says why on its page (its description).
+        not_ok = [run for run in runs if run.data.tags.get("status") != "ok"]
+        if not_ok:
+            page.get_by_role("link", name=not_ok[0].info.run_name).first.click()
+            reason = not_ok[0].data.tags["status_reason"]
+            # In the description, and again in the tags.
+            seen["why"] = _shows(page.get_by_text(reason[:40], exact=False))
+            page.go_back()
 
         first = runs[0]
         page.get_by_role("link", name=first.info.run_name).first.click()
@@ -68,9 +81,10 @@ def browse(address: str, tracking_uri: str, experiment: str, table_png: Path,
     return seen
 
 
-def _shows(page, run_name: str, timeout_ms: int = 15_000) -> bool:
+def _shows(locator, timeout_ms: int = 15_000) -> bool:
+    """Whether what the locator finds renders within the timeout."""
     try:
-        page.get_by_role("link", name=run_name).first.wait_for(timeout=timeout_ms)
+        locator.first.wait_for(timeout=timeout_ms)
         return True
     except PlaywrightTimeout:
         return False
