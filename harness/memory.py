@@ -163,7 +163,8 @@ def tensors_mib(tensors) -> float:
 
 
 def breakdown(model, optimizers) -> dict:
-    """The live parameters, gradients and optimizer state now, in MiB (the names of docs/design.md)."""
+    """The live parameters, gradients and optimizer state now, in MiB (named as in
+    docs/design.md)."""
     parameters = list(model.parameters())
     state = [value for optimizer in optimizers for per_parameter in optimizer.state.values()
              for value in per_parameter.values() if hasattr(value, "untyped_storage")]

@@ -129,17 +129,25 @@ def test_the_deck_is_marp_with_a_slide_per_section(golden_store, tmp_path):
     assert deck == (GOLDEN / "slides.md").read_text()
 
 
-def test_a_cpu_only_store_reports_host_memory_and_says_so(tmp_path):
+def _cpu_only_store(tmp_path, left_out: tuple, params: dict | None = None,
+                    series: bool = False) -> str:
+    """Two t5-mini cells (full, lora-r8) measured on host memory only; the store's URI."""
     _log.started.clear()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     experiment = client.create_experiment("golden", artifact_location=str(tmp_path / "a"))
     for method, cpu, rouge1 in (("full", 700.0, 10.0), ("lora", 650.0, 9.0)):
         metrics = {key: value for key, value in _measured(rouge1, 0.0, cpu=cpu).items()
-                   if key not in ("gpu_peak_mib", "mem_activations_mib")}
-        _log(client, experiment, method, _cell("t5-mini", method, "fp32",
-                                               8 if method == "lora" else None),
-             metrics, "ok", series=[("cpu_mib", [(0, 300.0), (500, cpu)])])
+                   if key not in left_out}
+        cell = {**_cell("t5-mini", method, "fp32", 8 if method == "lora" else None),
+                **(params or {})}
+        _log(client, experiment, method, cell, metrics, "ok",
+             series=[("cpu_mib", [(0, 300.0), (500, cpu)])] if series else ())
+    return uri
+
+
+def test_a_cpu_only_store_reports_host_memory_and_says_so(tmp_path):
+    uri = _cpu_only_store(tmp_path, ("gpu_peak_mib", "mem_activations_mib"), series=True)
     files = _render(uri, tmp_path / "out")
     markdown = files["report.md"].decode()
     assert "This store has no GPU figures" in markdown
@@ -167,16 +175,8 @@ def test_the_recommendation_picks_per_gpu_budget_the_best_and_the_cheapest_close
 
 def test_toy_runs_say_what_they_cannot_show(tmp_path):
     # Random-init models on a CPU: no comparison, no recommendation, and the setup says so.
-    _log.started.clear()
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(uri)
-    experiment = client.create_experiment("golden", artifact_location=str(tmp_path / "a"))
-    for method, cpu, rouge1 in (("full", 700.0, 10.0), ("lora", 650.0, 9.0)):
-        metrics = {key: value for key, value in _measured(rouge1, 0.0, cpu=cpu).items()
-                   if key != "gpu_peak_mib"}
-        params = {**_cell("t5-mini", method, "fp32", 8 if method == "lora" else None),
-                  "model.source": "random", "data.name": "fixture"}
-        _log(client, experiment, method, params, metrics, "ok")
+    uri = _cpu_only_store(tmp_path, ("gpu_peak_mib",),
+                          {"model.source": "random", "data.name": "fixture"})
     markdown = _render(uri, tmp_path / "out")["report.md"].decode()
     assert "What ran: t5-mini (random weights); data fixture;" in markdown
     assert markdown.index("What ran:") < markdown.index("| model")
