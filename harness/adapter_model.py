@@ -1,4 +1,5 @@
-"""A run's LoRA adapter as an MLflow model (pyfunc) that summarises dialogues:
+"""A run's LoRA adapter as an MLflow model (pyfunc) that summarises dialogues (or, for a model
+trained on instructions, answers prompts):
 
     summarizer = mlflow.pyfunc.load_model(f"models:/{model_id}")
     summarizer.predict(["Anna: Are we meeting at 5?\nBen: Yes, at the station."])
@@ -22,7 +23,7 @@ class Summarizer(PythonModel):
         import torch  # here: MLflow imports this file to log it, which needs none of them
         from omegaconf import OmegaConf
 
-        from harness import models  # first: the harness's filters before peft loads
+        from harness import families, models  # first: the harness's filters before peft loads
         from peft import PeftModel
 
         config = OmegaConf.create(context.model_config)
@@ -30,6 +31,8 @@ class Summarizer(PythonModel):
         base = models.load_model(config.model, "fp32", True, torch.device("cpu"))
         self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"]).eval()
         self.prefix, self.max_new_tokens = config.prefix, config.max_new_tokens
+        self.family = families.of(config.model)
+        self.tokenizer.padding_side = "left"  # a causal model continues where its prompt ends
 
     def predict(self, context, model_input: list[str], params=None) -> list[str]:
         import torch
@@ -39,8 +42,9 @@ class Summarizer(PythonModel):
         with torch.no_grad():
             output = self.model.generate(**batch, max_new_tokens=self.max_new_tokens,
                                          num_beams=1, do_sample=False)
+        new = self.family.new_tokens(output, batch["input_ids"])
         return [text.strip() for text in
-                self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+                self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 mlflow.models.set_model(Summarizer())

@@ -26,9 +26,8 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
-from transformers import DataCollatorForSeq2Seq
 
-from harness import config, data, evaluate, methods, models
+from harness import config, data, evaluate, families, methods, models
 from harness.sampler import MIB
 from harness.train import Diverged, synchronize, train
 
@@ -116,7 +115,7 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
     with log.phase("load"):
         load_start = time.perf_counter()
         tokenizer = models.load_tokenizer(cfg.model)
-        model = models.load_model(cfg.model, precision, methods.base_frozen(method), device)
+        model = models.load_model(cfg.model, cfg.precision, methods.base_frozen(method), device)
         model = methods.prepare(model, cfg)
         text, splits, lengths = data.load(cfg.data, cfg.model, tokenizer, cache_dir)
         if text is None:
@@ -134,7 +133,8 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
             # of training is training's own.
             torch.cuda.empty_cache()
 
-    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    family = families.of(cfg.model)
+    collate = family.collate(tokenizer)
     with log.phase("train"):
         shuffle = torch.Generator().manual_seed(cfg.train.seed)
         train_loader = DataLoader(splits["train"], batch_size=cfg.train.batch_size,
@@ -143,7 +143,7 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
                                        batch_size=cfg.eval.batch_size, collate_fn=collate)
         def validation_rouge():  # ROUGE learning curves (eval.rouge_every_epoch)
             return _rouge(model, tokenizer, splits["validation"], text["validation"], cfg,
-                          collate, device)[0]
+                          device)[0]
 
         per_epoch = cfg.eval.rouge_every_epoch and text is not None
         result = train(model, train_loader, validation_loader, cfg, device, log,
@@ -160,7 +160,7 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
         with log.phase("eval"):
             eval_start = time.perf_counter()
             scores, references, predictions = _rouge(model, tokenizer, splits["test"],
-                                                     text["test"], cfg, collate, device)
+                                                     text["test"], cfg, device)
             synchronize(device)
             log({**scores, "eval_time_s": time.perf_counter() - eval_start})
             _log_predictions(log, references, predictions)
@@ -169,14 +169,17 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
         _log_adapter(log, model)
 
 
-def _rouge(model, tokenizer, tokens, references, cfg, collate, device):
+def _rouge(model, tokenizer, tokens, references, cfg, device):
     """ROUGE of generations for the first eval.max_samples examples of one split:
     (scores, references, predictions)."""
+    family = families.of(cfg.model)
     tokens, references = (_first(split, cfg.eval.max_samples) for split in (tokens, references))
-    loader = DataLoader(tokens, batch_size=cfg.eval.batch_size, collate_fn=collate)
+    loader = DataLoader(tokens, batch_size=cfg.eval.batch_size,
+                        collate_fn=family.generation_collate(tokenizer))
     predictions = evaluate.generate(model, tokenizer, loader, cfg.eval, cfg.precision.name,
-                                    device)
-    return evaluate.rouge(predictions, references["summary"]), references, predictions
+                                    device, family)
+    return (evaluate.rouge(predictions, references["target"], cfg.data.get("rouge_unit", "words")),
+            references, predictions)
 
 
 def _first(split, count: int | None):
@@ -188,7 +191,7 @@ def _first(split, count: int | None):
 def _log_predictions(log: ToRunner, references, predictions) -> None:
     path = log.scratch / "predictions.csv"
     # Quote every field: an untrained model's output can hold a bare carriage return.
-    pd.DataFrame({"id": references["id"], "reference": references["summary"],
+    pd.DataFrame({"id": references["id"], "reference": references["target"],
                   "prediction": predictions}).to_csv(path, index=False, quoting=csv.QUOTE_ALL)
     log.artifact(path)
 

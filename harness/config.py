@@ -22,7 +22,13 @@ FUSED_METHODS = ("lomo", "lora_lomo")    # base weights updated inside backward 
 ADAPTER_KEYS = ("r", "alpha", "dropout", "target_modules")
 MODEL_SOURCES = ("hub", "random")
 TOKENIZERS = ("auto", "byte", "hub")
-OPTIMIZERS = ("adamw", "sgd")
+# torch's, and bitsandbytes' 8-bit and paged AdamW (harness/optimizers.py; not imported here:
+# a config error is refused before torch loads).
+OPTIMIZERS = ("adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+PAGED_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit")
+QUANTIZED = ("int8", "nf4")  # bitsandbytes base weights (harness/models.py)
+FAMILIES = ("seq2seq", "causal")
+NF4_OPTIONS = {"quant_type": ("nf4", "fp4"), "compute_dtype": ("bf16", "fp16", "fp32")}
 ATTENTION = ("sdpa", "eager")
 START_METHODS = ("auto", "forkserver", "spawn")
 # The groups that define what a cell computes; tracking, runner and sampler say where and how.
@@ -32,16 +38,35 @@ OTHER_GROUPS = ("tracking", "runner", "sampler", "cost")
 
 def invalid_cell_reason(cfg: DictConfig) -> str | None:
     """Why this combination cannot run at all, or None. Sweeps record such cells as skipped."""
-    method = cfg.method.name
-    if cfg.precision.name == "int8" and method != "lora":
-        return (f"method={method} updates the base weights, which precision=int8 stores "
-                "quantized and cannot update: use method=lora with int8, or precision=fp32 / "
-                "bf16 / fp16 with this method")
+    method, precision = cfg.method.name, cfg.precision.name
+    if precision in QUANTIZED and method != "lora":
+        return (f"method={method} updates the base weights, which precision={precision} stores "
+                f"quantized and cannot update: use method=lora with {precision}, or "
+                "precision=fp32 / bf16 / fp16 with this method")
+    targets = cfg.method.get("target_modules")
+    known = cfg.model.get("lora_targets")
+    if method in ADAPTER_METHODS and known and not set(targets) <= set(known):
+        return (f"method.target_modules={list(targets)} names modules that model="
+                f"{cfg.model.name} ({cfg.model.architecture.model_type}) does not have: its LoRA "
+                f"targets are {', '.join(known)} (default {list(cfg.model.default_lora_targets)})")
+    if cfg.model.family == "seq2seq" and cfg.data.get("train_on_inputs"):
+        return (f"data.train_on_inputs=true is for causal models, whose labels are the prompt and "
+                f"the response; model={cfg.model.name} is seq2seq, whose labels are the target "
+                "alone: set data.train_on_inputs=false, or use a causal model")
     if method in FUSED_METHODS and cfg.train.grad_accum_steps != 1:
         return (f"method={method} updates each base weight inside backward and frees its "
                 "gradient, so gradients cannot accumulate over micro-batches "
                 f"(train.grad_accum_steps={cfg.train.grad_accum_steps}): set "
                 "train.grad_accum_steps=1 and raise train.batch_size instead")
+    return None
+
+
+def machine_reason(cfg: DictConfig, cuda: bool) -> str | None:
+    """Why this machine cannot run the cell, or None (the plan still estimates it for a GPU)."""
+    if cfg.method.optimizer in PAGED_OPTIMIZERS and not cuda:
+        return (f"method.optimizer={cfg.method.optimizer} pages its state between the GPU and the "
+                "host through CUDA unified memory, and this machine has no CUDA device: use "
+                "method.optimizer=adamw_8bit (the same 8-bit state, unpaged) or adamw here")
     return None
 
 
@@ -58,6 +83,14 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.tokenizer not in TOKENIZERS:
         raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r}; expected one of "
                           f"{', '.join(TOKENIZERS)}")
+    if cfg.model.family not in FAMILIES:
+        raise ConfigError(f"model.family={cfg.model.family!r}; expected seq2seq (encoder-decoder "
+                          "such as T5) or causal (decoder-only such as GPT-NeoX)")
+    if cfg.precision.name == "nf4":
+        for key, choices in NF4_OPTIONS.items():
+            if cfg.precision[key] not in choices:
+                raise ConfigError(f"precision.{key}={cfg.precision[key]!r}; expected one of "
+                                  f"{', '.join(choices)}")
     if cfg.model.attn_implementation not in ATTENTION:
         raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation!r}; expected "
                           "sdpa (PyTorch's fused attention) or eager (matmul and softmax)")
@@ -80,7 +113,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"method.dropout={cfg.method.dropout}; expected 0 <= dropout < 1")
         if not cfg.method.target_modules:
             raise ConfigError("method.target_modules is empty; expected module names such as "
-                              "[q,v] (T5 attention: q, k, v, o; feed-forward: wi_0, wi_1, wo)")
+                              "[q,v] (T5 attention: q, k, v, o; feed-forward: wi_0, wi_1, wo; "
+                              "GPT-NeoX and BLOOM: query_key_value, dense, ...)")
     for key in ("train.batch_size", "train.grad_accum_steps", "train.epochs", "eval.batch_size",
                 "eval.num_beams", "eval.max_new_tokens"):
         _check_positive(cfg, key, integer=True)
@@ -120,9 +154,11 @@ def _check_known_keys(cfg: DictConfig) -> None:
 
 @functools.cache
 def _group_keys(group: str) -> set:
-    """Every top-level key of the options of a config group (conf/<group>/*.yaml)."""
-    return {key for path in (CONF_DIR / group).glob("*.yaml")
-            for key in OmegaConf.load(path) if key != "defaults"}
+    """Every top-level key of the options of a config group (conf/<group>/*.yaml), and its
+    nested groups (conf/data/template/)."""
+    folder = CONF_DIR / group
+    return ({key for path in folder.glob("*.yaml") for key in OmegaConf.load(path)
+             if key != "defaults"} | {path.name for path in folder.iterdir() if path.is_dir()})
 
 
 def _check_positive(cfg: DictConfig, key: str, integer: bool = False) -> None:
@@ -162,9 +198,12 @@ def flat_params(cell: dict, cfg: DictConfig) -> dict:
 
 
 def method_label(name: str, optimizer: str) -> str:
-    """full, full_sgd, lora, lomo, ...: the option's name (method=full_sgd is full fine-tuning
-    with SGD); SGD is news only where AdamW is the default (LOMO is SGD by definition)."""
-    return f"{name}_sgd" if optimizer == "sgd" and name != "lomo" else name
+    """full, full_sgd, lora, lomo, lora_adamw_8bit, ...: the option's name (method=full_sgd is
+    full fine-tuning with SGD), with the optimizer where it is not the method's own (AdamW; LOMO
+    is SGD by definition)."""
+    if optimizer == "adamw" or (optimizer == "sgd" and name == "lomo"):
+        return name
+    return f"{name}_{optimizer}"
 
 
 def run_name(cell: dict) -> str:

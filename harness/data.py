@@ -1,8 +1,13 @@
-"""Datasets: the splits a data config names, cut and padded as it says, tokenised once per
-tokenizer and cached on disk.
+"""Datasets: the splits a data config names, rendered as source and target texts, cut and padded
+as it says, tokenised once per tokenizer and model family, and cached on disk.
 
-Every text source (samsum, fixture, local) yields a DatasetDict with splits train / validation /
-test and columns id, dialogue, summary. `synthetic` yields token ids shaped like SAMSum directly.
+Every text source yields a DatasetDict with splits train / validation / test in one of three
+formats (data.format): `summary` (id, dialogue, summary: samsum, fixture, local), `instruction`
+(instruction, input, output: dolly_ja, instructions, local) and `classification` (a text and a
+class label: twitter_complaints). `pairs` renders each as id / source / target: a dialogue and
+its summary; an instruction and input through data.template's prompt and the output; a text
+through data.template and the label's name. A model's family (harness/families.py) then turns
+a pair into token ids. `synthetic` yields token ids shaped like SAMSum directly.
 
 Sources and targets are cut at data.source_max_length / target_max_length: a number of tokens, or
 a percentile of the tokenized lengths (`p85`), measured as the public flan-t5 SAMSum recipes
@@ -28,18 +33,21 @@ from harness import fixture
 from harness.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
-COLUMNS = ("id", "dialogue", "summary")
+FORMATS = {"summary": ("id", "dialogue", "summary"),  # format: the columns its rows have
+           "instruction": ("instruction", "input", "output"),
+           "classification": ()}
+PAIR = ("id", "source", "target")
 LOCAL_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
 SIDES = {"source": "source_max_length", "target": "target_max_length"}  # side: its config key
 PADDINGS = ("longest", "max_length")
 PERCENTILE = re.compile(r"p(\d+(?:\.\d+)?)")
-IGNORED_LABEL = -100  # what the loss skips: label padding
+IGNORED_LABEL = -100  # what the loss skips: label padding, and a causal model's prompt
 # T5's special ids: padding and end of sequence (synthetic data draws from the ids above them).
 PAD_ID, EOS_ID = 0, 1
 
 
 class Loaded(NamedTuple):
-    text: DatasetDict | None   # id, dialogue, summary; None for synthetic data
+    text: DatasetDict | None   # id, source, target (see pairs); None for synthetic data
     splits: DatasetDict        # input_ids, attention_mask, labels
     lengths: dict              # the cut of each side in tokens: {"source": 255, "target": 50}
 
@@ -58,6 +66,9 @@ def check(data_cfg) -> None:
         raise ConfigError(f"data.padding={data_cfg.padding!r}; expected longest (each batch "
                           "padded to its longest example) or max_length (every example padded to "
                           "data.source_max_length / target_max_length, as the recipes do)")
+    if data_cfg.get("format", "summary") not in FORMATS:
+        raise ConfigError(f"data.format={data_cfg.format!r}; expected one of "
+                          f"{', '.join(FORMATS)}")
     if data_cfg.name == "local":
         _read_local(data_cfg)
 
@@ -83,13 +94,16 @@ def cut(spec, lengths) -> int:
 
 def load(data_cfg, model_cfg, tokenizer, cache_dir: str) -> Loaded:
     """The data a cell trains and evaluates on: text (if any), tokenised splits, resolved cuts."""
+    from harness import families  # torch and peft: only a cell loading its data needs them
+
+    family = families.of(model_cfg)
     if not has_text(data_cfg):
         lengths = resolve_lengths(data_cfg, lambda: synthetic_lengths(data_cfg))
-        return Loaded(None, synthetic(data_cfg, len(tokenizer), lengths), lengths)
-    text = load_text(data_cfg)
+        return Loaded(None, synthetic(data_cfg, len(tokenizer), lengths, family), lengths)
+    text = pairs(load_text(data_cfg), data_cfg)
     lengths = resolve_lengths(data_cfg, lambda: token_lengths(text, tokenizer),
                               lengths_cache(data_cfg, model_cfg, cache_dir))
-    return Loaded(text, tokenize(text, tokenizer, data_cfg, lengths, cache_dir), lengths)
+    return Loaded(text, tokenize(text, tokenizer, data_cfg, lengths, cache_dir, family), lengths)
 
 
 def planned_lengths(data_cfg, model_cfg, cache_dir: str) -> tuple[dict | None, str]:
@@ -104,13 +118,14 @@ def planned_lengths(data_cfg, model_cfg, cache_dir: str) -> tuple[dict | None, s
     if not has_text(data_cfg):
         return resolve_lengths(data_cfg, lambda: synthetic_lengths(data_cfg)), "synthetic draws"
     cache = lengths_cache(data_cfg, model_cfg, cache_dir)
-    offline = data_cfg.name in ("fixture", "local") and (
+    offline = data_cfg.name in ("fixture", "instructions", "local") and (
         tokenizer_identity(model_cfg) == "byte" or Path(model_cfg.source).is_dir())
     if cache.exists() or offline:
         from harness import models  # torch and transformers: only to measure now
 
         return resolve_lengths(data_cfg, lambda: token_lengths(
-            load_text(data_cfg), models.load_tokenizer(model_cfg)), cache), "measured"
+            pairs(load_text(data_cfg), data_cfg), models.load_tokenizer(model_cfg)),
+            cache), "measured"
     published = data_cfg.get("published_lengths") or {}
     resolved = {}
     for side, spec in specs.items():
@@ -141,12 +156,13 @@ def resolve_lengths(data_cfg, measure, cache: Path | None = None) -> dict:
 
 
 def token_lengths(text: DatasetDict, tokenizer) -> dict:
-    """Tokenized lengths of the dialogues and summaries of train and test together, each
-    truncated at the tokenizer's model_max_length: what the recipes take percentiles of."""
+    """Tokenized lengths of the sources (dialogues, without data.prefix) and targets of train and
+    test together, each truncated at the tokenizer's model_max_length: what the recipes take
+    percentiles of."""
     both = concatenate_datasets([text["train"], text["test"]])
     return {side: np.array([len(ids) for ids in
-                            tokenizer(list(both[column]), truncation=True)["input_ids"]])
-            for side, column in (("source", "dialogue"), ("target", "summary"))}
+                            tokenizer(list(both[side]), truncation=True)["input_ids"]])
+            for side in SIDES}
 
 
 def lengths_cache(data_cfg, model_cfg, cache_dir: str) -> Path:
@@ -174,27 +190,60 @@ def tokenizer_location(model_cfg) -> str:
 
 
 def load_text(data_cfg) -> DatasetDict:
-    """The train / validation / test splits with columns id, dialogue, summary."""
-    if data_cfg.name == "fixture":
+    """The train / validation / test splits with the columns of data.format."""
+    if data_cfg.name in ("fixture", "instructions"):
+        make = fixture.make_rows if data_cfg.name == "fixture" else fixture.make_instruction_rows
         rows = fixture.make_splits(data_cfg.train_size, data_cfg.validation_size,
-                                   data_cfg.test_size, data_cfg.seed)
+                                   data_cfg.test_size, data_cfg.seed, make)
         return DatasetDict({split: Dataset.from_list(rows[split]) for split in SPLITS})
-    if data_cfg.name == "samsum":
-        return _load_samsum(data_cfg)
     if data_cfg.name == "local":
         return _read_local(data_cfg)
-    raise ConfigError(f"data={data_cfg.name} has no text; expected samsum, fixture or local")
+    if data_cfg.get("hub_id"):
+        return _load_hub(data_cfg)
+    raise ConfigError(f"data={data_cfg.name} has no text and no data.hub_id; expected samsum, "
+                      "dolly_ja, twitter_complaints, fixture, instructions or local")
 
 
-def _load_samsum(data_cfg) -> DatasetDict:
-    splits = load_dataset(data_cfg.hub_id, revision=data_cfg.revision)
+def _load_hub(data_cfg) -> DatasetDict:
+    """A hub dataset's splits; one with a train split only (dolly-15k, RAFT's labelled examples)
+    is split 80 / 10 / 10 with data.seed, as a single local file is."""
+    splits = load_dataset(data_cfg.hub_id, data_cfg.get("subset"), revision=data_cfg.revision)
     sizes = {split: len(splits[split]) for split in splits}
-    if sizes != dict(data_cfg.expected_sizes):
+    expected = data_cfg.get("expected_sizes")
+    if expected is not None and sizes != dict(expected):
         raise ConfigError(
             f"{data_cfg.hub_id}@{data_cfg.revision} has split sizes {sizes}, expected "
-            f"{dict(data_cfg.expected_sizes)} (SAMSum): point data.hub_id / data.revision at a "
-            "faithful copy of SAMSum")
-    return DatasetDict({split: splits[split].select_columns(list(COLUMNS)) for split in SPLITS})
+            f"{dict(expected)} ({data_cfg.name}): point data.hub_id / data.revision at a "
+            "faithful copy")
+    if not set(SPLITS) <= set(splits):
+        return _split_whole(splits["train"], data_cfg.seed)
+    return DatasetDict({split: splits[split] for split in SPLITS})
+
+
+def pairs(text: DatasetDict, data_cfg) -> DatasetDict:
+    """Every split as id / source / target texts, rendered as data.format says (the module's
+    docstring)."""
+    kind = data_cfg.get("format", "summary")
+
+    def render(row: dict, index: int) -> dict:
+        if kind == "summary":
+            source, target = row["dialogue"], row["summary"]
+        elif kind == "instruction":  # alpaca's two prompts: with an input, and without one
+            prompt = data_cfg.template.prompt if row["input"].strip() else \
+                data_cfg.template.prompt_no_input
+            source, target = prompt.format(**row), row["output"]
+        else:
+            source = data_cfg.template.prompt.format(text=row[data_cfg.text_column])
+            target = labels.int2str(row[data_cfg.label_column])
+        return {"id": str(row.get("id", index)), "source": source, "target": target}
+
+    rendered = {}
+    for split in SPLITS:
+        labels = text[split].features.get(data_cfg.get("label_column"))
+        rendered[split] = text[split].map(render, with_indices=True,
+                                          remove_columns=text[split].column_names,
+                                          desc=f"rendering {split}")
+    return DatasetDict(rendered)
 
 
 def _read_local(data_cfg) -> DatasetDict:
@@ -205,14 +254,19 @@ def _read_local(data_cfg) -> DatasetDict:
     if not path.exists():
         raise ConfigError(f"data.path={path} does not exist: expected a csv, json or parquet "
                           "file, or a folder of train / validation / test files")
+    columns = FORMATS[data_cfg.get("format", "summary")]
     if path.is_dir():
-        return DatasetDict({split: Dataset.from_pandas(_read_table(_split_file(path, split)),
-                                                       preserve_index=False)
-                            for split in SPLITS})
-    whole = Dataset.from_pandas(_read_table(path), preserve_index=False)
-    # A single file: 80 % train, 10 % validation, 10 % test, the same for the same seed.
-    train_rest = whole.train_test_split(test_size=0.2, seed=data_cfg.seed)
-    validation_test = train_rest["test"].train_test_split(test_size=0.5, seed=data_cfg.seed)
+        return DatasetDict({split: Dataset.from_pandas(
+            _read_table(_split_file(path, split), columns), preserve_index=False)
+            for split in SPLITS})
+    return _split_whole(Dataset.from_pandas(_read_table(path, columns), preserve_index=False),
+                        data_cfg.seed)
+
+
+def _split_whole(whole: Dataset, seed: int) -> DatasetDict:
+    """One table as 80 % train, 10 % validation, 10 % test, the same for the same seed."""
+    train_rest = whole.train_test_split(test_size=0.2, seed=seed)
+    validation_test = train_rest["test"].train_test_split(test_size=0.5, seed=seed)
     return DatasetDict({"train": train_rest["train"], "validation": validation_test["train"],
                         "test": validation_test["test"]})
 
@@ -227,7 +281,7 @@ def _split_file(folder: Path, split: str) -> Path:
     return candidates[0]
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def _read_table(path: Path, columns: tuple) -> pd.DataFrame:
     if path.suffix not in LOCAL_SUFFIXES:
         raise ConfigError(f"{path}: unsupported file type {path.suffix!r}; expected one of "
                           f"{', '.join(LOCAL_SUFFIXES)}")
@@ -240,40 +294,37 @@ def _read_table(path: Path) -> pd.DataFrame:
             table = pd.read_json(path, lines=path.suffix == ".jsonl", dtype=False)
     except (pd.errors.EmptyDataError, ValueError) as error:
         raise ConfigError(f"{path}: cannot be read as {path.suffix[1:]} ({error}); expected "
-                          f"rows with columns {', '.join(COLUMNS)}") from error
-    missing = [column for column in COLUMNS if column not in table.columns]
+                          f"rows with columns {', '.join(columns)}") from error
+    missing = [column for column in columns if column not in table.columns]
     if missing:
         raise ConfigError(f"{path}: missing column {', '.join(missing)}; it has "
                           f"{', '.join(map(str, table.columns)) or 'no columns'}, expected "
-                          f"{', '.join(COLUMNS)}")
+                          f"{', '.join(columns)} (data.format)")
     if table.empty:
         raise ConfigError(f"{path}: the file is empty; expected rows with columns "
-                          f"{', '.join(COLUMNS)}")
-    return table[list(COLUMNS)].astype(str)
+                          f"{', '.join(columns)}")
+    kept = dict.fromkeys(column for column in ("id", *columns) if column in table)
+    return table[list(kept)].astype(str)
 
 
-def tokenize(text: DatasetDict, tokenizer, data_cfg, lengths: dict,
-             cache_dir: str) -> DatasetDict:
-    """input_ids / attention_mask / labels for every split, cut at `lengths` and padded as
-    data.padding says, cached per dataset and tokenizer.
+def tokenize(text: DatasetDict, tokenizer, data_cfg, lengths: dict, cache_dir: str,
+             family=None) -> DatasetDict:
+    """input_ids / attention_mask / labels for every split, as the model's family encodes a pair
+    (harness/families.py), cut at `lengths` and padded as data.padding says, cached per dataset,
+    tokenizer and family (default: seq2seq).
 
     A sweep runs each cell in a fresh process; the cache file lets every cell after the first
     load the tokenised splits instead of tokenising again.
     """
-    key = _cache_key(data_cfg, tokenizer)
+    family = family or _seq2seq()
+    key = _cache_key(data_cfg, tokenizer, family)
     folder = Path(cache_dir) / "tokenized"
     folder.mkdir(parents=True, exist_ok=True)
-    padding = "max_length" if data_cfg.padding == "max_length" else False
+    prefix, pad = data_cfg.get("prefix", ""), data_cfg.padding == "max_length"
 
     def encode(batch):
-        encoded = tokenizer([data_cfg.prefix + dialogue for dialogue in batch["dialogue"]],
-                            max_length=lengths["source"], truncation=True, padding=padding)
-        labels = tokenizer(text_target=batch["summary"], max_length=lengths["target"],
-                           truncation=True, padding=padding)["input_ids"]
-        # Padded labels would be learnt as tokens: the loss skips IGNORED_LABEL instead.
-        encoded["labels"] = [[IGNORED_LABEL if token == tokenizer.pad_token_id else token
-                              for token in label] for label in labels] if padding else labels
-        return encoded
+        return family.encode(tokenizer, [prefix + source for source in batch["source"]],
+                             batch["target"], lengths, pad, data_cfg.get("train_on_inputs", False))
 
     return DatasetDict({
         split: text[split].map(encode, batched=True, remove_columns=text[split].column_names,
@@ -282,9 +333,10 @@ def tokenize(text: DatasetDict, tokenizer, data_cfg, lengths: dict,
         for split in SPLITS})
 
 
-def _cache_key(data_cfg, tokenizer) -> str:
+def _cache_key(data_cfg, tokenizer, family) -> str:
     identity = {"data": {key: str(value) for key, value in data_cfg.items()},
-                "tokenizer": [type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer)]}
+                "tokenizer": [type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer)],
+                "family": family.name}
     if data_cfg.name == "local":
         # The same path with new contents must not hit the old cache.
         path = Path(data_cfg.path)
@@ -315,25 +367,34 @@ def synthetic_lengths(data_cfg) -> dict:
             for index, side in enumerate(SIDES, start=1)}
 
 
-def synthetic(data_cfg, vocab_size: int, lengths: dict | None = None) -> DatasetDict:
+def synthetic(data_cfg, vocab_size: int, lengths: dict | None = None,
+              family=None) -> DatasetDict:
     """Random token ids with SAMSum-like source and target lengths (log-normal, clipped), cut at
-    `lengths` (default: data.source_max_length / target_max_length resolved on these draws) and
-    padded as data.padding says."""
+    `lengths` (default: data.source_max_length / target_max_length resolved on these draws),
+    assembled as the model's family does (a causal model: prompt and response as one sequence)
+    and padded as data.padding says (default family: seq2seq)."""
+    family = family or _seq2seq()
     lengths = lengths or resolve_lengths(data_cfg, lambda: synthetic_lengths(data_cfg))
     pad = data_cfg.padding == "max_length"
 
-    def sequence(rng, length: int, cut_at: int, pad_with: int) -> list:
-        # Ids 0 and 1 are T5's pad and eos: draw from the rest, end every sequence with eos.
+    def sequence(rng, length: int, cut_at: int) -> list:
+        # Ids 0 and 1 are the pad and eos of T5 and the byte tokenizer: draw from the rest, end
+        # every sequence with eos.
         length = min(length, cut_at)
-        ids = rng.integers(EOS_ID + 1, vocab_size, length - 1).tolist() + [EOS_ID]
-        return ids + [pad_with] * (cut_at - length) if pad else ids
+        return rng.integers(EOS_ID + 1, vocab_size, length - 1).tolist() + [EOS_ID]
 
     def split_of(split: str) -> Dataset:
         rng, sources, targets = _synthetic_draws(data_cfg, split)
-        input_ids = [sequence(rng, n, lengths["source"], PAD_ID) for n in sources]
-        return Dataset.from_dict({
-            "input_ids": input_ids,
-            "attention_mask": [[int(token != PAD_ID) for token in ids] for ids in input_ids],
-            "labels": [sequence(rng, n, lengths["target"], IGNORED_LABEL) for n in targets]})
+        source_ids = [sequence(rng, n, lengths["source"]) for n in sources]
+        examples = [family.assemble(source, sequence(rng, n, lengths["target"]), lengths, pad,
+                                    PAD_ID, data_cfg.get("train_on_inputs", False))
+                    for source, n in zip(source_ids, targets)]
+        return Dataset.from_list(examples)
 
     return DatasetDict({split: split_of(split) for split in SPLITS})
+
+
+def _seq2seq():
+    from harness import families  # imported when used: config checks must not load torch
+
+    return families.FAMILIES["seq2seq"]

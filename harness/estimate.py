@@ -6,18 +6,22 @@ prints one cell's breakdown; its last line is a JSON object of the parts in MiB.
 
 What it does: it builds the cell's model on PyTorch's meta device (shapes and dtypes, no data) as
 the cell does (weights stored in the cell's precision: float32, half for the frozen weights of
-bf16 / fp16 LoRA, bitsandbytes LLM.int8 layers for int8), applies the method with peft,
-switches on activation checkpointing where train.gradient_checkpointing says so, and runs two
-training steps of the cell's own code (harness/train.py's forward and Updates: loss, backward,
-clipping, the optimizer or LOMO's fused updates) on a batch of train.batch_size examples padded
-to the resolved source and target lengths. harness/simulate.py makes that step behave as on
-CUDA (autocast's casts, the memory-efficient attention kernel) and records every tensor it
-allocates and frees. Then:
+bf16 / fp16 LoRA, bitsandbytes LLM.int8 or 4-bit layers for int8 / nf4), applies the method with
+peft, switches on activation checkpointing where train.gradient_checkpointing says so, and runs
+two training steps of the cell's own code (harness/train.py's forward and Updates: loss,
+backward, clipping, the optimizer, bitsandbytes' 8-bit one included, or LOMO's fused updates)
+on a batch of train.batch_size examples padded to the resolved source and target lengths, as
+the model's family builds a batch (a causal model: prompt and response as one sequence).
+harness/simulate.py makes that step behave as on CUDA (autocast's casts, the memory-efficient
+attention kernel) and records every tensor it allocates and frees. Then:
 
-  weights      the weights and quantization scales, as stored;
+  weights      the weights and quantization scales, as stored (nf4: two weights a byte, a scale
+               per 64, itself quantized per 256 with double quantization);
   gradients    the gradients alive at the step's peak (all trainable weights' for an optimizer,
                one weight's at a time for LOMO's fused updates);
-  optimizer    the optimizer state alive at the peak (AdamW: two moments and a step per tensor);
+  optimizer    the optimizer state alive at the peak (AdamW: two moments and a step per tensor;
+               8-bit AdamW: two int8 moments and a float32 scale per 256 values; a paged
+               optimizer counts as resident, as it is until the GPU runs short);
   activations  everything else alive at the peak: what autograd keeps for backward (with
                checkpointing: the inputs of every block, plus the block being recomputed), the
                logits, the loss and their gradients, autocast's half copies, and the
@@ -32,7 +36,8 @@ allocates and frees. Then:
   total = weights + the simulated peak (gradients + optimizer + activations) + allocator
           + cuda_context
 
-which is what NVML (nvidia-smi) shows for the cell's process during training.
+which is what NVML (nvidia-smi) shows for the cell's process during training; `allocated`
+(total less allocator and cuda_context) is what torch.cuda.max_memory_allocated shows.
 
 Left out: the memory inside a kernel that is not a tensor (cuBLAS and attention workspaces
 beyond what the allocator hands out), LLM.int8's outlier columns (data-dependent; counted as
@@ -55,7 +60,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harness import allocator, config, data, lomo, methods, models, simulate, train
+from harness import (allocator, config, data, families, lomo, memory, methods, models,
+                     optimizers, simulate, train)
 from harness.errors import ConfigError
 from harness.sampler import MIB
 
@@ -102,7 +108,8 @@ def _cache_key(spec: str) -> str:
     """The spec, the source of the code the estimate runs, and the versions of the libraries
     whose kernels and layers it simulates."""
     code = [Path(module.__file__).read_bytes() for module in (
-        allocator, methods, models, simulate, train, lomo, sys.modules[__name__])]
+        allocator, methods, models, simulate, train, lomo, families, optimizers,
+        sys.modules[__name__])]
     versions = [version(package) for package in LIBRARIES]
     digest = hashlib.sha256(spec.encode())
     for part in [*code, *(text.encode() for text in versions)]:
@@ -132,6 +139,7 @@ def _estimate(spec_json: str) -> tuple:
     parts = {name: value / MIB for name, value in parts.items()}
     parts["cuda_context"] = CUDA_CONTEXT_MIB
     parts["total"] = sum(parts.values())
+    parts["allocated"] = parts["total"] - parts["allocator"] - parts["cuda_context"]
     return tuple(parts.items())
 
 
@@ -157,13 +165,15 @@ def simulated_steps(model, cfg, lengths: dict, device: torch.device,
     trace = simulate.Trace(existing=weights.values())
     gradients, states = set(), set()
     with trace, on_cuda or contextlib.nullcontext():
-        batch = _batch(cfg.train.batch_size, lengths, device)
+        batch = families.of(cfg.model).training_batch(cfg.train.batch_size, lengths, device,
+                                                      data.PAD_ID, data.EOS_ID + 1)
         # LOMO frees each fused gradient inside backward: note them as they appear (registered
         # first, so that these hooks run before the updates' own).
         hooks = [weight.register_post_accumulate_grad_hook(
             lambda weight: gradients.add(trace.serial_of(weight.grad)))
             for weight in methods.fused_parameters(model, cfg.method.name)]
-        updates = train.Updates(model, cfg, STEPS, device, foreach=True, loss_scaling=False)
+        updates = train.Updates(model, cfg, STEPS, device, foreach=True, loss_scaling=False,
+                                paging=False)
         model.train()
         for _ in range(STEPS):
             updates.backward(train.forward(model, batch, "fp32", device), update=True)
@@ -189,48 +199,45 @@ def _meta_model(cfg, on_cuda: simulate.AsOnCuda):
     with torch.device(META):
         model = models.random_model(cfg.model, models.stored_dtype(
             precision, methods.base_frozen(cfg.method.name)))
-    if precision == "int8":
-        _quantize_int8(model)
+    if precision in models.QUANTIZED:
+        _quantize(model, cfg.precision)
     return methods.prepare(model, cfg, context_fn=lambda: (contextlib.nullcontext(), on_cuda))
 
 
-def _quantize_int8(model) -> None:
-    """LLM.int8 layers where from_pretrained puts them (transformers' own bitsandbytes
-    quantizer chooses), each with an int8 weight and a float32 scale per row."""
-    import bitsandbytes as bnb  # imported here: only int8 cells need it
-    from transformers import BitsAndBytesConfig
+def _quantize(model, precision_cfg) -> None:
+    """bitsandbytes layers where from_pretrained puts them (transformers' own bitsandbytes
+    quantizer chooses): LLM.int8, an int8 weight and a float32 scale per row; 4-bit, the weight
+    quantized by bitsandbytes' own quantize_4bit (whose meta version gives the packed weight and
+    its scales)."""
+    import bitsandbytes as bnb  # imported here: only quantized cells need it
     from transformers.quantizers import AutoHfQuantizer
 
-    quantizer = AutoHfQuantizer.from_config(BitsAndBytesConfig(load_in_8bit=True))
-    quantizer.preprocess_model(model, device_map={"": META})
+    settings = models.quantization(precision_cfg)
+    AutoHfQuantizer.from_config(settings).preprocess_model(model, device_map={"": META})
     for layer in model.modules():
         if isinstance(layer, bnb.nn.Linear8bitLt):
             layer.weight.CB = layer.weight.data
             layer.weight.SCB = torch.empty(layer.out_features, device=META)
             # Outlier columns depend on the data, which meta tensors do not have: none here.
             layer.state.threshold = 0.0
+        elif isinstance(layer, bnb.nn.Linear4bit):
+            full = torch.empty(layer.out_features, layer.in_features, device=META)
+            packed, state = bnb.functional.quantize_4bit(
+                full, blocksize=layer.weight.blocksize,
+                compress_statistics=settings.bnb_4bit_use_double_quant,
+                quant_type=settings.bnb_4bit_quant_type)
+            layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state,
+                                             blocksize=layer.weight.blocksize,
+                                             compress_statistics=state.nested,
+                                             quant_type=state.quant_type, bnb_quantized=True,
+                                             module=layer)
 
 
 def _weight_storages(model) -> dict:
-    """Every storage the model holds before training, once each: weights, buffers and the
-    int8 layers' row scales."""
-    tensors = [*model.parameters(), *model.buffers()]
-    tensors += [weight.SCB for weight in model.parameters()
-                if isinstance(getattr(weight, "SCB", None), torch.Tensor)]
+    """Every storage the model holds before training, once each: weights, buffers, the int8
+    layers' row scales and the 4-bit layers' block scales."""
+    tensors = [*memory.weight_tensors(model), *model.buffers()]
     return {tensor.untyped_storage()._cdata: tensor.untyped_storage() for tensor in tensors}
-
-
-def _batch(batch_size: int, lengths: dict, device: torch.device) -> dict:
-    """A training batch padded to the cut lengths, as the collator gives it: its last token of
-    each side is padding (a mask of 0, a label of -100)."""
-    def tokens(length, padding):
-        ids = torch.full((batch_size, length), data.EOS_ID + 1, dtype=torch.long, device=device)
-        ids[:, -1] = padding
-        return ids
-    attention_mask = tokens(lengths["source"], 0)
-    attention_mask[:, :-1] = 1
-    return {"input_ids": tokens(lengths["source"], data.PAD_ID), "attention_mask": attention_mask,
-            "labels": tokens(lengths["target"], data.IGNORED_LABEL)}
 
 
 def main(argv: list[str]) -> int:
@@ -254,7 +261,7 @@ def main(argv: list[str]) -> int:
     print(f"{config.run_name(cell)}, batch {cfg.train.batch_size}, lengths "
           f"{lengths['source']} / {lengths['target']} ({lengths_from}), gradient checkpointing "
           f"{'on' if cfg.train.gradient_checkpointing else 'off'}:")
-    for name in (*PARTS, "total"):
+    for name in (*PARTS, "total", "allocated"):
         print(f"  {name:>13}  {parts[name]:>10,.1f} MiB")
     print(json.dumps(parts))
     return 0

@@ -1,8 +1,10 @@
-"""The fixture dataset: dialogue-summary pairs generated from templates written for this project.
+"""The fixture datasets, generated from templates written for this project: dialogue-summary
+pairs (data=fixture) and instruction-input-output records (data=instructions).
 
-It stands in for SAMSum offline (SAMSum's licence forbids redistributing its text). Every summary is
-a fixed function of facts stated in its dialogue, so a tiny model can learn the mapping in a few
-hundred steps, and the same seed always gives the same rows.
+They stand in for SAMSum and for instruction data such as dolly-15k offline (SAMSum's licence
+forbids redistributing its text). Every summary or output is a fixed function of what its
+dialogue or instruction states, so a tiny model can learn the mapping in a few hundred steps, and
+the same seed always gives the same rows.
 """
 
 import random
@@ -60,8 +62,39 @@ def make_rows(count: int, seed: int, id_prefix: str) -> list[dict]:
     return rows
 
 
-def make_splits(train_size: int, validation_size: int, test_size: int, seed: int) -> dict:
-    """The three splits, each drawn from its own seed so that resizing one leaves the others."""
+# Instruction records: (instruction, input, output) templates; an empty input is the alpaca
+# records' "no input" case. Fields as above.
+INSTRUCTIONS = [
+    ("Say where and when {a} and {b} meet.", "{a} meets {b} at {place} on {day}.",
+     "At {place} on {day}."),
+    ("Name the dish in the sentence.", "{a} will cook {dish} for {b} tonight.", "{dish}"),
+    ("Write a one-line reminder for {a} to bring {item} on {day}.", "",
+     "{a}: bring {item} on {day}."),
+    ("Who is late, and until when?", "{b} wrote that {a} will get to {place} around {time}.",
+     "{a}, until {time}."),
+    ("Suggest a place for {a} to meet {b}.", "", "{a} could meet {b} at {place}."),
+]
+
+
+def make_instruction_rows(count: int, seed: int, id_prefix: str) -> list[dict]:
+    """`count` rows with columns id, instruction, input, output."""
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        templates = rng.choice(INSTRUCTIONS)
+        a, b = rng.sample(NAMES, 2)
+        facts = dict(a=a, b=b, place=rng.choice(PLACES), day=rng.choice(DAYS),
+                     time=rng.choice(TIMES), item=rng.choice(ITEMS), dish=rng.choice(DISHES))
+        instruction, given, output = (template.format(**facts) for template in templates)
+        rows.append({"id": f"{id_prefix}-{index:04d}", "instruction": instruction,
+                     "input": given, "output": output})
+    return rows
+
+
+def make_splits(train_size: int, validation_size: int, test_size: int, seed: int,
+                rows=make_rows) -> dict:
+    """The three splits, each drawn from its own seed so that resizing one leaves the others;
+    `rows` makes them (make_rows or make_instruction_rows)."""
     sizes = {"train": train_size, "validation": validation_size, "test": test_size}
-    return {split: make_rows(size, seed=seed * 1000 + offset, id_prefix=split)
+    return {split: rows(size, seed=seed * 1000 + offset, id_prefix=split)
             for offset, (split, size) in enumerate(sizes.items())}

@@ -5,9 +5,9 @@ lora: peft adapters only, base frozen. lomo: every weight, by SGD fused into bac
 lora_lomo: peft adapters by method.optimizer, and every base weight by SGD fused into backward.
 """
 
-from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-from harness import models
+from harness import families, models
 
 
 def base_frozen(method: str) -> bool:
@@ -21,18 +21,20 @@ def prepare(model, cfg, **checkpoint_options):
     does), then the method."""
     if cfg.train.gradient_checkpointing:
         models.checkpoint_activations(model, **checkpoint_options)
-    return apply(model, cfg.method, cfg.precision.name)
+    return apply(model, cfg.method, cfg.precision.name, families.of(cfg.model))
 
 
-def apply(model, method_cfg, precision: str):
-    """The model with the method's trainable weights marked; peft wraps it for LoRA."""
+def apply(model, method_cfg, precision: str, family=families.FAMILIES["seq2seq"]):
+    """The model with the method's trainable weights marked; peft wraps it for LoRA, with the
+    task type of the model's family."""
     if method_cfg.name in ("full", "lomo"):
         model.requires_grad_(True)
         return model
-    if precision == "int8":
-        # Casts layer norms to float32 and lets gradients flow from the frozen int8 embeddings.
+    if precision in models.QUANTIZED:
+        # Casts layer norms to float32 and lets gradients flow from the frozen quantized
+        # embeddings.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    lora = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=method_cfg.r, lora_alpha=method_cfg.alpha,
+    lora = LoraConfig(task_type=family.task_type, r=method_cfg.r, lora_alpha=method_cfg.alpha,
                       lora_dropout=method_cfg.dropout,
                       target_modules=list(method_cfg.target_modules))
     # peft keeps the adapters in float32 when the base is in half precision.

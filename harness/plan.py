@@ -6,8 +6,10 @@ against a GPU, before anything runs.
 prints the plan and writes it to reports/<experiment>/plan.csv. It needs no GPU and runs nothing:
 the estimate (harness/estimate.py) simulates each cell on PyTorch's meta device. Each row says
 what the sweep would do with the cell (run; skip, with the reason; done already, with the run),
-the lengths it cuts at and where they come from, the estimate and its parts, the study's GPU
-memory where the cell is a row of the reference table (and the estimate's ratio to it), and
+the lengths it cuts at and where they come from, the estimate and its parts, the published GPU
+memory where the cell is a row of a published table (harness/reference.yaml; the estimate's
+ratio to it, the like part of the estimate: all of it for an NVML figure, the tensors alone for
+torch's allocated peak), or the published outcome (out of memory), and
 whether the estimate fits the smallest GPU of this machine, or, on a machine without one, the GPU
 the experiment names (plan_gpu). A sweep prints the same plan before its first cell
 (harness/sweep.py).
@@ -28,7 +30,8 @@ EXPERIMENTS = config.CONF_DIR.parent / "experiments"
 # The terminal shows these columns of the plan (plan.csv has them all).
 SHOWN = {"#": "#", "cell": "cell", "gradient_checkpointing": "ckpt", "lengths": "lengths",
          "plan": "plan", "why": "why", "estimate_mib": "GPU estimate (MiB)",
-         "reference_gpu_mib": "reference (MiB)", "estimate_ratio": "ratio", "fits": "fits"}
+         "reference": "published", "reference_gpu_mib": "reference (MiB)",
+         "estimate_ratio": "ratio", "fits": "fits"}
 
 
 def plan(jobs: list[DictConfig], found_gpus: list[dict], named_gpu=None,
@@ -80,10 +83,18 @@ def _estimate(job: DictConfig, cell: dict) -> dict:
              "lengths": f"{lengths['source']}/{lengths['target']}", "lengths_from": lengths_from,
              **{f"{name}_mib": parts[name] for name in estimate.PARTS},
              "estimate_mib": parts["total"]}
-    study = reference.gpu_mib(job.model.name, job.method.name, job.precision.name) \
+    published = reference.row(job.model.name, job.method.name, job.precision.name) \
         if job.method.optimizer == "adamw" else None
+    study = reference.gpu_mib(job.model.name, job.method.name, job.precision.name) \
+        if published else None
+    if published:
+        found["reference"] = published.get("outcome") if study is None else published["table"]
     if study is not None:
-        found.update(reference_gpu_mib=study, estimate_ratio=parts["total"] / study)
+        # Like with like: an NVML figure against the whole estimate, an allocated one against
+        # the tensors alone.
+        compared = parts[reference.MEASURES[published["measure"]]]
+        found.update(reference_gpu_mib=study, reference_measure=published["measure"],
+                     estimate_ratio=compared / study)
     return found
 
 

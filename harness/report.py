@@ -26,7 +26,8 @@ from harness.errors import ConfigError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 # Averaged over the ok runs of a cell; their spread is shown as ± std.
-METRICS = ("rouge1", "rouge2", "train_time_s", "gpu_peak_mib", "estimate_gpu_mib", "cpu_peak_mib",
+METRICS = ("rouge1", "rouge2", "train_time_s", "gpu_peak_mib", "estimate_gpu_mib",
+           "torch_peak_allocated_mib", "estimate_allocated_mib", "cpu_peak_mib",
            "trainable_pct", "tokens_per_s", "cost_usd", "train_tokens_per_usd", "total_params",
            "mem_params_mib", "mem_grads_mib", "mem_optimizer_mib", "mem_activations_mib")
 # Params that make runs the same cell in the report: all but the seed and where a run was logged
@@ -160,32 +161,72 @@ def status_notes(rows: pd.DataFrame) -> tuple[list[str], list[str]]:
 
 
 def beside_reference(rows: pd.DataFrame) -> pd.DataFrame:
-    """The ok cells that match a reference row (model, method, precision), ours beside theirs."""
-    _, figures = reference.load()
+    """The ok cells that match a published row (model, method, precision), ours beside theirs.
+    A table whose GPU figure is torch's allocated peak (peft's) is compared with our allocated
+    peak and estimate; the others with the NVML peak and the whole estimate."""
+    figures = reference.load()
     figures = figures.rename(columns=lambda c: c if c in reference.KEYS else f"reference_{c}")
+    published = ("rouge1", "rouge2", "train_time_min", "gpu_memory_mb", "cpu_memory_mb",
+                 "outcome", "gpu_memory_low_mb", "gpu_memory_high_mb")
+    figures = figures.reindex(columns=sorted({*figures.columns,
+                                              *(f"reference_{name}" for name in published)}))
     matched = rows[rows.status == "ok"].merge(figures, on=list(reference.KEYS))
+    allocated = matched.reference_measure == "allocated"
+    for suffix in ("", "_std"):
+        matched[f"gpu_mib{suffix}"] = matched[f"gpu_peak_mib{suffix}"].where(
+            ~allocated, matched[f"torch_peak_allocated_mib{suffix}"])
+    matched["estimate_mib"] = matched.estimate_gpu_mib.where(~allocated,
+                                                             matched.estimate_allocated_mib)
+    ranges = matched.reference_gpu_memory_low_mb.notna()
+    matched["reference_gpu_mib"] = matched.reference_gpu_memory_mb.where(
+        ~ranges, (matched.reference_gpu_memory_low_mb + matched.reference_gpu_memory_high_mb) / 2)
     pairs = {"ROUGE-1": ("rouge1", "rouge1", 2), "ROUGE-2": ("rouge2", "rouge2", 2),
              "train time (min)": ("train_time_min", "train_time_min", 2),
-             "GPU memory (MiB)": ("gpu_peak_mib", "gpu_memory_mb", 0),
+             "GPU memory (MiB)": ("gpu_mib", "gpu_memory_mb", 0),
              "CPU memory (MiB)": ("cpu_peak_mib", "cpu_memory_mb", 0)}
-    shown = pd.DataFrame({"model": matched.model, "method": matched.method,
-                          "precision": matched.precision,
+    shown = pd.DataFrame({"table": matched.reference_table, "model": matched.model,
+                          "method": matched.method, "precision": matched.precision,
                           "rank": matched["rank"].map(lambda r: "—" if pd.isna(r)
                                                       else f"{r:.0f}")})
     for name, (ours, theirs, decimals) in pairs.items():
         shown[name] = [_number(v, s, decimals) for v, s in zip(matched[ours],
                                                                 matched[f"{ours}_std"])]
         unit = " (MB)" if "memory" in name else ""
-        shown[f"{name.split(' (')[0]}, reference{unit}"] = matched[f"reference_{theirs}"].map(
-            lambda value: f"{value:.{decimals}f}")
-    # The plan's estimate of this cell beside the study's figure (the study's MB read as MiB).
+        shown[f"{name.split(' (')[0]}, reference{unit}"] = [
+            _published(value, decimals, outcome, low, high) if theirs == "gpu_memory_mb"
+            else _published(value, decimals) for value, outcome, low, high in zip(
+                matched[f"reference_{theirs}"], matched.reference_outcome,
+                matched.reference_gpu_memory_low_mb, matched.reference_gpu_memory_high_mb)]
+    # The plan's estimate of this cell beside the published figure (MB read as MiB).
     at = list(shown.columns).index("GPU memory, reference (MB)") + 1
     shown.insert(at, "GPU estimate (MiB)", [_number(v, float("nan"), 0)
-                                            for v in matched.estimate_gpu_mib])
+                                            for v in matched.estimate_mib])
     shown.insert(at + 1, "estimate / reference", [
         _number(v / reference_mb, float("nan"), 2)
-        for v, reference_mb in zip(matched.estimate_gpu_mib, matched.reference_gpu_memory_mb)])
+        for v, reference_mb in zip(matched.estimate_mib, matched.reference_gpu_mib)])
+    shown.insert(at + 2, "GPU measured as", matched.reference_measure.map(
+        {"nvml": "NVML peak", "allocated": "torch allocated peak"}))
     return shown
+
+
+def _published(value, decimals: int, outcome=float("nan"), low=float("nan"),
+               high=float("nan")) -> str:
+    """A published figure; a range (low-high) or the words a source gives instead; — for
+    none."""
+    if not pd.isna(value):
+        return f"{value:.{decimals}f}"
+    if not pd.isna(low):
+        return f"{low:.0f}-{high:.0f}" + (f" ({outcome})" if isinstance(outcome, str) else "")
+    return outcome if isinstance(outcome, str) else "—"
+
+
+def reference_sources(matched: pd.DataFrame) -> str:
+    """The sources of the published tables the matched cells come from, one line each."""
+    sources = reference.load().drop_duplicates("table").set_index("table").source
+    tables = list(dict.fromkeys(matched.table))
+    if len(tables) == 1:
+        return sources[tables[0]]
+    return "; ".join(f"{table}: {sources[table]}" for table in tables)
 
 
 def setup(runs: pd.DataFrame) -> str:
@@ -317,8 +358,8 @@ def render(experiment: str, tracking_uri: str, out: Path) -> dict:
                        memory_series=histories(client, rows, (charts.series_metric(source),)))
     toy = toy_runs(runs, source)
     said = findings(rows, source, toy)
-    reference_source, _ = reference.load()
     matched = beside_reference(rows)
+    reference_source = reference_sources(matched)
     note = ("ROUGE is F1 x 100 on the test split; train time is the training loop alone; GPU "
             "memory is the NVML peak of the cell's processes (— without CUDA); GPU estimate is "
             "the plan's estimate of that peak for a CUDA run (`make plan`, docs/estimator.md); "

@@ -32,7 +32,8 @@ def run(cfg: DictConfig) -> str:
     which is raised on)."""
     config.validate(cfg)
     check_machine(cfg)
-    invalid = config.invalid_cell_reason(cfg)
+    invalid = (config.invalid_cell_reason(cfg)
+               or config.machine_reason(cfg, torch.cuda.is_available()))
     if invalid and not _in_sweep():
         raise ConfigError(invalid)
     if not invalid:

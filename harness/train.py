@@ -13,9 +13,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from harness import evaluate, lomo, memory, methods
+from harness import evaluate, lomo, memory, methods, optimizers
 from harness.models import autocast
 from harness.sampler import MIB
+
+
+MAX_LOG_PERPLEXITY = 80.0  # exp(80) ~ 5.5e34: a float still, and far beyond any vocabulary
 
 
 class Diverged(RuntimeError):
@@ -54,15 +57,17 @@ def synchronize(device: torch.device) -> None:
 
 
 class Updates:
-    """How a loss becomes updated weights, as cfg.method says: an optimizer (AdamW or SGD) steps
-    the weights it trains after backward, LOMO's FusedSGD updates its weights inside backward;
+    """How a loss becomes updated weights, as cfg.method says: an optimizer (AdamW, SGD, or
+    bitsandbytes' 8-bit or paged AdamW: harness/optimizers.py) steps the weights it trains after
+    backward, LOMO's FusedSGD updates its weights inside backward;
     with the linear schedule, gradient clipping, gradient accumulation and fp16's loss scaling.
     The training loop uses it, and so does the memory estimate (harness/estimate.py), which runs
-    it on the meta device with `foreach=True` (what torch.optim picks on CUDA) and no loss scale
-    (GradScaler reads its overflow flag back from the device, which meta tensors cannot do)."""
+    it on the meta device with `foreach=True` (what torch.optim picks on CUDA), no loss scale
+    (GradScaler reads its overflow flag back from the device, which meta tensors cannot do) and
+    no paging."""
 
     def __init__(self, model, cfg, total_steps: int, device: torch.device, foreach=None,
-                 loss_scaling: bool = True):
+                 loss_scaling: bool = True, paging: bool = True):
         train_cfg = cfg.train
         self.accumulation, self.max_grad_norm = train_cfg.grad_accum_steps, train_cfg.max_grad_norm
         fused_weights = methods.fused_parameters(model, cfg.method.name)
@@ -70,9 +75,8 @@ class Updates:
         self.stepped = [p for p in model.parameters() if p.requires_grad and id(p) not in fused_ids]
         self.optimizer = self.scheduler = self.fused = None
         if self.stepped:
-            kind = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[cfg.method.optimizer]
-            self.optimizer = kind(self.stepped, lr=train_cfg.lr,
-                                  weight_decay=train_cfg.weight_decay, foreach=foreach)
+            self.optimizer = optimizers.build(cfg.method.optimizer, self.stepped, train_cfg.lr,
+                                              train_cfg.weight_decay, foreach, paging)
             self.scheduler = get_linear_schedule_with_warmup(self.optimizer,
                                                              train_cfg.warmup_steps, total_steps)
         if fused_weights:
@@ -152,8 +156,9 @@ def forward(model, batch: dict, precision: str, device: torch.device) -> torch.T
 def train(model, train_loader, validation_loader, cfg, device: torch.device, log_metrics,
           validation_rouge=None) -> TrainResult:
     """Train in place as cfg.method says. `log_metrics(metrics: dict, step: int)` receives
-    train_loss and lr per step, eval_loss per epoch, and with `validation_rouge` (a function that
-    returns ROUGE scores of the validation split) eval_rouge1, eval_rouge2, ... per epoch."""
+    train_loss and lr per step, eval_loss and eval_perplexity per epoch, and with
+    `validation_rouge` (a function that returns ROUGE scores of the validation split)
+    eval_rouge1, eval_rouge2, ... per epoch."""
     train_cfg, precision = cfg.train, cfg.precision.name
     torch.manual_seed(train_cfg.seed)
     steps_per_epoch = math.ceil(len(train_loader) / train_cfg.grad_accum_steps)
@@ -209,9 +214,11 @@ def train(model, train_loader, validation_loader, cfg, device: torch.device, log
             # The eval loss pass belongs to evaluation, not to the training time.
             synchronize(device)
             eval_start = time.perf_counter()
-            epoch_metrics = {"eval_loss": evaluate.loss(model, validation_loader, precision,
-                                                        device), "epoch": epoch + 1,
+            eval_loss = evaluate.loss(model, validation_loader, precision, device)
+            epoch_metrics = {"eval_loss": eval_loss, "epoch": epoch + 1,
                              "eval_examples": len(validation_loader.dataset)}
+            if eval_loss < MAX_LOG_PERPLEXITY:  # beyond it, a perplexity says nothing more
+                epoch_metrics["eval_perplexity"] = math.exp(eval_loss)
             if validation_rouge is not None:  # learning curves of ROUGE (the rank sweep)
                 epoch_metrics.update({f"eval_{key}": value
                                       for key, value in validation_rouge().items()})

@@ -150,7 +150,7 @@ def test_demo_experiment_extends_the_defaults_with_its_grid():
     cfg = _experiment("demo", "method=full", hydra_config=True)
     assert cfg.tracking.experiment == "demo"
     assert cfg.train.lr == cfg.demo_lr.full.adamw
-    assert cfg.hydra.sweeper.params.model == "t5-tiny,t5-mini"
+    assert cfg.hydra.sweeper.params.model == "t5-tiny,t5-mini,tiny-causal"  # both families
     assert cfg.hydra.mode.name == "MULTIRUN"
 
 

@@ -48,7 +48,7 @@ def test_local_file_is_split_80_10_10(tmp_path, suffix):
      ".parquet": lambda: table.to_parquet(path)}[suffix]()
     splits = data.load_text(compose_cell("data=local", f"data.path={path}").data)
     assert [len(splits[s]) for s in data.SPLITS] == [80, 10, 10]
-    assert set(splits["train"].column_names) == set(data.COLUMNS)
+    assert set(splits["train"].column_names) == set(data.FORMATS["summary"])
     everything = set(splits["train"]["id"]) | set(splits["validation"]["id"]) | \
         set(splits["test"]["id"])
     assert everything == set(table["id"])
@@ -124,7 +124,7 @@ def _lengths(cfg) -> dict:
 def test_tokenisation_is_cached_once_per_dataset_and_tokenizer(tmp_path):
     cfg = compose_cell("data.train_size=40", "data.validation_size=8", "data.test_size=8").data
     tokenizer = ByT5Tokenizer()
-    text = data.load_text(cfg)
+    text = data.pairs(data.load_text(cfg), cfg)
     first = data.tokenize(text, tokenizer, cfg, _lengths(cfg), str(tmp_path))
     cache_files = sorted((tmp_path / "tokenized").glob("*.arrow"))
     assert len(cache_files) == 3

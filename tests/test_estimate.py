@@ -133,9 +133,11 @@ def test_the_command_line_prints_one_cells_parts_as_json_last(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     parts = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(parts) == {"weights", "gradients", "optimizer", "activations", "allocator",
-                          "cuda_context", "total"}
-    assert parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"),
-                                           abs=0.5)
+                          "cuda_context", "total", "allocated"}
+    assert parts["total"] == pytest.approx(sum(v for k, v in parts.items()
+                                               if k not in ("total", "allocated")), abs=0.5)
+    assert parts["allocated"] == pytest.approx(parts["total"] - parts["allocator"]
+                                               - parts["cuda_context"], abs=0.5)
     assert "t5-mini/lora-r8/fp32, batch 8, lengths 384 / 96 (config)" in result.stdout
     refused = subprocess.run([sys.executable, "-m", "harness.estimate", "method=full",
                               "precision=int8"], cwd=REPO, capture_output=True, text=True,
