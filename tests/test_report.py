@@ -189,3 +189,32 @@ def test_unknown_experiment_names_the_ones_there(golden_store, capsys):
     assert report.main(["--experiment", "nope", "--tracking-uri", golden_store]) == 2
     error = capsys.readouterr().err
     assert "no experiment 'nope'" in error and "golden" in error
+
+
+def test_published_tables_are_compared_like_with_like(tmp_path):
+    """peft's figure is torch's allocated peak: our allocated peak and the estimate's tensors
+    stand beside it; the OpenCALM study gives a range in words."""
+    _log.started.clear()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("published", artifact_location=str(tmp_path / "a"))
+    _log(client, experiment, "mt0 lora", _cell("mt0-xxl", "lora", "fp32", 8),
+         {**_measured(40.0, 60000.0), "torch_peak_allocated_mib": 55000.0,
+          "estimate_allocated_mib": 61600.0}, "ok")
+    _log(client, experiment, "opencalm int8", _cell("opencalm-7b", "lora", "int8", 8),
+         _measured(30.0, 15000.0), "ok")
+    assert report.main(["--experiment", "published", "--tracking-uri", uri,
+                        "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    lines = [[cell.strip() for cell in line.split("|")[1:-1]]
+             for line in text.split("## Beside the reference")[1].splitlines()
+             if line.startswith("| ")]
+    header, rows = lines[0], {line[0]: line for line in lines[1:]}
+    peft, opencalm = (dict(zip(header, rows[name])) for name in ("peft_table", "opencalm"))
+    assert peft["GPU measured as"] == "torch allocated peak"
+    assert peft["GPU memory (MiB)"] == "55000" and peft["GPU memory, reference (MB)"] == "56000"
+    assert peft["GPU estimate (MiB)"] == "61600" and peft["estimate / reference"] == "1.10"
+    assert opencalm["GPU measured as"] == "NVML peak" and opencalm["GPU memory (MiB)"] == "15000"
+    assert opencalm["GPU memory, reference (MB)"] == "12000-20000 (a dozen-odd GB)"
+    assert opencalm["estimate / reference"] == f"{0.9 * 15000 / 16000:.2f}"
+    assert "peft_table: peft's README" in text and "opencalm: the OpenCALM-7B" in text
