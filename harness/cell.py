@@ -3,7 +3,8 @@
 The cell never talks to MLflow: the runner owns the run. The cell sends the runner messages as
 it goes, which the runner records at once, so that nothing finished is lost if the cell dies:
 
-  ("phase", name, unix time)               load, train, eval start (splits the memory trace)
+  ("phase", name, unix time)               load, train, eval, infer start (splits the memory
+                                           trace)
   ("metrics", {name: value}, step, unix ms)
   ("tag", name, value)
   ("params", {name: value})                params known only once the cell has loaded its data
@@ -27,7 +28,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from harness import config, data, evaluate, families, methods, models
+from harness import config, data, evaluate, families, infer, methods, models
 from harness.sampler import MIB
 from harness.train import Diverged, synchronize, train
 
@@ -167,6 +168,9 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
 
     if method in config.ADAPTER_METHODS:
         _log_adapter(log, model)
+    if cfg.eval.infer:  # last: an adapter is merged into its base here
+        with log.phase("infer"):
+            infer.benchmark(model, tokenizer, splits["test"], cfg, device, family, log)
 
 
 def _rouge(model, tokenizer, tokens, references, cfg, device):
@@ -197,9 +201,10 @@ def _log_predictions(log: ToRunner, references, predictions) -> None:
 
 
 def _log_adapter(log: ToRunner, model) -> None:
-    """The saved adapter as an artifact, and its size on disk."""
+    """The saved adapter as an artifact, its size on disk, and the size of the whole model it
+    stands for."""
     folder = log.scratch / "adapter"
     model.save_pretrained(folder)
     size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
-    log({"adapter_size_mib": size / MIB})
+    log(infer.checkpoint_sizes(model, size))
     log.artifact(folder, "adapter")

@@ -116,8 +116,12 @@ def validate(cfg: DictConfig) -> None:
                               "[q,v] (T5 attention: q, k, v, o; feed-forward: wi_0, wi_1, wo; "
                               "GPT-NeoX and BLOOM: query_key_value, dense, ...)")
     for key in ("train.batch_size", "train.grad_accum_steps", "train.epochs", "eval.batch_size",
-                "eval.num_beams", "eval.max_new_tokens"):
+                "eval.num_beams", "eval.max_new_tokens", "eval.infer_batch_size",
+                "eval.infer_examples", "eval.infer_new_tokens"):
         _check_positive(cfg, key, integer=True)
+    if not isinstance(cfg.eval.infer, bool):
+        raise ConfigError(f"eval.infer={cfg.eval.infer!r}; expected true (the inference "
+                          "benchmark after evaluation) or false")
     if cfg.eval.max_samples is not None:
         _check_positive(cfg, "eval.max_samples", integer=True)
     _check_positive(cfg, "train.lr")

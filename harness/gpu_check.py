@@ -43,6 +43,9 @@ COLUMNS = {
     "estimate_mib": "metrics.estimate_gpu_mib",
     **{f"estimate_{part}_mib": f"metrics.estimate_{part}_mib" for part in estimate.PARTS},
     "step_time_p50_s": "metrics.step_time_p50_s", "tokens_per_s": "metrics.tokens_per_s",
+    # The inference benchmark (harness/infer.py): as trained, the base alone, merged.
+    **{f"infer_ms_p50{suffix}": f"metrics.infer_latency_ms_p50{suffix}"
+       for suffix in ("", "_base", "_merged")},
 }
 
 
@@ -99,6 +102,9 @@ def report(device: str, runs: pd.DataFrame, bench_md: Path | None) -> str:
             "" if pd.isna(ratio) else "within 15 %" if ok else f"off by {ratio - 1:+.0%}"
             for ratio, ok in zip(runs.measured_over_estimate, runs.within_15_pct)]
         lines += [plan.as_text(shown), ""]
+        latency = runs[["cell", "infer_ms_p50", "infer_ms_p50_base", "infer_ms_p50_merged"]]
+        lines += ["Inference (greedy generation per example, p50 ms; harness/infer.py): as "
+                  "trained, the base alone, and merged.", "", plan.as_text(latency), ""]
         passed = int(runs.within_15_pct.sum())
         lines.append(f"{passed} of {len(runs)} cells within {TOLERANCE:.0%} of the estimate; "
                      f"median CUDA context {runs.context_mib.median():.0f} MiB (the estimate "

@@ -15,7 +15,7 @@ import psutil
 from harness import gpus
 from harness.sampler import MIB  # one constant for the whole harness
 
-PHASES = ("load", "train", "eval")
+PHASES = ("load", "train", "eval", "infer")
 GPU_SOURCES = {"process": "NVML used memory of the cell's processes",
                "device": "NVML used memory of the device (no per-process figures from the "
                          "driver; other processes on the GPU are included)"}
@@ -131,7 +131,8 @@ def plot(trace: pd.DataFrame, path: Path, title: str) -> None:
         axes.plot(trace["time_s"], trace["gpu_mib"],
                   label=f"GPU ({GPU_SOURCES[trace.attrs['gpu_source']].split(' (')[0]})")
     spans = trace.groupby("phase", sort=False)["time_s"].agg(["min", "max"])
-    for shade, (phase, span) in zip(("#f2f2f2", "#e0ecf8", "#fdf0dc"), spans.iterrows()):
+    for shade, (phase, span) in zip(("#f2f2f2", "#e0ecf8", "#fdf0dc", "#e6f4e6"),
+                                    spans.iterrows()):
         axes.axvspan(span["min"], span["max"], color=shade, zorder=0)
         axes.text((span["min"] + span["max"]) / 2, 1.0, phase, ha="center", va="bottom",
                   transform=axes.get_xaxis_transform())

@@ -119,6 +119,7 @@ def random_model(model_cfg, dtype: torch.dtype = torch.float32):
         # from_pretrained keeps. Untie it here so that a random model has the trained one's
         # parameters and memory (24.7M more for flan-t5-base).
         model.all_tied_weights_keys.pop("lm_head.weight", None)
+        model.config.tie_word_embeddings = False  # as the checkpoint's config says
         head.weight = torch.nn.Parameter(torch.empty_like(embedding.weight))
         # T5's own init of an untied head: normal with std = initializer_factor.
         torch.nn.init.normal_(head.weight, std=model.config.initializer_factor)

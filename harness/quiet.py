@@ -22,7 +22,7 @@ class _Drop(logging.Filter):
 
 LOGGED = {
     # bitsandbytes 0.50, on a CPU with AVX512-BF16, tries at import to fetch a 4-bit kernel from
-    # the Hugging Face hub; the harness runs no 4-bit method, and offline the fetch fails.
+    # the Hugging Face hub; offline the fetch fails, and its own CPU code runs nf4 instead.
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
     # LLM.int8 casts each layer's input to float16, which is the method, and says so on every
     # call: thousands of lines per int8 cell.
@@ -38,3 +38,12 @@ for name, start in LOGGED.items():
 # is_activation_checkpointing and warns about on every read.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                         category=FutureWarning)
+
+# peft says, on merging LoRA into an int8 or 4-bit base, that rounding may change generations:
+# the harness records exactly that in the run's tag infer_merged (harness/infer.py).
+warnings.filterwarnings("ignore", message="Merge lora module to (8|4)-bit linear may get",
+                        category=UserWarning)
+# peft 0.21, after a merge, finds the embeddings untied where the config says tied: T5Config in
+# transformers 5 forces tie_word_embeddings, and flan-t5 has its own lm_head (see LOGGED).
+warnings.filterwarnings("ignore", message="Input and output embeddings are no longer tied after "
+                        "merging", category=UserWarning)

@@ -21,7 +21,7 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
-from harness import charts, config, cost, reference, slides
+from harness import charts, claims, config, cost, reference, slides
 from harness.errors import ConfigError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -29,7 +29,9 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 METRICS = ("rouge1", "rouge2", "train_time_s", "gpu_peak_mib", "estimate_gpu_mib",
            "torch_peak_allocated_mib", "estimate_allocated_mib", "cpu_peak_mib",
            "trainable_pct", "tokens_per_s", "cost_usd", "train_tokens_per_usd", "total_params",
-           "mem_params_mib", "mem_grads_mib", "mem_optimizer_mib", "mem_activations_mib")
+           "mem_params_mib", "mem_grads_mib", "mem_optimizer_mib", "mem_activations_mib",
+           "infer_latency_ms_p50", "infer_latency_ms_p50_base", "infer_latency_ms_p50_merged",
+           "infer_tokens_per_s", "adapter_size_mib", "full_checkpoint_mib")
 # Params that make runs the same cell in the report: all but the seed and where a run was logged
 # (or what it was priced at).
 NOT_THE_CELL = ("params.train.seed", "params.tracking.", "params.runner.", "params.sampler.",
@@ -379,6 +381,16 @@ def render(experiment: str, tracking_uri: str, out: Path) -> dict:
                   matched.to_markdown(index=False, disable_numparse=True)]
     if said:
         parts += ["## Findings", "\n".join(f"- {sentence}" for sentence in said)]
+    checked = claims.table(rows, source)
+    if len(checked):
+        parts += ["## The LoRA paper's claims, here",
+                  "Each of LoRA's (arXiv 2106.09685) claims per model: the paper's figure, ours "
+                  "from these runs, and a verdict computed from ours (thresholds in "
+                  "harness/claims.py; latency: the inference benchmark, harness/infer.py; memory: "
+                  f"the {source} peak)." + (" These are toy runs: tiny models, a few steps, on "
+                                            "a CPU, which say little about the paper's GPT-3 "
+                                            "scale." if toy else ""),
+                  checked.to_markdown(index=False, disable_numparse=True)]
     parts += ["## Charts"] + [f"![{chart.title}]({chart.path.name})\n\n{chart.caption}"
                               for chart in made]
     advice = recommendation(rows)

@@ -73,7 +73,7 @@ def test_a_finished_run_carries_every_contract_name(store, cell_overrides):
     assert len(predictions) == 6 and predictions["id"].iloc[0] == "test-0000"
     trace = pd.read_csv(f"{folder}/memory_trace.csv")
     assert list(trace.columns) == ["time_s", "phase", "gpu_mib", "gpu_device_mib", "cpu_mib"]
-    assert list(trace["phase"].unique()) == ["load", "train", "eval"]
+    assert list(trace["phase"].unique()) == ["load", "train", "eval", "infer"]
     assert trace["cpu_mib"].max() == pytest.approx(run.data.metrics["cpu_peak_mib"], abs=0.01)
     series = client.get_metric_history(run.info.run_id, "cpu_mib")
     assert 10 < len(series) <= 2000

@@ -51,7 +51,8 @@ def test_demo_grid_runs_and_reports_a_row_per_run(tmp_path):
     assert report.main(["--experiment", "demo", "--tracking-uri", store["uri"],
                         "--out", str(out)]) == 0
     markdown = (out / "report.md").read_text()
-    rows = [line for line in markdown.splitlines() if line.startswith("| t5-tiny")]
+    main_table = markdown.split("\n## ")[0]  # the sections after it name cells too
+    rows = [line for line in main_table.splitlines() if line.startswith("| t5-tiny")]
     assert len(rows) == len(runs) == 14
     header_line = next(line for line in markdown.splitlines() if line.startswith("| model"))
     header = [cell.strip() for cell in header_line.strip("|").split("|")]

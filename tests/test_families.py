@@ -168,6 +168,15 @@ def test_new_cells_train_end_to_end(store, cell_overrides, overrides):
     assert {"rouge1", "eval_loss", "eval_perplexity", "estimate_gpu_mib",
             "estimate_allocated_mib", "adapter_size_mib"} <= set(metrics)
     assert metrics["eval_perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"])
+    # The inference benchmark (issue: the LoRA paper's claims): as trained, base and merged.
+    for suffix in ("", "_base", "_merged"):
+        assert {f"infer_latency_ms_p50{suffix}", f"infer_latency_ms_p90{suffix}",
+                f"infer_tokens_per_s{suffix}"} <= set(metrics)
+    assert run.data.tags["infer_merged"].startswith("merged by peft's merge_and_unload")
+    assert ("rounding" in run.data.tags["infer_merged"]) == (cfg.precision.name == "nf4")
+    assert metrics["checkpoint_ratio"] == pytest.approx(metrics["full_checkpoint_mib"]
+                                                        / metrics["adapter_size_mib"])
+    assert metrics["cpu_infer_peak_mib"] > 0  # its own phase in the memory trace
     model, _ = _prepared(*overrides)
     assert metrics["trainable_params"] == model.get_nb_trainable_parameters()[0]
     predictions = pd.read_csv(download_artifacts(run_id=run.info.run_id,

@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from harness import report
+from harness import claims, report
 
 GOLDEN = Path(__file__).with_name("golden")
 
@@ -63,6 +63,12 @@ def _memory(peak):
     return [("gpu_mib", [(0, 600.0), (1000, peak / 2), (2000, peak), (3000, peak * 0.9)])]
 
 
+# The inference benchmark and checkpoint sizes of the golden store's LoRA r4 cell.
+INFERENCE = {"infer_latency_ms_p50": 13.0, "infer_latency_ms_p50_base": 10.0,
+             "infer_latency_ms_p50_merged": 10.3, "infer_tokens_per_s": 2400.0,
+             "full_checkpoint_mib": 945.0, "adapter_size_mib": 1.8}
+
+
 @pytest.fixture
 def golden_store(tmp_path):
     _log.started.clear()
@@ -78,8 +84,8 @@ def golden_store(tmp_path):
              _measured(rouge1, gpu, pct=0.36, grads=3.4, optimizer=6.8, activations=1500.0),
              "ok", series=[*_curve([1.5, 1.4, 1.45], [48.0, 50.0, 49.0]), *_memory(gpu)])
     _log(client, experiment, "lora-r4", _cell(base, "lora", "fp32", 4),
-         _measured(51.2, 3200.0, pct=0.18, grads=1.7, optimizer=3.4, activations=1450.0),
-         "ok", series=[*_curve([1.5, 1.38, 1.36], [48.5, 50.5, 51.0]), *_memory(3200.0)])
+         {**_measured(51.2, 3200.0, pct=0.18, grads=1.7, optimizer=3.4, activations=1450.0),
+          **INFERENCE}, "ok", series=[*_curve([1.5, 1.38, 1.36], [48.5, 50.5, 51.0]), *_memory(3200.0)])
     _log(client, experiment, "lomo", _cell(base, "lomo", "fp32", optimizer="sgd"),
          _measured(49.0, 5200.0, tokens=2500.0, grads=9.0, optimizer=0.0), "ok")
     _log(client, experiment, "full fp16", _cell(base, "full", "fp16"), {"total_params": 2.5e8},
@@ -218,3 +224,16 @@ def test_published_tables_are_compared_like_with_like(tmp_path):
     assert opencalm["GPU memory, reference (MB)"] == "12000-20000 (a dozen-odd GB)"
     assert opencalm["estimate / reference"] == f"{0.9 * 15000 / 16000:.2f}"
     assert "peft_table: peft's README" in text and "opencalm: the OpenCALM-7B" in text
+
+
+def test_the_lora_claims_section_computes_its_verdicts_from_the_runs(golden_store, tmp_path):
+    text = _render(golden_store, tmp_path / "out")["report.md"].decode()
+    section = text.split("## The LoRA paper's claims, here")[1].split("\n## ")[0]
+    rows = {cells[2]: cells for cells in ([c.strip() for c in line.split("|")[1:-1]]
+                                          for line in section.splitlines()
+                                          if line.startswith("| flan-t5-base"))}
+    assert {row[1] for row in rows.values()} == {"flan-t5-base/lora-r4/fp32"}
+    # (figure, verdict) from the runs: 10.3 / 10, 13 / 10, 945 / 1.8, 3200 / 14000, 3000 / 3000.
+    assert [rows[claim][5:7] for claim in claims.CLAIMS] == [
+        ["1.03", "holds"], ["1.30", "measured"], ["525.00", "holds"], ["0.23", "holds"],
+        ["1.00", "does not hold"]]
