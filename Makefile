@@ -73,8 +73,9 @@ server: install
 	$(VENV)/bin/mlflow server --backend-store-uri $(BACKEND_STORE_URI) \
 		--artifacts-destination $(ARTIFACTS) --host 127.0.0.1 --port $(PORT)
 
-# On a CUDA GPU: the reference rows (and LoRA+LOMO) with random weights for a few dozen steps,
-# and the benchmarks; writes reports/gpu-<device>/. ROWS=base_full,xl_lora and PARTS=cells,bench
-# run a part of it into the same store.
+# On a CUDA GPU: the reference rows (and LoRA+LOMO, nf4, the 8-bit and paged optimizers, a causal
+# 7B) with random weights for a few dozen steps, and the benchmarks; writes reports/gpu-<device>/.
+# ROWS=base_full,xl_lora_nf4 (options of experiments/check_row/) and PARTS=cells,bench run a part
+# of it into the same store.
 gpu-check: install
 	$(PY) -m harness.gpu_check $(if $(ROWS),--rows $(ROWS)) $(if $(PARTS),--parts $(PARTS))

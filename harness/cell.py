@@ -19,6 +19,7 @@ import errno
 import resource
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -27,6 +28,7 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from harness import config, data, evaluate, families, infer, methods, models
 from harness.sampler import MIB
@@ -38,6 +40,10 @@ def main(cell: dict, cache_dir: str, scratch: str, cpu_memory_limit_mib, connect
     # The runner stops a cell with SIGTERM (Ctrl-C, a kill, a time limit): exit as Python exits,
     # releasing what the process holds (tqdm's lock, the pipe) rather than leaving it leaked.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # tqdm's default lock is a multiprocessing semaphore; a cell killed outright (SIGKILL, the
+    # OOM killer) cannot release it, and the runner would print "leaked semaphore" at exit. The
+    # cell's progress bars are its own: a thread lock serves them.
+    tqdm.set_lock(threading.RLock())
     if cpu_memory_limit_mib:
         limit = int(cpu_memory_limit_mib * MIB)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

@@ -1,12 +1,14 @@
 """`make gpu-check`: the one command that validates the harness on a CUDA GPU.
 
-    python -m harness.gpu_check [--rows base_full,xl_lora_int8] [--parts cells,bench]
+    python -m harness.gpu_check [--rows base_full,xl_lora_nf4] [--parts cells,bench]
 
 On the GPU it runs (parts, each optional):
-- cells: experiments/gpu_check.yaml, the reference table's rows on their recipes plus LoRA+LOMO
-  for each size, with random weights and synthetic data at the recipes' lengths, for a few dozen
-  steps, into one MLflow store per device (outputs/gpu-check/<device>/mlflow.db), so that rows
-  run in pieces (ROWS=...) add up;
+- cells: experiments/gpu_check.yaml, one cell per option of experiments/check_row/: the
+  reference table's rows on their recipes plus LoRA+LOMO for each size, then 4-bit QLoRA,
+  bitsandbytes' 8-bit and paged AdamW, and an OpenCALM-7B LoRA cell, with random weights and
+  synthetic data, for a few dozen steps (each with its inference benchmark), into one MLflow
+  store per device (outputs/gpu-check/<device>/mlflow.db), so that rows run in pieces (ROWS=...)
+  add up;
 - bench: `make bench` on this GPU (sampler on / off, harness vs a hand-written loop and
   Seq2SeqTrainer), where a per-step host sync shows.
 Then it writes reports/gpu-<device>/: runs.csv (one row per cell in the store: measured GPU peak,
@@ -41,6 +43,7 @@ COLUMNS = {
     "torch_peak_allocated_mib": "metrics.torch_train_peak_allocated_mib",
     "torch_peak_reserved_mib": "metrics.torch_train_peak_reserved_mib",
     "estimate_mib": "metrics.estimate_gpu_mib",
+    "mem_optimizer_mib": "metrics.mem_optimizer_mib",
     **{f"estimate_{part}_mib": f"metrics.estimate_{part}_mib" for part in estimate.PARTS},
     "step_time_p50_s": "metrics.step_time_p50_s", "tokens_per_s": "metrics.tokens_per_s",
     # The inference benchmark (harness/infer.py): as trained, the base alone, merged.
@@ -86,7 +89,8 @@ def report(device: str, runs: pd.DataFrame, bench_md: Path | None) -> str:
     """report.md: the cells, the verdict per cell, the context measured, the bench."""
     lines = [f"# GPU check on {device}", "",
              "`make gpu-check`: the reference table's rows on their recipes and LoRA+LOMO per "
-             "size, random weights, synthetic data at the recipes' lengths, a few dozen steps. "
+             "size, 4-bit QLoRA, 8-bit and paged AdamW, and an OpenCALM-7B LoRA cell "
+             "(experiments/check_row/); random weights, synthetic data, a few dozen steps. "
              "Measured: NVML's peak of the cell's processes in the training phase; the "
              "allocator's peaks; the estimate `make plan` gives for the same cell "
              "(docs/estimator.md). An estimate passes when it is within "
@@ -96,7 +100,8 @@ def report(device: str, runs: pd.DataFrame, bench_md: Path | None) -> str:
     else:
         shown = runs[["cell", "gradient_checkpointing", "status", "gpu_train_peak_mib",
                       "estimate_mib", "measured_over_estimate", "torch_peak_allocated_mib",
-                      "torch_peak_reserved_mib", "context_mib", "step_time_p50_s",
+                      "torch_peak_reserved_mib", "context_mib", "mem_optimizer_mib",
+                      "estimate_optimizer_mib", "step_time_p50_s",
                       "tokens_per_s"]].copy()
         shown["verdict"] = [
             "" if pd.isna(ratio) else "within 15 %" if ok else f"off by {ratio - 1:+.0%}"
@@ -118,8 +123,8 @@ def report(device: str, runs: pd.DataFrame, bench_md: Path | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.gpu_check",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", help="reference rows to run, comma-separated (default: all of "
-                                       "experiments/gpu_check.yaml)")
+    parser.add_argument("--rows", help="cells to run, options of experiments/check_row/, "
+                                       "comma-separated (default: all of them)")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"what to run, comma-separated: {', '.join(PARTS)}")
     args = parser.parse_args(argv)
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     store.mkdir(parents=True, exist_ok=True)
     tracking = [f"tracking.uri=sqlite:///{store}/mlflow.db", f"cache_dir={store}/cache"]
-    rows = [f"+reference_row={args.rows}"] if args.rows else []
+    rows = [f"+check_row={args.rows}"] if args.rows else []
     if "cells" in parts:
         subprocess.run([sys.executable, "-m", "harness", "-cd", str(plan.EXPERIMENTS), "-cn",
                         EXPERIMENT, *rows, *tracking], check=True)

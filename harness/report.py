@@ -395,8 +395,9 @@ def render(experiment: str, tracking_uri: str, out: Path) -> dict:
                               for chart in made]
     advice = recommendation(rows)
     if len(advice) and toy:
-        parts += ["## Recommendation", "None from these runs: random-init models on a CPU "
-                  "say nothing about which cell to choose (see Findings)."]
+        advice = ("None from these runs: random-init models on a CPU say nothing about which "
+                  "cell to choose (see Findings).")
+        parts += ["## Recommendation", advice]
     elif len(advice):
         by = ("its training cost" if rows[rows.status == "ok"].cost_usd.notna().all()
               else "its training time (these runs have no price: set cost.usd_per_hour)")
@@ -407,7 +408,7 @@ def render(experiment: str, tracking_uri: str, out: Path) -> dict:
                   "measurement.", advice.to_markdown(index=False, disable_numparse=True)]
     (out / "report.md").write_text("\n\n".join(parts) + "\n")
     deck = slides.deck(experiment, setup(runs), len(runs), source, table(rows, source), made,
-                       said, reference_source if len(matched) else None)
+                       said, reference_source if len(matched) else None, checked, advice)
     (out / "slides.md").write_text(deck)
     return {"report": out / "report.md", "slides": out / "slides.md",
             **{chart.path.stem: chart.path for chart in made}}

@@ -98,13 +98,13 @@ def start_run(client: MlflowClient, experiment_id: str, name: str, params: dict,
 
 def end_run(client: MlflowClient, run_id: str, status: str, reason: str = "") -> None:
     """Record the outcome and close the run: never left RUNNING. A run that did not end ok says
-    why in its description, which the MLflow UI shows with the run."""
+    why in its description, which the MLflow UI shows on the run's page and in the runs table's
+    Description column (plain text: the table does not render markdown)."""
     client.set_tag(run_id, "status", status)
     if reason:
         client.set_tag(run_id, "status_reason", reason[:5000])
     if status != "ok":
-        client.set_tag(run_id, "mlflow.note.content", f"**{status}**" + (f": {reason}" if reason
-                                                                         else ""))
+        client.set_tag(run_id, "mlflow.note.content", status + (f": {reason}" if reason else ""))
     client.set_terminated(run_id, RUN_STATUS[status])
 
 

@@ -162,7 +162,7 @@ def test_an_oom_is_skipped_only_where_there_is_no_more_memory(store, cell_overri
     assert (runs[0].data.tags["oom_limit"], runs[0].data.tags["oom_limit_mib"]) == ("cpu",
                                                                                    "4000")
     # The UI shows why with the run: its description.
-    assert runs[0].data.tags["mlflow.note.content"].startswith("**oom**: out of memory")
+    assert runs[0].data.tags["mlflow.note.content"].startswith("oom: out of memory")
     status, runs = _run(store, cell, "runner.cpu_memory_limit_mib=30000")  # more: runs again
     assert status == "ok" and sorted(run.data.tags["status"] for run in runs) == ["ok", "oom"]
     assert len({run.data.tags["cell"] for run in runs}) == 1

@@ -7,8 +7,9 @@ import sys
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from harness import gpu_check, runner
+from harness import config, gpu_check, plan, runner
 from tests.conftest import REPO, compose_cell, requires_cuda
 
 
@@ -28,6 +29,34 @@ def test_a_part_it_does_not_know_is_refused():
 
 def test_the_device_names_its_folder():
     assert gpu_check.device_folder("NVIDIA H100 80GB HBM3") == "gpu-nvidia-h100-80gb-hbm3"
+
+
+def test_it_runs_every_reference_row_and_what_the_cpu_cannot_confirm():
+    jobs = plan.compose_experiment(gpu_check.EXPERIMENT, [])
+    options = {path.stem for path in (plan.EXPERIMENTS / "check_row").glob("*.yaml")}
+    assert len(jobs) == len(options)  # every option of check_row is a cell, each once
+    cells = {}
+    for job in jobs:
+        config.validate(job)
+        assert (job.model.source, job.data.name, job.train.max_steps) == ("random", "synthetic",
+                                                                           30)
+        cells[config.run_name(config.cell_config(job))] = job
+    # Each reference row as the reference table runs it: model, method, precision, recipe.
+    for row in plan.compose_experiment("reference_table", []):
+        job = cells[config.run_name(config.cell_config(row))]
+        for key in ("train.gradient_checkpointing", "data.padding", "data.source_max_length",
+                    "data.target_max_length", "model.attn_implementation", "method.r"):
+            assert OmegaConf.select(job, key) == OmegaConf.select(row, key), key
+    assert cells["flan-t5-xl/lora-r16/nf4"].precision.double_quant
+    for optimizer in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+        assert cells[f"flan-t5-base/full_{optimizer}/fp32"].method.optimizer == optimizer
+    causal = cells["opencalm-7b/lora-r8/bf16"]
+    assert causal.model.family == "causal"
+    assert list(causal.method.target_modules) == ["query_key_value"]
+    # ROWS=... picks cells by their option's name.
+    picked = plan.compose_experiment(gpu_check.EXPERIMENT, ["+check_row=xl_lora_nf4,base_full"])
+    assert [config.run_name(config.cell_config(job)) for job in picked] == [
+        "flan-t5-xl/lora-r16/nf4", "flan-t5-base/full/fp32"]
 
 
 @pytest.mark.slow

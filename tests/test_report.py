@@ -131,7 +131,8 @@ def test_the_deck_is_marp_with_a_slide_per_section(golden_store, tmp_path):
     assert titles == ["# Fine-tuning flan-t5: experiment `golden`", "## Results",
                       "## Memory breakdown", "## ROUGE-1 against memory",
                       "## ROUGE-1 against cost", "## Learning curves",
-                      "## Memory over time, flan-t5-base", "## Findings"]
+                      "## Memory over time, flan-t5-base", "## Findings",
+                      "## The LoRA paper's claims, here", "## Recommendation"]
     assert deck == (GOLDEN / "slides.md").read_text()
 
 

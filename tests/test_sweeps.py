@@ -148,7 +148,9 @@ def test_cells_log_to_a_shared_server_on_postgresql(mlflow_server, tmp_path):
     assert report.main(["--experiment", "shared", "--tracking-uri", mlflow_server,
                         "--out", str(tmp_path / "report")]) == 0
     markdown = (tmp_path / "report" / "report.md").read_text()
-    assert markdown.count("| t5-tiny ") == 2 and (tmp_path / "report" / "slides.md").exists()
+    results = markdown.split("\n## ", 1)[0]  # the results table, before the sections after it
+    assert results.count("| t5-tiny ") == 2 and (tmp_path / "report" / "slides.md").exists()
+    assert "## The LoRA paper's claims, here" in markdown
 
 
 def test_a_tracking_server_that_does_not_answer_is_refused_before_any_cell(tmp_path):

@@ -39,6 +39,7 @@ def test_the_ui_shows_a_row_per_cell_and_each_runs_metrics_and_memory_plot(chrom
                                      "t5-tiny/lomo/fp32", "t5-tiny/lora-r8/fp32"]
     assert seen["datasets"] >= 3 and seen["models"] == 1  # three trained; one LoRA adapter
     assert seen["why"]  # the skipped cell's reason, on its page
+    assert seen["why_in_table"]  # and in the runs table's Description column
     assert {"rouge1", "train_loss", "cpu_peak_mib"} <= set(seen["metrics"])
     width, height = seen["plot_size"]
     assert width > 300 and height > 150  # the memory plot itself, decoded by the browser
