@@ -196,13 +196,20 @@ def test_int8_lora_cell_runs_on_cpu(store, cell_overrides):
     assert runs[0].data.metrics["trainable_params"] < runs[0].data.metrics["total_params"]
 
 
-def test_synthetic_cell_measures_without_rouge(store, cell_overrides):
-    status, runs = _run(store, cell_overrides, "data=synthetic", "data.train_size=32",
+# Both families: the GPU check's OpenCALM-7B cell is a causal LoRA cell on synthetic data, in
+# bf16 with checkpointing.
+@pytest.mark.parametrize("family", [
+    [], ["model=tiny-causal", "precision=bf16", "train.gradient_checkpointing=true"]],
+    ids=["seq2seq", "causal"])
+def test_synthetic_cell_measures_without_rouge(store, cell_overrides, family):
+    status, runs = _run(store, cell_overrides, *family, "data=synthetic", "data.train_size=32",
                         "data.validation_size=8", "data.test_size=8", "train.max_steps=2",
                         "data.source_length_median=40", "data.target_length_median=10")
     assert status == "ok"
-    assert "rouge1" not in runs[0].data.metrics and "eval_loss" in runs[0].data.metrics
+    metrics = runs[0].data.metrics
+    assert "rouge1" not in metrics and "eval_loss" in metrics
     assert "not computed" in runs[0].data.tags["rouge"]
+    assert {"estimate_gpu_mib", "infer_latency_ms_p50_merged", "cpu_train_peak_mib"} <= set(metrics)
 
 
 def test_a_cell_that_raises_is_closed_as_failed(store, cell_overrides, tmp_path):
