@@ -58,13 +58,12 @@ def browse(address: str, tracking_uri: str, experiment: str, table_png: Path,
         # once its Description column is ticked.
         not_ok = [run for run in runs if run.data.tags.get("status") != "ok"]
         if not_ok:
+            reason = not_ok[0].data.tags["status_reason"]
             page.get_by_role("button", name="Columns").first.click()
             page.get_by_text("Description", exact=True).first.click()
             page.keyboard.press("Escape")
-            seen["why_in_table"] = _shows(page.get_by_text(
-                not_ok[0].data.tags["status_reason"][:40], exact=False))
+            seen["why_in_table"] = _shows(page.get_by_text(reason[:40], exact=False))
             page.get_by_role("link", name=not_ok[0].info.run_name).first.click()
-            reason = not_ok[0].data.tags["status_reason"]
             # In the description, and again in the tags.
             seen["why"] = _shows(page.get_by_text(reason[:40], exact=False))
             page.go_back()
