@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from harness import config
+from harness import cell_process, config
 from harness.errors import ConfigError
 from harness.stops import Stopped
 
@@ -18,6 +18,7 @@ def main(cfg: DictConfig) -> str:
     try:
         # A bad value is refused before torch, transformers and bitsandbytes load (seconds).
         config.validate(cfg)
+        cell_process.head_start(cfg.runner.start_method)  # the cells' server loads meanwhile
         from harness import runner
 
         return runner.run(cfg)

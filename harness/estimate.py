@@ -49,8 +49,11 @@ numbers), and other processes on the GPU. The study's own figures may include so
 import contextlib
 import hashlib
 import json
+import multiprocessing
 import os
+import signal
 import sys
+import time
 from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
@@ -76,6 +79,9 @@ PARTS = ("weights", "gradients", "optimizer", "activations", "allocator", "cuda_
 META = torch.device("meta")
 STEPS = 2  # the second step runs with the optimizer state the first one created
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
+# A worker process takes about this long to import torch, transformers and peft: a plan's
+# simulations go side by side once those done one by one have taken longer.
+WORKER_START_S = 3.0
 
 
 def gpu_peak_mib(cell: dict, lengths: dict, cache_dir: str | None = None) -> dict:
@@ -84,16 +90,10 @@ def gpu_peak_mib(cell: dict, lengths: dict, cache_dir: str | None = None) -> dic
     ({"source": tokens, "target": tokens}). A simulation takes seconds (about 10 for flan-t5-xl
     on one core); with `cache_dir` its result is kept there for the next plan or run of the same
     cell, under a key that changes with the harness's code and the library versions."""
-    train_cfg = cell["train"]
-    # Only what the estimate reads: the key of both caches (a grid repeats architectures).
-    spec = json.dumps({"model": cell["model"], "method": cell["method"],
-                       "precision": cell["precision"], "lengths": lengths,
-                       "train": {key: train_cfg[key] for key in (
-                           "batch_size", "grad_accum_steps", "max_grad_norm", "weight_decay",
-                           "gradient_checkpointing")}}, sort_keys=True)
+    spec = _spec(cell, lengths)
     if cache_dir is None:
         return dict(_estimate(spec))
-    path = Path(cache_dir) / "estimates" / f"{_cache_key(spec)}.json"
+    path = _cache_path(spec, cache_dir)
     if path.exists():
         return json.loads(path.read_text())
     parts = dict(_estimate(spec))
@@ -102,6 +102,53 @@ def gpu_peak_mib(cell: dict, lengths: dict, cache_dir: str | None = None) -> dic
     partial.write_text(json.dumps(parts))
     partial.replace(path)
     return parts
+
+
+def gpu_peaks_mib(requests: list[tuple[dict, dict, str]]) -> list[dict]:
+    """gpu_peak_mib of each (cell, lengths, cache_dir), as a plan needs them. The cells not in
+    the cache yet are simulated once each: here, one after the other, until that has taken longer
+    than a worker takes to start; then the rest side by side, a process per CPU core (a
+    simulation uses one core: meta tensors compute nothing)."""
+    pending = {}
+    for cell, lengths, cache_dir in requests:
+        path = cache_dir and _cache_path(_spec(cell, lengths), cache_dir)
+        if path and not path.exists():
+            pending.setdefault(path, (cell, lengths, cache_dir))
+    pending = list(pending.values())
+    started, cores = time.monotonic(), _usable_cores()
+    for index, request in enumerate(pending):
+        left = len(pending) - index
+        if left > 1 and cores > 1 and time.monotonic() - started > WORKER_START_S:
+            # spawn: a plan may run in a process that has initialised CUDA (a sweep's callback).
+            # The workers ignore Ctrl-C: it stops the plan, whose pool then ends them.
+            with multiprocessing.get_context("spawn").Pool(
+                    min(left, cores), initializer=signal.signal,
+                    initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+                pool.starmap(gpu_peak_mib, pending[index:], chunksize=1)
+            break
+        gpu_peak_mib(*request)
+    return [gpu_peak_mib(*request) for request in requests]
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (a container's share, not the host's count)."""
+    if hasattr(os, "sched_getaffinity"):  # not on macOS
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _spec(cell: dict, lengths: dict) -> str:
+    """Only what the estimate reads: the key of both caches (a grid repeats architectures)."""
+    train_cfg = cell["train"]
+    return json.dumps({"model": cell["model"], "method": cell["method"],
+                       "precision": cell["precision"], "lengths": lengths,
+                       "train": {key: train_cfg[key] for key in (
+                           "batch_size", "grad_accum_steps", "max_grad_norm", "weight_decay",
+                           "gradient_checkpointing")}}, sort_keys=True)
+
+
+def _cache_path(spec: str, cache_dir: str) -> Path:
+    return Path(cache_dir) / "estimates" / f"{_cache_key(spec)}.json"
 
 
 def _cache_key(spec: str) -> str:

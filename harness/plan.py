@@ -40,7 +40,7 @@ def plan(jobs: list[DictConfig], found_gpus: list[dict], named_gpu=None,
     job that cannot be composed into a valid cell, before anything runs."""
     client, experiment_id = tracking.connect(jobs[0].tracking, create=create_experiment)
     gpu = _gpu_to_compare(found_gpus, named_gpu)
-    rows = []
+    rows, estimated = [], []
     for number, job in enumerate(jobs, start=1):
         try:
             config.validate(job)
@@ -64,8 +64,16 @@ def plan(jobs: list[DictConfig], found_gpus: list[dict], named_gpu=None,
             row.update(plan="done", why=f"already {previous.data.tags['status']} in run "
                                         f"{previous.info.run_id}")
         if not invalid:
-            row.update(_estimate(job, cell))
+            lengths, lengths_from = data.planned_lengths(job.data, job.model, job.cache_dir)
+            if lengths is None:
+                row["lengths_from"] = lengths_from
+            else:
+                estimated.append((row, job, lengths_from, (cell, lengths, job.cache_dir)))
         rows.append(row)
+    # All at once: the simulations may run side by side.
+    all_parts = estimate.gpu_peaks_mib([request for *_, request in estimated])
+    for (row, job, lengths_from, (_, lengths, _)), parts in zip(estimated, all_parts):
+        row.update(_estimate_columns(job, lengths, lengths_from, parts))
     table = pd.DataFrame(rows)
     table["gpu"] = gpu[0] if gpu else ""
     estimates = table.get("estimate_mib", pd.Series([None] * len(table)))
@@ -73,12 +81,8 @@ def plan(jobs: list[DictConfig], found_gpus: list[dict], named_gpu=None,
     return table
 
 
-def _estimate(job: DictConfig, cell: dict) -> dict:
+def _estimate_columns(job: DictConfig, lengths: dict, lengths_from: str, parts: dict) -> dict:
     """The cell's lengths, its estimate and parts, and the reference figure it is compared with."""
-    lengths, lengths_from = data.planned_lengths(job.data, job.model, job.cache_dir)
-    if lengths is None:
-        return {"lengths_from": lengths_from}
-    parts = estimate.gpu_peak_mib(cell, lengths, job.cache_dir)
     found = {"source_length": lengths["source"], "target_length": lengths["target"],
              "lengths": f"{lengths['source']}/{lengths['target']}", "lengths_from": lengths_from,
              **{f"{name}_mib": parts[name] for name in estimate.PARTS},

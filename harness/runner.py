@@ -23,7 +23,7 @@ from mlflow.entities import Param, RunTag
 from omegaconf import DictConfig, OmegaConf
 
 from harness import cell as cell_module
-from harness import config, cost, data, estimate, gpus, hub, memory, stops, tracking
+from harness import cell_process, config, cost, data, estimate, gpus, hub, memory, stops, tracking
 from harness.errors import ConfigError
 
 
@@ -209,18 +209,7 @@ def _run_in_process(cfg: DictConfig, cell: dict, scratch: Path, record: CellReco
                     gpu: str | None) -> None:
     """Start the sampler, then the cell, both seeing only `gpu` (None: what this process sees);
     record what the cell sends until it ends, and how it ended."""
-    start_method = cfg.runner.start_method
-    if start_method == "auto":
-        start_method = "spawn" if torch.cuda.is_available() else "forkserver"
-    if multiprocessing.get_start_method(allow_none=True) not in (
-            None, *multiprocessing.get_all_start_methods()):
-        # In a joblib worker the global start method is loky's own, which a child started by
-        # the standard library cannot find; this process starts only cells, as below.
-        multiprocessing.set_start_method(start_method, force=True)
-    context = multiprocessing.get_context(start_method)
-    if start_method == "forkserver":
-        # The server imports torch and transformers once; every cell forks from it.
-        context.set_forkserver_preload(["harness.cell"])
+    context = cell_process.context(cfg.runner.start_method, torch.cuda.is_available())
     receive, send = context.Pipe(duplex=False)
     process = context.Process(
         target=cell_module.main, name="harness-cell",

@@ -20,6 +20,8 @@ from tests.conftest import mlflow_serving
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
+# For every wait, the page's and expect()'s alike (expect() keeps its own 5 s default otherwise):
+# on a loaded CI machine the first runs search can take longer than that.
 TIMEOUT_MS = 60_000
 
 
@@ -44,7 +46,7 @@ def browse(address: str, tracking_uri: str, experiment: str, table_png: Path,
         page.set_default_timeout(TIMEOUT_MS)
         page.goto(f"{address}/#/experiments/{found.experiment_id}/runs"
                   "?workflowType=machine_learning")
-        expect(page.get_by_text(f"{len(runs)} matching runs")).to_be_visible()
+        expect(page.get_by_text(f"{len(runs)} matching runs")).to_be_visible(timeout=TIMEOUT_MS)
         # The count shows before the rows have rendered: wait for each run's row a while.
         seen["table"] = [run.info.run_name for run in runs
                          if _shows(page.get_by_role("link", name=run.info.run_name))]
@@ -70,14 +72,15 @@ def browse(address: str, tracking_uri: str, experiment: str, table_png: Path,
 
         first = runs[0]
         page.get_by_role("link", name=first.info.run_name).first.click()
-        expect(page.get_by_text(f"Metrics ({len(first.data.metrics)})")).to_be_visible()
+        metrics_heading = page.get_by_text(f"Metrics ({len(first.data.metrics)})")
+        expect(metrics_heading).to_be_visible(timeout=TIMEOUT_MS)
         page.get_by_text("train_loss", exact=True).first.wait_for()  # the table has rendered
         seen["metrics"] = [name for name in first.data.metrics
                            if page.get_by_text(name, exact=True).count()]
         page.get_by_role("tab", name="Artifacts").click()
         page.get_by_text("memory_trace.png", exact=True).click()
         plot = page.get_by_role("img", name="memory_trace.png")
-        expect(plot).to_be_visible()
+        expect(plot).to_be_visible(timeout=TIMEOUT_MS)
         seen["plot_size"] = plot.evaluate("image => [image.naturalWidth, image.naturalHeight]")
         if run_png is not None:
             _close_assistant(page)

@@ -125,6 +125,29 @@ def test_estimates_are_cached_on_disk_by_cell_and_code(tmp_path, monkeypatch):
     assert estimate.gpu_peak_mib(cell, LENGTHS, str(tmp_path)) == first
 
 
+def test_a_plans_estimates_are_simulated_side_by_side_once_each(tmp_path, monkeypatch):
+    # Four requests, three cells, each simulated once in a worker process (this process's
+    # _estimate is not theirs); every result as gpu_peak_mib gives it alone.
+    cells = [config.cell_config(_cell(f"method={method}")) for method in ("lora", "full", "lomo")]
+    alone = [estimate.gpu_peak_mib(cell, LENGTHS) for cell in cells]
+    simulated_here = []
+    real_estimate = estimate._estimate
+    monkeypatch.setattr(estimate, "_estimate",
+                        lambda spec: simulated_here.append(spec) or real_estimate(spec))
+    monkeypatch.setattr(estimate, "WORKER_START_S", -1.0)  # workers from the first cell on
+    requests = [(cell, LENGTHS, str(tmp_path)) for cell in [*cells, cells[0]]]
+    assert estimate.gpu_peaks_mib(requests) == [*alone, alone[0]]
+    assert simulated_here == []
+    assert len(list((tmp_path / "estimates").glob("*.json"))) == 3
+    # All cached now: nothing is simulated again, here or elsewhere.
+    assert estimate.gpu_peaks_mib(requests) == [*alone, alone[0]] and simulated_here == []
+    # Below the time a worker takes to start, they are simulated here, one by one.
+    monkeypatch.setattr(estimate, "WORKER_START_S", 3600.0)
+    here = tmp_path / "here"
+    assert estimate.gpu_peaks_mib([(cell, LENGTHS, str(here)) for cell in cells]) == alone
+    assert len(simulated_here) == 3
+
+
 def test_the_command_line_prints_one_cells_parts_as_json_last(tmp_path):
     result = subprocess.run([sys.executable, "-m", "harness.estimate", "model=t5-mini",
                              "method=lora", "train.gradient_checkpointing=true",

@@ -2,6 +2,7 @@
 sweep (`python -m harness -m ...`): each ends with its own status and reason, the other cells
 finish ok, and no run is left RUNNING."""
 
+import json
 import os
 import signal
 import subprocess
@@ -100,7 +101,7 @@ def test_failures_inside_a_sweep_end_with_their_status_and_spare_the_others(tmp_
 
 
 def test_an_interrupted_sweep_reruns_only_what_did_not_finish(tmp_path):
-    grid = ["train.seed=1,2", "train.max_steps=200"]
+    grid = ["train.seed=1,2", "train.max_steps=100"]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     sweep = _sweep(tmp_path, "resume", *grid)
     try:
@@ -151,3 +152,35 @@ def test_a_terminated_run_ends_killed_with_its_memory_trace_and_runs_again(tmp_p
     # A rerun runs the cell again: it did not finish.
     assert tracking.finished_run(client, killed.info.experiment_id,
                                  killed.data.tags["cell"]) is None
+
+
+HEAD_START = """
+import json, sys, time
+import psutil
+from harness import cell_process
+cell_process.head_start(sys.argv[1])
+assert "torch" not in sys.modules
+servers = [child.pid for child in psutil.Process().children()
+           if "multiprocessing.forkserver" in " ".join(child.cmdline())]
+import torch
+cell = cell_process.context(sys.argv[1], torch.cuda.is_available()).Process(
+    target=time.sleep, args=(2,))
+cell.start()
+print(json.dumps({"servers": len(servers),
+                  "forked_from_it": psutil.Process(cell.pid).ppid() in servers}))
+cell.join()
+"""
+
+
+@pytest.mark.parametrize("start_method", ["auto", "spawn"])
+def test_the_cells_server_starts_before_torch_loads_and_the_cell_forks_from_it(start_method):
+    # Without a GPU, `auto` forks each cell from a server that imports torch and transformers
+    # once; started before the runner imports them, the two load side by side.
+    from harness.cell_process import _nvml_finds_a_gpu
+
+    forks = start_method == "forkserver" or (start_method == "auto" and not _nvml_finds_a_gpu())
+    result = subprocess.run([sys.executable, "-c", HEAD_START, start_method], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    seen = json.loads(result.stdout)
+    assert seen == {"servers": int(forks), "forked_from_it": forks}
