@@ -1,8 +1,10 @@
 # make install | test | test-fast | bench | demo | plan EXP=name | sweep EXP=name | report EXP=name
-# | ui | server | gpu-check
+# | ui | server | gpu-wheels | gpu-rehearsal | gpu-check
 PYTHON ?= python3
 VENV := .venv
-PY := $(VENV)/bin/python
+PY ?= $(VENV)/bin/python
+# PY=python3 (the lent GPU machine, after `. gpu/env.sh`): that interpreter as it is, no install.
+INSTALL := $(if $(filter $(VENV)/bin/python,$(PY)),install)
 # The CPU build lies on the project's machines; on a GPU machine PyPI's torch==2.13.0 is CUDA.
 TORCH ?= torch==2.13.0
 EXP ?= demo
@@ -12,7 +14,8 @@ TRACKING_URI ?= sqlite:///mlflow.db
 BACKEND_STORE_URI ?= postgresql://harness:harness@127.0.0.1:5432/harness
 ARTIFACTS ?= mlartifacts
 
-.PHONY: help install test test-fast bench demo plan sweep report ui server gpu-check
+.PHONY: help install test test-fast bench demo plan sweep report ui server gpu-wheels \
+	gpu-rehearsal gpu-check
 
 # The first target: `make` alone prints this.
 help:
@@ -26,6 +29,8 @@ help:
 	@echo "make ui                 the MLflow UI on http://127.0.0.1:$(PORT)"
 	@echo "make server             a shared MLflow tracking server (PostgreSQL)"
 	@echo "make bench              the benchmarks, into reports/bench/"
+	@echo "make gpu-wheels         .whl/: the wheels the lent GPU machine lacks (docs/gpu-check.md)"
+	@echo "make gpu-rehearsal      the GPU machine's set-up rehearsed here, offline, on the CPU"
 	@echo "make gpu-check          on a CUDA GPU: reference rows, estimates, benchmarks"
 	@echo "experiments (EXP=...):  $(basename $(notdir $(wildcard experiments/*.yaml)))"
 
@@ -39,43 +44,56 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test,server]"
 	touch $@
 
-test: install
+test: $(INSTALL)
 	$(PY) -m pytest
 
-test-fast: install
+test-fast: $(INSTALL)
 	$(PY) -m pytest -m "not slow"
 
 # Results land in reports/bench/<device>.md and .json.
-bench: install
+bench: $(INSTALL)
 	$(PY) bench/run.py $(ARGS)
 
-demo: install
+demo: $(INSTALL)
 	$(PY) -m harness -cd experiments -cn demo
 	$(PY) -m harness.report --experiment demo --tracking-uri $(TRACKING_URI)
 
 # The plan of an experiment, without a GPU and without running anything: reports/$(EXP)/plan.csv.
-plan: install
+plan: $(INSTALL)
 	$(PY) -m harness.plan $(EXP) $(ARGS)
 
-sweep: install
+sweep: $(INSTALL)
 	$(PY) -m harness -cd experiments -cn $(EXP) $(ARGS)
 
-report: install
+report: $(INSTALL)
 	$(PY) -m harness.report --experiment $(EXP) --tracking-uri $(TRACKING_URI)
 
-ui: install
+ui: $(INSTALL)
 	$(VENV)/bin/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT)
 
 # A tracking server on this machine's loopback only; sweeps log to it with tracking=server
 # (MLFLOW_TRACKING_URI=http://127.0.0.1:$(PORT)). Put a reverse proxy with authentication in
 # front of it before opening it to a network.
-server: install
+server: $(INSTALL)
 	$(VENV)/bin/mlflow server --backend-store-uri $(BACKEND_STORE_URI) \
 		--artifacts-destination $(ARTIFACTS) --host 127.0.0.1 --port $(PORT)
 
+# The lent GPU machine has no network: what it lacks travels as wheels in .whl/ (git ignores it).
+gpu-wheels: install
+	$(PY) gpu/wheelhouse.py
+
+# Here, offline: pip's resolver for the machine's Python against .whl/ and the machine's list, then
+# gpu/env.sh and `make gpu-check PY=python3` on a stand-in for the machine, one tiny cell on the CPU.
+gpu-rehearsal: install
+	$(PY) gpu/rehearse.py
+
 # On a CUDA GPU: the reference rows (and LoRA+LOMO, nf4, the 8-bit and paged optimizers, a causal
-# 7B) with random weights for a few dozen steps, and the benchmarks; writes reports/gpu-<device>/.
-# ROWS=base_full,xl_lora_nf4 (options of experiments/check_row/) and PARTS=cells,bench run a part
-# of it into the same store.
-gpu-check: install
-	$(PY) -m harness.gpu_check $(if $(ROWS),--rows $(ROWS)) $(if $(PARTS),--parts $(PARTS))
+# 7B) with random weights for a few dozen steps, the GPU tests and the benchmarks; writes
+# reports/gpu-<device>/. CALL=1|2|3 is one of the three device calls that make the whole check
+# (docs/gpu-check.md); ROWS=base_full,xl_lora_nf4 (options of experiments/check_row/) and
+# PARTS=preflight,cells,tests,bench run a part of it into the same store; ARGS="key=value ..."
+# go to every cell. On the lent machine: `. gpu/env.sh && make gpu-check PY=python3 CALL=1`.
+gpu-check: $(INSTALL)
+	$(PY) -m harness.gpu_check $(if $(CALL),--call $(CALL)) $(if $(ROWS),--rows $(ROWS)) \
+		$(if $(PARTS),--parts $(PARTS)) $(if $(OUT),--out $(OUT)) \
+		$(if $(STORE),--store $(STORE)) $(ARGS)

@@ -1,35 +1,67 @@
 """`make gpu-check`: the one command that validates the harness on a CUDA GPU.
 
-    python -m harness.gpu_check [--rows base_full,xl_lora_nf4] [--parts cells,bench]
+    python -m harness.gpu_check [--call 1|2|3] [--rows base_full,...] [--parts cells,bench]
+                                [--out DIR] [--store DIR] [override ...]
 
-On the GPU it runs (parts, each optional):
+On the GPU it runs (parts, each optional, in this order):
+- preflight: where every library comes from and at which version (packages.txt), and an import
+  of every module of the harness and of bench/, so that a missing or mismatched wheel shows in
+  seconds, before any cell;
 - cells: experiments/gpu_check.yaml, one cell per option of experiments/check_row/: the
   reference table's rows on their recipes plus LoRA+LOMO for each size, then 4-bit QLoRA,
   bitsandbytes' 8-bit and paged AdamW, and an OpenCALM-7B LoRA cell, with random weights and
   synthetic data, for a few dozen steps (each with its inference benchmark), into one MLflow
   store per device (outputs/gpu-check/<device>/mlflow.db), so that rows run in pieces (ROWS=...)
   add up;
+- tests: the test suite's gpu-marked tests (tests.txt);
 - bench: `make bench` on this GPU (sampler on / off, harness vs a hand-written loop and
   Seq2SeqTrainer), where a per-step host sync shows.
 Then it writes reports/gpu-<device>/: runs.csv (one row per cell in the store: measured GPU peak,
 the allocator's peaks, the estimate and its parts, their ratio, the CUDA context it implies, step
-time and tokens/s), plan.csv (the plan of the same cells against this GPU) and report.md. Without
-CUDA it refuses at once.
+time and tokens/s), plan.csv (the plan of the same cells against this GPU), timings.csv (each
+part's wall time) and report.md. `--call N` is the N-th of the three device calls that together
+make the whole check (CALLS; docs/gpu-check.md). Overrides go to every cell and the plan. Without
+CUDA it refuses at once, unless an override says allow_cpu=true (the rehearsal of
+gpu/rehearse.py).
 """
 
 import argparse
+import csv
+import importlib
+import importlib.metadata
+import pkgutil
+import platform
 import re
 import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import pandas as pd
 from mlflow import MlflowClient
 
+import harness
 from harness import config, estimate, gpus, plan
 
 EXPERIMENT = "gpu_check"
-PARTS = ("cells", "bench")
+PARTS = ("preflight", "cells", "tests", "bench")
+# The whole check in three device calls of a few minutes each (docs/gpu-check.md): the small
+# cells first, then flan-t5-xl's, then the 7B causal cell, the GPU tests and the benchmarks.
+CALLS = {
+    "1": ("preflight,cells", "base_full,base_lora,base_lora_lomo,base_full_adamw_8bit,"
+                             "base_full_paged_adamw_8bit,base_full_paged_adamw_32bit,large_lora,"
+                             "large_lora_lomo"),
+    "2": ("preflight,cells", "xl_lora,xl_lora_fp16,xl_lora_int8,xl_lora_lomo,xl_lora_nf4"),
+    "3": ("preflight,cells,tests,bench", "opencalm_7b_lora_bf16"),
+}
+# The test modules with gpu-marked tests (the others import what only CI installs: playwright).
+GPU_TESTS = ["tests/test_cells.py", "tests/test_gpu_check.py", "tests/test_memory.py",
+             "tests/test_models.py", "tests/test_plan.py"]
+# The libraries whose versions decide what a cell measures, first in packages.txt.
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "mlflow-skinny",
+             "mlflow", "hydra-core", "datasets", "numpy")
+REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.15  # an estimate within 15 % of the measured peak passes
 # runs.csv: column: the run's param, metric or tag it comes from.
 COLUMNS = {
@@ -85,8 +117,10 @@ def runs_table(tracking_uri: str) -> pd.DataFrame:
     return table.sort_values("cell").reset_index(drop=True)
 
 
-def report(device: str, runs: pd.DataFrame, bench_md: Path | None) -> str:
-    """report.md: the cells, the verdict per cell, the context measured, the bench."""
+def report(device: str, runs: pd.DataFrame, bench_md: Path | None,
+           folder: Path | None = None) -> str:
+    """report.md: the cells, the verdict per cell, the context measured, the bench, and (from
+    `folder`) the environment the preflight found and how long each part took."""
     lines = [f"# GPU check on {device}", "",
              "`make gpu-check`: the reference table's rows on their recipes and LoRA+LOMO per "
              "size, 4-bit QLoRA, 8-bit and paged AdamW, and an OpenCALM-7B LoRA cell "
@@ -114,55 +148,138 @@ def report(device: str, runs: pd.DataFrame, bench_md: Path | None) -> str:
         lines.append(f"{passed} of {len(runs)} cells within {TOLERANCE:.0%} of the estimate; "
                      f"median CUDA context {runs.context_mib.median():.0f} MiB (the estimate "
                      f"assumes {estimate.CUDA_CONTEXT_MIB}).")
+    packages = None if folder is None else folder / "packages.txt"
+    if packages is not None and packages.exists():
+        found = packages.read_text().splitlines()
+        lines += ["", "## Environment", "", f"Preflight: {found[0].lstrip('# ')}.", "",
+                  *[f"- {line}" for line in found[1:] if line.split("==")[0] in LIBRARIES]]
+    timings = None if folder is None else folder / "timings.csv"
+    if timings is not None and timings.exists():
+        lines += ["", "## Time per part (wall clock, seconds)", "",
+                  plan.as_text(pd.read_csv(timings, dtype=str, keep_default_na=False))]
     if bench_md is not None and bench_md.exists():
         lines += ["", "## Benchmarks on this GPU", "",
                   bench_md.read_text().split("\n", 2)[2].strip()]
     return "\n".join(lines) + "\n"
 
 
+def preflight(out: Path) -> list[str]:
+    """packages.txt: every distribution Python sees, its version and where it lies (the
+    wheelhouse's target or the machine's own site-packages), the deciding libraries first; and
+    an import of every module of the harness and of bench/. Returns the modules that failed."""
+    seen = {}
+    for dist in importlib.metadata.distributions():  # first on sys.path wins, as for imports
+        seen.setdefault(dist.metadata["Name"].lower(), (dist.version, str(dist.locate_file(""))))
+    failed = []
+    modules = [info.name for info in pkgutil.walk_packages(harness.__path__, "harness.")]
+    for name in [*modules, "bench.baselines", "bench.run"]:
+        try:
+            importlib.import_module(name)
+        except Exception:  # any failure to import is what the preflight is for
+            failed.append(name)
+            print(f"[gpu-check] cannot import {name}:\n{traceback.format_exc()}",
+                  file=sys.stderr)
+    import torch
+
+    lines = [f"# python {platform.python_version()}, torch {torch.__version__} (CUDA "
+             f"{torch.version.cuda}), imports: {len(modules) + 2 - len(failed)} modules ok"
+             + (f", failed: {', '.join(failed)}" if failed else "")]
+    ordered = [name for name in LIBRARIES if name in seen] + sorted(set(seen) - set(LIBRARIES))
+    lines += [f"{name}=={seen[name][0]}  {seen[name][1]}" for name in ordered]
+    (out / "packages.txt").write_text("\n".join(lines) + "\n")
+    print(f"[gpu-check] preflight: {lines[0][2:]}; {len(seen)} packages in {out}/packages.txt")
+    return failed
+
+
+def record_time(out: Path, part: str, rows: str | None, seconds: float, returncode: int) -> None:
+    """One row of timings.csv per part run: how long each took on this device."""
+    path = out / "timings.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as file:
+        writer = csv.writer(file)
+        if new:
+            writer.writerow(["part", "rows", "seconds", "returncode", "finished"])
+        writer.writerow([part, rows or "", f"{seconds:.1f}", returncode,
+                         time.strftime("%Y-%m-%dT%H:%M:%S")])
+
+
+def run_part(part: str, out: Path, store: Path, rows: str | None, overrides: list[str]) -> int:
+    """One part; its exit status (0: done)."""
+    tracking = [f"tracking.uri=sqlite:///{store}/mlflow.db", f"cache_dir={store}/cache"]
+    picked = [f"+check_row={rows}"] if rows else []
+    if part == "preflight":
+        return 1 if preflight(out) else 0
+    if part == "cells":
+        return subprocess.run([sys.executable, "-m", "harness", "-cd", str(plan.EXPERIMENTS),
+                               "-cn", EXPERIMENT, *picked, *tracking, *overrides]).returncode
+    if part == "tests":
+        with (out / "tests.txt").open("w") as log:
+            return subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-rA", "-q",
+                                   "-p", "no:cacheprovider", *GPU_TESTS], cwd=REPO, stdout=log,
+                                  stderr=subprocess.STDOUT).returncode
+    return subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--out", str(out),
+                           "--stem", "bench", "--repeats", "2"]).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.gpu_check",
                                      description=__doc__.splitlines()[0])
+    parser.add_argument("--call", choices=sorted(CALLS),
+                        help="the N-th of the device calls that make the whole check: its parts "
+                             "and rows (docs/gpu-check.md)")
     parser.add_argument("--rows", help="cells to run, options of experiments/check_row/, "
                                        "comma-separated (default: all of them)")
-    parser.add_argument("--parts", default=",".join(PARTS),
-                        help=f"what to run, comma-separated: {', '.join(PARTS)}")
+    parser.add_argument("--parts", help=f"what to run, comma-separated: {', '.join(PARTS)} "
+                                        "(default: all)")
+    parser.add_argument("--out", type=Path, help="the report's folder (reports/gpu-<device>)")
+    parser.add_argument("--store", type=Path,
+                        help="the MLflow store's folder (outputs/gpu-check/<device>)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every cell and the plan")
     args = parser.parse_args(argv)
-    parts = args.parts.split(",")
+    call_parts, call_rows = CALLS[args.call] if args.call else (",".join(PARTS), None)
+    parts_text, rows = args.parts or call_parts, args.rows or call_rows
+    parts = parts_text.split(",")
     unknown = set(parts) - set(PARTS)
     if unknown:
-        print(f"error: --parts {args.parts}: unknown {', '.join(sorted(unknown))}; expected "
+        print(f"error: --parts {parts_text}: unknown {', '.join(sorted(unknown))}; expected "
               f"some of {', '.join(PARTS)}", file=sys.stderr)
         return 2
     import torch  # here: the argument errors above need no CUDA
 
-    if not torch.cuda.is_available():
+    on_cpu = "allow_cpu=true" in args.overrides
+    if not torch.cuda.is_available() and not on_cpu:
         print("error: make gpu-check measures the harness on a CUDA GPU, and this machine has "
               "none (torch.cuda.is_available() is False). Without a GPU, `make plan "
               "EXP=reference_table` gives the estimates, and `make demo` runs the CPU grid.",
               file=sys.stderr)
         return 2
-    device = torch.cuda.get_device_name(0)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     folder = device_folder(device)
-    out, store = Path("reports") / folder, Path("outputs") / "gpu-check" / folder
+    out = args.out or Path("reports") / folder
+    store = args.store or Path("outputs") / "gpu-check" / folder
     out.mkdir(parents=True, exist_ok=True)
     store.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for part in [part for part in PARTS if part in parts]:  # preflight first, bench last
+        started = time.perf_counter()
+        returncode = run_part(part, out, store, rows, args.overrides)
+        record_time(out, part, rows if part == "cells" else None,
+                    time.perf_counter() - started, returncode)
+        if returncode:
+            failed.append(part)
+            if part == "preflight":  # nothing after it would import
+                break
+    picked = [f"+check_row={rows}"] if rows else []
     tracking = [f"tracking.uri=sqlite:///{store}/mlflow.db", f"cache_dir={store}/cache"]
-    rows = [f"+check_row={args.rows}"] if args.rows else []
-    if "cells" in parts:
-        subprocess.run([sys.executable, "-m", "harness", "-cd", str(plan.EXPERIMENTS), "-cn",
-                        EXPERIMENT, *rows, *tracking], check=True)
-    if "bench" in parts:
-        subprocess.run([sys.executable, str(config.CONF_DIR.parent / "bench" / "run.py"),
-                        "--out", str(out), "--stem", "bench", "--repeats", "3"], check=True)
-    jobs = plan.compose_experiment(EXPERIMENT, [*rows, *tracking])
+    jobs = plan.compose_experiment(EXPERIMENT, [*picked, *tracking, *args.overrides])
     found = gpus.describe(gpus.candidates(jobs[0].runner.gpus))
     plan.plan(jobs, found, create_experiment=False).to_csv(out / "plan.csv", index=False)
     runs = runs_table(f"sqlite:///{store}/mlflow.db")
     runs.to_csv(out / "runs.csv", index=False)
-    (out / "report.md").write_text(report(device, runs, out / "bench.md"))
-    print(f"[harness] wrote {out}/report.md, runs.csv, plan.csv")
-    return 0
+    (out / "report.md").write_text(report(device, runs, out / "bench.md", out))
+    print(f"[harness] wrote {out}/report.md, runs.csv, plan.csv"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

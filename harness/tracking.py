@@ -108,9 +108,9 @@ def end_run(client: MlflowClient, run_id: str, status: str, reason: str = "") ->
     client.set_terminated(run_id, RUN_STATUS[status])
 
 
-# What the adapter's MLflow model needs installed, at the versions that made it.
-MODEL_REQUIREMENTS = ("torch", "transformers", "peft", "omegaconf", "datasets", "pandas", "numpy",
-                      "mlflow")
+# What the adapter's MLflow model needs installed, at the versions that made it (and mlflow, by
+# its module's version: where only its client is installed, mlflow-skinny, no "mlflow" package is).
+MODEL_REQUIREMENTS = ("torch", "transformers", "peft", "omegaconf", "datasets", "pandas", "numpy")
 
 
 def log_adapter_model(client: MlflowClient, experiment_id: str, run_id: str,
@@ -125,8 +125,8 @@ def log_adapter_model(client: MlflowClient, experiment_id: str, run_id: str,
         name="adapter", python_model=adapter_model.__file__, model_id=logged.model_id,
         artifacts={"adapter": str(adapter)}, model_config=model_config,
         code_paths=[str(Path(adapter_model.__file__).parent)],
-        pip_requirements=[f"{package}=={version(package).split('+')[0]}"
-                          for package in MODEL_REQUIREMENTS])
+        pip_requirements=[*(f"{package}=={version(package).split('+')[0]}"
+                            for package in MODEL_REQUIREMENTS), f"mlflow=={mlflow.__version__}"])
     return logged.model_id
 
 
