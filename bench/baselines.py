@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq, get_linear_schedule_with_warmup
 
-from harness import data, models
+from harness.data import synthetic
+from harness.model import models
 
 
 def handwritten(model, dataset, collate, cfg, device) -> list[float]:
@@ -82,7 +83,7 @@ def main(kind: str, cell_yaml: str, out_json: str) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = models.load_tokenizer(cfg.model)
     model = models.load_model(cfg.model, cfg.precision.name, False, device)
-    dataset = data.synthetic(cfg.data, vocab_size=len(tokenizer))["train"]
+    dataset = synthetic.synthetic(cfg.data, vocab_size=len(tokenizer))["train"]
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
     step_ends = {"handwritten": handwritten, "trainer": trainer}[kind](
         model, dataset, collate, cfg, device)

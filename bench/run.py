@@ -32,7 +32,9 @@ from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from harness import config, memory, runner
+from harness.config import identity
+from harness.measure import traces
+from harness.run import runner
 
 REPO = Path(__file__).resolve().parents[1]
 # Full fine-tuning of t5-mini in fp32 at batch 8 on synthetic data of one fixed length (sigma 0:
@@ -78,9 +80,9 @@ def harness_cell(overrides: list[str], store: Path, experiment: str) -> dict:
 def baseline(kind: str, cfg, store: Path, peak_key: str) -> dict:
     """Run bench/baselines.py in a fresh process under the sampler."""
     cell_yaml, out_json = store / f"{kind}.yaml", store / f"{kind}.json"
-    OmegaConf.save(config.cell_config(cfg), cell_yaml)
+    OmegaConf.save(identity.cell_config(cfg), cell_yaml)
     trace_csv = store / f"{kind}-trace.csv"
-    sampler = memory.SamplerProcess(cfg.sampler.interval_ms, trace_csv)
+    sampler = traces.SamplerProcess(cfg.sampler.interval_ms, trace_csv)
     process = subprocess.Popen([sys.executable, str(REPO / "bench" / "baselines.py"), kind,
                                 str(cell_yaml), str(out_json)], cwd=REPO)
     sampler.watch(process.pid)
@@ -91,7 +93,7 @@ def baseline(kind: str, cfg, store: Path, peak_key: str) -> dict:
         sampler.stop()
     result = json.loads(out_json.read_text())
     ends, skip = result["step_ends_s"], cfg.train.throughput_skip_steps
-    trace = memory.read_trace(trace_csv, [])
+    trace = traces.read_trace(trace_csv, [])
     return {"samples_per_s": (len(ends) - skip) * result["samples_per_step"]
             / (ends[-1] - ends[skip - 1]),
             "peak_mib": trace[f"{peak_key}_mib"].max()}

@@ -42,7 +42,11 @@ import pandas as pd
 from mlflow import MlflowClient
 
 import harness
-from harness import config, estimate, gpus, plan
+from harness.config import grids
+from harness.core import tables
+from harness.estimate import estimate
+from harness.measure import gpus
+from harness.sweep import plan
 
 EXPERIMENT = "gpu_check"
 PARTS = ("preflight", "cells", "tests", "bench")
@@ -78,7 +82,7 @@ COLUMNS = {
     "mem_optimizer_mib": "metrics.mem_optimizer_mib",
     **{f"estimate_{part}_mib": f"metrics.estimate_{part}_mib" for part in estimate.PARTS},
     "step_time_p50_s": "metrics.step_time_p50_s", "tokens_per_s": "metrics.tokens_per_s",
-    # The inference benchmark (harness/infer.py): as trained, the base alone, merged.
+    # The inference benchmark (harness/cell/infer.py): as trained, the base alone, merged.
     **{f"infer_ms_p50{suffix}": f"metrics.infer_latency_ms_p50{suffix}"
        for suffix in ("", "_base", "_merged")},
 }
@@ -140,10 +144,10 @@ def report(device: str, runs: pd.DataFrame, bench_md: Path | None,
         shown["verdict"] = [
             "" if pd.isna(ratio) else "within 15 %" if ok else f"off by {ratio - 1:+.0%}"
             for ratio, ok in zip(runs.measured_over_estimate, runs.within_15_pct)]
-        lines += [plan.as_text(shown), ""]
+        lines += [tables.as_text(shown), ""]
         latency = runs[["cell", "infer_ms_p50", "infer_ms_p50_base", "infer_ms_p50_merged"]]
-        lines += ["Inference (greedy generation per example, p50 ms; harness/infer.py): as "
-                  "trained, the base alone, and merged.", "", plan.as_text(latency), ""]
+        lines += ["Inference (greedy generation per example, p50 ms; harness/cell/infer.py): as "
+                  "trained, the base alone, and merged.", "", tables.as_text(latency), ""]
         passed = int(runs.within_15_pct.sum())
         lines.append(f"{passed} of {len(runs)} cells within {TOLERANCE:.0%} of the estimate; "
                      f"median CUDA context {runs.context_mib.median():.0f} MiB (the estimate "
@@ -156,7 +160,7 @@ def report(device: str, runs: pd.DataFrame, bench_md: Path | None,
     timings = None if folder is None else folder / "timings.csv"
     if timings is not None and timings.exists():
         lines += ["", "## Time per part (wall clock, seconds)", "",
-                  plan.as_text(pd.read_csv(timings, dtype=str, keep_default_na=False))]
+                  tables.as_text(pd.read_csv(timings, dtype=str, keep_default_na=False))]
     if bench_md is not None and bench_md.exists():
         lines += ["", "## Benchmarks on this GPU", "",
                   bench_md.read_text().split("\n", 2)[2].strip()]
@@ -210,7 +214,7 @@ def run_part(part: str, out: Path, store: Path, rows: str | None, overrides: lis
     if part == "preflight":
         return 1 if preflight(out) else 0
     if part == "cells":
-        return subprocess.run([sys.executable, "-m", "harness", "-cd", str(plan.EXPERIMENTS),
+        return subprocess.run([sys.executable, "-m", "harness", "-cd", str(grids.EXPERIMENTS),
                                "-cn", EXPERIMENT, *picked, *tracking, *overrides]).returncode
     if part == "tests":
         with (out / "tests.txt").open("w") as log:
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
     picked = [f"+check_row={rows}"] if rows else []
     tracking = [f"tracking.uri=sqlite:///{store}/mlflow.db", f"cache_dir={store}/cache"]
-    jobs = plan.compose_experiment(EXPERIMENT, [*picked, *tracking, *args.overrides])
+    jobs = grids.compose_experiment(EXPERIMENT, [*picked, *tracking, *args.overrides])
     found = gpus.describe(gpus.candidates(jobs[0].runner.gpus))
     plan.plan(jobs, found, create_experiment=False).to_csv(out / "plan.csv", index=False)
     runs = runs_table(f"sqlite:///{store}/mlflow.db")

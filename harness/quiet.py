@@ -40,7 +40,7 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
                         category=FutureWarning)
 
 # peft says, on merging LoRA into an int8 or 4-bit base, that rounding may change generations:
-# the harness records exactly that in the run's tag infer_merged (harness/infer.py).
+# the harness records exactly that in the run's tag infer_merged (harness/cell/infer.py).
 warnings.filterwarnings("ignore", message="Merge lora module to (8|4)-bit linear may get",
                         category=UserWarning)
 # peft 0.21, after a merge, finds the embeddings untied where the config says tied: T5Config in

@@ -1,6 +1,6 @@
 """The caching allocator's replay follows the rules its source documents."""
 
-from harness.allocator import MIB, CachingAllocator, replay
+from harness.estimate.allocator import MIB, CachingAllocator, replay
 
 
 def test_requests_are_rounded_and_take_segments_by_size():

@@ -9,7 +9,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
-from harness import runner
+from harness.run import runner
 from tests.conftest import compose_cell, requires_cuda, runs_of
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from harness import report
+from harness.report import report
 from tests.conftest import REPO, folder_store_overrides, free_port, run_harness, runs_of
 
 pytestmark = pytest.mark.slow

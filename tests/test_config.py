@@ -4,8 +4,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
-from harness import config, runner, sweep
-from harness.errors import ConfigError
+from harness.config import grids, identity, validation
+from harness.core.errors import ConfigError
+from harness.run import runner
 from tests.conftest import REPO, compose_cell, runs_of
 
 
@@ -15,7 +16,7 @@ def test_defaults_compose_to_an_offline_cell():
         ("t5-tiny", "lora", "fp32", "fixture")
     assert cfg.model.source == "random"
     assert cfg.train.lr == cfg.method.lr  # train.lr follows the method's default
-    config.validate(cfg)
+    validation.validate(cfg)
 
 
 @pytest.mark.parametrize("name, d_model, layers", [("flan-t5-base", 768, 12),
@@ -41,18 +42,18 @@ def test_unknown_option_lists_the_valid_ones(group, valid):
 @pytest.mark.parametrize("method", ["full", "lomo", "lora_lomo"])
 def test_updating_base_weights_on_int8_is_an_invalid_cell(method):
     cfg = compose_cell(f"method={method}", "precision=int8")
-    reason = config.invalid_cell_reason(cfg)
+    reason = validation.invalid_cell_reason(cfg)
     assert f"method={method}" in reason and "int8" in reason and "method=lora" in reason
-    assert config.invalid_cell_reason(compose_cell("method=lora", "precision=int8")) is None
+    assert validation.invalid_cell_reason(compose_cell("method=lora", "precision=int8")) is None
 
 
 @pytest.mark.parametrize("method", ["lomo", "lora_lomo"])
 def test_lomo_with_gradient_accumulation_is_an_invalid_cell(method):
-    reason = config.invalid_cell_reason(compose_cell(f"method={method}",
+    reason = validation.invalid_cell_reason(compose_cell(f"method={method}",
                                                      "train.grad_accum_steps=4"))
     assert "train.grad_accum_steps=4" in reason and "train.grad_accum_steps=1" in reason
-    assert config.invalid_cell_reason(compose_cell(f"method={method}")) is None
-    assert config.invalid_cell_reason(compose_cell("method=full",
+    assert validation.invalid_cell_reason(compose_cell(f"method={method}")) is None
+    assert validation.invalid_cell_reason(compose_cell("method=full",
                                                    "train.grad_accum_steps=4")) is None
 
 
@@ -60,9 +61,9 @@ def test_lomo_methods_have_their_own_rates():
     lora_lomo = compose_cell("method=lora_lomo", "method.lr_lora=2e-3")
     assert (lora_lomo.train.lr, lora_lomo.method.lr_base) == (2e-3, 1e-3)
     assert compose_cell("method=lomo").train.lr == 1e-3
-    assert config.run_name(config.cell_config(
+    assert identity.run_name(identity.cell_config(
         compose_cell("method=full", "method.optimizer=sgd"))) == "t5-tiny/full_sgd/fp32"
-    assert config.run_name(config.cell_config(compose_cell("method=lora_lomo"))) == \
+    assert identity.run_name(identity.cell_config(compose_cell("method=lora_lomo"))) == \
         "t5-tiny/lora_lomo-r8/fp32"
 
 
@@ -102,31 +103,31 @@ def test_a_single_invalid_cell_is_refused_without_a_run(cell_overrides, store):
 def test_bad_values_name_the_value(override, message):
     cfg = compose_cell(*override.split())
     with pytest.raises(ConfigError) as error:
-        config.validate(cfg)
+        validation.validate(cfg)
     assert message in str(error.value)
 
 
 def test_fingerprint_is_stable_and_ignores_where_runs_are_logged():
-    first = config.cell_config(compose_cell("method.r=4"))
-    again = config.cell_config(compose_cell("method.r=4", "tracking.experiment=other"))
-    other = config.cell_config(compose_cell("method.r=16"))
-    checkpointed = config.cell_config(compose_cell("method.r=4",
+    first = identity.cell_config(compose_cell("method.r=4"))
+    again = identity.cell_config(compose_cell("method.r=4", "tracking.experiment=other"))
+    other = identity.cell_config(compose_cell("method.r=16"))
+    checkpointed = identity.cell_config(compose_cell("method.r=4",
                                                    "train.gradient_checkpointing=true"))
-    padded = config.cell_config(compose_cell("method.r=4", "data.padding=max_length"))
-    assert config.fingerprint(first) == config.fingerprint(again)
-    assert len({config.fingerprint(cell) for cell in (first, other, checkpointed, padded)}) == 4
+    padded = identity.cell_config(compose_cell("method.r=4", "data.padding=max_length"))
+    assert identity.fingerprint(first) == identity.fingerprint(again)
+    assert len({identity.fingerprint(cell) for cell in (first, other, checkpointed, padded)}) == 4
 
 
 def test_rank_does_not_split_full_fine_tuning_cells():
-    four = config.cell_config(compose_cell("method=full", "++method.r=4"))
-    eight = config.cell_config(compose_cell("method=full", "++method.r=8"))
+    four = identity.cell_config(compose_cell("method=full", "++method.r=4"))
+    eight = identity.cell_config(compose_cell("method=full", "++method.r=8"))
     assert "r" not in four["method"]
-    assert config.fingerprint(four) == config.fingerprint(eight)
+    assert identity.fingerprint(four) == identity.fingerprint(eight)
 
 
 def test_params_are_the_flattened_resolved_config():
     cfg = compose_cell("method.r=16")
-    params = config.flat_params(config.cell_config(cfg), cfg)
+    params = identity.flat_params(identity.cell_config(cfg), cfg)
     assert params["model.name"] == "t5-tiny"
     assert params["method.r"] == 16
     assert params["method.target_modules"] == '["q", "v"]'
@@ -183,7 +184,7 @@ def test_the_reference_table_experiment_has_the_studys_rows_and_settings():
             assert cfg.train.gradient_checkpointing
             assert (cfg.method.r, cfg.method.alpha, cfg.method.dropout) == (16, 32, 0.05)
             assert list(cfg.method.target_modules) == ["q", "v"]
-        assert cfg.requires_gpu and config.invalid_cell_reason(cfg) is None
+        assert cfg.requires_gpu and validation.invalid_cell_reason(cfg) is None
         assert cfg.plan_gpu.memory_mib == 23028  # the plan's fit, without a GPU: the A10G
     # Memory-only on a GPU without downloads: the command line wins over the experiment.
     offline = _experiment("reference_table", "+reference_row=xl_lora", "data=synthetic",
@@ -203,7 +204,7 @@ def grid(name: str, *overrides: str) -> list:
     with initialize_config_dir(config_dir=str(REPO / "experiments"), version_base="1.3"):
         cfg = compose(name, overrides=[*overrides, f"hydra.searchpath=[file://{REPO / 'conf'}]"],
                       return_hydra_config=True)
-        return sweep.cells(cfg)
+        return grids.cells(cfg)
 
 
 def test_the_full_grid_collapses_ranks_and_skips_what_cannot_run():
@@ -211,8 +212,8 @@ def test_the_full_grid_collapses_ranks_and_skips_what_cannot_run():
     assert len(jobs) == 3 * 4 * 4 * 3 * 2  # sizes x precisions x methods x ranks x checkpointing
     runnable, skipped = set(), set()
     for cfg in jobs:
-        cell = config.fingerprint(config.cell_config(cfg))
-        (skipped if config.invalid_cell_reason(cfg) else runnable).add(cell)
+        cell = identity.fingerprint(identity.cell_config(cfg))
+        (skipped if validation.invalid_cell_reason(cfg) else runnable).add(cell)
     # Per size, checkpointing off and on: full and lomo in 3 precisions, lora in 4 x 3 ranks,
     # lora_lomo in 3 x 3 ranks; skipped: full, lomo and lora_lomo (3 ranks) on int8.
     assert (len(runnable), len(skipped)) == (2 * 3 * (3 + 3 + 12 + 9), 2 * 3 * (1 + 1 + 3))

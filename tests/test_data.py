@@ -8,8 +8,11 @@ import pandas as pd
 import pytest
 from transformers import ByT5Tokenizer
 
-from harness import config, data, fixture, models
-from harness.errors import ConfigError
+from harness.config import hub, validation
+from harness.core.errors import ConfigError
+from harness.data import checks, encoding, fixture, length_policy, sources, synthetic
+from harness.model import models, tokenizers
+from harness.tracking import mlflow_store
 from tests.conftest import compose_cell
 
 
@@ -46,9 +49,9 @@ def test_local_file_is_split_80_10_10(tmp_path, suffix):
      ".json": lambda: table.to_json(path, orient="records"),
      ".jsonl": lambda: table.to_json(path, orient="records", lines=True),
      ".parquet": lambda: table.to_parquet(path)}[suffix]()
-    splits = data.load_text(compose_cell("data=local", f"data.path={path}").data)
-    assert [len(splits[s]) for s in data.SPLITS] == [80, 10, 10]
-    assert set(splits["train"].column_names) == set(data.FORMATS["summary"])
+    splits = sources.load_text(compose_cell("data=local", f"data.path={path}").data)
+    assert [len(splits[s]) for s in sources.SPLITS] == [80, 10, 10]
+    assert set(splits["train"].column_names) == set(sources.FORMATS["summary"])
     everything = set(splits["train"]["id"]) | set(splits["validation"]["id"]) | \
         set(splits["test"]["id"])
     assert everything == set(table["id"])
@@ -57,15 +60,15 @@ def test_local_file_is_split_80_10_10(tmp_path, suffix):
 def test_local_folder_of_split_files(tmp_path):
     for split, count in (("train", 30), ("validation", 5), ("test", 6)):
         _rows(count).to_csv(tmp_path / f"{split}.csv", index=False)
-    splits = data.load_text(compose_cell("data=local", f"data.path={tmp_path}").data)
-    assert [len(splits[s]) for s in data.SPLITS] == [30, 5, 6]
+    splits = sources.load_text(compose_cell("data=local", f"data.path={tmp_path}").data)
+    assert [len(splits[s]) for s in sources.SPLITS] == [30, 5, 6]
 
 
 def test_missing_column_names_the_file_and_the_column(tmp_path):
     path = tmp_path / "no_summary.csv"
     _rows(10).drop(columns="summary").to_csv(path, index=False)
     with pytest.raises(ConfigError) as error:
-        data.check(compose_cell("data=local", f"data.path={path}").data)
+        checks.check(compose_cell("data=local", f"data.path={path}").data)
     assert str(path) in str(error.value) and "missing column summary" in str(error.value)
 
 
@@ -74,14 +77,14 @@ def test_empty_file_is_a_clear_error(tmp_path, content):
     path = tmp_path / "empty.csv"
     path.write_text(content)
     with pytest.raises(ConfigError) as error:
-        data.check(compose_cell("data=local", f"data.path={path}").data)
+        checks.check(compose_cell("data=local", f"data.path={path}").data)
     assert str(path) in str(error.value) and "id, dialogue, summary" in str(error.value)
 
 
 def test_folder_without_a_split_file_says_which(tmp_path):
     _rows(5).to_csv(tmp_path / "train.csv", index=False)
     with pytest.raises(ConfigError, match="exactly one validation file"):
-        data.check(compose_cell("data=local", f"data.path={tmp_path}").data)
+        checks.check(compose_cell("data=local", f"data.path={tmp_path}").data)
 
 
 def _samsum_like_folder(folder, sizes):
@@ -94,42 +97,42 @@ def test_samsum_split_sizes_are_checked(tmp_path):
     _samsum_like_folder(tmp_path, {"train": 20, "validation": 3, "test": 3})
     cfg = compose_cell("data=samsum", f"data.hub_id={tmp_path}", "data.revision=null").data
     with pytest.raises(ConfigError, match="expected .*14732"):
-        data.load_text(cfg)
+        sources.load_text(cfg)
 
 
 def test_samsum_with_the_expected_sizes_loads(tmp_path):
     _samsum_like_folder(tmp_path, {"train": 14732, "validation": 818, "test": 819})
     cfg = compose_cell("data=samsum", f"data.hub_id={tmp_path}", "data.revision=null").data
-    splits = data.load_text(cfg)
-    assert [len(splits[s]) for s in data.SPLITS] == [14732, 818, 819]
+    splits = sources.load_text(cfg)
+    assert [len(splits[s]) for s in sources.SPLITS] == [14732, 818, 819]
 
 
 def test_synthetic_batches_are_shaped_like_samsum():
     cfg = compose_cell("data=synthetic", "data.train_size=400", "data.validation_size=10",
                        "data.test_size=10").data
-    splits = data.synthetic(cfg, vocab_size=32128)
+    splits = synthetic.synthetic(cfg, vocab_size=32128)
     lengths = pd.Series([len(ids) for ids in splits["train"]["input_ids"]])
     assert 100 <= lengths.median() <= 160 and lengths.max() <= cfg.source_max_length
     targets = pd.Series([len(ids) for ids in splits["train"]["labels"]])
     assert 20 <= targets.median() <= 36
     assert all(ids[-1] == 1 for ids in splits["train"]["labels"])  # eos
-    assert splits["train"]["input_ids"] == data.synthetic(cfg, 32128)["train"]["input_ids"]
-    assert not data.has_text(cfg)
+    assert splits["train"]["input_ids"] == synthetic.synthetic(cfg, 32128)["train"]["input_ids"]
+    assert not checks.has_text(cfg)
 
 
 def _lengths(cfg) -> dict:
-    return {side: cfg[key] for side, key in data.SIDES.items()}
+    return {side: cfg[key] for side, key in checks.SIDES.items()}
 
 
 def test_tokenisation_is_cached_once_per_dataset_and_tokenizer(tmp_path):
     cfg = compose_cell("data.train_size=40", "data.validation_size=8", "data.test_size=8").data
     tokenizer = ByT5Tokenizer()
-    text = data.pairs(data.load_text(cfg), cfg)
-    first = data.tokenize(text, tokenizer, cfg, _lengths(cfg), str(tmp_path))
+    text = sources.pairs(sources.load_text(cfg), cfg)
+    first = encoding.tokenize(text, tokenizer, cfg, _lengths(cfg), str(tmp_path))
     cache_files = sorted((tmp_path / "tokenized").glob("*.arrow"))
     assert len(cache_files) == 3
     written = {path: path.stat().st_mtime_ns for path in cache_files}
-    second = data.tokenize(text, tokenizer, cfg, _lengths(cfg), str(tmp_path))
+    second = encoding.tokenize(text, tokenizer, cfg, _lengths(cfg), str(tmp_path))
     assert {path: path.stat().st_mtime_ns for path in cache_files} == written  # read, not rewritten
     assert second["train"]["input_ids"] == first["train"]["input_ids"]
     example = first["train"][0]
@@ -139,9 +142,9 @@ def test_tokenisation_is_cached_once_per_dataset_and_tokenizer(tmp_path):
     # Another tokenizer (here: other lengths) gets its own cache entry.
     shorter = compose_cell("data.train_size=40", "data.validation_size=8", "data.test_size=8",
                            "data.source_max_length=32").data
-    data.tokenize(text, tokenizer, shorter, _lengths(shorter), str(tmp_path))
+    encoding.tokenize(text, tokenizer, shorter, _lengths(shorter), str(tmp_path))
     assert len(list((tmp_path / "tokenized").glob("*.arrow"))) == 6
-    assert max(len(ids) for ids in data.tokenize(text, tokenizer, shorter, _lengths(shorter),
+    assert max(len(ids) for ids in encoding.tokenize(text, tokenizer, shorter, _lengths(shorter),
                                                  str(tmp_path))["train"]["input_ids"]) == 32
     json.dumps(example)  # plain lists, no tensors
 
@@ -150,9 +153,9 @@ def test_percentile_lengths_are_numpys_of_train_and_test_and_cached(tmp_path, mo
     cfg = compose_cell("data.source_max_length=p85", "data.target_max_length=p90",
                        "data.padding=max_length")
     tokenizer = models.load_tokenizer(cfg.model)
-    loaded = data.load(cfg.data, cfg.model, tokenizer, str(tmp_path))
+    loaded = encoding.load(cfg.data, cfg.model, tokenizer, str(tmp_path))
     # As the recipe measures them: the dialogues alone and the summaries, train and test together.
-    text = data.load_text(cfg.data)
+    text = sources.load_text(cfg.data)
     dialogues = [*text["train"]["dialogue"], *text["test"]["dialogue"]]
     summaries = [*text["train"]["summary"], *text["test"]["summary"]]
     expected = {"source": int(np.percentile([len(tokenizer(d)["input_ids"]) for d in dialogues],
@@ -165,14 +168,14 @@ def test_percentile_lengths_are_numpys_of_train_and_test_and_cached(tmp_path, mo
     train = loaded.splits["train"]
     assert {len(ids) for ids in train["input_ids"]} == {expected["source"]}
     assert {len(ids) for ids in train["labels"]} == {expected["target"]}
-    assert any(data.IGNORED_LABEL in labels for labels in train["labels"])
+    assert any(tokenizers.IGNORED_LABEL in labels for labels in train["labels"])
     assert all(mask[-1] == 0 for mask, ids in zip(train["attention_mask"], train["input_ids"])
                if ids[-1] == tokenizer.pad_token_id)
     # The measured lengths are cached, keyed by the dataset and the tokenizer, not the spec.
-    assert data.lengths_cache(cfg.data, cfg.model, str(tmp_path)).exists()
-    monkeypatch.setattr(data, "token_lengths", lambda *args: pytest.fail("measured twice"))
+    assert length_policy.lengths_cache(cfg.data, cfg.model, str(tmp_path)).exists()
+    monkeypatch.setattr(length_policy, "token_lengths", lambda *args: pytest.fail("measured twice"))
     other = compose_cell("data.source_max_length=p50", "data.target_max_length=p100")
-    assert data.load(other.data, other.model, tokenizer, str(tmp_path)).lengths["source"] \
+    assert encoding.load(other.data, other.model, tokenizer, str(tmp_path)).lengths["source"] \
         < expected["source"]
 
 
@@ -182,7 +185,7 @@ def test_percentile_lengths_are_numpys_of_train_and_test_and_cached(tmp_path, mo
 def test_lengths_and_padding_are_checked_before_anything_loads(key, value):
     cfg = compose_cell(f"data.{key}={value}")
     with pytest.raises(ConfigError) as error:
-        config.validate(cfg)
+        validation.validate(cfg)
     assert f"data.{key}={value!r}" in str(error.value)
     assert ("p85" in str(error.value)) or ("max_length" in str(error.value))
 
@@ -190,34 +193,49 @@ def test_lengths_and_padding_are_checked_before_anything_loads(key, value):
 def test_synthetic_lengths_have_samsums_published_percentiles():
     # The generator is set so that its percentiles are the recipes' figures for SAMSum.
     cfg = compose_cell("data=synthetic").data
-    drawn = data.synthetic_lengths(cfg)
+    drawn = synthetic.synthetic_lengths(cfg)
     assert len(drawn["source"]) == cfg.train_size + cfg.test_size
-    assert data.cut("p85", drawn["source"]) == 255 and data.cut("p90", drawn["target"]) == 50
-    assert data.cut("p100", drawn["source"]) == 512 and data.cut("p100", drawn["target"]) == 95
+    assert (length_policy.cut("p85", drawn["source"]) == 255
+            and length_policy.cut("p90", drawn["target"]) == 50)
+    assert (length_policy.cut("p100", drawn["source"]) == 512
+            and length_policy.cut("p100", drawn["target"]) == 95)
     padded = compose_cell("data=synthetic", "data.train_size=32", "data.validation_size=4",
                           "data.test_size=4", "data.source_max_length=p85",
                           "data.target_max_length=48", "data.padding=max_length").data
-    splits = data.synthetic(padded, vocab_size=384)
-    cut = data.cut("p85", data.synthetic_lengths(padded)["source"])
+    splits = synthetic.synthetic(padded, vocab_size=384)
+    cut = length_policy.cut("p85", synthetic.synthetic_lengths(padded)["source"])
     assert {len(ids) for ids in splits["train"]["input_ids"]} == {cut}
     assert {len(ids) for ids in splits["train"]["labels"]} == {48}
-    assert all(labels[-1] in (data.EOS_ID, data.IGNORED_LABEL)
+    assert all(labels[-1] in (tokenizers.EOS_ID, tokenizers.IGNORED_LABEL)
                for labels in splits["train"]["labels"])
 
 
 def test_the_plan_knows_lengths_before_any_data_is_loaded(tmp_path):
     numbers = compose_cell()
-    assert data.planned_lengths(numbers.data, numbers.model, str(tmp_path)) == (
+    assert encoding.planned_lengths(numbers.data, numbers.model, str(tmp_path)) == (
         {"source": 384, "target": 96}, "config")
     # SAMSum under flan-t5's tokenizer, not downloaded here: the recipes' published figures.
     samsum = compose_cell("model=flan-t5-base", "data=samsum", "+recipe=samsum_lora")
-    assert data.planned_lengths(samsum.data, samsum.model, str(tmp_path)) == (
+    assert encoding.planned_lengths(samsum.data, samsum.model, str(tmp_path)) == (
         {"source": 255, "target": 50}, "published")
     unknown = compose_cell("model=flan-t5-base", "data=samsum", "data.source_max_length=p99")
-    lengths, why = data.planned_lengths(unknown.data, unknown.model, str(tmp_path))
+    lengths, why = encoding.planned_lengths(unknown.data, unknown.model, str(tmp_path))
     assert lengths is None and "data.source_max_length=p99" in why and "not measured" in why
     # Fixture text under the byte tokenizer downloads nothing: measured now, and cached.
     fixture = compose_cell("data.source_max_length=p85")
-    lengths, source = data.planned_lengths(fixture.data, fixture.model, str(tmp_path))
+    lengths, source = encoding.planned_lengths(fixture.data, fixture.model, str(tmp_path))
     assert source == "measured" and lengths["target"] == 96
-    assert data.lengths_cache(fixture.data, fixture.model, str(tmp_path)).exists()
+    assert length_policy.lengths_cache(fixture.data, fixture.model, str(tmp_path)).exists()
+
+
+@pytest.mark.parametrize("name, on_hub", [("samsum", True), ("dolly_ja", True),
+                                          ("twitter_complaints", True), ("fixture", False),
+                                          ("instructions", False), ("synthetic", False)])
+def test_one_predicate_says_which_data_comes_from_the_hub(name, on_hub):
+    # The loader, the hub's pre-flight check and the run's dataset inputs all ask it, so that no
+    # hub dataset skips the check or is logged as generated.
+    cfg = compose_cell(f"data={name}")
+    assert sources.from_hub(cfg.data) == on_hub
+    assert (f"dataset {cfg.data.get('hub_id')}" in hub.needs(cfg)) == on_hub
+    kind, _ = mlflow_store._dataset_source(cfg.data, "train")
+    assert (kind == "hugging_face") == on_hub, kind

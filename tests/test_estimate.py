@@ -9,7 +9,11 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from harness import config, estimate, memory, methods, models, simulate
+from harness.config import identity
+from harness.core.units import MIB
+from harness.estimate import estimate, simulate
+from harness.measure import accounting
+from harness.model import methods, models
 from tests.conftest import REPO, compose_cell
 
 CPU = torch.device("cpu")
@@ -70,7 +74,7 @@ def test_checkpointing_keeps_far_less_for_backward():
 
 
 def _estimate(*overrides, lengths=LENGTHS) -> dict:
-    return estimate.gpu_peak_mib(config.cell_config(_cell(*overrides)), lengths)
+    return estimate.gpu_peak_mib(identity.cell_config(_cell(*overrides)), lengths)
 
 
 @pytest.mark.parametrize("method, optimizer, precision", [
@@ -85,17 +89,17 @@ def test_weights_and_optimizer_state_are_a_real_steps(method, optimizer, precisi
     ids = torch.randint(3, 200, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
     step.step()
-    real = memory.breakdown(model, [step])
+    real = accounting.breakdown(model, [step])
     # LLM.int8's row scales, which its layers move from the weight to their state when they run.
     scales = sum(layer.state.SCB.numel() * 4 for layer in model.modules()
                  if isinstance(layer, bnb.nn.Linear8bitLt))
     parts = _estimate(f"method={method}", f"method.optimizer={optimizer}",
                       f"precision={precision}")
-    assert parts["weights"] == pytest.approx(real["mem_params_mib"] + scales / memory.MIB)
+    assert parts["weights"] == pytest.approx(real["mem_params_mib"] + scales / MIB)
     # AdamW's step counts are host tensors on a GPU: the estimate counts them (4 bytes each).
     assert parts["optimizer"] == pytest.approx(real["mem_optimizer_mib"], abs=0.01)
     if method == "lomo":  # never more than the largest weight's gradient at once
-        assert parts["gradients"] <= max(p.numel() for p in trainable) * 4 / memory.MIB
+        assert parts["gradients"] <= max(p.numel() for p in trainable) * 4 / MIB
 
 
 def test_the_estimate_orders_methods_precisions_and_checkpointing_as_their_memory_does():
@@ -106,7 +110,7 @@ def test_the_estimate_orders_methods_precisions_and_checkpointing_as_their_memor
                         for p in ("fp32", "fp16", "int8"))
     assert int8["weights"] < fp16["weights"] < fp32["weights"]
     # flan-t5-base has 247.6 M weights (and LoRA's 0.9 M): 948 MiB in float32.
-    assert fp32["weights"] == pytest.approx(248.5e6 * 4 / memory.MIB, rel=0.01)
+    assert fp32["weights"] == pytest.approx(248.5e6 * 4 / MIB, rel=0.01)
     base = ["model=flan-t5-base", "train.batch_size=2"]
     full, sgd, lomo, lora = (_estimate(*base, f"method={m}")["total"]
                              for m in ("full", "full_sgd", "lomo", "lora"))
@@ -119,7 +123,7 @@ def test_the_estimate_orders_methods_precisions_and_checkpointing_as_their_memor
 
 
 def test_estimates_are_cached_on_disk_by_cell_and_code(tmp_path, monkeypatch):
-    cell = config.cell_config(_cell("method=lora"))
+    cell = identity.cell_config(_cell("method=lora"))
     first = estimate.gpu_peak_mib(cell, LENGTHS, str(tmp_path))
     assert len(list((tmp_path / "estimates").glob("*.json"))) == 1
     monkeypatch.setattr(estimate, "_estimate", lambda spec: pytest.fail("simulated again"))
@@ -129,7 +133,7 @@ def test_estimates_are_cached_on_disk_by_cell_and_code(tmp_path, monkeypatch):
 def test_a_plans_estimates_are_simulated_side_by_side_once_each(tmp_path, monkeypatch):
     # Four requests, three cells, each simulated once in a worker process (this process's
     # _estimate is not theirs); every result as gpu_peak_mib gives it alone.
-    cells = [config.cell_config(_cell(f"method={method}")) for method in ("lora", "full", "lomo")]
+    cells = [identity.cell_config(_cell(f"method={method}")) for method in ("lora", "full", "lomo")]
     alone = [estimate.gpu_peak_mib(cell, LENGTHS) for cell in cells]
     simulated_here = []
     real_estimate = estimate._estimate

@@ -7,9 +7,15 @@ import pytest
 import torch
 from mlflow.artifacts import download_artifacts
 
-from harness import config, data, estimate, evaluate, families, memory, methods, models, plan
-from harness import runner, train
-from harness.errors import ConfigError
+from harness.cell import evaluate
+from harness.config import grids, identity, validation
+from harness.core.errors import ConfigError
+from harness.data import sources
+from harness.estimate import estimate
+from harness.measure import accounting
+from harness.model import families, methods, models, tokenizers, training_step
+from harness.run import runner
+from harness.sweep import plan
 from tests.conftest import compose_cell, runs_of
 
 CPU = torch.device("cpu")
@@ -44,12 +50,12 @@ def test_nf4_stores_two_weights_a_byte_with_double_quantized_block_scales():
         assert layer.compute_dtype == torch.bfloat16  # QLoRA's compute dtype
     # The breakdown counts the packed weights and their scales, and so does the estimate (which
     # adds the buffers: rotary frequencies).
-    measured = memory.breakdown(model, [])["mem_params_mib"]
-    estimated = estimate.gpu_peak_mib(config.cell_config(cfg), {"source": 32, "target": 16})
-    buffers = memory.tensors_mib(model.buffers())
+    measured = accounting.breakdown(model, [])["mem_params_mib"]
+    estimated = estimate.gpu_peak_mib(identity.cell_config(cfg), {"source": 32, "target": 16})
+    buffers = accounting.tensors_mib(model.buffers())
     assert estimated["weights"] == pytest.approx(measured + buffers, rel=1e-9)
     scales = sum(t.numel() * t.element_size() for layer in layers
-                 for t in memory.quant_state_tensors(layer.weight.quant_state))
+                 for t in accounting.quant_state_tensors(layer.weight.quant_state))
     parameters = sum(p.numel() * p.element_size() for p in model.parameters())
     assert measured * 2**20 == pytest.approx(parameters + scales)
 
@@ -85,21 +91,21 @@ def test_causal_generation_sees_left_padded_prompts_and_returns_new_tokens_only(
 
 def test_instruction_records_render_with_the_template_and_without_an_input(tmp_path):
     cfg = compose_cell("model=tiny-causal", "data=instructions")
-    text = data.load_text(cfg.data)
-    rendered = data.pairs(text, cfg.data)
+    text = sources.load_text(cfg.data)
+    rendered = sources.pairs(text, cfg.data)
     rows = list(zip(text["train"], rendered["train"]))
     with_input = next(pair for row, pair in rows if row["input"])
     without = next(pair for row, pair in rows if not row["input"])
     assert "### Input:" in with_input["source"] and "### Input:" not in without["source"]
     assert all(pair["target"] == row["output"] for row, pair in rows)
     japanese = compose_cell("data=instructions", "data/template=japanese").data
-    assert data.pairs(text, japanese)["train"][0]["source"].startswith("指示:")
+    assert sources.pairs(text, japanese)["train"][0]["source"].startswith("指示:")
     # A local JSONL file of instruction records: the same format, split 80 / 10 / 10.
     path = tmp_path / "mine.jsonl"
     pd.DataFrame(text["train"].to_list()[:50]).drop(columns="id").to_json(
         path, orient="records", lines=True, force_ascii=False)
     local = compose_cell("data=local", f"data.path={path}", "data.format=instruction").data
-    assert [len(split) for split in data.pairs(data.load_text(local), local).values()] == \
+    assert [len(split) for split in sources.pairs(sources.load_text(local), local).values()] == \
         [40, 5, 5]
 
 
@@ -115,12 +121,12 @@ def test_8bit_adamw_keeps_int8_moments_with_block_scales_and_the_estimate_counts
         cfg = compose_cell("model=t5-mini", "method=full", f"method.optimizer={optimizer}")
         model = models.load_model(cfg.model, cfg.precision, False, CPU)
         model = methods.prepare(model, cfg)
-        updates = train.Updates(model, cfg, 1, CPU)
+        updates = training_step.Updates(model, cfg, 1, CPU)
         batch = families.of(cfg.model).training_batch(2, {"source": 8, "target": 4}, CPU,
-                                                      data.PAD_ID, data.EOS_ID + 1)
-        updates.backward(train.forward(model, batch, "fp32", CPU), update=True)
+                                                      tokenizers.PAD_ID, tokenizers.EOS_ID + 1)
+        updates.backward(training_step.forward(model, batch, "fp32", CPU), update=True)
         measured = updates.breakdown(model)["mem_optimizer_mib"]
-        estimated = estimate.gpu_peak_mib(config.cell_config(cfg), {"source": 8, "target": 4})
+        estimated = estimate.gpu_peak_mib(identity.cell_config(cfg), {"source": 8, "target": 4})
         return updates.optimizer, measured, estimated["optimizer"]
 
     adamw_8bit, measured_8bit, estimated_8bit = optimizer_mib("adamw_8bit")
@@ -140,17 +146,17 @@ def test_8bit_adamw_keeps_int8_moments_with_block_scales_and_the_estimate_counts
     (["data=instructions", "data.train_on_inputs=true"], "model=t5-tiny is seq2seq"),
 ])
 def test_incoherent_cells_are_skipped_with_the_reason(overrides, expected):
-    assert expected in config.invalid_cell_reason(compose_cell(*overrides))
+    assert expected in validation.invalid_cell_reason(compose_cell(*overrides))
 
 
 def test_paged_optimizers_need_cuda_and_options_are_checked():
     cfg = compose_cell("method.optimizer=paged_adamw_8bit")
-    assert "no CUDA device" in config.machine_reason(cfg, cuda=False)
-    assert config.machine_reason(cfg, cuda=True) is None
+    assert "no CUDA device" in validation.machine_reason(cfg, cuda=False)
+    assert validation.machine_reason(cfg, cuda=True) is None
     with pytest.raises(ConfigError, match="precision.compute_dtype='int4'"):
-        config.validate(compose_cell("precision=nf4", "precision.compute_dtype=int4"))
+        validation.validate(compose_cell("precision=nf4", "precision.compute_dtype=int4"))
     with pytest.raises(ConfigError, match="method.optimizer='adam8'"):
-        config.validate(compose_cell("method.optimizer=adam8"))
+        validation.validate(compose_cell("method.optimizer=adam8"))
 
 
 @pytest.mark.slow
@@ -190,8 +196,8 @@ def test_new_cells_train_end_to_end(store, cell_overrides, overrides):
 @pytest.fixture(scope="module")
 def published_plans(tmp_path_factory):
     cache = tmp_path_factory.mktemp("plans")
-    return {name: plan.plan(plan.compose_experiment(name, [f"cache_dir={cache}"]), [],
-                            plan.compose_experiment(name, [])[0].plan_gpu,
+    return {name: plan.plan(grids.compose_experiment(name, [f"cache_dir={cache}"]), [],
+                            grids.compose_experiment(name, [])[0].plan_gpu,
                             create_experiment=False)
             for name in ("peft_table", "opencalm")}
 

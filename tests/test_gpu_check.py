@@ -9,7 +9,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from harness import config, gpu_check, plan, runner
+from harness import gpu_check
+from harness.config import grids, identity, validation
+from harness.run import runner
 from tests.conftest import REPO, compose_cell, requires_cuda
 
 
@@ -32,18 +34,18 @@ def test_the_device_names_its_folder():
 
 
 def test_it_runs_every_reference_row_and_what_the_cpu_cannot_confirm():
-    jobs = plan.compose_experiment(gpu_check.EXPERIMENT, [])
-    options = {path.stem for path in (plan.EXPERIMENTS / "check_row").glob("*.yaml")}
+    jobs = grids.compose_experiment(gpu_check.EXPERIMENT, [])
+    options = {path.stem for path in (grids.EXPERIMENTS / "check_row").glob("*.yaml")}
     assert len(jobs) == len(options)  # every option of check_row is a cell, each once
     cells = {}
     for job in jobs:
-        config.validate(job)
+        validation.validate(job)
         assert (job.model.source, job.data.name, job.train.max_steps) == ("random", "synthetic",
                                                                            30)
-        cells[config.run_name(config.cell_config(job))] = job
+        cells[identity.run_name(identity.cell_config(job))] = job
     # Each reference row as the reference table runs it: model, method, precision, recipe.
-    for row in plan.compose_experiment("reference_table", []):
-        job = cells[config.run_name(config.cell_config(row))]
+    for row in grids.compose_experiment("reference_table", []):
+        job = cells[identity.run_name(identity.cell_config(row))]
         for key in ("train.gradient_checkpointing", "data.padding", "data.source_max_length",
                     "data.target_max_length", "model.attn_implementation", "method.r"):
             assert OmegaConf.select(job, key) == OmegaConf.select(row, key), key
@@ -54,8 +56,8 @@ def test_it_runs_every_reference_row_and_what_the_cpu_cannot_confirm():
     assert causal.model.family == "causal"
     assert list(causal.method.target_modules) == ["query_key_value"]
     # ROWS=... picks cells by their option's name.
-    picked = plan.compose_experiment(gpu_check.EXPERIMENT, ["+check_row=xl_lora_nf4,base_full"])
-    assert [config.run_name(config.cell_config(job)) for job in picked] == [
+    picked = grids.compose_experiment(gpu_check.EXPERIMENT, ["+check_row=xl_lora_nf4,base_full"])
+    assert [identity.run_name(identity.cell_config(job)) for job in picked] == [
         "flan-t5-xl/lora-r16/nf4", "flan-t5-base/full/fp32"]
 
 

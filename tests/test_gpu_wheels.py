@@ -4,6 +4,7 @@ resolver's dry run for Python 3.12 and the install on a stand-in machine are `ma
 gpu-rehearsal`, which CI runs before the suite."""
 
 import importlib.metadata
+import os
 import subprocess
 import sys
 import zipfile
@@ -12,12 +13,14 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from harness import gpu_check, plan
+from harness import gpu_check
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "gpu"))
 import rehearse  # noqa: E402
 import wheelhouse  # noqa: E402
+
+from harness.config import grids
 
 MACHINE = wheelhouse.machine_packages()
 TARGET = wheelhouse.target_environment("3.12")
@@ -77,16 +80,22 @@ def test_a_machine_stand_in_wheel_declares_only_its_name_and_version(tmp_path):
 
 def test_the_three_device_calls_cover_every_check_row_once():
     rows = [row for _, picked in gpu_check.CALLS.values() for row in picked.split(",")]
-    options = {path.stem for path in (plan.EXPERIMENTS / "check_row").glob("*.yaml")}
+    options = {path.stem for path in (grids.EXPERIMENTS / "check_row").glob("*.yaml")}
     assert sorted(rows) == sorted(options)
     assert all(parts.startswith("preflight") for parts, _ in gpu_check.CALLS.values())
 
 
+def make_dry_run(*arguments: str) -> str:
+    """What `make -n ARGUMENTS` would run, as a user's shell would (not a sub-make of `make
+    test`, which prints the folders it enters)."""
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    return subprocess.run(["make", "-n", "--no-print-directory", *arguments], cwd=REPO,
+                          env=environment, capture_output=True, text=True, check=True).stdout
+
+
 def test_on_the_machine_make_runs_the_given_python_without_installing():
-    dry = subprocess.run(["make", "-n", "gpu-check", "PY=python3", "CALL=2", "ARGS=a=1"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    dry = make_dry_run("gpu-check", "PY=python3", "CALL=2", "ARGS=a=1")
     assert "pip install" not in dry and "venv" not in dry
     assert "python3 -m harness.gpu_check --call 2" in dry and dry.rstrip().endswith("a=1")
-    installing = subprocess.run(["make", "-n", "gpu-check"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout
-    assert ".venv/bin/python -m harness.gpu_check" in installing
+    assert ".venv/bin/python -m harness.gpu_check" in make_dry_run("gpu-check")

@@ -6,7 +6,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from harness import claims, data, families, infer, methods, models
+from harness.cell import infer
+from harness.data import synthetic
+from harness.model import families, methods, models
+from harness.report import claims
 from tests.conftest import compose_cell
 
 CPU = torch.device("cpu")
@@ -24,7 +27,7 @@ def _lora_with_trained_adapters(model_name):
             torch.nn.init.normal_(parameter, std=0.5)
     family = families.of(cfg.model)
     tokenizer = models.load_tokenizer(cfg.model)
-    split = data.synthetic(cfg.data, len(tokenizer), family=family)["test"]
+    split = synthetic.synthetic(cfg.data, len(tokenizer), family=family)["test"]
     loader = DataLoader(split, batch_size=4, collate_fn=family.generation_collate(tokenizer))
     return model, loader, tokenizer
 

@@ -13,7 +13,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from harness import tracking
+from harness.tracking import mlflow_store
 from tests.conftest import REPO, folder_store_overrides
 
 pytestmark = pytest.mark.slow
@@ -152,20 +152,20 @@ def test_a_terminated_run_ends_killed_with_its_memory_trace_and_runs_again(tmp_p
     assert "memory_trace.csv" in {a.path for a in client.list_artifacts(killed.info.run_id)}
     assert killed.data.metrics["cpu_train_peak_mib"] > 0
     # A rerun runs the cell again: it did not finish.
-    assert tracking.finished_run(client, killed.info.experiment_id,
+    assert mlflow_store.finished_run(client, killed.info.experiment_id,
                                  killed.data.tags["cell"]) is None
 
 
 HEAD_START = """
 import json, sys, time
 import psutil
-from harness import cell_process
-cell_process.head_start(sys.argv[1])
+from harness.run import process
+process.head_start(sys.argv[1])
 assert "torch" not in sys.modules
 servers = [child.pid for child in psutil.Process().children()
            if "multiprocessing.forkserver" in " ".join(child.cmdline())]
 import torch
-cell = cell_process.context(sys.argv[1], torch.cuda.is_available()).Process(
+cell = process.context(sys.argv[1], torch.cuda.is_available()).Process(
     target=time.sleep, args=(2,))
 cell.start()
 print(json.dumps({"servers": len(servers),
@@ -178,7 +178,7 @@ cell.join()
 def test_the_cells_server_starts_before_torch_loads_and_the_cell_forks_from_it(start_method):
     # Without a GPU, `auto` forks each cell from a server that imports torch and transformers
     # once; started before the runner imports them, the two load side by side.
-    from harness.cell_process import _nvml_finds_a_gpu
+    from harness.run.process import _nvml_finds_a_gpu
 
     forks = start_method == "forkserver" or (start_method == "auto" and not _nvml_finds_a_gpu())
     result = subprocess.run([sys.executable, "-c", HEAD_START, start_method], cwd=REPO,

@@ -9,9 +9,10 @@ from lomo_optim import Lomo
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq
 
-from harness import data, lomo, methods, models
-from harness.sampler import MIB
-from harness.train import train
+from harness.cell.train import train
+from harness.core.units import MIB
+from harness.data import synthetic
+from harness.model import lomo, methods, models
 from tests.conftest import compose_cell
 
 CPU = torch.device("cpu")
@@ -28,7 +29,7 @@ def _model_and_batch(method: str, *overrides):
     tokenizer = models.load_tokenizer(cfg.model)
     model = methods.prepare(models.load_model(cfg.model, "fp32", methods.base_frozen(method),
                                               CPU), cfg)
-    splits = data.synthetic(cfg.data, vocab_size=len(tokenizer))
+    splits = synthetic.synthetic(cfg.data, vocab_size=len(tokenizer))
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
     loaders = [DataLoader(splits[split], batch_size=cfg.train.batch_size, collate_fn=collate)
                for split in ("train", "validation")]

@@ -13,8 +13,9 @@ import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from harness import memory
-from harness.sampler import MIB, Sampler
+from harness.core.units import MIB
+from harness.measure import accounting, traces
+from harness.measure.sampler import Sampler
 from tests.conftest import requires_cuda
 
 SPIKE_MIB = 300
@@ -32,7 +33,7 @@ SPIKE = textwrap.dedent(f"""
 
 def _trace_of(script: str, out, timeout_s: float):
     """The real sampler's trace of `python -c script`, which starts on a line from stdin."""
-    sampler = memory.SamplerProcess(interval_ms=10, out=out)
+    sampler = traces.SamplerProcess(interval_ms=10, out=out)
     child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, text=True)
     try:
         sampler.watch(child.pid)
@@ -41,7 +42,7 @@ def _trace_of(script: str, out, timeout_s: float):
         assert child.wait(timeout=timeout_s) == 0
     finally:
         sampler.stop()
-    return memory.read_trace(out, [])
+    return traces.read_trace(out, [])
 
 
 def test_the_sampler_catches_a_50_ms_host_allocation_spike(tmp_path):
@@ -55,7 +56,7 @@ def test_the_sampler_catches_a_50_ms_host_allocation_spike(tmp_path):
 
 def test_the_sampler_process_never_imports_torch():
     # Without torch it cannot create a CUDA context, however the cell uses the GPU.
-    probe = ("import sys, harness.sampler; "
+    probe = ("import sys, harness.measure.sampler; "
              "sys.exit(sorted({'torch', 'transformers'} & set(sys.modules)) != [])")
     assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
 
@@ -135,22 +136,22 @@ def _trace_csv(tmp_path, gpu, device):
 def test_a_trace_is_split_into_phases_with_peaks_per_phase(tmp_path):
     gpu = [0, 0, 50, 60, 70, 80, 2000, 90, 95, 99]
     path, times = _trace_csv(tmp_path, gpu, [500 + g for g in gpu])
-    trace = memory.read_trace(path, [("load", times[1]), ("train", times[4]),
+    trace = traces.read_trace(path, [("load", times[1]), ("train", times[4]),
                                      ("eval", times[8])])
     assert list(trace["phase"]) == ["load"] * 4 + ["train"] * 4 + ["eval"] * 2
     assert trace.attrs["gpu_source"] == "process"
-    assert memory.peaks(trace) == {
+    assert traces.peaks(trace) == {
         "cpu_peak_mib": 900, "cpu_load_peak_mib": 300, "cpu_train_peak_mib": 900,
         "cpu_eval_peak_mib": 170, "gpu_peak_mib": 2000, "gpu_load_peak_mib": 60,
         "gpu_train_peak_mib": 2000, "gpu_eval_peak_mib": 99, "gpu_device_peak_mib": 2500}
-    assert memory.last_sample(trace) == "last sampled at 0.1 s: cpu 170 MiB, gpu 99 MiB"
+    assert traces.last_sample(trace) == "last sampled at 0.1 s: cpu 170 MiB, gpu 99 MiB"
 
 
 def test_device_memory_stands_in_when_no_process_figure_exists(tmp_path):
     path, times = _trace_csv(tmp_path, [None] * 10, [500 + i for i in range(10)])
-    trace = memory.read_trace(path, [("load", times[0])])
+    trace = traces.read_trace(path, [("load", times[0])])
     assert trace.attrs["gpu_source"] == "device"
-    assert memory.peaks(trace)["gpu_peak_mib"] == 509
+    assert traces.peaks(trace)["gpu_peak_mib"] == 509
 
 
 def test_downsampling_keeps_every_peak_within_the_point_budget(tmp_path):
@@ -161,7 +162,7 @@ def test_downsampling_keeps_every_peak_within_the_point_budget(tmp_path):
     trace = pd.DataFrame({"time": times, "time_s": times, "phase": "train",
                           "gpu_mib": np.nan, "gpu_device_mib": np.nan, "cpu_mib": cpu})
     trace.attrs["gpu_source"] = None
-    small = memory.downsample(trace, 2000)
+    small = traces.downsample(trace, 2000)
     assert len(small) == 2000 and list(small.columns) == list(trace.columns)
     assert sorted(small["cpu_mib"].nlargest(3)) == [700, 900, 1200]
     assert small["time_s"].is_monotonic_increasing and small.attrs == trace.attrs
@@ -170,8 +171,8 @@ def test_downsampling_keeps_every_peak_within_the_point_budget(tmp_path):
 def test_the_plot_is_a_png(tmp_path):
     gpu = list(range(10))
     path, times = _trace_csv(tmp_path, gpu, gpu)
-    trace = memory.read_trace(path, [("load", times[0]), ("train", times[5])])
-    memory.plot(trace, tmp_path / "memory.png", "t5-tiny/lora-r8/fp32")
+    trace = traces.read_trace(path, [("load", times[0]), ("train", times[5])])
+    traces.plot(trace, tmp_path / "memory.png", "t5-tiny/lora-r8/fp32")
     assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -187,7 +188,7 @@ def test_breakdown_counts_parameters_gradients_and_optimizer_state():
              "labels": torch.ones(2, 3, dtype=torch.long)}
     model(**batch).loss.backward()
     optimizer.step()
-    counts = memory.breakdown(model, [optimizer])
+    counts = accounting.breakdown(model, [optimizer])
     all_mib = sum(p.numel() for p in model.parameters()) * 4 / MIB
     trainable_mib = sum(p.numel() for p in trainable) * 4 / MIB
     assert counts["mem_params_mib"] == pytest.approx(all_mib)
@@ -199,8 +200,8 @@ def test_breakdown_counts_parameters_gradients_and_optimizer_state():
 
 def test_tensors_sharing_a_storage_count_once():
     weight = torch.zeros(256, 1024)  # 1 MiB
-    assert memory.tensors_mib([weight, weight[:128], weight.view(-1), weight.T]) == 1.0
-    assert memory.tensors_mib([weight, torch.zeros(256, 1024)]) == 2.0
+    assert accounting.tensors_mib([weight, weight[:128], weight.view(-1), weight.T]) == 1.0
+    assert accounting.tensors_mib([weight, torch.zeros(256, 1024)]) == 2.0
 
 
 @requires_cuda

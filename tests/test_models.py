@@ -5,7 +5,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from harness import methods, models
+from harness.core.options import OPTIMIZERS, PAGED_OPTIMIZERS
+from harness.model import methods, models, optimizers
 from tests.conftest import compose_cell, requires_cuda
 
 CPU = torch.device("cpu")
@@ -84,3 +85,9 @@ def test_int8_lora_runs_a_step_on_cuda():
     ids = torch.randint(2, 300, (2, 16), device="cuda")
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_every_optimizer_a_config_may_name_is_built_from_one_list():
+    # core/options.py's names (checked before torch loads) are the ones optimizers.build knows.
+    assert set(OPTIMIZERS) == {"adamw", "sgd", *optimizers.BITSANDBYTES}
+    assert set(PAGED_OPTIMIZERS) <= set(optimizers.BITSANDBYTES)

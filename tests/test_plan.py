@@ -10,8 +10,12 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from harness import config, estimate, gpus, plan, runner
-from harness.errors import ConfigError
+from harness.config import identity, validation
+from harness.core.errors import ConfigError
+from harness.estimate import estimate
+from harness.measure import gpus
+from harness.run import runner
+from harness.sweep import plan
 from tests.conftest import compose_cell, requires_cuda, runs_of
 from tests.test_config import grid
 
@@ -19,8 +23,8 @@ from tests.test_config import grid
 def test_the_plan_says_what_runs_what_is_skipped_and_what_does_not_fit(tmp_path):
     jobs = grid("demo", "model=t5-mini", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
                 f"cache_dir={tmp_path}/cache")
-    needed = [estimate.gpu_peak_mib(config.cell_config(job), {"source": 384, "target": 96})
-              ["total"] for job in jobs if not config.invalid_cell_reason(job)]
+    needed = [estimate.gpu_peak_mib(identity.cell_config(job), {"source": 384, "target": 96})
+              ["total"] for job in jobs if not validation.invalid_cell_reason(job)]
     # A GPU between the smallest and the largest estimate: some cells fit, some do not.
     gpu = {"gpu": "0", "name": "small GPU", "total_mib": (min(needed) + max(needed)) / 2}
     table = plan.plan(jobs, [gpu])

@@ -9,7 +9,9 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from harness import claims, report
+from harness.report import claims, report
+from harness.report.findings import recommendation
+from harness.report.runs import cells, load_runs
 
 GOLDEN = Path(__file__).with_name("golden")
 
@@ -167,8 +169,8 @@ def test_a_cpu_only_store_reports_host_memory_and_says_so(tmp_path):
 
 def test_the_recommendation_picks_per_gpu_budget_the_best_and_the_cheapest_close_to_it(
         golden_store):
-    rows = report.cells(report.load_runs("golden", golden_store))
-    advice = report.recommendation(rows).set_index("GPU budget")
+    rows = cells(load_runs("golden", golden_store))
+    advice = recommendation(rows).set_index("GPU budget")
     # 16 GB holds every flan-t5-base cell: the best is lora-r8 (52.00, two seeds), and within 1
     # point of it the cheapest is lora-r4 (51.20 at 3200 MiB, which costs least here).
     assert advice.loc["16 GB", "best ROUGE-1"] == "flan-t5-base/lora-r8/fp32: 52.00, 3400 MiB"
@@ -177,7 +179,7 @@ def test_the_recommendation_picks_per_gpu_budget_the_best_and_the_cheapest_close
     assert list(advice.index) == ["16 GB", "24 GB", "40 GB", "80 GB"]
     # A cell without a GPU measurement counts by its estimate, and says so.
     rows.loc[rows.label == "flan-t5-base/lora-r8/fp32", "gpu_peak_mib"] = float("nan")
-    assert "(estimate)" in report.recommendation(rows).iloc[0]["best ROUGE-1"]
+    assert "(estimate)" in recommendation(rows).iloc[0]["best ROUGE-1"]
 
 
 def test_toy_runs_say_what_they_cannot_show(tmp_path):

@@ -7,8 +7,11 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq
 
-from harness import data, evaluate, methods, models
-from harness.train import Diverged, train
+from harness.cell import evaluate
+from harness.cell.train import train
+from harness.data import encoding
+from harness.model import methods, models
+from harness.model.training_step import Diverged
 from tests.conftest import compose_cell
 
 CPU = torch.device("cpu")
@@ -20,7 +23,7 @@ def _setup(tmp_path, *overrides):
     tokenizer = models.load_tokenizer(cfg.model)
     model = methods.prepare(models.load_model(cfg.model, cfg.precision.name,
                                               methods.base_frozen(cfg.method.name), CPU), cfg)
-    splits = data.load(cfg.data, cfg.model, tokenizer, str(tmp_path)).splits
+    splits = encoding.load(cfg.data, cfg.model, tokenizer, str(tmp_path)).splits
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
     loaders = [DataLoader(splits[s], batch_size=cfg.train.batch_size, collate_fn=collate)
                for s in ("train", "validation")]
@@ -124,7 +127,7 @@ def test_rouge_is_f1_times_100_with_stemming():
 def test_generation_is_deterministic(tmp_path):
     cfg, model, _ = _setup(tmp_path)
     tokenizer = models.load_tokenizer(cfg.model)
-    splits = data.load(cfg.data, cfg.model, tokenizer, str(tmp_path)).splits
+    splits = encoding.load(cfg.data, cfg.model, tokenizer, str(tmp_path)).splits
     loader = DataLoader(splits["test"], batch_size=4,
                         collate_fn=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))
     first = evaluate.generate(model, tokenizer, loader, cfg.eval, "fp32", CPU)

@@ -1,0 +1,220 @@
+"""One cell, in its own process: load, apply method and precision, train, evaluate.
+
+The cell never talks to MLflow: the runner owns the run. The cell sends the runner messages as
+it goes, which the runner records at once, so that nothing finished is lost if the cell dies:
+
+  ("phase", name, unix time)               load, train, eval, infer start (splits the memory
+                                           trace)
+  ("metrics", {name: value}, step, unix ms)
+  ("tag", name, value)
+  ("params", {name: value})                params known only once the cell has loaded its data
+  ("datasets", {split: rows})              the splits it loaded (the run's dataset inputs)
+  ("artifact", local path, artifact folder) a file or folder the cell wrote under its scratch
+  ("result", status, reason)               last: ok, diverged, oom or failed
+"""
+
+import contextlib
+import csv
+import errno
+import resource
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from harness.cell import evaluate, infer
+from harness.cell.train import train
+from harness.core.options import ADAPTER_METHODS
+from harness.core.units import MIB
+from harness.data import checks, encoding, sources
+from harness.model import families, methods, models
+from harness.model.training_step import Diverged, synchronize
+
+
+def main(cell: dict, cache_dir: str, scratch: str, cpu_memory_limit_mib, connection) -> None:
+    """Process entry point: run the cell, streaming to the runner, and send its result."""
+    # The runner stops a cell with SIGTERM (Ctrl-C, a kill, a time limit): exit as Python exits,
+    # releasing what the process holds (tqdm's lock, the pipe) rather than leaving it leaked.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # tqdm's default lock is a multiprocessing semaphore; a cell killed outright (SIGKILL, the
+    # OOM killer) cannot release it, and the runner would print "leaked semaphore" at exit. The
+    # cell's progress bars are its own: a thread lock serves them.
+    tqdm.set_lock(threading.RLock())
+    if cpu_memory_limit_mib:
+        limit = int(cpu_memory_limit_mib * MIB)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        run(OmegaConf.create(cell), cache_dir, ToRunner(connection, Path(scratch)))
+        outcome = ("ok", "")
+    except Diverged as error:
+        outcome = ("diverged", str(error))
+    except Exception as error:
+        last_line = f"{type(error).__name__}: {error}".strip().splitlines()[-1]
+        if _out_of_memory(error):
+            outcome = ("oom", last_line)
+        else:
+            traceback.print_exc()
+            outcome = ("failed", last_line)
+    connection.send(("result", *outcome))
+
+
+# How running out of host memory (or of runner.cpu_memory_limit_mib's address space) reads when it
+# is not a MemoryError: torch's host allocator, and a library that cannot be mapped to import it.
+OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "Cannot allocate memory",
+                          "failed to map segment from shared object")
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    if isinstance(error, OSError) and error.errno == errno.ENOMEM:
+        return True
+    return any(message in str(error) for message in OUT_OF_MEMORY_MESSAGES)
+
+
+class ToRunner:
+    """The cell's side of the pipe: metrics, tags, artifacts and phases, sent as they happen.
+    On CUDA it also keeps the allocator's peaks per phase and over all
+    (torch_train_peak_allocated_mib, ..., torch_peak_allocated_mib)."""
+
+    def __init__(self, connection, scratch: Path):
+        self.connection, self.scratch = connection, scratch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.peaks = {}
+
+    def __call__(self, metrics: dict, step: int = 0) -> None:
+        self.connection.send(("metrics", {key: float(value) for key, value in metrics.items()},
+                              step, int(time.time() * 1000)))
+
+    def tag(self, name: str, value: str) -> None:
+        self.connection.send(("tag", name, value))
+
+    def params(self, params: dict) -> None:
+        self.connection.send(("params", params))
+
+    def artifact(self, path: Path, folder: str | None = None) -> None:
+        self.connection.send(("artifact", str(path), folder))
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self.connection.send(("phase", name, time.time()))
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        yield
+        if self.device.type == "cuda":
+            stats = torch.cuda.memory_stats(self.device)
+            for kind in ("allocated", "reserved", "active"):
+                peak = stats[f"{kind}_bytes.all.peak"] / MIB
+                self.peaks[f"torch_{name}_peak_{kind}_mib"] = peak
+                overall = f"torch_peak_{kind}_mib"
+                self.peaks[overall] = max(self.peaks.get(overall, 0.0), peak)
+            self(self.peaks)  # now: a cell that dies later keeps this phase's peaks
+
+
+def run(cfg, cache_dir: str, log: ToRunner) -> None:
+    device = log.device
+    precision, method = cfg.precision.name, cfg.method.name
+
+    with log.phase("load"):
+        load_start = time.perf_counter()
+        tokenizer = models.load_tokenizer(cfg.model)
+        model = models.load_model(cfg.model, cfg.precision, methods.base_frozen(method), device)
+        model = methods.prepare(model, cfg)
+        text, splits, lengths = encoding.load(cfg.data, cfg.model, tokenizer, cache_dir)
+        if text is None:
+            log.tag("rouge", f"not computed: data={cfg.data.name} has no text")
+        # The cuts as numbers beside their specs (data.source_max_length=p85 -> 255).
+        log.params({f"data.{key}_resolved": lengths[side] for side, key in checks.SIDES.items()})
+        log.connection.send(("datasets", {split: len(splits[split]) for split in sources.SPLITS}))
+        trainable, total = models.count_params(model)
+        log({"trainable_params": trainable, "total_params": total,
+             "trainable_pct": 100 * trainable / total,
+             "load_time_s": time.perf_counter() - load_start})
+        if device.type == "cuda":
+            # Loading frees what it needed only on the way (half-precision casts, quantization's
+            # copies), which the allocator would keep cached: give it back, so that the memory
+            # of training is training's own.
+            torch.cuda.empty_cache()
+
+    family = families.of(cfg.model)
+    collate = family.collate(tokenizer)
+    with log.phase("train"):
+        shuffle = torch.Generator().manual_seed(cfg.train.seed)
+        train_loader = DataLoader(splits["train"], batch_size=cfg.train.batch_size,
+                                  shuffle=True, generator=shuffle, collate_fn=collate)
+        validation_loader = DataLoader(_first(splits["validation"], cfg.eval.max_samples),
+                                       batch_size=cfg.eval.batch_size, collate_fn=collate)
+        def validation_rouge():  # ROUGE learning curves (eval.rouge_every_epoch)
+            return _rouge(model, tokenizer, splits["validation"], text["validation"], cfg,
+                          device)[0]
+
+        per_epoch = cfg.eval.rouge_every_epoch and text is not None
+        result = train(model, train_loader, validation_loader, cfg, device, log,
+                       validation_rouge if per_epoch else None)
+    log({"train_time_s": result.train_time_s, "train_steps": result.steps,
+         "train_tokens": result.train_tokens,
+         **result.throughput(cfg.train.throughput_skip_steps), **result.breakdown})
+    if device.type == "cuda" and result.breakdown:
+        # Activations and everything else the step allocated beyond the tensors counted above.
+        log({"mem_activations_mib": log.peaks["torch_train_peak_allocated_mib"]
+             - sum(result.breakdown.values())})
+
+    if text is not None:
+        with log.phase("eval"):
+            eval_start = time.perf_counter()
+            scores, references, predictions = _rouge(model, tokenizer, splits["test"],
+                                                     text["test"], cfg, device)
+            synchronize(device)
+            log({**scores, "eval_time_s": time.perf_counter() - eval_start})
+            _log_predictions(log, references, predictions)
+
+    if method in ADAPTER_METHODS:
+        _log_adapter(log, model)
+    if cfg.eval.infer:  # last: an adapter is merged into its base here
+        with log.phase("infer"):
+            infer.benchmark(model, tokenizer, splits["test"], cfg, device, family, log)
+
+
+def _rouge(model, tokenizer, tokens, references, cfg, device):
+    """ROUGE of generations for the first eval.max_samples examples of one split:
+    (scores, references, predictions)."""
+    family = families.of(cfg.model)
+    tokens, references = (_first(split, cfg.eval.max_samples) for split in (tokens, references))
+    loader = DataLoader(tokens, batch_size=cfg.eval.batch_size,
+                        collate_fn=family.generation_collate(tokenizer))
+    predictions = evaluate.generate(model, tokenizer, loader, cfg.eval, cfg.precision.name,
+                                    device, family)
+    return (evaluate.rouge(predictions, references["target"], cfg.data.get("rouge_unit", "words")),
+            references, predictions)
+
+
+def _first(split, count: int | None):
+    """The split's first `count` examples (every evaluation pass is bounded by eval.max_samples);
+    all of them for None."""
+    return split if count is None else split.select(range(min(count, len(split))))
+
+
+def _log_predictions(log: ToRunner, references, predictions) -> None:
+    path = log.scratch / "predictions.csv"
+    # Quote every field: an untrained model's output can hold a bare carriage return.
+    pd.DataFrame({"id": references["id"], "reference": references["target"],
+                  "prediction": predictions}).to_csv(path, index=False, quoting=csv.QUOTE_ALL)
+    log.artifact(path)
+
+
+def _log_adapter(log: ToRunner, model) -> None:
+    """The saved adapter as an artifact, its size on disk, and the size of the whole model it
+    stands for."""
+    folder = log.scratch / "adapter"
+    model.save_pretrained(folder)
+    size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    log(infer.checkpoint_sizes(model, size))
+    log.artifact(folder, "adapter")

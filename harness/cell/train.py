@@ -1,0 +1,126 @@
+"""The training loop, top to bottom: AdamW or SGD, or LOMO's updates fused into backward (the
+Updates of a cell); linear schedule with warm-up, gradient accumulation, clipping, mixed
+precision, per-step loss and per-epoch eval loss (and ROUGE where asked), the time of every step,
+and the memory breakdown of the live tensors at the step that set the allocator's peak.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from harness.cell import evaluate
+from harness.model.tokenizers import IGNORED_LABEL
+from harness.model.training_step import Diverged, Updates, forward, synchronize
+
+MAX_LOG_PERPLEXITY = 80.0  # exp(80) ~ 5.5e34: a float still, and far beyond any vocabulary
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs: int
+    train_time_s: float
+    train_tokens: int
+    # Per optimizer step: wall time (data loading included), samples and tokens.
+    step_times_s: list = field(default_factory=list)
+    step_samples: list = field(default_factory=list)
+    step_tokens: list = field(default_factory=list)
+    # mem_params_mib, mem_grads_mib, mem_optimizer_mib (empty when no step ran).
+    breakdown: dict = field(default_factory=dict)
+
+    def throughput(self, skip_steps: int) -> dict:
+        """samples_per_s, tokens_per_s and step time p50 / p90 without the first skip_steps
+        (allocator and kernel warm-up); over every step when there are no more than that."""
+        first = skip_steps if self.steps > skip_steps else 0
+        times = np.array(self.step_times_s[first:])
+        if not len(times):
+            return {}
+        return {"samples_per_s": sum(self.step_samples[first:]) / times.sum(),
+                "tokens_per_s": sum(self.step_tokens[first:]) / times.sum(),
+                "step_time_p50_s": float(np.percentile(times, 50)),
+                "step_time_p90_s": float(np.percentile(times, 90))}
+
+
+def train(model, train_loader, validation_loader, cfg, device: torch.device, log_metrics,
+          validation_rouge=None) -> TrainResult:
+    """Train in place as cfg.method says. `log_metrics(metrics: dict, step: int)` receives
+    train_loss and lr per step, eval_loss and eval_perplexity per epoch, and with
+    `validation_rouge` (a function that returns ROUGE scores of the validation split)
+    eval_rouge1, eval_rouge2, ... per epoch."""
+    train_cfg, precision = cfg.train, cfg.precision.name
+    torch.manual_seed(train_cfg.seed)
+    steps_per_epoch = math.ceil(len(train_loader) / train_cfg.grad_accum_steps)
+    total_steps = (train_cfg.max_steps if train_cfg.max_steps is not None
+                   else steps_per_epoch * train_cfg.epochs)
+    epochs = math.ceil(total_steps / steps_per_epoch) if total_steps else 0
+    updates = Updates(model, cfg, total_steps, device)
+
+    step, eval_time = 0, 0.0
+    result = TrainResult(steps=0, epochs=epochs, train_time_s=0.0, train_tokens=0)
+    step_samples = step_tokens = peak_allocated = 0
+    synchronize(device)
+    start = step_start = time.perf_counter()
+    progress = tqdm(total=total_steps, desc="training", unit="step")
+    try:
+        for epoch in range(epochs):
+            model.train()
+            for micro_step, batch in enumerate(train_loader):
+                batch = {key: value.to(device) for key, value in batch.items()}
+                loss = forward(model, batch, precision, device)
+                if not torch.isfinite(loss):
+                    raise Diverged(f"loss {loss.item()} at step {step} (epoch {epoch}), "
+                                   f"precision {precision}")
+                step_samples += len(batch["input_ids"])
+                step_tokens += (int(batch["attention_mask"].sum())
+                                + int((batch["labels"] != IGNORED_LABEL).sum()))
+                last_micro_step = (not (micro_step + 1) % train_cfg.grad_accum_steps
+                                   or micro_step + 1 == len(train_loader))
+                if not updates.backward(loss, update=last_micro_step):
+                    continue
+                # Parameters, gradients and optimizer state are all alive here. Record them at
+                # the step that raised the allocator's peak (on CPU, which keeps no peak: the
+                # first).
+                allocated = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                             else 0)
+                if step == 0 or allocated > peak_allocated:
+                    result.breakdown = updates.breakdown(model)
+                    peak_allocated = allocated
+                updates.next_step()
+                step += 1
+                progress.update()
+                if step % train_cfg.log_every_steps == 0 or step == total_steps:
+                    log_metrics({"train_loss": loss.item(), **updates.rates()}, step)
+                synchronize(device)
+                now = time.perf_counter()
+                result.step_times_s.append(now - step_start)
+                result.step_samples.append(step_samples)
+                result.step_tokens.append(step_tokens)
+                step_samples = step_tokens = 0
+                step_start = now
+                if step == total_steps:
+                    break
+            # The eval loss pass belongs to evaluation, not to the training time.
+            synchronize(device)
+            eval_start = time.perf_counter()
+            eval_loss = evaluate.loss(model, validation_loader, precision, device)
+            epoch_metrics = {"eval_loss": eval_loss, "epoch": epoch + 1,
+                             "eval_examples": len(validation_loader.dataset)}
+            if eval_loss < MAX_LOG_PERPLEXITY:  # beyond it, a perplexity says nothing more
+                epoch_metrics["eval_perplexity"] = math.exp(eval_loss)
+            if validation_rouge is not None:  # learning curves of ROUGE (the rank sweep)
+                epoch_metrics.update({f"eval_{key}": value
+                                      for key, value in validation_rouge().items()})
+            log_metrics(epoch_metrics, step)
+            eval_time += time.perf_counter() - eval_start
+            step_start = time.perf_counter()
+    finally:
+        updates.close()
+    synchronize(device)
+    progress.close()
+    result.steps, result.train_tokens = step, sum(result.step_tokens)
+    result.train_time_s = time.perf_counter() - start - eval_time
+    return result

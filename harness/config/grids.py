@@ -1,0 +1,47 @@
+"""Grids: an experiment composed as Hydra composes it, and expanded into its cells as Hydra's
+basic sweeper expands it, before anything runs.
+"""
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, open_dict
+
+from harness.core.errors import ConfigError
+from harness.core.options import CONF_DIR
+
+EXPERIMENTS = CONF_DIR.parent / "experiments"
+
+
+def compose_experiment(name: str, overrides: list[str]) -> list[DictConfig]:
+    """Every job of an experiment, composed as `make sweep EXP=name ARGS=...` composes them;
+    overrides may sweep (method.r=4,8)."""
+    if not (EXPERIMENTS / f"{name}.yaml").exists():
+        known = sorted(path.stem for path in EXPERIMENTS.glob("*.yaml"))
+        raise ConfigError(f"no experiment {name!r}; expected one of {', '.join(known)} "
+                          "(experiments/<name>.yaml)")
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed = [text for text, override in zip(overrides, parsed) if not override.is_sweep_override()]
+    with initialize_config_dir(config_dir=str(EXPERIMENTS), version_base="1.3"):
+        sweep_config = compose(name, overrides=[*fixed, f"hydra.searchpath=[file://"
+                                                         f"{CONF_DIR}]"],
+                               return_hydra_config=True)
+        with open_dict(sweep_config):
+            sweep_config.hydra.overrides.task = overrides
+        return cells(sweep_config)
+
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def cells(sweep_config: DictConfig) -> list[DictConfig]:
+    """Every job of the multirun, composed, in Hydra's order (hydra.job.num)."""
+    loader = GlobalHydra.instance().config_loader()
+    # As BasicSweeper.sweep: the sweeper's params first, the command line's overrides after.
+    params = sweep_config.hydra.sweeper.params or {}
+    arguments = [f"{key}={value}" for key, value in params.items()]
+    arguments += list(sweep_config.hydra.overrides.task)
+    overrides = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
+    jobs = BasicSweeper.split_arguments(overrides, max_batch_size=None)[0]
+    return [loader.load_sweep_config(sweep_config, job) for job in jobs]

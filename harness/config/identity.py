@@ -1,0 +1,66 @@
+"""A cell's identity: the resolved groups that define what it computes, its fingerprint, its
+flat MLflow params and its readable name.
+"""
+
+import json
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from harness.core.files import digest
+from harness.core.options import (
+    ADAPTER_KEYS,
+    ADAPTER_METHODS,
+    CELL_GROUPS,
+    OTHER_GROUPS,
+)
+
+
+def cell_config(cfg: DictConfig) -> dict:
+    """The resolved groups that define the cell, without knobs its method does not use.
+
+    A sweep that crosses method=full,lora with method.r=4,8 gives full fine-tuning an r it
+    ignores; dropping it makes both full cells one cell (one fingerprint), run once.
+    """
+    cell = {group: OmegaConf.to_container(cfg[group], resolve=True) for group in CELL_GROUPS}
+    if cell["method"]["name"] not in ADAPTER_METHODS:
+        for key in ADAPTER_KEYS:
+            cell["method"].pop(key, None)
+    return cell
+
+
+def fingerprint(cell: dict) -> str:
+    """A stable id of what the cell computes: the same config gives the same fingerprint."""
+    return digest(cell, 12)
+
+
+def flat_params(cell: dict, cfg: DictConfig) -> dict:
+    """The resolved config as flat MLflow params: model.name, method.r, tracking.uri, ..."""
+    whole = {**cell, **{group: OmegaConf.to_container(cfg[group], resolve=True)
+                        for group in OTHER_GROUPS}}
+    whole["cost"].pop("prices")  # the table of prices is the same for every run
+    flat = pd.json_normalize(whole, sep=".").iloc[0].to_dict()
+    return {key: json.dumps(value) if isinstance(value, list) else value
+            for key, value in flat.items()}
+
+
+def method_label(name: str, optimizer: str) -> str:
+    """full, full_sgd, lora, lomo, lora_adamw_8bit, ...: the option's name (method=full_sgd is
+    full fine-tuning with SGD), with the optimizer where it is not the method's own (AdamW; LOMO
+    is SGD by definition)."""
+    if optimizer == "adamw" or (optimizer == "sgd" and name == "lomo"):
+        return name
+    return f"{name}_{optimizer}"
+
+
+def run_name(cell: dict) -> str:
+    """A short readable name for the MLflow UI: model / method[-r] / precision."""
+    method = cell["method"]
+    return label(cell["model"]["name"], method["name"], method["optimizer"], method.get("r"),
+                 cell["precision"]["name"])
+
+
+def label(model: str, method: str, optimizer: str, rank: int | None, precision: str) -> str:
+    """flan-t5-base/lora-r8/bf16: a cell's name wherever it is shown (runs, reports, claims)."""
+    suffix = "" if rank is None else f"-r{rank}"
+    return f"{model}/{method_label(method, optimizer)}{suffix}/{precision}"

@@ -1,0 +1,168 @@
+"""The resolved config of a cell: validation before any work, its identity, and its params.
+
+Hydra already refuses unknown group options (model=..., method=...) and lists the valid ones;
+this module checks what Hydra cannot: values, combinations and user data.
+"""
+
+import difflib
+import functools
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from harness.config import cost
+from harness.core.errors import ConfigError
+from harness.core.options import (
+    ADAPTER_METHODS,
+    ATTENTION,
+    CELL_GROUPS,
+    CONF_DIR,
+    FAMILIES,
+    FUSED_METHODS,
+    MODEL_SOURCES,
+    NF4_OPTIONS,
+    OPTIMIZERS,
+    OTHER_GROUPS,
+    PAGED_OPTIMIZERS,
+    QUANTIZED,
+    START_METHODS,
+    TOKENIZERS,
+)
+from harness.data import checks
+
+
+def invalid_cell_reason(cfg: DictConfig) -> str | None:
+    """Why this combination cannot run at all, or None. Sweeps record such cells as skipped."""
+    method, precision = cfg.method.name, cfg.precision.name
+    if precision in QUANTIZED and method != "lora":
+        return (f"method={method} updates the base weights, which precision={precision} stores "
+                f"quantized and cannot update: use method=lora with {precision}, or "
+                "precision=fp32 / bf16 / fp16 with this method")
+    targets = cfg.method.get("target_modules")
+    known = cfg.model.get("lora_targets")
+    if method in ADAPTER_METHODS and known and not set(targets) <= set(known):
+        return (f"method.target_modules={list(targets)} names modules that model="
+                f"{cfg.model.name} ({cfg.model.architecture.model_type}) does not have: its LoRA "
+                f"targets are {', '.join(known)} (default {list(cfg.model.default_lora_targets)})")
+    if cfg.model.family == "seq2seq" and cfg.data.get("train_on_inputs"):
+        return (f"data.train_on_inputs=true is for causal models, whose labels are the prompt and "
+                f"the response; model={cfg.model.name} is seq2seq, whose labels are the target "
+                "alone: set data.train_on_inputs=false, or use a causal model")
+    if method in FUSED_METHODS and cfg.train.grad_accum_steps != 1:
+        return (f"method={method} updates each base weight inside backward and frees its "
+                "gradient, so gradients cannot accumulate over micro-batches "
+                f"(train.grad_accum_steps={cfg.train.grad_accum_steps}): set "
+                "train.grad_accum_steps=1 and raise train.batch_size instead")
+    return None
+
+
+def machine_reason(cfg: DictConfig, cuda: bool) -> str | None:
+    """Why this machine cannot run the cell, or None (the plan still estimates it for a GPU)."""
+    if cfg.method.optimizer in PAGED_OPTIMIZERS and not cuda:
+        return (f"method.optimizer={cfg.method.optimizer} pages its state between the GPU and the "
+                "host through CUDA unified memory, and this machine has no CUDA device: use "
+                "method.optimizer=adamw_8bit (the same 8-bit state, unpaged) or adamw here")
+    return None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the bad value, what was expected and what to do."""
+    _check_known_keys(cfg)
+    source = cfg.model.source
+    if source not in MODEL_SOURCES and not Path(source).is_dir():
+        raise ConfigError(f"model.source={source!r} is neither {' nor '.join(MODEL_SOURCES)} nor "
+                          "an existing folder: use hub, random, or the path of a saved model")
+    if source == "hub" and not cfg.model.hub_id:
+        raise ConfigError(f"model={cfg.model.name} has model.source=hub but no model.hub_id: "
+                          "set model.hub_id, or use model.source=random to build it offline")
+    if cfg.model.tokenizer not in TOKENIZERS:
+        raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r}; expected one of "
+                          f"{', '.join(TOKENIZERS)}")
+    if cfg.model.family not in FAMILIES:
+        raise ConfigError(f"model.family={cfg.model.family!r}; expected seq2seq (encoder-decoder "
+                          "such as T5) or causal (decoder-only such as GPT-NeoX)")
+    if cfg.precision.name == "nf4":
+        for key, choices in NF4_OPTIONS.items():
+            if cfg.precision[key] not in choices:
+                raise ConfigError(f"precision.{key}={cfg.precision[key]!r}; expected one of "
+                                  f"{', '.join(choices)}")
+    if cfg.model.attn_implementation not in ATTENTION:
+        raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation!r}; expected "
+                          "sdpa (PyTorch's fused attention) or eager (matmul and softmax)")
+    if not isinstance(cfg.train.gradient_checkpointing, bool):
+        raise ConfigError(f"train.gradient_checkpointing={cfg.train.gradient_checkpointing!r}; "
+                          "expected true or false")
+    if cfg.method.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"method.optimizer={cfg.method.optimizer!r}; expected one of "
+                          f"{', '.join(OPTIMIZERS)}")
+    if cfg.method.name == "lomo" and cfg.method.optimizer != "sgd":
+        raise ConfigError(f"method=lomo with method.optimizer={cfg.method.optimizer!r}: LOMO "
+                          "updates every weight by SGD inside backward; use method.optimizer=sgd, "
+                          "or method=full for AdamW")
+    if cfg.method.name == "lora_lomo":
+        _check_positive(cfg, "method.lr_base")
+    if cfg.method.name in ADAPTER_METHODS:
+        _check_positive(cfg, "method.r", integer=True)
+        _check_positive(cfg, "method.alpha")
+        if not 0 <= cfg.method.dropout < 1:
+            raise ConfigError(f"method.dropout={cfg.method.dropout}; expected 0 <= dropout < 1")
+        if not cfg.method.target_modules:
+            raise ConfigError("method.target_modules is empty; expected module names such as "
+                              "[q,v] (T5 attention: q, k, v, o; feed-forward: wi_0, wi_1, wo; "
+                              "GPT-NeoX and BLOOM: query_key_value, dense, ...)")
+    for key in ("train.batch_size", "train.grad_accum_steps", "train.epochs", "eval.batch_size",
+                "eval.num_beams", "eval.max_new_tokens", "eval.infer_batch_size",
+                "eval.infer_examples", "eval.infer_new_tokens"):
+        _check_positive(cfg, key, integer=True)
+    if not isinstance(cfg.eval.infer, bool):
+        raise ConfigError(f"eval.infer={cfg.eval.infer!r}; expected true (the inference "
+                          "benchmark after evaluation) or false")
+    if cfg.eval.max_samples is not None:
+        _check_positive(cfg, "eval.max_samples", integer=True)
+    _check_positive(cfg, "train.lr")
+    for key in ("sampler.interval_ms", "sampler.metric_max_points", "sampler.csv_max_rows"):
+        _check_positive(cfg, key, integer=key != "sampler.interval_ms")
+    if cfg.runner.cpu_memory_limit_mib is not None:
+        _check_positive(cfg, "runner.cpu_memory_limit_mib")
+    cost.check(cfg.cost)
+    if cfg.runner.start_method not in START_METHODS:
+        raise ConfigError(f"runner.start_method={cfg.runner.start_method!r}; expected one of "
+                          f"{', '.join(START_METHODS)} (each cell in a fresh process)")
+    skip = cfg.train.throughput_skip_steps
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+        raise ConfigError(f"train.throughput_skip_steps={skip!r}; expected an integer >= 0")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 0:
+        raise ConfigError(f"train.max_steps={cfg.train.max_steps}; expected null (train for "
+                          "train.epochs) or a number of optimizer steps >= 0")
+    checks.check(cfg.data)
+
+
+def _check_known_keys(cfg: DictConfig) -> None:
+    """Refuse a key that no option of its group has (`+method.rank=4`): nothing would read it,
+    and the cell would run with the default it meant to change."""
+    for group in (*CELL_GROUPS, *OTHER_GROUPS):
+        known = _group_keys(group)
+        for key in cfg[group]:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"did you mean {group}.{close[0]}? " if close else ""
+                raise ConfigError(f"{group}.{key}: no option of the {group} group has this key, "
+                                  f"so nothing would read it; {hint}the keys of {group} are "
+                                  f"{', '.join(sorted(known))}")
+
+
+@functools.cache
+def _group_keys(group: str) -> set:
+    """Every top-level key of the options of a config group (conf/<group>/*.yaml), and its
+    nested groups (conf/data/template/)."""
+    folder = CONF_DIR / group
+    return ({key for path in folder.glob("*.yaml") for key in OmegaConf.load(path)
+             if key != "defaults"} | {path.name for path in folder.iterdir() if path.is_dir()})
+
+
+def _check_positive(cfg: DictConfig, key: str, integer: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    kind = "integer" if integer else "number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
+            or value <= 0:
+        raise ConfigError(f"{key}={value!r}; expected a positive {kind}")

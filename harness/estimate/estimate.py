@@ -1,0 +1,325 @@
+"""A cell's peak GPU memory, estimated before it runs, on any machine, without a GPU.
+
+    python -m harness.estimate model=flan-t5-xl method=lora precision=int8 train.batch_size=8
+
+prints one cell's breakdown; its last line is a JSON object of the parts in MiB.
+
+What it does: it builds the cell's model on PyTorch's meta device (shapes and dtypes, no data) as
+the cell does (weights stored in the cell's precision: float32, half for the frozen weights of
+bf16 / fp16 LoRA, bitsandbytes LLM.int8 or 4-bit layers for int8 / nf4), applies the method with
+peft, switches on activation checkpointing where train.gradient_checkpointing says so, and runs
+two training steps of the cell's own code (harness/model/training_step.py: forward and Updates:
+loss, backward, clipping, the optimizer, bitsandbytes' 8-bit one included, or LOMO's fused updates)
+on a batch of train.batch_size examples padded to the resolved source and target lengths, as
+the model's family builds a batch (a causal model: prompt and response as one sequence).
+harness/estimate/simulate.py makes that step behave as on CUDA (autocast's casts, the
+memory-efficient attention kernel) and records every tensor it allocates and frees. Then:
+
+  weights      the weights and quantization scales, as stored (nf4: two weights a byte, a scale
+               per 64, itself quantized per 256 with double quantization);
+  gradients    the gradients alive at the step's peak (all trainable weights' for an optimizer,
+               one weight's at a time for LOMO's fused updates);
+  optimizer    the optimizer state alive at the peak (AdamW: two moments and a step per tensor;
+               8-bit AdamW: two int8 moments and a float32 scale per 256 values; a paged
+               optimizer counts as resident, as it is until the GPU runs short);
+  activations  everything else alive at the peak: what autograd keeps for backward (with
+               checkpointing: the inputs of every block, plus the block being recomputed), the
+               logits, the loss and their gradients, autocast's half copies, and the
+               temporaries of the op that set the peak;
+  allocator    what PyTorch's caching allocator reserves beyond the tensors alive at its peak,
+               from a replay of the same allocations and frees through its documented rules
+               (harness/estimate/allocator.py): blocks rounded up, segments of 2 / 20 MiB, freed
+               blocks cached rather than returned; with the cuBLAS workspaces it hands out;
+  cuda_context what a process that has initialised CUDA, cuBLAS and PyTorch's kernels holds
+               outside the allocator: a typical figure (CUDA_CONTEXT_MIB), not a measurement.
+
+  total = weights + the simulated peak (gradients + optimizer + activations) + allocator
+          + cuda_context
+
+which is what NVML (nvidia-smi) shows for the cell's process during training; `allocated`
+(total less allocator and cuda_context) is what torch.cuda.max_memory_allocated shows.
+
+Left out: the memory inside a kernel that is not a tensor (cuBLAS and attention workspaces
+beyond what the allocator hands out), LLM.int8's outlier columns (data-dependent; counted as
+none), evaluation and generation (smaller than training for these cells), the loading phase
+(the cell returns what loading cached to the device before it trains), the fp16 loss scale (two
+numbers), and other processes on the GPU. The study's own figures may include some of these.
+"""
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from functools import lru_cache
+from importlib.metadata import version
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from harness.config import identity, validation
+from harness.core.errors import ConfigError, refused
+from harness.core.files import write_whole
+from harness.core.options import CONF_DIR, QUANTIZED
+from harness.core.units import MIB
+from harness.data import encoding
+from harness.estimate import allocator, simulate
+from harness.measure import accounting
+from harness.model import (
+    families,
+    lomo,
+    methods,
+    models,
+    optimizers,
+    tokenizers,
+    training_step,
+)
+
+# A CUDA context with PyTorch's kernels loaded lazily (CUDA >= 11.7), cuBLAS initialised: about
+# what nvidia-smi shows for a process that has run a matmul. `make gpu-check` measures it on a
+# GPU as NVML's peak less the allocator's reserved peak.
+CUDA_CONTEXT_MIB = 500
+# cuBLAS's workspace per thread, from the caching allocator, kept for the process's life: PyTorch's
+# documented default CUBLAS_WORKSPACE_CONFIG=:4096:2:16:8 (Hopper GPUs get more).
+CUBLAS_WORKSPACE_BYTES = 2 * 4096 * 1024 + 8 * 16 * 1024
+PARTS = ("weights", "gradients", "optimizer", "activations", "allocator", "cuda_context")
+META = torch.device("meta")
+STEPS = 2  # the second step runs with the optimizer state the first one created
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
+# A worker process takes about this long to import torch, transformers and peft: a plan's
+# simulations go side by side once those done one by one have taken longer.
+WORKER_START_S = 3.0
+
+
+def gpu_peak_mib(cell: dict, lengths: dict, cache_dir: str | None = None) -> dict:
+    """{weights, gradients, optimizer, activations, allocator, cuda_context, total} in MiB for a
+    cell (identity.cell_config of a resolved cell) whose sources and targets are cut at `lengths`
+    ({"source": tokens, "target": tokens}). A simulation takes seconds (about 10 for flan-t5-xl
+    on one core); with `cache_dir` its result is kept there for the next plan or run of the same
+    cell, under a key that changes with the harness's code and the library versions."""
+    spec = _spec(cell, lengths)
+    if cache_dir is None:
+        return dict(_estimate(spec))
+    path = _cache_path(spec, cache_dir)
+    if path.exists():
+        return json.loads(path.read_text())
+    parts = dict(_estimate(spec))
+    write_whole(path, lambda partial: partial.write_text(json.dumps(parts)))
+    return parts
+
+
+def gpu_peaks_mib(requests: list[tuple[dict, dict, str]]) -> list[dict]:
+    """gpu_peak_mib of each (cell, lengths, cache_dir), as a plan needs them. The cells not in
+    the cache yet are simulated once each: here, one after the other, until that has taken longer
+    than a worker takes to start; then the rest side by side, a process per CPU core (a
+    simulation uses one core: meta tensors compute nothing)."""
+    pending = {}
+    for cell, lengths, cache_dir in requests:
+        path = cache_dir and _cache_path(_spec(cell, lengths), cache_dir)
+        if path and not path.exists():
+            pending.setdefault(path, (cell, lengths, cache_dir))
+    pending = list(pending.values())
+    started, cores = time.monotonic(), _usable_cores()
+    for index, request in enumerate(pending):
+        left = len(pending) - index
+        if left > 1 and cores > 1 and time.monotonic() - started > WORKER_START_S:
+            # spawn: a plan may run in a process that has initialised CUDA (a sweep's callback).
+            # The workers ignore Ctrl-C: it stops the plan, whose pool then ends them.
+            with multiprocessing.get_context("spawn").Pool(
+                    min(left, cores), initializer=signal.signal,
+                    initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+                pool.starmap(gpu_peak_mib, pending[index:], chunksize=1)
+            break
+        gpu_peak_mib(*request)
+    return [gpu_peak_mib(*request) for request in requests]
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (a container's share, not the host's count)."""
+    if hasattr(os, "sched_getaffinity"):  # not on macOS
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _spec(cell: dict, lengths: dict) -> str:
+    """Only what the estimate reads: the key of both caches (a grid repeats architectures)."""
+    train_cfg = cell["train"]
+    return json.dumps({"model": cell["model"], "method": cell["method"],
+                       "precision": cell["precision"], "lengths": lengths,
+                       "train": {key: train_cfg[key] for key in (
+                           "batch_size", "grad_accum_steps", "max_grad_norm", "weight_decay",
+                           "gradient_checkpointing")}}, sort_keys=True)
+
+
+def _cache_path(spec: str, cache_dir: str) -> Path:
+    return Path(cache_dir) / "estimates" / f"{_cache_key(spec)}.json"
+
+
+def _cache_key(spec: str) -> str:
+    """The spec, the source of the code the estimate runs, and the versions of the libraries
+    whose kernels and layers it simulates."""
+    code = [Path(module.__file__).read_bytes() for module in (
+        allocator, methods, models, simulate, training_step, lomo, families, optimizers,
+        tokenizers, accounting,
+        sys.modules[__name__])]
+    versions = [version(package) for package in LIBRARIES]
+    digest = hashlib.sha256(spec.encode())
+    for part in [*code, *(text.encode() for text in versions)]:
+        digest.update(part)
+    return digest.hexdigest()[:20]
+
+
+@lru_cache(maxsize=64)
+def _estimate(spec_json: str) -> tuple:
+    spec = json.loads(spec_json)
+    cfg = OmegaConf.create({**spec, "train": {**spec["train"], "lr": 1e-3, "warmup_steps": 0}})
+    on_cuda = simulate.AsOnCuda(models.HALF_DTYPES.get(cfg.precision.name))
+    model = _meta_model(cfg, on_cuda)
+    steps = simulated_steps(model, cfg, spec["lengths"], META, on_cuda)
+
+    peak, at = simulate.peak(steps.events)
+    alive = simulate.alive_at(steps.events, at)
+    parts = {"weights": sum(steps.weights), "gradients": steps.bytes_of(alive & steps.gradients),
+             "optimizer": steps.bytes_of(alive & steps.states)}
+    parts["activations"] = peak - parts["gradients"] - parts["optimizer"]
+    # The weights were allocated first, one tensor each, when the model was loaded; cuBLAS takes
+    # a workspace from the allocator for each thread that runs matmuls (the loop's, autograd's).
+    loading = [(("weight", index), size) for index, size in enumerate(steps.weights)]
+    workspaces = [(("cublas", thread), CUBLAS_WORKSPACE_BYTES) for thread in ("loop", "backward")]
+    parts["allocator"] = (allocator.replay(loading + workspaces + steps.events)
+                          - parts["weights"] - peak)
+    parts = {name: value / MIB for name, value in parts.items()}
+    parts["cuda_context"] = CUDA_CONTEXT_MIB
+    parts["total"] = sum(parts.values())
+    parts["allocated"] = parts["total"] - parts["allocator"] - parts["cuda_context"]
+    return tuple(parts.items())
+
+
+class Steps(NamedTuple):
+    """What simulated_steps saw: the weights' sizes, every later allocation and free in order
+    (simulate.Trace's events), and which of them were gradients and optimizer state."""
+    weights: list
+    events: list
+    sizes: dict
+    gradients: set
+    states: set
+
+    def bytes_of(self, serials) -> int:
+        return sum(self.sizes[serial] for serial in serials)
+
+
+def simulated_steps(model, cfg, lengths: dict, device: torch.device,
+                    on_cuda: simulate.AsOnCuda | None = None) -> Steps:
+    """STEPS training steps of the cell's own code on a batch padded to `lengths`, every tensor
+    traced. On the meta device for the estimate; on the CPU, the same steps for real (the tests
+    check that both see the same allocations)."""
+    weights = _weight_storages(model)
+    trace = simulate.Trace(existing=weights.values())
+    gradients, states = set(), set()
+    with trace, on_cuda or contextlib.nullcontext():
+        batch = families.of(cfg.model).training_batch(cfg.train.batch_size, lengths, device,
+                                                      tokenizers.PAD_ID, tokenizers.EOS_ID + 1)
+        # LOMO frees each fused gradient inside backward: note them as they appear (registered
+        # first, so that these hooks run before the updates' own).
+        hooks = [weight.register_post_accumulate_grad_hook(
+            lambda weight: gradients.add(trace.serial_of(weight.grad)))
+            for weight in methods.fused_parameters(model, cfg.method.name)]
+        updates = training_step.Updates(model, cfg, STEPS, device, foreach=True, loss_scaling=False,
+                                paging=False)
+        model.train()
+        for _ in range(STEPS):
+            updates.backward(training_step.forward(model, batch, "fp32", device), update=True)
+            gradients.update(trace.serial_of(p.grad) for p in model.parameters()
+                             if p.grad is not None)
+            if updates.optimizer is not None:
+                states.update(trace.serial_of(value)
+                              for state in updates.optimizer.state.values()
+                              for value in state.values() if isinstance(value, torch.Tensor))
+            updates.next_step()
+        updates.close()
+        for hook in hooks:
+            hook.remove()
+    return Steps([storage.nbytes() for storage in weights.values()], trace.events, trace.sizes,
+                 gradients - {None}, states - {None})
+
+
+def _meta_model(cfg, on_cuda: simulate.AsOnCuda):
+    """The cell's model on the meta device, stored and prepared as harness/cell/entry.py does. A
+    checkpointed block is recomputed inside backward, where the forward's function modes are not
+    active: it gets `on_cuda` of its own, as on CUDA checkpointing re-enters autocast."""
+    precision = cfg.precision.name
+    with torch.device(META):
+        model = models.random_model(cfg.model, models.stored_dtype(
+            precision, methods.base_frozen(cfg.method.name)))
+    if precision in QUANTIZED:
+        _quantize(model, cfg.precision)
+    return methods.prepare(model, cfg, context_fn=lambda: (contextlib.nullcontext(), on_cuda))
+
+
+def _quantize(model, precision_cfg) -> None:
+    """bitsandbytes layers where from_pretrained puts them (transformers' own bitsandbytes
+    quantizer chooses): LLM.int8, an int8 weight and a float32 scale per row; 4-bit, the weight
+    quantized by bitsandbytes' own quantize_4bit (whose meta version gives the packed weight and
+    its scales)."""
+    import bitsandbytes as bnb  # imported here: only quantized cells need it
+    from transformers.quantizers import AutoHfQuantizer
+
+    settings = models.quantization(precision_cfg)
+    AutoHfQuantizer.from_config(settings).preprocess_model(model, device_map={"": META})
+    for layer in model.modules():
+        if isinstance(layer, bnb.nn.Linear8bitLt):
+            layer.weight.CB = layer.weight.data
+            layer.weight.SCB = torch.empty(layer.out_features, device=META)
+            # Outlier columns depend on the data, which meta tensors do not have: none here.
+            layer.state.threshold = 0.0
+        elif isinstance(layer, bnb.nn.Linear4bit):
+            full = torch.empty(layer.out_features, layer.in_features, device=META)
+            packed, state = bnb.functional.quantize_4bit(
+                full, blocksize=layer.weight.blocksize,
+                compress_statistics=settings.bnb_4bit_use_double_quant,
+                quant_type=settings.bnb_4bit_quant_type)
+            layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state,
+                                             blocksize=layer.weight.blocksize,
+                                             compress_statistics=state.nested,
+                                             quant_type=state.quant_type, bnb_quantized=True,
+                                             module=layer)
+
+
+def _weight_storages(model) -> dict:
+    """Every storage the model holds before training, once each: weights, buffers, the int8
+    layers' row scales and the 4-bit layers' block scales."""
+    tensors = [*accounting.weight_tensors(model), *model.buffers()]
+    return {tensor.untyped_storage()._cdata: tensor.untyped_storage() for tensor in tensors}
+
+
+def main(argv: list[str]) -> int:
+    """`python -m harness.estimate <overrides>`: one cell's estimate, its parts as JSON last."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=argv)
+    try:
+        validation.validate(cfg)
+        invalid = validation.invalid_cell_reason(cfg)
+        if invalid:
+            raise ConfigError(invalid)
+        lengths, lengths_from = encoding.planned_lengths(cfg.data, cfg.model, cfg.cache_dir)
+        if lengths is None:
+            raise ConfigError(f"no estimate: {lengths_from}")
+    except ConfigError as error:
+        return refused(error)
+    cell = identity.cell_config(cfg)
+    parts = {name: round(value, 1) for name, value in
+             gpu_peak_mib(cell, lengths, cfg.cache_dir).items()}
+    print(f"{identity.run_name(cell)}, batch {cfg.train.batch_size}, lengths "
+          f"{lengths['source']} / {lengths['target']} ({lengths_from}), gradient checkpointing "
+          f"{'on' if cfg.train.gradient_checkpointing else 'off'}:")
+    for name in (*PARTS, "total", "allocated"):
+        print(f"  {name:>13}  {parts[name]:>10,.1f} MiB")
+    print(json.dumps(parts))
+    return 0
+

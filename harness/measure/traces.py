@@ -1,0 +1,154 @@
+"""Memory of a cell, as the runner records it: the sampler process beside the cell, its trace
+turned into peaks per phase, MLflow series and artifacts; and, inside the cell, the breakdown of
+the live tensors into parameters, gradients and optimizer state.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+
+from harness.core.units import MIB
+from harness.measure import gpus
+
+PHASES = ("load", "train", "eval", "infer")
+GPU_SOURCES = {"process": "NVML used memory of the cell's processes",
+               "device": "NVML used memory of the device (no per-process figures from the "
+                         "driver; other processes on the GPU are included)"}
+
+
+class SamplerProcess:
+    """`python -m harness.measure.sampler` beside a cell: start it, watch(pid), and stop() it."""
+
+    def __init__(self, interval_ms: float, out: Path, cuda_visible_devices: str | None = None):
+        self.out = Path(out)
+        environment = dict(os.environ)
+        if cuda_visible_devices is not None:  # the GPU the cell sees (harness/measure/gpus.py)
+            environment["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "harness.measure.sampler", "--interval-ms", str(interval_ms),
+             "--out", str(self.out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=environment)
+        # Wait until it has imported and initialised NVML, so the cell's first moments count.
+        if self.process.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the memory sampler did not start (exit {self.process.wait()})")
+        # Its start-up, before the cell exists, costs the cell nothing: count from here.
+        self.start_cpu_s = self._cpu_s()
+
+    def _cpu_s(self) -> float:
+        times = psutil.Process(self.process.pid).cpu_times()
+        return times.user + times.system
+
+    def watch(self, pid: int) -> None:
+        self.process.stdin.write(f"{pid}\n")
+        self.process.stdin.flush()
+
+    def stop(self) -> float | None:
+        """Stop sampling; return the CPU seconds the sampler used while it watched, if known."""
+        cpu_s = None
+        if self.process.poll() is None:
+            cpu_s = self._cpu_s() - self.start_cpu_s
+            self.process.stdin.close()  # the sampler stops when its stdin closes
+        self.process.wait(timeout=30)
+        return cpu_s
+
+
+def read_trace(path: Path, phase_starts: list[tuple[str, float]]) -> pd.DataFrame:
+    """The sampler's csv as time_s (since the first sample), phase, gpu_mib, gpu_device_mib,
+    cpu_mib. gpu_mib is the per-process figure where the driver gave one, else the device's;
+    `trace.attrs["gpu_source"]` says which (None without a GPU)."""
+    raw = pd.read_csv(path)
+    trace = pd.DataFrame({"time": raw["time"], "time_s": raw["time"] - raw["time"].min()})
+    # A sample belongs to the last phase that started before it; before the first, to load.
+    names = [name for name, _ in phase_starts] or [PHASES[0]]
+    starts = np.array([start for _, start in phase_starts] or [raw["time"].min()])
+    index = np.searchsorted(starts, raw["time"].to_numpy(), side="right") - 1
+    trace["phase"] = np.array(names)[np.clip(index, 0, None)]
+    per_process = raw["gpu_mib"]
+    if per_process.notna().any() and (per_process > 0).any():
+        trace["gpu_mib"], source = per_process.fillna(0.0), "process"
+    elif raw["gpu_device_mib"].notna().any():
+        trace["gpu_mib"], source = raw["gpu_device_mib"], "device"
+    else:
+        trace["gpu_mib"], source = np.nan, None
+    trace["gpu_device_mib"] = raw["gpu_device_mib"]
+    trace["cpu_mib"] = raw["cpu_mib"]
+    trace.attrs["gpu_source"] = source
+    return trace
+
+
+def peaks(trace: pd.DataFrame) -> dict:
+    """gpu_peak_mib, cpu_peak_mib over the cell, and per phase (gpu_train_peak_mib, ...)."""
+    columns = ["cpu_mib"] + (["gpu_mib"] if trace.attrs.get("gpu_source") else [])
+    metrics = {}
+    for column in columns:
+        kind = column.removesuffix("_mib")
+        metrics[f"{kind}_peak_mib"] = trace[column].max()
+        for phase, peak in trace.groupby("phase")[column].max().items():
+            metrics[f"{kind}_{phase}_peak_mib"] = peak
+    if trace.attrs.get("gpu_source"):
+        metrics["gpu_device_peak_mib"] = trace["gpu_device_mib"].max()
+    return metrics
+
+
+def downsample(trace: pd.DataFrame, max_points: int) -> pd.DataFrame:
+    """At most max_points rows: the maximum of each run of consecutive samples, so that no peak
+    is lost (a plain stride would skip a spike between two kept samples)."""
+    if len(trace) <= max_points:
+        return trace
+    bucket = np.arange(len(trace)) * max_points // len(trace)
+    frame = trace.select_dtypes("number").groupby(bucket).max()
+    frame[["time", "time_s"]] = trace[["time", "time_s"]].groupby(bucket).min()
+    frame["phase"] = trace["phase"].groupby(bucket).last()
+    frame = frame[trace.columns].reset_index(drop=True)
+    frame.attrs = dict(trace.attrs)
+    return frame
+
+
+def last_sample(trace: pd.DataFrame) -> str:
+    """The last sampled memory, for an oom's status_reason."""
+    if trace.empty:
+        return "no memory sample"
+    row = trace.iloc[-1]
+    gpu = f", gpu {row['gpu_mib']:.0f} MiB" if trace.attrs.get("gpu_source") else ""
+    return f"last sampled at {row['time_s']:.1f} s: cpu {row['cpu_mib']:.0f} MiB{gpu}"
+
+
+def plot(trace: pd.DataFrame, path: Path, title: str) -> None:
+    """Memory over time, one line per source, the phases shaded and named."""
+    # Imported here: the cell process uses this module too and need not carry matplotlib.
+    import matplotlib
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(9, 4), dpi=100)
+    axes.plot(trace["time_s"], trace["cpu_mib"], label="host RSS (cell's processes)")
+    if trace.attrs.get("gpu_source"):
+        axes.plot(trace["time_s"], trace["gpu_mib"],
+                  label=f"GPU ({GPU_SOURCES[trace.attrs['gpu_source']].split(' (')[0]})")
+    spans = trace.groupby("phase", sort=False)["time_s"].agg(["min", "max"])
+    for shade, (phase, span) in zip(("#f2f2f2", "#e0ecf8", "#fdf0dc", "#e6f4e6"),
+                                    spans.iterrows()):
+        axes.axvspan(span["min"], span["max"], color=shade, zorder=0)
+        axes.text((span["min"] + span["max"]) / 2, 1.0, phase, ha="center", va="bottom",
+                  transform=axes.get_xaxis_transform())
+    axes.set(xlabel="time since the cell started (s)", ylabel="MiB")
+    axes.set_title(title, pad=18)
+    axes.legend(loc="lower right")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def limits(runner_cfg, gpu: str | None = None) -> dict:
+    """The memory a cell may use here, in MiB: {"cpu": runner.cpu_memory_limit_mib, else the
+    host's memory; "gpu": the GPU it holds (`gpu`), else the smallest it may get, else None}."""
+    cpu = runner_cfg.cpu_memory_limit_mib or psutil.virtual_memory().total / MIB
+    found = gpus.describe([gpu] if gpu is not None else gpus.candidates(runner_cfg.gpus))
+    return {"cpu": float(cpu),
+            "gpu": min((g["total_mib"] for g in found), default=None)}

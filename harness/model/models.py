@@ -1,0 +1,157 @@
+"""Models and tokenizers: a model from the hub or a folder, or its architecture (written down in
+conf/model/) built with random weights offline; stored as the precision asks: float32, half for
+frozen weights, or bitsandbytes' LLM.int8 / 4-bit NormalFloat base weights. The model's family
+(harness/model/families.py) says which transformers class builds it.
+"""
+
+import contextlib
+import tempfile
+
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig, ByT5Tokenizer
+
+from harness.core.options import CONF_DIR, QUANTIZED
+from harness.model import families, tokenizers
+
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_tokenizer(model_cfg):
+    """The model's own tokenizer, or the byte-level ByT5 tokenizer, which needs no files."""
+    if tokenizers.tokenizer_identity(model_cfg) == "byte":
+        return ByT5Tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizers.tokenizer_location(model_cfg),
+                                              revision=model_cfg.revision)
+    if tokenizer.pad_token is None:  # GPT-NeoX tokenizers have none; batches need one
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_cfg, precision, base_frozen: bool, device: torch.device):
+    """The model on `device`, its weights stored as the precision (its name or its config) says.
+
+    fp32: float32. bf16 / fp16: frozen weights in the half dtype; weights that train stay float32
+    (autocast does the half-precision compute), so full fine-tuning keeps float32 weights.
+    int8: LLM.int8 base weights; nf4: 4-bit NormalFloat base weights (QLoRA), both through
+    bitsandbytes, the layers it leaves unquantized in float32. In fp16 and int8, transformers
+    keeps T5's wo in float32 (T5's _keep_in_fp32_modules); random weights are stored the same way.
+    """
+    precision_cfg = precision_config(precision)
+    if precision_cfg.name in QUANTIZED:
+        return _load_quantized(model_cfg, quantization(precision_cfg), device)
+    dtype = stored_dtype(precision_cfg.name, base_frozen)
+    if model_cfg.source == "random":
+        with torch.device(device):  # built in place, in its dtype: no float32 copy on the GPU
+            return random_model(model_cfg, dtype)
+    return families.of(model_cfg).auto_class.from_pretrained(
+        _location(model_cfg), revision=model_cfg.revision, dtype=dtype,
+        attn_implementation=model_cfg.attn_implementation).to(device)
+
+
+def precision_config(precision):
+    """The precision's config from its config or its name (options at their defaults)."""
+    if not isinstance(precision, str):
+        return precision
+    return OmegaConf.load(CONF_DIR / "precision" / f"{precision}.yaml")
+
+
+def stored_dtype(precision: str, base_frozen: bool) -> torch.dtype:
+    """The dtype the model's weights are stored in (quantized layers aside: float32)."""
+    return HALF_DTYPES[precision] if precision in HALF_DTYPES and base_frozen else torch.float32
+
+
+def quantization(precision_cfg) -> BitsAndBytesConfig:
+    """bitsandbytes' settings for a quantized precision: LLM.int8 with its outlier threshold, or
+    4-bit NormalFloat with QLoRA's double quantization and compute dtype."""
+    if precision_cfg.name == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True,
+                                  llm_int8_threshold=precision_cfg.llm_int8_threshold)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=precision_cfg.quant_type,
+                              bnb_4bit_use_double_quant=precision_cfg.double_quant,
+                              bnb_4bit_compute_dtype=COMPUTE_DTYPES[precision_cfg.compute_dtype])
+
+
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _load_quantized(model_cfg, quantization_config: BitsAndBytesConfig, device: torch.device):
+    auto_class = families.of(model_cfg).auto_class
+    options = {"quantization_config": quantization_config, "device_map": {"": device},
+               "attn_implementation": model_cfg.attn_implementation}
+    if model_cfg.source != "random":
+        return auto_class.from_pretrained(_location(model_cfg), revision=model_cfg.revision,
+                                          **options)
+    # bitsandbytes quantizes while loading saved weights, so random weights are saved first.
+    model = random_model(model_cfg)
+    with tempfile.TemporaryDirectory(prefix="harness-random-") as folder:
+        model.save_pretrained(folder)
+        del model
+        model = auto_class.from_pretrained(folder, **options)
+    # Random weights come from no checkpoint (the folder is gone), as when built from a config:
+    # nothing for peft to look up when it saves the adapter.
+    model.name_or_path = model.config._name_or_path = ""
+    return model
+
+
+def random_model(model_cfg, dtype: torch.dtype = torch.float32):
+    """The architecture with seeded random weights, parameter for parameter like the trained one,
+    stored in `dtype` as from_pretrained would store it. Special ids are the byte tokenizer's
+    (padding 0, end of sequence 1), which random weights are trained with by default."""
+    torch.manual_seed(model_cfg.seed)
+    architecture = dict(model_cfg.architecture)
+    config = AutoConfig.for_model(**architecture, decoder_start_token_id=tokenizers.PAD_ID,
+                                  pad_token_id=tokenizers.PAD_ID, bos_token_id=tokenizers.PAD_ID,
+                                  eos_token_id=tokenizers.EOS_ID,
+                                  attn_implementation=model_cfg.attn_implementation)
+    model = families.of(model_cfg).auto_class.from_config(config, dtype=dtype)
+    # from_pretrained keeps these in float32 (T5: wo, for fp16); from_config does not.
+    keep = {*(model._keep_in_fp32_modules_strict or ())}
+    if dtype == torch.float16:
+        keep |= {*(model._keep_in_fp32_modules or ())}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in keep:
+            module.to(torch.float32)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if architecture.get("tie_word_embeddings") is False and head.weight is embedding.weight:
+        # transformers 5 always ties T5's lm_head to the input embedding when it builds a model
+        # from a config; flan-t5 (T5 v1.1) checkpoints have their own lm_head, which
+        # from_pretrained keeps. Untie it here so that a random model has the trained one's
+        # parameters and memory (24.7M more for flan-t5-base).
+        model.all_tied_weights_keys.pop("lm_head.weight", None)
+        model.config.tie_word_embeddings = False  # as the checkpoint's config says
+        head.weight = torch.nn.Parameter(torch.empty_like(embedding.weight))
+        # T5's own init of an untied head: normal with std = initializer_factor.
+        torch.nn.init.normal_(head.weight, std=model.config.initializer_factor)
+    return model
+
+
+def _location(model_cfg) -> str:
+    return model_cfg.hub_id if model_cfg.source == "hub" else model_cfg.source
+
+
+def checkpoint_activations(model, **checkpoint_options) -> None:
+    """Activation (gradient) checkpointing through transformers' own API: each block keeps only
+    its inputs in forward and recomputes its activations during backward. Non-reentrant (the
+    default of transformers 5), which lets gradients reach adapters behind frozen embeddings and
+    runs LOMO's per-weight hooks once per weight; transformers also makes the embeddings' output
+    require grad, as peft's k-bit preparation does. `checkpoint_options` go to
+    torch.utils.checkpoint.checkpoint."""
+    model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False, **checkpoint_options})
+
+
+def autocast(device: torch.device, precision: str):
+    """Half-precision compute for bf16 / fp16 (training and evaluation alike); none otherwise."""
+    if precision not in HALF_DTYPES:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=HALF_DTYPES[precision])
+
+
+def count_params(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts as peft's print_trainable_parameters counts them: an
+    int8 weight one per stored value, a 4-bit weight (two values per stored byte) two."""
+    def values(parameter):
+        return parameter.numel() * (2 if parameter.__class__.__name__ == "Params4bit" else 1)
+    trainable = sum(values(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(values(p) for p in model.parameters())

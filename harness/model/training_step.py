@@ -1,0 +1,117 @@
+"""The training step the cell runs and the estimator simulates: the forward with its loss,
+and the update (optimizers, LOMO's fused updates, loss scaling, clipping).
+"""
+
+import torch
+from transformers import get_linear_schedule_with_warmup
+
+from harness.core.units import MIB
+from harness.measure import accounting
+from harness.model import lomo, methods, optimizers
+from harness.model.models import autocast
+
+
+class Diverged(RuntimeError):
+    """The loss stopped being finite (T5 is known to overflow in fp16)."""
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Updates:
+    """How a loss becomes updated weights, as cfg.method says: an optimizer (AdamW, SGD, or
+    bitsandbytes' 8-bit or paged AdamW: harness/model/optimizers.py) steps the weights it trains
+    after backward, LOMO's FusedSGD updates its weights inside backward;
+    with the linear schedule, gradient clipping, gradient accumulation and fp16's loss scaling.
+    The training loop uses it, and so does the memory estimate (harness/estimate/estimate.py),
+    which runs it on the meta device with `foreach=True` (what torch.optim picks on CUDA), no loss
+    scale (GradScaler reads its overflow flag back from the device, which meta tensors cannot do)
+    and no paging."""
+
+    def __init__(self, model, cfg, total_steps: int, device: torch.device, foreach=None,
+                 loss_scaling: bool = True, paging: bool = True):
+        train_cfg = cfg.train
+        self.accumulation, self.max_grad_norm = train_cfg.grad_accum_steps, train_cfg.max_grad_norm
+        fused_weights = methods.fused_parameters(model, cfg.method.name)
+        fused_ids = {id(weight) for weight in fused_weights}
+        self.stepped = [p for p in model.parameters() if p.requires_grad and id(p) not in fused_ids]
+        self.optimizer = self.scheduler = self.fused = None
+        if self.stepped:
+            self.optimizer = optimizers.build(cfg.method.optimizer, self.stepped, train_cfg.lr,
+                                              train_cfg.weight_decay, foreach, paging)
+            self.scheduler = get_linear_schedule_with_warmup(self.optimizer,
+                                                             train_cfg.warmup_steps, total_steps)
+        if fused_weights:
+            self.fused = lomo.FusedSGD(fused_weights, lr=cfg.method.get("lr_base", train_cfg.lr),
+                                       weight_decay=train_cfg.weight_decay,
+                                       warmup_steps=train_cfg.warmup_steps,
+                                       total_steps=total_steps,
+                                       max_grad_norm=train_cfg.max_grad_norm,
+                                       unfused=self.stepped)
+        # Scaling only matters for fp16, whose small range underflows gradients. GradScaler
+        # unscales through an optimizer step, which fused updates do not have: they keep a scale
+        # of their own.
+        scaling = loss_scaling and cfg.precision.name == "fp16"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=scaling and self.fused is None)
+        self.fused_scale = lomo.LossScale(enabled=scaling)
+        self.skipped = False  # whether the last update was skipped (fp16 overflow)
+
+    def backward(self, loss: torch.Tensor, update: bool) -> bool:
+        """Backward of one micro-batch; with `update` (its last), the update too. False while
+        gradients accumulate."""
+        if self.fused is not None:  # the fused weights are updated during this backward
+            finite = self.fused.step(loss, self.fused_scale.scale)
+            self.fused_scale.update(finite)
+            if self.optimizer is not None and finite:
+                self.optimizer.step()
+            self.skipped = not finite
+            return True
+        self.scaler.scale(loss / self.accumulation).backward()
+        if not update:
+            return False
+        if self.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.stepped, self.max_grad_norm)
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.skipped = self.scaler.get_scale() < scale  # fp16 overflow: no step was taken
+        return True
+
+    def next_step(self) -> None:
+        """After an update: the schedule moves on (unless fp16 skipped the step, as
+        transformers' Trainer does) and the gradients are freed."""
+        if self.optimizer is not None:
+            if not self.skipped:
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def rates(self) -> dict:
+        """lr (lora_lomo: the adapters', with the base weights' as lr_base)."""
+        if self.scheduler is None:
+            return {"lr": self.fused.last_lr()}
+        rates = {"lr": self.scheduler.get_last_lr()[0]}
+        if self.fused is not None:
+            rates["lr_base"] = self.fused.last_lr()
+        return rates
+
+    def breakdown(self, model) -> dict:
+        """mem_params_mib, mem_grads_mib, mem_optimizer_mib now; a fused step held one fused
+        gradient at a time, the largest, which counts."""
+        found = accounting.breakdown(model, [self.optimizer] if self.optimizer else [])
+        if self.fused is not None:
+            found["mem_grads_mib"] += self.fused.largest_grad_bytes / MIB
+        return found
+
+    def close(self) -> None:
+        if self.fused is not None:
+            self.fused.remove()  # generation and later code must see ordinary parameters
+
+
+def forward(model, batch: dict, precision: str, device: torch.device) -> torch.Tensor:
+    """The training loss of one batch. No key/value cache: training never decodes step by step
+    (and activation checkpointing cannot keep one)."""
+    with autocast(device, precision):
+        return model(**batch, use_cache=False).loss

@@ -1,0 +1,113 @@
+"""An experiment's runs read from MLflow, and the cells they make: ok runs of one cell (the same
+params but for the seed and where it ran) as one row, mean and spread; every run that did not end
+ok as its own row, with its reason.
+"""
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+
+from harness.config import identity
+from harness.core.errors import ConfigError
+from harness.report import charts
+
+# Averaged over the ok runs of a cell; their spread is shown as ± std.
+METRICS = ("rouge1", "rouge2", "train_time_s", "gpu_peak_mib", "estimate_gpu_mib",
+           "torch_peak_allocated_mib", "estimate_allocated_mib", "cpu_peak_mib",
+           "trainable_pct", "tokens_per_s", "cost_usd", "train_tokens_per_usd", "total_params",
+           "mem_params_mib", "mem_grads_mib", "mem_optimizer_mib", "mem_activations_mib",
+           "infer_latency_ms_p50", "infer_latency_ms_p50_base", "infer_latency_ms_p50_merged",
+           "infer_tokens_per_s", "adapter_size_mib", "full_checkpoint_mib")
+# Params that make runs the same cell in the report: all but the seed and where a run was logged
+# (or what it was priced at).
+NOT_THE_CELL = ("params.train.seed", "params.tracking.", "params.runner.", "params.sampler.",
+                "params.cost.")
+
+
+def load_runs(experiment: str, tracking_uri: str) -> pd.DataFrame:
+    """Every run of the experiment, one row each, columns as mlflow.search_runs names them,
+    oldest first."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ConfigError(f"no experiment {experiment!r} in {tracking_uri}; it has "
+                          f"{', '.join(names) or 'none'}: run `make sweep EXP={experiment}` "
+                          "first, or pass --tracking-uri")
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs([found.experiment_id], output_format="pandas")
+    return runs.sort_values(["start_time", "run_id"]).reset_index(drop=True) if len(runs) else runs
+
+
+def memory_source(runs: pd.DataFrame) -> str:
+    """"GPU" when the store holds GPU peaks; "host" for a CPU-only store."""
+    gpu = runs.get("metrics.gpu_peak_mib")
+    return "GPU" if gpu is not None and gpu.notna().any() else "host"
+
+
+def cells(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell with its ok runs averaged (metric and metric_std), and one row per run
+    that did not finish ok; sorted by model size, method, precision and rank. Keeps run_ids."""
+    runs = runs.reindex(columns=sorted({*runs.columns, *(f"metrics.{m}" for m in METRICS),
+                                        "params.method.r", "params.method.optimizer",
+                                        "tags.status", "tags.status_reason"}))
+    identity = [column for column in runs.columns if column.startswith("params.")
+                and not column.startswith(NOT_THE_CELL)]
+    runs["key"] = runs[identity].fillna("").astype(str).agg("|".join, axis=1)
+    runs["status"] = runs["tags.status"].fillna("unknown")
+    rows = []
+    for key, group in runs.groupby("key", sort=False):
+        ok = group[group.status == "ok"]
+        if len(ok):
+            rows.append(_row(ok, "ok", ""))
+        for _, run in group[group.status != "ok"].iterrows():
+            rows.append(_row(run.to_frame().T, run.status, run["tags.status_reason"]))
+    table = pd.DataFrame(rows)
+    # Smallest model first; a skipped cell has no parameter count, so take its model's.
+    table["model_size"] = table.groupby("model")["total_params"].transform("max")
+    table = table.sort_values(["model_size", "model", "method", "precision", "rank", "status"],
+                              na_position="first", kind="stable").reset_index(drop=True)
+    table["memory_vs_full"] = _relative_to_full(table, memory_source(runs))
+    return table
+
+
+def _row(runs: pd.DataFrame, status: str, reason) -> dict:
+    first = runs.iloc[0]
+    method = identity.method_label(first["params.method.name"], first["params.method.optimizer"])
+    rank = pd.to_numeric(first["params.method.r"], errors="coerce")
+    row = {"model": first["params.model.name"], "method": method,
+           "precision": first["params.precision.name"], "rank": rank,
+           "label": identity.label(first["params.model.name"], first["params.method.name"],
+                                   first["params.method.optimizer"],
+                                   None if pd.isna(rank) else int(rank),
+                                   first["params.precision.name"]),
+           "runs": len(runs), "status": status, "reason": "" if pd.isna(reason) else reason,
+           "run_ids": list(runs["run_id"])}
+    for metric in METRICS:
+        values = pd.to_numeric(runs[f"metrics.{metric}"], errors="coerce").dropna()
+        row[metric] = values.mean() if len(values) else float("nan")
+        row[f"{metric}_std"] = values.std() if len(values) > 1 else float("nan")
+    row["train_time_min"], row["train_time_min_std"] = (row["train_time_s"] / 60,
+                                                        row["train_time_s_std"] / 60)
+    return row
+
+
+def histories(client: MlflowClient, rows: pd.DataFrame, names: tuple) -> dict:
+    """{label: {metric: [(step, value), ...]}} of the first ok run of each ok cell."""
+    found = {}
+    for _, row in rows[rows.status == "ok"].iterrows():
+        series = {name: [(m.step, m.value) for m in sorted(
+            client.get_metric_history(row.run_ids[0], name), key=lambda m: (m.step, m.timestamp))]
+            for name in names}
+        if any(series.values()):
+            found[row.label] = series
+    return found
+
+
+def _relative_to_full(table: pd.DataFrame, source: str) -> pd.Series:
+    """Peak memory over that of full fine-tuning (AdamW; fp32 where it ran) of the same model."""
+    memory = table[charts.peak_metric(source)]
+    full = table[(table.method == "full") & (table.status == "ok") & memory.notna()]
+    order = (full.precision != "fp32").sort_values(kind="stable").index  # fp32 first
+    baseline = memory[order].groupby(table.model[order], sort=False).first()
+    return memory / table.model.map(baseline)

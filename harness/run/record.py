@@ -1,0 +1,153 @@
+"""The record of a run, on the runner's side: what the cell sends, written into its MLflow run as
+it arrives, and what the runner adds once the cell has ended (memory trace, dataset inputs, the
+plan's estimate, cost, an oom's limit). What fails to be added is tagged "not recorded" and never
+changes the cell's own outcome.
+"""
+
+import contextlib
+import json
+import traceback
+from pathlib import Path
+
+from mlflow.entities import Param, RunTag
+from omegaconf import DictConfig
+
+from harness.config import cost
+from harness.data import checks, encoding
+from harness.estimate import estimate
+from harness.measure import gpus, traces
+from harness.model import tokenizers
+from harness.tracking import mlflow_store
+
+
+class CellRecord:
+    """Writes what the cell sends into its run as it arrives (metrics in batches), and keeps the
+    phases and the outcome: (status, reason), None until known."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+        self.log = mlflow_store.MetricLogger(client, run_id)
+        self.phases = []
+        self.params = {}  # those the cell logged (the resolved lengths)
+        self.gpu = None  # the GPU the cell held
+        self.latest = {}  # the last value of each metric the cell sent
+        self.datasets = {}  # split: rows, once the cell has loaded its data
+        self.outcome = None
+
+    def __call__(self, message: tuple) -> None:
+        kind, *body = message
+        if kind == "phase":
+            self.phases.append(tuple(body))
+        elif kind == "metrics":
+            metrics, step, timestamp_ms = body
+            self.log(metrics, step, timestamp_ms)
+            self.latest.update(metrics)
+        elif kind == "tag":
+            self.client.set_tag(self.run_id, *body)
+        elif kind == "datasets":
+            self.datasets = body[0]
+        elif kind == "params":
+            self.params.update(body[0])
+            self.client.log_batch(self.run_id, params=[Param(key, str(value))
+                                                       for key, value in body[0].items()])
+        elif kind == "artifact":
+            path, folder = body
+            write = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
+            write(self.run_id, path, folder)
+        elif kind == "result":
+            self.outcome = tuple(body)
+
+    @property
+    def phase(self) -> str:
+        return self.phases[-1][0] if self.phases else "start"
+
+
+@contextlib.contextmanager
+def not_recorded(record: CellRecord, tag: str, words: str = "not recorded"):
+    """Run the block; if it fails, print the traceback and tag the run `tag`: "<words>: <the
+    error's last line>", leaving the cell's outcome as it is."""
+    try:
+        yield
+    except Exception:
+        traceback.print_exc()
+        record.client.set_tag(record.run_id, tag, f"{words}: "
+                              + traceback.format_exc().strip().splitlines()[-1])
+
+
+def tag_oom_limit(client, run_id: str, cfg: DictConfig, record: CellRecord) -> None:
+    """Which memory the cell ran out of and how much there was (oom_limit: cpu or gpu,
+    oom_limit_mib): a rerun skips the cell only where there is no more of it."""
+    kind = "gpu" if "CUDA" in record.outcome[1] else "cpu"
+    available = traces.limits(cfg.runner, record.gpu)[kind]
+    if available is not None:
+        client.log_batch(run_id, tags=[RunTag("oom_limit", kind),
+                                       RunTag("oom_limit_mib", f"{available:.0f}")])
+
+
+def record_cost(record: CellRecord, cfg: DictConfig) -> None:
+    """cost_usd and train_tokens_per_usd at the price of the GPU the cell held (conf/cost/),
+    with the price and where it comes from as tags; nothing where no price is known."""
+    trained = {key: record.latest.get(key) for key in ("train_time_s", "train_tokens")}
+    found = gpus.describe([record.gpu]) if record.gpu is not None else []
+    rate = cost.price(cfg.cost, found[0]["name"] if found else None)
+    if None in trained.values() or rate is None:
+        return
+    record.log(cost.of_run(rate[0], **trained))
+    record.client.log_batch(record.run_id, tags=[RunTag("cost_usd_per_hour", f"{rate[0]:g}"),
+                                                 RunTag("cost_price_from", rate[1])])
+
+
+def record_datasets(record: CellRecord, cfg: DictConfig, cell: dict) -> None:
+    """The splits the cell loaded as the run's dataset inputs; the same data under the same
+    tokenizer and cut has one digest. A failure here leaves the cell's outcome as it is."""
+    identity = json.dumps([cell["data"], tokenizers.tokenizer_identity(cfg.model), record.params],
+                          sort_keys=True, default=str)
+    with not_recorded(record, "datasets"):
+        mlflow_store.log_datasets(record.client, record.run_id, cfg.data, record.datasets,
+                                  identity)
+
+
+def record_estimate(record: CellRecord, cfg: DictConfig, cell: dict) -> None:
+    """The plan's estimate of the cell's peak GPU memory beside what it measured, at the lengths
+    the cell resolved: estimate_gpu_mib and its parts (estimate_weights_mib, ...)."""
+    lengths = {side: record.params.get(f"data.{key}_resolved")
+               for side, key in checks.SIDES.items()}
+    if None in lengths.values():  # the cell ended before it loaded its data
+        lengths, _ = encoding.planned_lengths(cfg.data, cfg.model, cfg.cache_dir)
+    if lengths is None:
+        return
+    parts = None
+    with not_recorded(record, "estimate", "not computed"):
+        parts = estimate.gpu_peak_mib(cell, lengths, cfg.cache_dir)
+    if parts is None:
+        return
+    record.log({("estimate_gpu_mib" if name == "total" else f"estimate_{name}_mib"): value
+                for name, value in parts.items()})
+    record.log.flush()
+
+
+def record_memory(record: CellRecord, scratch: Path, sampler_cfg, title: str) -> None:
+    """Peaks as metrics, the series as gpu_mib / cpu_mib, the trace as csv and png artifacts; the
+    last sample in an oom's reason. A failure here leaves the cell's own outcome as it is."""
+    client, run_id = record.client, record.run_id
+    trace = None
+    with not_recorded(record, "memory_trace"):
+        trace = traces.read_trace(scratch / "sampler.csv", record.phases)
+        log = record.log
+        log(traces.peaks(trace))
+        names = ["cpu_mib"] + (["gpu_mib"] if trace.attrs["gpu_source"] else [])
+        for row in traces.downsample(trace, sampler_cfg.metric_max_points).itertuples():
+            log({name: getattr(row, name) for name in names}, step=int(row.time_s * 1000),
+                timestamp_ms=int(row.time * 1000))
+        log.flush()
+        if trace.attrs["gpu_source"]:
+            client.set_tag(run_id, "gpu_memory_source",
+                           traces.GPU_SOURCES[trace.attrs["gpu_source"]])
+        csv_path, png_path = scratch / "memory_trace.csv", scratch / "memory_trace.png"
+        traces.downsample(trace, sampler_cfg.csv_max_rows).drop(columns="time").to_csv(
+            csv_path, index=False, float_format="%.3f")
+        traces.plot(trace, png_path, title)
+        client.log_artifact(run_id, str(csv_path))
+        client.log_artifact(run_id, str(png_path))
+        if record.outcome is not None and record.outcome[0] == "oom":
+            record.outcome = ("oom", f"{record.outcome[1]}; {traces.last_sample(trace)}")

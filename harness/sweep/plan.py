@@ -1,0 +1,153 @@
+"""The plan of an experiment: every cell, what will happen to it, and its estimated peak GPU memory
+against a GPU, before anything runs.
+
+    python -m harness.plan <experiment> [key=value ...]      or      make plan EXP=<name>
+
+prints the plan and writes it to reports/<experiment>/plan.csv. It needs no GPU and runs nothing:
+the estimate (harness/estimate/estimate.py) simulates each cell on PyTorch's meta device. Each
+row says what the sweep would do with the cell (run; skip, with the reason; done already, with the
+run), the lengths it cuts at and where they come from, the estimate and its parts, the published GPU
+memory where the cell is a row of a published table (harness/core/reference.yaml; the estimate's
+ratio to it, the like part of the estimate: all of it for an NVML figure, the tensors alone for
+torch's allocated peak), or the published outcome (out of memory), and
+whether the estimate fits the smallest GPU of this machine, or, on a machine without one, the GPU
+the experiment names (plan_gpu). A sweep prints the same plan before its first cell
+(harness/sweep/progress.py).
+"""
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from harness.config import identity, validation
+from harness.config.grids import compose_experiment
+from harness.core import reference
+from harness.core.errors import ConfigError, refused
+from harness.core.tables import as_text
+from harness.data import encoding
+from harness.estimate import estimate
+from harness.measure import gpus, traces
+from harness.tracking import mlflow_store
+
+# The terminal shows these columns of the plan (plan.csv has them all).
+SHOWN = {"#": "#", "cell": "cell", "gradient_checkpointing": "ckpt", "lengths": "lengths",
+         "plan": "plan", "why": "why", "estimate_mib": "GPU estimate (MiB)",
+         "reference": "published", "reference_gpu_mib": "reference (MiB)",
+         "estimate_ratio": "ratio", "fits": "fits"}
+
+
+def plan(jobs: list[DictConfig], found_gpus: list[dict], named_gpu=None,
+         create_experiment: bool = True) -> pd.DataFrame:
+    """One row per job (see the module's docstring for the columns). Raises ConfigError for a
+    job that cannot be composed into a valid cell, before anything runs."""
+    client, experiment_id = mlflow_store.connect(jobs[0].tracking, create=create_experiment)
+    gpu = _gpu_to_compare(found_gpus, named_gpu)
+    rows, estimated = [], []
+    for number, job in enumerate(jobs, start=1):
+        try:
+            validation.validate(job)
+        except ConfigError as error:
+            raise ConfigError(f"cell {number} ({' '.join(job.hydra.overrides.task)}): {error}")
+        cell = identity.cell_config(job)
+        fingerprint = identity.fingerprint(cell)
+        row = {"#": number, "cell": identity.run_name(cell), "model": job.model.name,
+               "method": identity.method_label(job.method.name, job.method.optimizer),
+               "precision": job.precision.name, "rank": cell["method"].get("r"),
+               "gradient_checkpointing": job.train.gradient_checkpointing,
+               "attention": job.model.attn_implementation, "batch_size": job.train.batch_size,
+               "fingerprint": fingerprint, "plan": "run", "why": ""}
+        invalid = validation.invalid_cell_reason(job)
+        previous = (None if invalid or job.force or experiment_id is None
+                    else mlflow_store.finished_run(client, experiment_id, fingerprint,
+                                               traces.limits(job.runner)))
+        if invalid:
+            row.update(plan="skip", why=invalid)
+        elif previous is not None:
+            row.update(plan="done", why=f"already {previous.data.tags['status']} in run "
+                                        f"{previous.info.run_id}")
+        if not invalid:
+            lengths, lengths_from = encoding.planned_lengths(job.data, job.model, job.cache_dir)
+            if lengths is None:
+                row["lengths_from"] = lengths_from
+            else:
+                estimated.append((row, job, lengths_from, (cell, lengths, job.cache_dir)))
+        rows.append(row)
+    # All at once: the simulations may run side by side.
+    all_parts = estimate.gpu_peaks_mib([request for *_, request in estimated])
+    for (row, job, lengths_from, (_, lengths, _)), parts in zip(estimated, all_parts):
+        row.update(_estimate_columns(job, lengths, lengths_from, parts))
+    table = pd.DataFrame(rows)
+    table["gpu"] = gpu[0] if gpu else ""
+    estimates = table.get("estimate_mib", pd.Series([None] * len(table)))
+    table["fits"] = [_fits(needed, gpu) for needed in estimates]
+    return table
+
+
+def _estimate_columns(job: DictConfig, lengths: dict, lengths_from: str, parts: dict) -> dict:
+    """The cell's lengths, its estimate and parts, and the reference figure it is compared with."""
+    found = {"source_length": lengths["source"], "target_length": lengths["target"],
+             "lengths": f"{lengths['source']}/{lengths['target']}", "lengths_from": lengths_from,
+             **{f"{name}_mib": parts[name] for name in estimate.PARTS},
+             "estimate_mib": parts["total"]}
+    published = reference.row(job.model.name, job.method.name, job.precision.name) \
+        if job.method.optimizer == "adamw" else None
+    study = reference.gpu_mib(job.model.name, job.method.name, job.precision.name) \
+        if published else None
+    if published:
+        found["reference"] = published.get("outcome") if study is None else published["table"]
+    if study is not None:
+        # Like with like: an NVML figure against the whole estimate, an allocated one against
+        # the tensors alone.
+        compared = parts[reference.MEASURES[published["measure"]]]
+        found.update(reference_gpu_mib=study, reference_measure=published["measure"],
+                     estimate_ratio=compared / study)
+    return found
+
+
+def _gpu_to_compare(found_gpus: list[dict], named_gpu) -> tuple[str, float] | None:
+    """(name, MiB) of the smallest GPU found here, else of the experiment's plan_gpu, else None."""
+    if found_gpus:
+        smallest = min(found_gpus, key=lambda gpu: gpu["total_mib"])
+        return f"{smallest['name']} (this machine)", smallest["total_mib"]
+    if named_gpu:
+        return named_gpu.name, named_gpu.memory_mib
+    return None
+
+
+def _fits(needed, gpu) -> str:
+    if needed is None or pd.isna(needed) or gpu is None:
+        return ""
+    return "yes" if needed <= gpu[1] else "NO"
+
+
+def shown(table: pd.DataFrame) -> pd.DataFrame:
+    """The plan's columns for the terminal, one row per cell (grid points that differ only in a
+    knob their method ignores are one cell), numbered as a sweep counts its cells."""
+    cells = table.drop_duplicates("fingerprint").assign(**{"#": lambda frame: range(
+        1, len(frame) + 1)})
+    return cells[[column for column in SHOWN if column in cells]].rename(columns=SHOWN)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0].startswith("-") or "=" in argv[0]:
+        print("usage: python -m harness.plan <experiment> [key=value ...]", file=sys.stderr)
+        return 2
+    name, overrides = argv[0], argv[1:]
+    try:
+        jobs = compose_experiment(name, overrides)
+        found = gpus.describe(gpus.candidates(jobs[0].runner.gpus))
+        table = plan(jobs, found, jobs[0].get("plan_gpu"), create_experiment=False)
+    except ConfigError as error:
+        return refused(error)
+    out = Path("reports") / name
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "plan.csv", index=False)
+    compared = table.gpu.iloc[0] or "no GPU (none found, and the experiment names none)"
+    print(f"[harness] plan of {name}: {len(table)} grid points, {table.fingerprint.nunique()} "
+          f"cells; fits: against {compared}")
+    print(as_text(shown(table)))
+    print(f"[harness] wrote {out / 'plan.csv'}")
+    return 0
+

@@ -1,0 +1,139 @@
+"""A sweep as users see it: the plan before any cell runs, progress across cells, and a summary
+table at the end. A Hydra callback (conf/config.yaml registers it), so it works with every
+launcher: the basic one, joblib (one worker per GPU) and submitit (SLURM, or its local executor).
+
+The plan (harness/sweep/plan.py) expands the grid as Hydra's basic sweeper does, composes every
+cell, and says for each what will happen (run; skip, with the reason; done already, with the run)
+and its estimated peak GPU memory (harness/estimate/estimate.py) against the GPUs this machine has.
+The summary reads the cells' runs back from MLflow, so it is right whichever process or machine ran
+them. Both are printed and written beside Hydra's outputs in the sweep folder (plan.csv,
+summary.csv).
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from harness.config import identity, validation
+from harness.config.grids import BASIC_SWEEPER, cells
+from harness.core.errors import ConfigError, refused
+from harness.core.tables import as_text
+
+
+def summary(jobs: list[DictConfig]) -> pd.DataFrame:
+    """One row per planned cell from its newest run in MLflow: status, times, peak memory."""
+    from harness.tracking import mlflow_store
+
+    client, experiment_id = mlflow_store.connect(jobs[0].tracking)
+    rows, seen = [], set()
+    for job in jobs:
+        cell = identity.cell_config(job)
+        fingerprint = identity.fingerprint(cell)
+        if fingerprint in seen:  # ranks collapse for methods without adapters: one cell
+            continue
+        seen.add(fingerprint)
+        runs = client.search_runs([experiment_id], f"tags.cell = '{fingerprint}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        run = runs[0] if runs else None
+        metrics = run.data.metrics if run else {}
+        rows.append({
+            "cell": identity.run_name(cell),
+            "status": run.data.tags.get("status", "") if run else "not run",
+            "wall time (min)": ((run.info.end_time - run.info.start_time) / 60000
+                                if run and run.info.end_time else None),
+            "train time (min)": (metrics["train_time_s"] / 60 if "train_time_s" in metrics
+                                 else None),
+            "GPU peak (MiB)": metrics.get("gpu_peak_mib"),
+            "CPU peak (MiB)": metrics.get("cpu_peak_mib"),
+            "why": run.data.tags.get("status_reason", "") if run else ""})
+    return pd.DataFrame(rows)
+
+
+# Hydra loads this callback for single runs too, which validate their config before torch and
+# MLflow load: the modules that bring them (gpus, plan, runner, tracking) are imported where a
+# sweep uses them.
+class SweepProgress(Callback):
+    """Prints the plan, a line per cell as it starts and ends, and the summary."""
+
+    def __init__(self):
+        self.total = 0
+        self.numbers = {}  # fingerprint: the cell's number in the plan
+        self.started = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if config.hydra.sweeper._target_ != BASIC_SWEEPER:
+            print("[harness] no plan: it expands the basic sweeper's grids only")
+            return
+        from harness.config import hub
+        from harness.core import tables
+        from harness.measure import gpus
+        from harness.run import runner
+        from harness.sweep import plan
+
+        try:
+            runner.check_machine(config)
+            jobs = cells(config)
+            hub.check([job for job in jobs if not validation.invalid_cell_reason(job)])
+            found = gpus.describe(gpus.candidates(config.runner.gpus))
+            table = plan.plan(jobs, found, config.get("plan_gpu"))
+        except ConfigError as error:
+            sys.exit(refused(error))
+        self.total = len(jobs)
+        self.numbers = {fingerprint: number for number, fingerprint in
+                        enumerate(table.fingerprint.drop_duplicates(), start=1)}
+        machine = (", ".join(f"GPU {gpu['gpu']}: {gpu['name']}, {gpu['total_mib']:.0f} MiB"
+                             for gpu in found) or "no GPU found (the estimate is for a CUDA run"
+                   + (f"; fits: against {table.gpu.iloc[0]})" if table.gpu.iloc[0] else ")"))
+        counts = table.drop_duplicates("fingerprint")["plan"].value_counts()
+        print(f"[harness] plan of {config.tracking.experiment}: {len(jobs)} grid points, "
+              f"{table.fingerprint.nunique()} cells: "
+              + ", ".join(f"{counts.get(action, 0)} to {action}" for action in
+                          ("run", "skip")) + f", {counts.get('done', 0)} done already")
+        print(f"[harness] {machine}")
+        print(tables.as_text(plan.shown(table)))
+        _save(table, config, "plan.csv")
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:  # a single run reports for itself
+            return
+        self.started = time.monotonic()
+        print(f"[harness] cell {self._position(config)}: "
+              f"{identity.run_name(identity.cell_config(config))}", flush=True)
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            return
+        status = (job_return._return_value if job_return.status == JobStatus.COMPLETED
+                  else f"error: {job_return._return_value!r}")
+        seconds = time.monotonic() - self.started if self.started else 0.0
+        print(f"[harness] cell {self._position(config)} done: {status} ({seconds:.0f} s)",
+              flush=True)
+
+    def _position(self, config: DictConfig) -> str:
+        """k/N among the plan's cells (grid points that are one cell share a number)."""
+        fingerprint = identity.fingerprint(identity.cell_config(config))
+        number = self.numbers.get(fingerprint)
+        return f"{number or '?'}/{len(self.numbers) or '?'}"
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if not self.total:  # no plan was made
+            return
+        table = summary(cells(config))
+        print(f"[harness] summary of {config.tracking.experiment}:")
+        print(as_text(table))
+        _save(table, config, "summary.csv")
+        print(f"[harness] browse the runs: make ui; the report: make report "
+              f"EXP={config.tracking.experiment}")
+
+
+def _save(table: pd.DataFrame, sweep_config: DictConfig, name: str) -> None:
+    folder = Path(OmegaConf.select(sweep_config, "hydra.sweep.dir"))
+    folder.mkdir(parents=True, exist_ok=True)
+    table.to_csv(folder / name, index=False)

@@ -1,0 +1,202 @@
+"""MLflow: one run per cell, named as the contract of docs/design.md says (params, metrics, tags, artifacts).
+
+The runner alone writes to MLflow: it creates the run, writes the metrics, tags and artifacts the
+cell process sends it as they arrive (so nothing finished is lost if the cell dies later), adds
+the memory the sampler saw, and closes the run with the outcome.
+"""
+
+import fcntl
+import hashlib
+import json
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+import requests
+from mlflow import MlflowClient
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.exceptions import MlflowException
+
+from harness.core.errors import ConfigError
+from harness.data.sources import from_hub
+
+# The MLflow UI opens such an experiment on its runs table (model training), not on GenAI traces.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+# A rerun skips cells that ended with one of these; failed cells run again.
+FINISHED = ("ok", "oom", "diverged", "skipped")
+RUN_STATUS = {"ok": "FINISHED", "skipped": "FINISHED", "diverged": "FAILED", "oom": "FAILED",
+              "failed": "FAILED", "killed": "KILLED"}
+
+
+def connect(tracking_cfg, create: bool = True) -> tuple[MlflowClient | None, str | None]:
+    """The client and the id of the experiment named by tracking.experiment (created if new;
+    without `create`, None, and no client for an sqlite store that does not exist). A tracking
+    server that does not answer is a ConfigError, before any cell runs."""
+    if tracking_cfg.uri.startswith(("http://", "https://")):
+        check_server(tracking_cfg.uri)
+    store = Path(tracking_cfg.uri.removeprefix("sqlite:///"))
+    if not create and tracking_cfg.uri.startswith("sqlite:///") and not store.exists():
+        return None, None  # no store yet: nothing in it, and nothing to create
+    client = MlflowClient(tracking_cfg.uri)
+    if tracking_cfg.uri.startswith("sqlite:///"):
+        # Parallel workers opening a new store at once would each create its tables and collide:
+        # the first creates them under a lock, the others find them.
+        with open(tracking_cfg.uri.removeprefix("sqlite:///") + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            client.search_experiments(max_results=1)
+    experiment = client.get_experiment_by_name(tracking_cfg.experiment)
+    if experiment is not None:
+        return client, experiment.experiment_id
+    if not create:
+        return client, None
+    return client, client.create_experiment(tracking_cfg.experiment,
+                                            artifact_location=tracking_cfg.artifact_location,
+                                            tags=EXPERIMENT_TAGS)
+
+
+def check_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Ask the server's /health once: MLflow's own client would retry for minutes first."""
+    try:
+        answer = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+        answer.raise_for_status()
+    except requests.RequestException as error:
+        raise ConfigError(
+            f"tracking.uri={uri} does not answer ({type(error).__name__}: {error}); start the "
+            "server (make server), fix tracking.uri, or log to a local file with "
+            "tracking=local") from None
+
+
+def finished_run(client: MlflowClient, experiment_id: str, fingerprint: str,
+                 limits: dict | None = None):
+    """The newest run of this cell that finished (see FINISHED), or None. An oom finished the
+    cell only on a machine with no more memory than where it ran out: `limits` are this one's
+    ({"cpu": MiB, "gpu": MiB or None}, see memory.limits)."""
+    runs = client.search_runs([experiment_id], f"tags.cell = '{fingerprint}'",
+                              order_by=["attributes.start_time DESC"])
+    return next((run for run in runs if run.data.tags.get("status") in FINISHED
+                 and not _more_room_now(run, limits or {})), None)
+
+
+def _more_room_now(run, limits: dict) -> bool:
+    """Whether this machine has more of the memory the run ran out of (its oom_limit tags)."""
+    kind, hit = run.data.tags.get("oom_limit"), run.data.tags.get("oom_limit_mib")
+    if run.data.tags.get("status") != "oom" or kind is None or limits.get(kind) is None:
+        return False
+    return limits[kind] > float(hit)
+
+
+def start_run(client: MlflowClient, experiment_id: str, name: str, params: dict, tags: dict,
+              config_yaml: str) -> str:
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    run_id = run.info.run_id
+    client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
+    client.log_text(run_id, config_yaml, "config.yaml")
+    return run_id
+
+
+def end_run(client: MlflowClient, run_id: str, status: str, reason: str = "") -> None:
+    """Record the outcome and close the run: never left RUNNING. A run that did not end ok says
+    why in its description, which the MLflow UI shows on the run's page and in the runs table's
+    Description column (plain text: the table does not render markdown)."""
+    client.set_tag(run_id, "status", status)
+    if reason:
+        client.set_tag(run_id, "status_reason", reason[:5000])
+    if status != "ok":
+        client.set_tag(run_id, "mlflow.note.content", status + (f": {reason}" if reason else ""))
+    client.set_terminated(run_id, RUN_STATUS[status])
+
+
+# What the adapter's MLflow model needs installed, at the versions that made it (and mlflow, by
+# its module's version: where only its client is installed, mlflow-skinny, no "mlflow" package is).
+MODEL_REQUIREMENTS = ("torch", "transformers", "peft", "omegaconf", "datasets", "pandas", "numpy")
+
+
+def log_adapter_model(client: MlflowClient, experiment_id: str, run_id: str,
+                      tracking_uri: str, adapter: Path, model_config: dict) -> str:
+    """The run's LoRA adapter as an MLflow model (harness/tracking/adapter_model.py), linked to the
+    run (the UI's Models column); its id."""
+    from harness.tracking import (
+        adapter_model,  # its module imports mlflow.pyfunc, only needed here
+    )
+
+    logged = client.create_logged_model(experiment_id, name="adapter", source_run_id=run_id)
+    mlflow.set_tracking_uri(tracking_uri)  # log_model writes through MLflow's fluent API
+    mlflow.pyfunc.log_model(
+        name="adapter", python_model=adapter_model.__file__, model_id=logged.model_id,
+        artifacts={"adapter": str(adapter)}, model_config=model_config,
+        code_paths=[str(Path(adapter_model.__file__).parents[1])],  # the whole harness package
+        pip_requirements=[*(f"{package}=={version(package).split('+')[0]}"
+                            for package in MODEL_REQUIREMENTS), f"mlflow=={mlflow.__version__}"])
+    return logged.model_id
+
+
+# MLflow's names for what a dataset was used for.
+CONTEXTS = {"train": "training", "validation": "validation", "test": "testing"}
+
+
+def log_datasets(client: MlflowClient, run_id: str, data_cfg, rows: dict, identity: str) -> None:
+    """The splits the cell used as the run's dataset inputs (the UI's Dataset column): name,
+    source, a digest of what they hold (`identity`: the data config, tokenizer and cuts), rows."""
+    inputs = []
+    for split, count in rows.items():
+        source_type, source = _dataset_source(data_cfg, split)
+        digest = hashlib.sha256(f"{identity}|{split}|{count}".encode()).hexdigest()[:8]
+        dataset = Dataset(name=f"{data_cfg.name}-{split}", digest=digest,
+                          source_type=source_type, source=source,
+                          profile=json.dumps({"num_rows": count}))
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context",
+                                                           CONTEXTS[split])]))
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as error:
+            # Cells of a parallel sweep log the same dataset at once; the store keeps one row
+            # per dataset, and the insert that loses the race fails: the row exists now.
+            if "UNIQUE" not in str(error) or attempt == 2:
+                raise
+            time.sleep(0.5)
+
+
+def _dataset_source(data_cfg, split: str) -> tuple[str, str]:
+    """(source type, source) as MLflow records them: the hub's dataset, a local file or folder,
+    or the harness's own generator (fixture, synthetic)."""
+    if from_hub(data_cfg):
+        hub = HuggingFaceDatasetSource(path=data_cfg.hub_id, config_name=data_cfg.get("subset"),
+                                       revision=data_cfg.revision,
+                                       split=split)
+        return hub._get_source_type(), hub.to_json()
+    if data_cfg.name == "local":
+        return "local", json.dumps({"uri": str(Path(data_cfg.path).resolve())})
+    generated = CodeDatasetSource(tags={"generator": f"harness data={data_cfg.name}",
+                                        "seed": str(data_cfg.seed)})
+    return generated._get_source_type(), generated.to_json()
+
+
+class MetricLogger:
+    """Buffers metrics and writes them in batches (one sqlite transaction per flush), at least
+    every flush_every_s seconds, so that the UI follows a long run."""
+
+    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 200,
+                 flush_every_s: float = 10.0):
+        self.client, self.run_id = client, run_id
+        self.flush_every, self.flush_every_s = flush_every, flush_every_s
+        self.pending = []
+        self.last_flush = time.monotonic()
+
+    def __call__(self, metrics: dict, step: int = 0, timestamp_ms: int | None = None) -> None:
+        now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+        self.pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        if (len(self.pending) >= self.flush_every
+                or time.monotonic() - self.last_flush >= self.flush_every_s):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            # log_batch splits into requests of the sizes the store accepts.
+            self.client.log_batch(self.run_id, metrics=self.pending)
+        self.pending = []
+        self.last_flush = time.monotonic()
