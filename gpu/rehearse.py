@@ -119,11 +119,11 @@ def listed_versions(machine: dict) -> dict[str, Version]:
     return differing
 
 
-def install_listed(machine: dict, site: Path, work: Path) -> set[str]:
+def install_listed(machine: dict, site: Path, work: Path) -> tuple[set[str], set[str]]:
     """Into `site`, each package at the machine's listed version where the index has a wheel of
     it for this Python (torch's CUDA build and numpy 2.5 for Python 3.11 it has not: those stand
     in at the version tested here), with what it needs, at the versions tested here where they
-    are installed here. The names installed."""
+    are installed here. The names at their listed version, and every name installed."""
     available = []
     for name, listed in listed_versions(machine).items():
         found = subprocess.run([sys.executable, "-m", "pip", "download", "-qq", "--no-deps",
@@ -132,7 +132,7 @@ def install_listed(machine: dict, site: Path, work: Path) -> set[str]:
         if found.returncode == 0:
             available.append(f"{name}=={listed}")
     if not available:
-        return set()
+        return set(), set()
     pinned = {canonicalize_name(requirement.split("==")[0]) for requirement in available}
     constraints = work / "tested-versions.txt"
     constraints.write_text("".join(
@@ -146,7 +146,7 @@ def install_listed(machine: dict, site: Path, work: Path) -> set[str]:
     if unlisted:
         print(f"[rehearsal] warning: the listed versions need {', '.join(sorted(unlisted))}, "
               "which gpu/machine.txt does not list")
-    return installed
+    return pinned, installed
 
 
 def stand_in_machine(machine: dict, folder: Path) -> Path:
@@ -157,7 +157,7 @@ def stand_in_machine(machine: dict, folder: Path) -> Path:
     site = Path(subprocess.run([str(folder / "bin" / "python"), "-c",
                                 "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
-    installed = install_listed(machine, site, folder.parent)
+    at_listed, installed = install_listed(machine, site, folder.parent)
     linked = 0
     for dist in importlib.metadata.distributions():
         name = canonicalize_name(dist.metadata["Name"])
@@ -170,9 +170,8 @@ def stand_in_machine(machine: dict, folder: Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(dist.locate_file(file), target)
             linked += 1
-    at_listed = sorted(set(listed_versions(machine)) & installed)
     print(f"[rehearsal] machine stand-in: {folder}; at the listed version: "
-          f"{', '.join(at_listed) or 'none'}; {linked} files linked from this environment")
+          f"{', '.join(sorted(at_listed)) or 'none'}; {linked} files linked from this environment")
     return folder / "bin"
 
 
