@@ -207,15 +207,13 @@ def record_time(out: Path, part: str, rows: str | None, seconds: float, returnco
                          time.strftime("%Y-%m-%dT%H:%M:%S")])
 
 
-def run_part(part: str, out: Path, store: Path, rows: str | None, overrides: list[str]) -> int:
-    """One part; its exit status (0: done)."""
-    tracking = [f"tracking.uri=sqlite:///{store}/mlflow.db", f"cache_dir={store}/cache"]
-    picked = [f"+check_row={rows}"] if rows else []
+def run_part(part: str, out: Path, cell_overrides: list[str]) -> int:
+    """One part; its exit status (0: done). `cell_overrides` pick the rows and the store."""
     if part == "preflight":
         return 1 if preflight(out) else 0
     if part == "cells":
         return subprocess.run([sys.executable, "-m", "harness", "-cd", str(grids.EXPERIMENTS),
-                               "-cn", EXPERIMENT, *picked, *tracking, *overrides]).returncode
+                               "-cn", EXPERIMENT, *cell_overrides]).returncode
     if part == "tests":
         with (out / "tests.txt").open("w") as log:
             return subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-rA", "-q",
@@ -263,19 +261,20 @@ def main(argv: list[str] | None = None) -> int:
     store = args.store or Path("outputs") / "gpu-check" / folder
     out.mkdir(parents=True, exist_ok=True)
     store.mkdir(parents=True, exist_ok=True)
+    cell_overrides = [*([f"+check_row={rows}"] if rows else []),
+                      f"tracking.uri=sqlite:///{store}/mlflow.db", f"cache_dir={store}/cache",
+                      *args.overrides]
     failed = []
     for part in [part for part in PARTS if part in parts]:  # preflight first, bench last
         started = time.perf_counter()
-        returncode = run_part(part, out, store, rows, args.overrides)
+        returncode = run_part(part, out, cell_overrides)
         record_time(out, part, rows if part == "cells" else None,
                     time.perf_counter() - started, returncode)
         if returncode:
             failed.append(part)
             if part == "preflight":  # nothing after it would import
                 break
-    picked = [f"+check_row={rows}"] if rows else []
-    tracking = [f"tracking.uri=sqlite:///{store}/mlflow.db", f"cache_dir={store}/cache"]
-    jobs = grids.compose_experiment(EXPERIMENT, [*picked, *tracking, *args.overrides])
+    jobs = grids.compose_experiment(EXPERIMENT, cell_overrides)
     found = gpus.describe(gpus.candidates(jobs[0].runner.gpus))
     plan.plan(jobs, found, create_experiment=False).to_csv(out / "plan.csv", index=False)
     runs = runs_table(f"sqlite:///{store}/mlflow.db")

@@ -19,9 +19,8 @@ from transformers import (
     DataCollatorForSeq2Seq,
 )
 
-from harness.model.tokenizers import (
-    IGNORED_LABEL,  # what the loss skips: label padding, causal prompts
-)
+# IGNORED_LABEL: what the loss skips (label padding, causal prompts)
+from harness.model.tokenizers import IGNORED_LABEL
 
 
 class Seq2Seq:
