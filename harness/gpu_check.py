@@ -47,6 +47,7 @@ from harness.core import tables
 from harness.estimate import estimate
 from harness.measure import gpus
 from harness.sweep import plan
+from harness.tracking.runs import of_experiment
 
 EXPERIMENT = "gpu_check"
 PARTS = ("preflight", "cells", "tests", "bench")
@@ -98,17 +99,10 @@ def runs_table(tracking_uri: str) -> pd.DataFrame:
     measured beside what the estimate said, and what the difference implies."""
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(EXPERIMENT)
-    runs = [] if found is None else client.search_runs([found.experiment_id],
-                                                       order_by=["attributes.start_time DESC"])
-    rows = []
-    for run in runs:
-        fields = {"params": run.data.params, "metrics": run.data.metrics, "tags": run.data.tags}
-        row = {"cell": run.info.run_name, "fingerprint": run.data.tags.get("cell")}
-        for column, source in COLUMNS.items():
-            kind, name = source.split(".", 1)
-            row[column] = fields[kind].get(name)
-        rows.append(row)
-    table = pd.DataFrame(rows, columns=["cell", "fingerprint", *COLUMNS])
+    stored = of_experiment(client, found and found.experiment_id).iloc[::-1]  # newest first
+    sources = {"tags.mlflow.runName": "cell", "tags.cell": "fingerprint",
+               **{source: column for column, source in COLUMNS.items()}}
+    table = stored.reindex(columns=list(sources)).rename(columns=sources)
     table = table.drop_duplicates("fingerprint").drop(columns="fingerprint")
     measured = pd.to_numeric(table.gpu_train_peak_mib, errors="coerce")
     estimated = pd.to_numeric(table.estimate_mib, errors="coerce")

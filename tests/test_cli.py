@@ -1,5 +1,6 @@
 """The command line as users type it: Hydra multirun of an experiment, the report, and errors."""
 
+import json
 import re
 import subprocess
 import sys
@@ -32,6 +33,11 @@ def test_demo_grid_runs_and_reports_a_row_per_run(tmp_path):
         *[(f"t5-tiny/lora_lomo-r{r}/fp32", "ok") for r in (4, 8)],
         *[(f"t5-tiny/lora_lomo-r{r}/int8", "skipped") for r in (4, 8)]])
     assert all(run.info.status != "RUNNING" for run in runs)
+    # The plan's checks, made once and handed to each cell's runner in the sweep's folder: a
+    # grid point that is another's cell (ranks of a method without adapters) is not run again.
+    [handed] = (tmp_path / "outputs" / "sweeps").glob("*/checks.json")
+    assert len(json.loads(handed.read_text())) == 20
+    assert result.stdout.count("of this sweep (cell ") == 20 - 14
     # The plan comes first, one row per cell with skip reasons; the summary last, from MLflow.
     plan_start, summary_start = (result.stdout.index("[harness] plan of demo: 20 grid points, "
                                                      "14 cells: 9 to run, 5 to skip"),

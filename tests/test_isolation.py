@@ -13,7 +13,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from harness.tracking import mlflow_store
+from harness.tracking.runs import finished_run
 from tests.conftest import REPO, folder_store_overrides
 
 pytestmark = pytest.mark.slow
@@ -152,7 +152,7 @@ def test_a_terminated_run_ends_killed_with_its_memory_trace_and_runs_again(tmp_p
     assert "memory_trace.csv" in {a.path for a in client.list_artifacts(killed.info.run_id)}
     assert killed.data.metrics["cpu_train_peak_mib"] > 0
     # A rerun runs the cell again: it did not finish.
-    assert mlflow_store.finished_run(client, killed.info.experiment_id,
+    assert finished_run(client, killed.info.experiment_id,
                                  killed.data.tags["cell"]) is None
 
 

@@ -2,19 +2,21 @@
 cells fit a GPU, and the GPU each cell holds while it runs."""
 
 import multiprocessing
+import socket
 import subprocess
 import sys
 import time
 
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from harness.config import identity, validation
 from harness.core.errors import ConfigError
 from harness.estimate import estimate
 from harness.measure import gpus
-from harness.run import runner
+from harness.run import checks, runner
 from harness.sweep import plan
 from tests.conftest import compose_cell, requires_cuda, runs_of
 from tests.test_config import grid
@@ -50,6 +52,49 @@ def test_a_cell_that_cannot_be_valid_stops_the_plan_before_anything_runs(tmp_pat
                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
     with pytest.raises(ConfigError, match=r"cell 1 \(.*\): train.lr=-1"):
         plan.plan(jobs, [])
+
+
+def test_a_sweeps_checks_are_made_once_for_every_grid_point(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    jobs = grid("demo", "model=t5-tiny", f"tracking.uri={uri}", "tracking.experiment=once")
+    fingerprints = [identity.fingerprint(identity.cell_config(job)) for job in jobs]
+    # One finished cell in the store, found by the plan's one read of it.
+    client = MlflowClient(uri)
+    finished = client.create_run(client.create_experiment("once"),
+                                 tags={"cell": fingerprints[0], "status": "ok"})
+    client.set_terminated(finished.info.run_id, "FINISHED")
+    checked = plan.check(jobs)
+    assert [found.fingerprint for found in checked] == fingerprints
+    assert all(found.store_asked for found in checked)
+    assert checked[0].done == {"status": "ok", "run_id": finished.info.run_id}
+    first = {}
+    for number, (job, found) in enumerate(zip(jobs, checked), start=1):
+        same_as = first.setdefault(found.fingerprint, number)
+        # A grid point whose method ignores the rank is the cell of the first such point.
+        assert found.same_as == (same_as if same_as != number else None)
+        assert found.invalid == validation.invalid_cell_reason(job)
+        assert (found.done is not None) == (found.fingerprint == fingerprints[0])
+    assert sum(found.same_as is not None for found in checked) == 20 - 14
+    # The plan of a sweep is made from them: the same table as a plan that checks for itself.
+    pd.testing.assert_frame_equal(plan.plan(jobs, [], checked=checked), plan.plan(jobs, []))
+    # This machine's checks, once: where they were made, and why it cannot run a cell.
+    here = checks.on_this_machine(jobs, checked, cuda=False)
+    assert {found.host for found in here} == {socket.gethostname()}
+    assert checks.on_this_machine(jobs, here, cuda=True) == here  # made on this host already
+
+
+def test_a_runner_handed_its_checks_asks_nothing_again(cell_overrides, store, capsys):
+    cfg = compose_cell(*cell_overrides)
+    fingerprint = identity.fingerprint(identity.cell_config(cfg))
+    # The store holds no run of this cell: the status comes from the checks handed down.
+    done = checks.Checked(fingerprint, host=socket.gethostname(), store_asked=True,
+                          done={"status": "ok", "run_id": "0123abcd"})
+    assert runner.run(cfg, done) == "ok"
+    assert "already ok in run 0123abcd" in capsys.readouterr().out
+    twin = checks.Checked(fingerprint, host=socket.gethostname(), store_asked=True, same_as=3)
+    assert runner.run(cfg, twin) == "duplicate"
+    assert "the same cell as grid point 3 of this sweep" in capsys.readouterr().out
+    assert runs_of(store, cfg.tracking.experiment) == []
 
 
 # The study's rows the estimate misses by more than 25 %, and why (docs/estimator.md).

@@ -11,7 +11,8 @@ from mlflow.entities import Metric, Param
 
 from harness.report import claims, report
 from harness.report.findings import recommendation
-from harness.report.runs import cells, load_runs
+from harness.report.runs import cells
+from harness.tracking.runs import load_runs
 
 GOLDEN = Path(__file__).with_name("golden")
 

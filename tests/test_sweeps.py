@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from harness.report import report
-from harness.tracking import mlflow_store
+from harness.tracking.runs import finished_run
 from tests.conftest import folder_store_overrides, free_port, mlflow_serving, run_harness
 
 pytestmark = pytest.mark.slow
@@ -78,7 +78,7 @@ def test_a_job_at_its_time_limit_ends_killed_and_runs_again(tmp_path):
         assert (run.data.tags["status"], run.info.status) == ("killed", "KILLED")
         assert run.data.tags["status_reason"].startswith("the job reached its time limit")
         assert "memory_trace.csv" in {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert mlflow_store.finished_run(client, runs[0].info.experiment_id,
+    assert finished_run(client, runs[0].info.experiment_id,
                                  runs[0].data.tags["cell"]) is None
 
 

@@ -39,7 +39,7 @@ from harness.model import families, methods, models
 from harness.model.training_step import Diverged, synchronize
 
 
-def main(cell: dict, cache_dir: str, scratch: str, cpu_memory_limit_mib, connection) -> None:
+def main(cell_cfg: dict, cache_dir: str, scratch: str, cpu_memory_limit_mib, connection) -> None:
     """Process entry point: run the cell, streaming to the runner, and send its result."""
     # The runner stops a cell with SIGTERM (Ctrl-C, a kill, a time limit): exit as Python exits,
     # releasing what the process holds (tqdm's lock, the pipe) rather than leaving it leaked.
@@ -52,7 +52,7 @@ def main(cell: dict, cache_dir: str, scratch: str, cpu_memory_limit_mib, connect
         limit = int(cpu_memory_limit_mib * MIB)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
-        run(OmegaConf.create(cell), cache_dir, ToRunner(connection, Path(scratch)))
+        run(OmegaConf.create(cell_cfg), cache_dir, ToRunner(connection, Path(scratch)))
         outcome = ("ok", "")
     except Diverged as error:
         outcome = ("diverged", str(error))
@@ -121,7 +121,7 @@ class ToRunner:
 
 def run(cfg, cache_dir: str, log: ToRunner) -> None:
     device = log.device
-    precision, method = cfg.precision.name, cfg.method.name
+    method = cfg.method.name
 
     with log.phase("load"):
         load_start = time.perf_counter()

@@ -22,21 +22,21 @@ def cell_config(cfg: DictConfig) -> dict:
     A sweep that crosses method=full,lora with method.r=4,8 gives full fine-tuning an r it
     ignores; dropping it makes both full cells one cell (one fingerprint), run once.
     """
-    cell = {group: OmegaConf.to_container(cfg[group], resolve=True) for group in CELL_GROUPS}
-    if cell["method"]["name"] not in ADAPTER_METHODS:
+    cell_cfg = {group: OmegaConf.to_container(cfg[group], resolve=True) for group in CELL_GROUPS}
+    if cell_cfg["method"]["name"] not in ADAPTER_METHODS:
         for key in ADAPTER_KEYS:
-            cell["method"].pop(key, None)
-    return cell
+            cell_cfg["method"].pop(key, None)
+    return cell_cfg
 
 
-def fingerprint(cell: dict) -> str:
+def fingerprint(cell_cfg: dict) -> str:
     """A stable id of what the cell computes: the same config gives the same fingerprint."""
-    return digest(cell, 12)
+    return digest(cell_cfg, 12)
 
 
-def flat_params(cell: dict, cfg: DictConfig) -> dict:
+def flat_params(cell_cfg: dict, cfg: DictConfig) -> dict:
     """The resolved config as flat MLflow params: model.name, method.r, tracking.uri, ..."""
-    whole = {**cell, **{group: OmegaConf.to_container(cfg[group], resolve=True)
+    whole = {**cell_cfg, **{group: OmegaConf.to_container(cfg[group], resolve=True)
                         for group in OTHER_GROUPS}}
     whole["cost"].pop("prices")  # the table of prices is the same for every run
     flat = pd.json_normalize(whole, sep=".").iloc[0].to_dict()
@@ -53,11 +53,11 @@ def method_label(name: str, optimizer: str) -> str:
     return f"{name}_{optimizer}"
 
 
-def run_name(cell: dict) -> str:
+def run_name(cell_cfg: dict) -> str:
     """A short readable name for the MLflow UI: model / method[-r] / precision."""
-    method = cell["method"]
-    return label(cell["model"]["name"], method["name"], method["optimizer"], method.get("r"),
-                 cell["precision"]["name"])
+    method = cell_cfg["method"]
+    return label(cell_cfg["model"]["name"], method["name"], method["optimizer"], method.get("r"),
+                 cell_cfg["precision"]["name"])
 
 
 def label(model: str, method: str, optimizer: str, rank: int | None, precision: str) -> str:

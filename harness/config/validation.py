@@ -65,6 +65,19 @@ def machine_reason(cfg: DictConfig, cuda: bool) -> str | None:
     return None
 
 
+def check_machine(cfg: DictConfig, cuda: bool) -> None:
+    """Refuse what a machine with (or without) CUDA cannot run at all, before any run is
+    created."""
+    if cfg.requires_gpu and not cfg.allow_cpu and not cuda:
+        raise ConfigError(f"experiment {cfg.tracking.experiment} is meant for a GPU "
+                          "(requires_gpu=true) and this machine has no CUDA device: run "
+                          "`make demo` for the CPU grid, or add allow_cpu=true to run it here")
+    if cfg.runner.start_method == "forkserver" and cuda:
+        raise ConfigError("runner.start_method=forkserver cannot start a cell that uses CUDA: "
+                          "the server imports bitsandbytes, which initialises CUDA, and a forked "
+                          "child cannot use it; use runner.start_method=spawn (or auto)")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the bad value, what was expected and what to do."""
     _check_known_keys(cfg)

@@ -1,8 +1,5 @@
-"""A cell's peak GPU memory, estimated before it runs, on any machine, without a GPU.
-
-    python -m harness.estimate model=flan-t5-xl method=lora precision=int8 train.batch_size=8
-
-prints one cell's breakdown; its last line is a JSON object of the parts in MiB.
+"""A cell's peak GPU memory, estimated before it runs, on any machine, without a GPU (its command
+line: harness/estimate/__main__.py).
 
 What it does: it builds the cell's model on PyTorch's meta device (shapes and dtypes, no data) as
 the cell does (weights stored in the cell's precision: float32, half for the frozen weights of
@@ -60,15 +57,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harness.config import identity, validation
-from harness.core.errors import ConfigError, refused
 from harness.core.files import write_whole
-from harness.core.options import CONF_DIR, QUANTIZED
+from harness.core.options import QUANTIZED
 from harness.core.units import MIB
-from harness.data import encoding
 from harness.estimate import allocator, simulate
 from harness.measure import accounting
 from harness.model import (
@@ -97,13 +90,14 @@ LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
 WORKER_START_S = 3.0
 
 
-def gpu_peak_mib(cell: dict, lengths: dict, cache_dir: str | None = None) -> dict:
+def gpu_peak_mib(cell_cfg: dict, lengths: dict, cache_dir: str | None = None) -> dict:
     """{weights, gradients, optimizer, activations, allocator, cuda_context, total} in MiB for a
-    cell (identity.cell_config of a resolved cell) whose sources and targets are cut at `lengths`
-    ({"source": tokens, "target": tokens}). A simulation takes seconds (about 10 for flan-t5-xl
-    on one core); with `cache_dir` its result is kept there for the next plan or run of the same
-    cell, under a key that changes with the harness's code and the library versions."""
-    spec = _spec(cell, lengths)
+    cell (`cell_cfg`: identity.cell_config of a resolved config) whose sources and targets are
+    cut at `lengths` ({"source": tokens, "target": tokens}). A simulation takes seconds (about
+    10 for flan-t5-xl on one core); with `cache_dir` its result is kept there for the next plan
+    or run of the same cell, under a key that changes with the harness's code and the library
+    versions."""
+    spec = _spec(cell_cfg, lengths)
     if cache_dir is None:
         return dict(_estimate(spec))
     path = _cache_path(spec, cache_dir)
@@ -120,10 +114,10 @@ def gpu_peaks_mib(requests: list[tuple[dict, dict, str]]) -> list[dict]:
     than a worker takes to start; then the rest side by side, a process per CPU core (a
     simulation uses one core: meta tensors compute nothing)."""
     pending = {}
-    for cell, lengths, cache_dir in requests:
-        path = cache_dir and _cache_path(_spec(cell, lengths), cache_dir)
+    for cell_cfg, lengths, cache_dir in requests:
+        path = cache_dir and _cache_path(_spec(cell_cfg, lengths), cache_dir)
         if path and not path.exists():
-            pending.setdefault(path, (cell, lengths, cache_dir))
+            pending.setdefault(path, (cell_cfg, lengths, cache_dir))
     pending = list(pending.values())
     started, cores = time.monotonic(), _usable_cores()
     for index, request in enumerate(pending):
@@ -147,11 +141,11 @@ def _usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def _spec(cell: dict, lengths: dict) -> str:
+def _spec(cell_cfg: dict, lengths: dict) -> str:
     """Only what the estimate reads: the key of both caches (a grid repeats architectures)."""
-    train_cfg = cell["train"]
-    return json.dumps({"model": cell["model"], "method": cell["method"],
-                       "precision": cell["precision"], "lengths": lengths,
+    train_cfg = cell_cfg["train"]
+    return json.dumps({"model": cell_cfg["model"], "method": cell_cfg["method"],
+                       "precision": cell_cfg["precision"], "lengths": lengths,
                        "train": {key: train_cfg[key] for key in (
                            "batch_size", "grad_accum_steps", "max_grad_norm", "weight_decay",
                            "gradient_checkpointing")}}, sort_keys=True)
@@ -296,30 +290,3 @@ def _weight_storages(model) -> dict:
     layers' row scales and the 4-bit layers' block scales."""
     tensors = [*accounting.weight_tensors(model), *model.buffers()]
     return {tensor.untyped_storage()._cdata: tensor.untyped_storage() for tensor in tensors}
-
-
-def main(argv: list[str]) -> int:
-    """`python -m harness.estimate <overrides>`: one cell's estimate, its parts as JSON last."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=argv)
-    try:
-        validation.validate(cfg)
-        invalid = validation.invalid_cell_reason(cfg)
-        if invalid:
-            raise ConfigError(invalid)
-        lengths, lengths_from = encoding.planned_lengths(cfg.data, cfg.model, cfg.cache_dir)
-        if lengths is None:
-            raise ConfigError(f"no estimate: {lengths_from}")
-    except ConfigError as error:
-        return refused(error)
-    cell = identity.cell_config(cfg)
-    parts = {name: round(value, 1) for name, value in
-             gpu_peak_mib(cell, lengths, cfg.cache_dir).items()}
-    print(f"{identity.run_name(cell)}, batch {cfg.train.batch_size}, lengths "
-          f"{lengths['source']} / {lengths['target']} ({lengths_from}), gradient checkpointing "
-          f"{'on' if cfg.train.gradient_checkpointing else 'off'}:")
-    for name in (*PARTS, "total", "allocated"):
-        print(f"  {name:>13}  {parts[name]:>10,.1f} MiB")
-    print(json.dumps(parts))
-    return 0
-

@@ -27,28 +27,54 @@ from harness.report.results import (
     status_notes,
     table,
 )
-from harness.report.runs import cells, histories, load_runs, memory_source
+from harness.report.runs import cells, memory_source
+from harness.tracking.runs import experiment_id, histories, of_experiment
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
 
 def render(experiment: str, tracking_uri: str, out: Path) -> dict:
     """Write report.md, the charts and slides.md into `out`; return their paths by name."""
-    runs = load_runs(experiment, tracking_uri)
+    client = MlflowClient(tracking_uri)
+    runs = of_experiment(client, experiment_id(client, experiment))
     out.mkdir(parents=True, exist_ok=True)
     if not len(runs):
         (out / "report.md").write_text(f"# Experiment `{experiment}`\n\nNo runs.\n")
         return {"report": out / "report.md"}
     source = memory_source(runs)
     rows = cells(runs)
-    client = MlflowClient(tracking_uri)
+    ok_runs = {row.label: row.run_ids[0] for _, row in rows[rows.status == "ok"].iterrows()}
     made = charts.draw(rows, source, out,
-                       curves=histories(client, rows, ("epoch", "eval_loss", "eval_rouge1")),
-                       memory_series=histories(client, rows, (charts.series_metric(source),)))
+                       curves=histories(client, ok_runs, ("epoch", "eval_loss", "eval_rouge1")),
+                       memory_series=histories(client, ok_runs, (charts.series_metric(source),)))
     toy = toy_runs(runs, source)
     said = findings(rows, source, toy)
     matched = beside_reference(rows)
-    reference_source = reference_sources(matched)
+    checked = claims.table(rows, source)
+    advice = recommendation(rows)
+    parts = [*_results(experiment, runs, rows, source), *_reference(matched),
+             *_findings(said), *_claims(checked, source, toy),
+             "## Charts", *(f"![{chart.title}]({chart.path.name})\n\n{chart.caption}"
+                            for chart in made),
+             *_recommendation(advice, rows, toy)]
+    (out / "report.md").write_text("\n\n".join(parts) + "\n")
+    if len(advice) and toy:
+        advice = TOY_ADVICE
+    deck = slides.deck(experiment, setup(runs), len(runs), source, table(rows, source), made,
+                       said, reference_sources(matched) if len(matched) else None, checked,
+                       advice)
+    (out / "slides.md").write_text(deck)
+    return {"report": out / "report.md", "slides": out / "slides.md",
+            **{chart.path.stem: chart.path for chart in made}}
+
+
+# What the recommendation says of toy runs.
+TOY_ADVICE = ("None from these runs: random-init models on a CPU say nothing about which cell to "
+              "choose (see Findings).")
+
+
+def _results(experiment: str, runs, rows, source: str) -> list[str]:
+    """The title, the setup, what the figures are, the comparison table and its notes."""
     note = ("ROUGE is F1 x 100 on the test split; train time is the training loop alone; GPU "
             "memory is the NVML peak of the cell's processes (— without CUDA); GPU estimate is "
             "the plan's estimate of that peak for a CUDA run (`make plan`, docs/estimator.md); "
@@ -57,48 +83,51 @@ def render(experiment: str, tracking_uri: str, out: Path) -> dict:
     if source == "host":
         note += (" This store has no GPU figures (the cells ran without CUDA): memory ratios "
                  "and charts use host memory.")
-    parts = [f"# Experiment `{experiment}`", setup(runs),
+    lines = [f"# Experiment `{experiment}`", setup(runs),
              f"{len(runs)} runs, {len(rows)} rows. {note}",
              table(rows, source).to_markdown(index=False, disable_numparse=True)]
     _, notes = status_notes(rows)
     if notes:
-        parts.append("\n".join(f"{number}. {note}" for number, note in enumerate(notes, 1)))
-    if len(matched):
-        parts += ["## Beside the reference", f"Reference figures: {reference_source}.",
-                  matched.to_markdown(index=False, disable_numparse=True)]
-    if said:
-        parts += ["## Findings", "\n".join(f"- {sentence}" for sentence in said)]
-    checked = claims.table(rows, source)
-    if len(checked):
-        parts += ["## The LoRA paper's claims, here",
-                  "Each of LoRA's (arXiv 2106.09685) claims per model: the paper's figure, ours "
-                  "from these runs, and a verdict computed from ours (thresholds in "
-                  "harness/claims.py; latency: the inference benchmark, harness/infer.py; memory: "
-                  f"the {source} peak)." + (" These are toy runs: tiny models, a few steps, on "
-                                            "a CPU, which say little about the paper's GPT-3 "
-                                            "scale." if toy else ""),
-                  checked.to_markdown(index=False, disable_numparse=True)]
-    parts += ["## Charts"] + [f"![{chart.title}]({chart.path.name})\n\n{chart.caption}"
-                              for chart in made]
-    advice = recommendation(rows)
-    if len(advice) and toy:
-        advice = ("None from these runs: random-init models on a CPU say nothing about which "
-                  "cell to choose (see Findings).")
-        parts += ["## Recommendation", advice]
-    elif len(advice):
-        by = ("its training cost" if rows[rows.status == "ok"].cost_usd.notna().all()
-              else "its training time (these runs have no price: set cost.usd_per_hour)")
-        parts += ["## Recommendation",
-                  "For a GPU of each size: the cell with the best ROUGE-1 whose peak memory "
-                  "fits it, and, within 1 ROUGE-1 point of that, the cheapest by " + by + ". A "
-                  "peak marked (estimate) is the plan's estimate: that cell has no GPU "
-                  "measurement.", advice.to_markdown(index=False, disable_numparse=True)]
-    (out / "report.md").write_text("\n\n".join(parts) + "\n")
-    deck = slides.deck(experiment, setup(runs), len(runs), source, table(rows, source), made,
-                       said, reference_source if len(matched) else None, checked, advice)
-    (out / "slides.md").write_text(deck)
-    return {"report": out / "report.md", "slides": out / "slides.md",
-            **{chart.path.stem: chart.path for chart in made}}
+        lines.append("\n".join(f"{number}. {note}" for number, note in enumerate(notes, 1)))
+    return lines
+
+
+def _reference(matched) -> list[str]:
+    if not len(matched):
+        return []
+    return ["## Beside the reference", f"Reference figures: {reference_sources(matched)}.",
+            matched.to_markdown(index=False, disable_numparse=True)]
+
+
+def _findings(said: list[str]) -> list[str]:
+    return ["## Findings", "\n".join(f"- {sentence}" for sentence in said)] if said else []
+
+
+def _claims(checked, source: str, toy: bool) -> list[str]:
+    if not len(checked):
+        return []
+    return ["## The LoRA paper's claims, here",
+            "Each of LoRA's (arXiv 2106.09685) claims per model: the paper's figure, ours "
+            "from these runs, and a verdict computed from ours (thresholds in "
+            "harness/claims.py; latency: the inference benchmark, harness/infer.py; memory: "
+            f"the {source} peak)." + (" These are toy runs: tiny models, a few steps, on "
+                                      "a CPU, which say little about the paper's GPT-3 "
+                                      "scale." if toy else ""),
+            checked.to_markdown(index=False, disable_numparse=True)]
+
+
+def _recommendation(advice, rows, toy: bool) -> list[str]:
+    if not len(advice):
+        return []
+    if toy:
+        return ["## Recommendation", TOY_ADVICE]
+    by = ("its training cost" if rows[rows.status == "ok"].cost_usd.notna().all()
+          else "its training time (these runs have no price: set cost.usd_per_hour)")
+    return ["## Recommendation",
+            "For a GPU of each size: the cell with the best ROUGE-1 whose peak memory "
+            "fits it, and, within 1 ROUGE-1 point of that, the cheapest by " + by + ". A "
+            "peak marked (estimate) is the plan's estimate: that cell has no GPU "
+            "measurement.", advice.to_markdown(index=False, disable_numparse=True)]
 
 
 def main(argv=None) -> int:

@@ -1,14 +1,11 @@
-"""An experiment's runs read from MLflow, and the cells they make: ok runs of one cell (the same
-params but for the seed and where it ran) as one row, mean and spread; every run that did not end
-ok as its own row, with its reason.
+"""The cells an experiment's runs make (the runs as harness/tracking/runs.py reads them): ok runs
+of one cell (the same params but for the seed and where it ran) as one row, mean and spread; every
+run that did not end ok as its own row, with its reason.
 """
 
-import mlflow
 import pandas as pd
-from mlflow import MlflowClient
 
 from harness.config import identity
-from harness.core.errors import ConfigError
 from harness.report import charts
 
 # Averaged over the ok runs of a cell; their spread is shown as ± std.
@@ -22,21 +19,6 @@ METRICS = ("rouge1", "rouge2", "train_time_s", "gpu_peak_mib", "estimate_gpu_mib
 # (or what it was priced at).
 NOT_THE_CELL = ("params.train.seed", "params.tracking.", "params.runner.", "params.sampler.",
                 "params.cost.")
-
-
-def load_runs(experiment: str, tracking_uri: str) -> pd.DataFrame:
-    """Every run of the experiment, one row each, columns as mlflow.search_runs names them,
-    oldest first."""
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        names = sorted(e.name for e in client.search_experiments())
-        raise ConfigError(f"no experiment {experiment!r} in {tracking_uri}; it has "
-                          f"{', '.join(names) or 'none'}: run `make sweep EXP={experiment}` "
-                          "first, or pass --tracking-uri")
-    mlflow.set_tracking_uri(tracking_uri)
-    runs = mlflow.search_runs([found.experiment_id], output_format="pandas")
-    return runs.sort_values(["start_time", "run_id"]).reset_index(drop=True) if len(runs) else runs
 
 
 def memory_source(runs: pd.DataFrame) -> str:
@@ -90,18 +72,6 @@ def _row(runs: pd.DataFrame, status: str, reason) -> dict:
     row["train_time_min"], row["train_time_min_std"] = (row["train_time_s"] / 60,
                                                         row["train_time_s_std"] / 60)
     return row
-
-
-def histories(client: MlflowClient, rows: pd.DataFrame, names: tuple) -> dict:
-    """{label: {metric: [(step, value), ...]}} of the first ok run of each ok cell."""
-    found = {}
-    for _, row in rows[rows.status == "ok"].iterrows():
-        series = {name: [(m.step, m.value) for m in sorted(
-            client.get_metric_history(row.run_ids[0], name), key=lambda m: (m.step, m.timestamp))]
-            for name in names}
-        if any(series.values()):
-            found[row.label] = series
-    return found
 
 
 def _relative_to_full(table: pd.DataFrame, source: str) -> pd.Series:

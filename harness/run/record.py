@@ -7,6 +7,7 @@ changes the cell's own outcome.
 import contextlib
 import json
 import traceback
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mlflow.entities import Param, RunTag
@@ -20,9 +21,20 @@ from harness.model import tokenizers
 from harness.tracking import mlflow_store
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended: its status (ok, oom, diverged, skipped, failed, killed) and why."""
+
+    status: str
+    reason: str = ""
+
+    def __str__(self) -> str:
+        return self.status + (f": {self.reason}" if self.reason else "")
+
+
 class CellRecord:
     """Writes what the cell sends into its run as it arrives (metrics in batches), and keeps the
-    phases and the outcome: (status, reason), None until known."""
+    phases and what the cell reported of its outcome (`reported`, None until it has)."""
 
     def __init__(self, client, run_id: str):
         self.client, self.run_id = client, run_id
@@ -32,7 +44,7 @@ class CellRecord:
         self.gpu = None  # the GPU the cell held
         self.latest = {}  # the last value of each metric the cell sent
         self.datasets = {}  # split: rows, once the cell has loaded its data
-        self.outcome = None
+        self.reported = None  # the cell's own Outcome, once it has sent one
 
     def __call__(self, message: tuple) -> None:
         kind, *body = message
@@ -55,7 +67,7 @@ class CellRecord:
             write = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
             write(self.run_id, path, folder)
         elif kind == "result":
-            self.outcome = tuple(body)
+            self.reported = Outcome(*body)
 
     @property
     def phase(self) -> str:
@@ -74,14 +86,14 @@ def not_recorded(record: CellRecord, tag: str, words: str = "not recorded"):
                               + traceback.format_exc().strip().splitlines()[-1])
 
 
-def tag_oom_limit(client, run_id: str, cfg: DictConfig, record: CellRecord) -> None:
-    """Which memory the cell ran out of and how much there was (oom_limit: cpu or gpu,
+def tag_oom_limit(record: CellRecord, cfg: DictConfig, outcome: Outcome) -> None:
+    """Which memory an oom ran out of and how much there was (oom_limit: cpu or gpu,
     oom_limit_mib): a rerun skips the cell only where there is no more of it."""
-    kind = "gpu" if "CUDA" in record.outcome[1] else "cpu"
+    kind = "gpu" if "CUDA" in outcome.reason else "cpu"
     available = traces.limits(cfg.runner, record.gpu)[kind]
     if available is not None:
-        client.log_batch(run_id, tags=[RunTag("oom_limit", kind),
-                                       RunTag("oom_limit_mib", f"{available:.0f}")])
+        record.client.log_batch(record.run_id, tags=[RunTag("oom_limit", kind),
+                                                     RunTag("oom_limit_mib", f"{available:.0f}")])
 
 
 def record_cost(record: CellRecord, cfg: DictConfig) -> None:
@@ -97,17 +109,16 @@ def record_cost(record: CellRecord, cfg: DictConfig) -> None:
                                                  RunTag("cost_price_from", rate[1])])
 
 
-def record_datasets(record: CellRecord, cfg: DictConfig, cell: dict) -> None:
+def record_datasets(record: CellRecord, cfg: DictConfig, cell_cfg: dict) -> None:
     """The splits the cell loaded as the run's dataset inputs; the same data under the same
     tokenizer and cut has one digest. A failure here leaves the cell's outcome as it is."""
-    identity = json.dumps([cell["data"], tokenizers.tokenizer_identity(cfg.model), record.params],
-                          sort_keys=True, default=str)
+    what = json.dumps([cell_cfg["data"], tokenizers.tokenizer_identity(cfg.model), record.params],
+                      sort_keys=True, default=str)
     with not_recorded(record, "datasets"):
-        mlflow_store.log_datasets(record.client, record.run_id, cfg.data, record.datasets,
-                                  identity)
+        mlflow_store.log_datasets(record.client, record.run_id, cfg.data, record.datasets, what)
 
 
-def record_estimate(record: CellRecord, cfg: DictConfig, cell: dict) -> None:
+def record_estimate(record: CellRecord, cfg: DictConfig, cell_cfg: dict) -> None:
     """The plan's estimate of the cell's peak GPU memory beside what it measured, at the lengths
     the cell resolved: estimate_gpu_mib and its parts (estimate_weights_mib, ...)."""
     lengths = {side: record.params.get(f"data.{key}_resolved")
@@ -118,7 +129,7 @@ def record_estimate(record: CellRecord, cfg: DictConfig, cell: dict) -> None:
         return
     parts = None
     with not_recorded(record, "estimate", "not computed"):
-        parts = estimate.gpu_peak_mib(cell, lengths, cfg.cache_dir)
+        parts = estimate.gpu_peak_mib(cell_cfg, lengths, cfg.cache_dir)
     if parts is None:
         return
     record.log({("estimate_gpu_mib" if name == "total" else f"estimate_{name}_mib"): value
@@ -126,9 +137,10 @@ def record_estimate(record: CellRecord, cfg: DictConfig, cell: dict) -> None:
     record.log.flush()
 
 
-def record_memory(record: CellRecord, scratch: Path, sampler_cfg, title: str) -> None:
-    """Peaks as metrics, the series as gpu_mib / cpu_mib, the trace as csv and png artifacts; the
-    last sample in an oom's reason. A failure here leaves the cell's own outcome as it is."""
+def record_memory(record: CellRecord, scratch: Path, sampler_cfg, title: str,
+                  outcome: Outcome | None) -> Outcome | None:
+    """Peaks as metrics, the series as gpu_mib / cpu_mib, the trace as csv and png artifacts;
+    `outcome`, with the last sample in an oom's reason. A failure here leaves it as it is."""
     client, run_id = record.client, record.run_id
     trace = None
     with not_recorded(record, "memory_trace"):
@@ -149,5 +161,6 @@ def record_memory(record: CellRecord, scratch: Path, sampler_cfg, title: str) ->
         traces.plot(trace, png_path, title)
         client.log_artifact(run_id, str(csv_path))
         client.log_artifact(run_id, str(png_path))
-        if record.outcome is not None and record.outcome[0] == "oom":
-            record.outcome = ("oom", f"{record.outcome[1]}; {traces.last_sample(trace)}")
+        if outcome is not None and outcome.status == "oom":
+            outcome = replace(outcome, reason=f"{outcome.reason}; {traces.last_sample(trace)}")
+    return outcome

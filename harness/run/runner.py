@@ -1,5 +1,5 @@
-"""The runner: validates a cell, owns its MLflow run and its memory sampler, runs the cell in a
-fresh process, and records how it ended. A crash, a kill or an out-of-memory in the cell cannot
+"""The runner: takes a cell's checks (made once, harness/run/checks.py), owns its MLflow run and
+its memory sampler, runs the cell in a fresh process, and records how it ended. A crash, a kill or an out-of-memory in the cell cannot
 take the sweep, or any other cell's result, down with it.
 """
 
@@ -17,107 +17,132 @@ from mlflow.entities import RunTag
 from omegaconf import DictConfig, OmegaConf
 
 from harness.cell import entry
-from harness.config import hub, identity, validation
+from harness.config import identity
 from harness.core.errors import ConfigError
 from harness.core.options import OTHER_GROUPS
 from harness.measure import gpus, traces
-from harness.run import process, stops
+from harness.run import checks, process, stops
 from harness.run.record import (
     CellRecord,
+    Outcome,
+    not_recorded,
     record_cost,
     record_datasets,
     record_estimate,
     record_memory,
     tag_oom_limit,
 )
-from harness.tracking import mlflow_store
+from harness.tracking import mlflow_store, runs
 
 
-def run(cfg: DictConfig) -> str:
-    """Run one cell; return its status (ok, oom, diverged, skipped, failed; killed by Ctrl-C,
-    which is raised on)."""
-    validation.validate(cfg)
-    check_machine(cfg)
-    invalid = (validation.invalid_cell_reason(cfg)
-               or validation.machine_reason(cfg, torch.cuda.is_available()))
-    if invalid and not _in_sweep():
-        raise ConfigError(invalid)
-    if not invalid:
-        hub.check([cfg])
-    cell = identity.cell_config(cfg)
-    fingerprint = identity.fingerprint(cell)
-    name = identity.run_name(cell)
+def run(cfg: DictConfig, checked: checks.Checked | None = None) -> str:
+    """Run one validated cell (python -m harness validates before torch loads; a sweep's plan
+    validates every cell) and return its status: ok, oom, diverged, skipped, failed, duplicate (a
+    grid point of the sweep that another one runs); killed by Ctrl-C or a signal, which is raised
+    on. `checked`: what the checks before it found (harness/run/checks.py), where a sweep made
+    them; else they are made here."""
+    cell_cfg = identity.cell_config(cfg)
+    name = identity.run_name(cell_cfg)
+    [checked] = checks.on_this_machine([cfg], [checked or checks.of_cell(cfg)],
+                                       torch.cuda.is_available())
+    if checked.reason and not _in_sweep():
+        raise ConfigError(checked.reason)
     client, experiment_id = mlflow_store.connect(cfg.tracking)
-
-    if not cfg.force:
-        previous = mlflow_store.finished_run(client, experiment_id, fingerprint,
-                                         traces.limits(cfg.runner))
-        if previous is not None:
-            status = previous.data.tags["status"]
-            print(f"[harness] {name}: already {status} in run {previous.info.run_id} "
-                  f"(cell {fingerprint}); not run again")
-            return status
+    done = checked.done
+    if not checked.store_asked and not cfg.force:
+        done = checks.done(runs.finished_run(client, experiment_id, checked.fingerprint,
+                                             traces.limits(cfg.runner)))
+    if done is not None:
+        print(f"[harness] {name}: already {done['status']} in run {done['run_id']} "
+              f"(cell {checked.fingerprint}); not run again")
+        return done["status"]
+    if checked.same_as is not None:
+        print(f"[harness] {name}: the same cell as grid point {checked.same_as} of this sweep "
+              f"(cell {checked.fingerprint}), which runs it")
+        return "duplicate"
 
     resolved = OmegaConf.to_yaml(
-        {**cell, **{group: cfg[group] for group in OTHER_GROUPS}},
+        {**cell_cfg, **{group: cfg[group] for group in OTHER_GROUPS}},
         resolve=True)
-    run_id = mlflow_store.start_run(client, experiment_id, name, identity.flat_params(cell, cfg),
-                                {"cell": fingerprint, "status": "running"}, resolved)
-    if invalid:
-        print(f"[harness] {name}: skipped: {invalid}")
-        mlflow_store.end_run(client, run_id, "skipped", invalid)
+    run_id = mlflow_store.start_run(client, experiment_id, name,
+                                    identity.flat_params(cell_cfg, cfg),
+                                    {"cell": checked.fingerprint, "status": "running"}, resolved)
+    if checked.reason:
+        print(f"[harness] {name}: skipped: {checked.reason}")
+        mlflow_store.end_run(client, run_id, "skipped", checked.reason)
         return "skipped"
 
-    record, stopped = CellRecord(client, run_id), None
+    record = CellRecord(client, run_id)
+    outcome = _run_and_close(cfg, cell_cfg, name, experiment_id, record)
+    print(f"[harness] {name}: {outcome}")
+    if not _in_sweep():  # a sweep ends with its summary instead
+        print(_headline(client.get_run(run_id), cfg.tracking))
+    return outcome.status
+
+
+def _run_and_close(cfg: DictConfig, cell_cfg: dict, name: str, experiment_id: str,
+                   record: CellRecord) -> Outcome:
+    """Run the cell and record what it sends and what the runner adds; close its run with how it
+    ended, however that was (Ctrl-C, a signal, the runner's own failure)."""
+    outcome, stopped = None, None
     with stops.stop_signals():
         try:
-            with (tempfile.TemporaryDirectory(prefix="harness-cell-") as folder,
-                  gpus.claim(gpus.candidates(cfg.runner.gpus),
-                             Path(cfg.runner.gpu_lock_dir)) as gpu):
-                if gpu is not None:
-                    client.set_tag(run_id, "gpu", gpu)
-                record.gpu = gpu
-                client.set_tag(run_id, "device", _device(gpu))
-                scratch = Path(folder)
-                try:
-                    _run_in_process(cfg, cell, scratch, record, gpu)
-                    if record.outcome[0] == "ok" and (scratch / "adapter").is_dir():
-                        mlflow_store.log_adapter_model(client, experiment_id, run_id,
-                                                   cfg.tracking.uri, scratch / "adapter",
-                                                   _adapter_model_config(cfg, cell))
-                finally:  # the memory trace so far, however the cell ended
-                    if (scratch / "sampler.csv").exists():
-                        record_memory(record, scratch, cfg.sampler, name)
-                    if record.datasets:
-                        record_datasets(record, cfg, cell)
-            record_estimate(record, cfg, cell)
+            outcome = _run_on_a_gpu(cfg, cell_cfg, name, experiment_id, record)
+            record_estimate(record, cfg, cell_cfg)
             record_cost(record, cfg)
         except KeyboardInterrupt as stop:
             # Ctrl-C, a kill, a time limit: this run is KILLED, every finished one stays as it is.
             stopped = stop
             why = stop.reason if isinstance(stop, stops.Stopped) else "interrupted"
-            record.outcome = ("killed", f"{why} in phase {record.phase}; a rerun runs this cell "
+            outcome = Outcome("killed", f"{why} in phase {record.phase}; a rerun runs this cell "
                                         "again")
+            raise
+        except Exception as error:
+            if outcome is None:
+                outcome = Outcome("failed", f"the runner failed in phase {record.phase}: "
+                                            f"{type(error).__name__}: {error}")
             raise
         finally:
             record.log.flush()
-            if record.outcome is None:  # the runner itself failed
-                record.outcome = ("failed", "the runner was interrupted")
-            if record.outcome[0] == "oom":  # out of memory here; elsewhere it may fit
-                tag_oom_limit(client, run_id, cfg, record)
-            mlflow_store.end_run(client, run_id, *record.outcome)
+            outcome = outcome or Outcome("failed", "the runner was interrupted")
+            if outcome.status == "oom":  # out of memory here; elsewhere it may fit
+                tag_oom_limit(record, cfg, outcome)
+            mlflow_store.end_run(record.client, record.run_id, outcome.status, outcome.reason)
             if isinstance(stopped, stops.Stopped):  # now whoever handled the signal before
                 stopped.pass_on()
-    status, reason = record.outcome
-    print(f"[harness] {name}: {status}" + (f": {reason}" if reason else ""))
-    if not _in_sweep():  # a sweep ends with its summary instead
-        print(_headline(client.get_run(run_id), cfg.tracking))
-    return status
+    return outcome
 
 
-def _adapter_model_config(cfg: DictConfig, cell: dict) -> dict:
+def _run_on_a_gpu(cfg: DictConfig, cell_cfg: dict, name: str, experiment_id: str,
+                  record: CellRecord) -> Outcome:
+    """Claim a GPU (where there are any), run the cell in a scratch folder, and record its
+    adapter, memory trace and datasets; how the cell ended."""
+    client, run_id = record.client, record.run_id
+    with (tempfile.TemporaryDirectory(prefix="harness-cell-") as folder,
+          gpus.claim(gpus.candidates(cfg.runner.gpus), Path(cfg.runner.gpu_lock_dir)) as gpu):
+        if gpu is not None:
+            client.set_tag(run_id, "gpu", gpu)
+        record.gpu = gpu
+        client.set_tag(run_id, "device", _device(gpu))
+        scratch, outcome = Path(folder), None
+        try:
+            outcome = _run_in_process(cfg, cell_cfg, scratch, record, gpu)
+            if outcome.status == "ok" and (scratch / "adapter").is_dir():
+                with not_recorded(record, "adapter_model"):
+                    mlflow_store.log_adapter_model(client, experiment_id, run_id,
+                                                   cfg.tracking.uri, scratch / "adapter",
+                                                   _adapter_model_config(cfg, cell_cfg))
+        finally:  # the memory trace so far, however the cell ended
+            if (scratch / "sampler.csv").exists():
+                outcome = record_memory(record, scratch, cfg.sampler, name, outcome)
+            if record.datasets:
+                record_datasets(record, cfg, cell_cfg)
+    return outcome
+
+
+def _adapter_model_config(cfg: DictConfig, cell_cfg: dict) -> dict:
     """What the adapter's MLflow model needs to rebuild its base and summarise as the cell did."""
-    return {"model": cell["model"], "prefix": cfg.data.get("prefix", ""),
+    return {"model": cell_cfg["model"], "prefix": cfg.data.get("prefix", ""),
             "max_new_tokens": cfg.eval.max_new_tokens}
 
 
@@ -152,32 +177,19 @@ def _headline(run, tracking_cfg) -> str:
             f"{run.info.run_id}, in {uri}\n[harness] browse it: {browse}")
 
 
-def check_machine(cfg: DictConfig) -> None:
-    """Refuse what this machine cannot run (ConfigError), before any run is created."""
-    cuda = torch.cuda.is_available()
-    if cfg.requires_gpu and not cfg.allow_cpu and not cuda:
-        raise ConfigError(f"experiment {cfg.tracking.experiment} is meant for a GPU "
-                          "(requires_gpu=true) and this machine has no CUDA device: run "
-                          "`make demo` for the CPU grid, or add allow_cpu=true to run it here")
-    if cfg.runner.start_method == "forkserver" and cuda:
-        raise ConfigError("runner.start_method=forkserver cannot start a cell that uses CUDA: "
-                          "the server imports bitsandbytes, which initialises CUDA, and a forked "
-                          "child cannot use it; use runner.start_method=spawn (or auto)")
-
-
 def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _run_in_process(cfg: DictConfig, cell: dict, scratch: Path, record: CellRecord,
-                    gpu: str | None) -> None:
+def _run_in_process(cfg: DictConfig, cell_cfg: dict, scratch: Path, record: CellRecord,
+                    gpu: str | None) -> Outcome:
     """Start the sampler, then the cell, both seeing only `gpu` (None: what this process sees);
-    record what the cell sends until it ends, and how it ended."""
+    record what the cell sends until it ends; how it ended."""
     context = process.context(cfg.runner.start_method, torch.cuda.is_available())
     receive, send = context.Pipe(duplex=False)
     child = context.Process(
         target=entry.main, name="harness-cell",
-        args=(cell, cfg.cache_dir, str(scratch), cfg.runner.cpu_memory_limit_mib, send))
+        args=(cell_cfg, cfg.cache_dir, str(scratch), cfg.runner.cpu_memory_limit_mib, send))
     sampler = (traces.SamplerProcess(cfg.sampler.interval_ms, scratch / "sampler.csv", gpu)
                if cfg.sampler.enabled else None)
     oom_kills_before = process.kernel_oom_kills()
@@ -200,21 +212,15 @@ def _run_in_process(cfg: DictConfig, cell: dict, scratch: Path, record: CellReco
             if sampler_cpu_s is not None:  # what the measurement cost
                 record.log({"sampler_cpu_s": sampler_cpu_s})
 
-    phase = record.phase
-    if record.outcome is not None:
-        status, reason = record.outcome
-        if status == "oom":
-            record.outcome = ("oom", f"out of memory in phase {phase}: {reason}")
-    elif child.exitcode < 0:
+    phase, reported = record.phase, record.reported
+    if reported is not None:
+        if reported.status == "oom":
+            return Outcome("oom", f"out of memory in phase {phase}: {reported.reason}")
+        return reported
+    if child.exitcode < 0:
         killer = signal.Signals(-child.exitcode).name
         if process.oom_killed(oom_kills_before):
-            record.outcome = ("oom", f"killed by the kernel's OOM killer ({killer}) in phase "
-                                     f"{phase}")
-        else:
-            record.outcome = ("failed", f"the cell process was killed by {killer} in phase "
-                                        f"{phase}")
-    else:
-        record.outcome = ("failed", f"the cell process exited with code {child.exitcode} in "
-                                    f"phase {phase} without a result")
-
-
+            return Outcome("oom", f"killed by the kernel's OOM killer ({killer}) in phase {phase}")
+        return Outcome("failed", f"the cell process was killed by {killer} in phase {phase}")
+    return Outcome("failed", f"the cell process exited with code {child.exitcode} in phase "
+                             f"{phase} without a result")

@@ -16,6 +16,7 @@ the experiment names (plan_gpu). A sweep prints the same plan before its first c
 """
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -29,7 +30,8 @@ from harness.core.tables import as_text
 from harness.data import encoding
 from harness.estimate import estimate
 from harness.measure import gpus, traces
-from harness.tracking import mlflow_store
+from harness.run import checks
+from harness.tracking import mlflow_store, runs
 
 # The terminal shows these columns of the plan (plan.csv has them all).
 SHOWN = {"#": "#", "cell": "cell", "gradient_checkpointing": "ckpt", "lengths": "lengths",
@@ -38,41 +40,59 @@ SHOWN = {"#": "#", "cell": "cell", "gradient_checkpointing": "ckpt", "lengths": 
          "estimate_ratio": "ratio", "fits": "fits"}
 
 
-def plan(jobs: list[DictConfig], found_gpus: list[dict], named_gpu=None,
-         create_experiment: bool = True) -> pd.DataFrame:
-    """One row per job (see the module's docstring for the columns). Raises ConfigError for a
-    job that cannot be composed into a valid cell, before anything runs."""
-    client, experiment_id = mlflow_store.connect(jobs[0].tracking, create=create_experiment)
-    gpu = _gpu_to_compare(found_gpus, named_gpu)
-    rows, estimated = [], []
+def check(jobs: list[DictConfig], create_experiment: bool = True) -> list[checks.Checked]:
+    """Validate every job (ConfigError naming it, before anything runs) and find, for each, why
+    its combination cannot run, the run that finished its cell already (one read of the store)
+    and the grid point before it that is the same cell."""
     for number, job in enumerate(jobs, start=1):
         try:
             validation.validate(job)
         except ConfigError as error:
             raise ConfigError(f"cell {number} ({' '.join(job.hydra.overrides.task)}): {error}")
-        cell = identity.cell_config(job)
-        fingerprint = identity.fingerprint(cell)
-        row = {"#": number, "cell": identity.run_name(cell), "model": job.model.name,
+    client, experiment_id = mlflow_store.connect(jobs[0].tracking, create=create_experiment)
+    stored = runs.of_experiment(client, experiment_id)
+    checked, first = [], {}
+    for number, job in enumerate(jobs, start=1):
+        found = checks.of_cell(job)
+        if found.fingerprint in first:  # a knob its method ignores: the same cell again
+            earlier = checked[first[found.fingerprint] - 1]
+            checked.append(replace(earlier, same_as=earlier.same_as or first[found.fingerprint]))
+            continue
+        first[found.fingerprint] = number
+        previous = (None if found.invalid or job.force
+                    else runs.finished(stored, found.fingerprint, traces.limits(job.runner)))
+        checked.append(replace(found, store_asked=True, done=checks.done(previous)))
+    return checked
+
+
+def plan(jobs: list[DictConfig], found_gpus: list[dict], named_gpu=None,
+         create_experiment: bool = True,
+         checked: list[checks.Checked] | None = None) -> pd.DataFrame:
+    """One row per job (see the module's docstring for the columns), from the jobs' checks
+    (`checked`, else made here: check())."""
+    if checked is None:
+        checked = check(jobs, create_experiment)
+    gpu = _gpu_to_compare(found_gpus, named_gpu)
+    rows, estimated = [], []
+    for number, (job, found) in enumerate(zip(jobs, checked), start=1):
+        cell_cfg = identity.cell_config(job)
+        row = {"#": number, "cell": identity.run_name(cell_cfg), "model": job.model.name,
                "method": identity.method_label(job.method.name, job.method.optimizer),
-               "precision": job.precision.name, "rank": cell["method"].get("r"),
+               "precision": job.precision.name, "rank": cell_cfg["method"].get("r"),
                "gradient_checkpointing": job.train.gradient_checkpointing,
                "attention": job.model.attn_implementation, "batch_size": job.train.batch_size,
-               "fingerprint": fingerprint, "plan": "run", "why": ""}
-        invalid = validation.invalid_cell_reason(job)
-        previous = (None if invalid or job.force or experiment_id is None
-                    else mlflow_store.finished_run(client, experiment_id, fingerprint,
-                                               traces.limits(job.runner)))
-        if invalid:
-            row.update(plan="skip", why=invalid)
-        elif previous is not None:
-            row.update(plan="done", why=f"already {previous.data.tags['status']} in run "
-                                        f"{previous.info.run_id}")
-        if not invalid:
+               "fingerprint": found.fingerprint, "plan": "run", "why": ""}
+        if found.invalid:
+            row.update(plan="skip", why=found.invalid)
+        elif found.done is not None:
+            row.update(plan="done", why=f"already {found.done['status']} in run "
+                                        f"{found.done['run_id']}")
+        if not found.invalid:
             lengths, lengths_from = encoding.planned_lengths(job.data, job.model, job.cache_dir)
             if lengths is None:
                 row["lengths_from"] = lengths_from
             else:
-                estimated.append((row, job, lengths_from, (cell, lengths, job.cache_dir)))
+                estimated.append((row, job, lengths_from, (cell_cfg, lengths, job.cache_dir)))
         rows.append(row)
     # All at once: the simulations may run side by side.
     all_parts = estimate.gpu_peaks_mib([request for *_, request in estimated])

@@ -21,39 +21,49 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import identity, validation
+from harness.config import identity
 from harness.config.grids import BASIC_SWEEPER, cells
 from harness.core.errors import ConfigError, refused
 from harness.core.tables import as_text
+from harness.run import checks
 
 
 def summary(jobs: list[DictConfig]) -> pd.DataFrame:
     """One row per planned cell from its newest run in MLflow: status, times, peak memory."""
-    from harness.tracking import mlflow_store
+    from harness.tracking import mlflow_store, runs
 
-    client, experiment_id = mlflow_store.connect(jobs[0].tracking)
+    stored = runs.of_experiment(*mlflow_store.connect(jobs[0].tracking))
     rows, seen = [], set()
     for job in jobs:
-        cell = identity.cell_config(job)
-        fingerprint = identity.fingerprint(cell)
+        cell_cfg = identity.cell_config(job)
+        fingerprint = identity.fingerprint(cell_cfg)
         if fingerprint in seen:  # ranks collapse for methods without adapters: one cell
             continue
         seen.add(fingerprint)
-        runs = client.search_runs([experiment_id], f"tags.cell = '{fingerprint}'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
-        run = runs[0] if runs else None
-        metrics = run.data.metrics if run else {}
+        run = runs.newest(stored, fingerprint)
+        if run is None:
+            rows.append({"cell": identity.run_name(cell_cfg), "status": "not run", "why": ""})
+            continue
+        ended = not pd.isna(run.get("end_time"))
         rows.append({
-            "cell": identity.run_name(cell),
-            "status": run.data.tags.get("status", "") if run else "not run",
-            "wall time (min)": ((run.info.end_time - run.info.start_time) / 60000
-                                if run and run.info.end_time else None),
-            "train time (min)": (metrics["train_time_s"] / 60 if "train_time_s" in metrics
-                                 else None),
-            "GPU peak (MiB)": metrics.get("gpu_peak_mib"),
-            "CPU peak (MiB)": metrics.get("cpu_peak_mib"),
-            "why": run.data.tags.get("status_reason", "") if run else ""})
-    return pd.DataFrame(rows)
+            "cell": identity.run_name(cell_cfg),
+            "status": _text(run.get("tags.status")),
+            "wall time (min)": ((run.end_time - run.start_time).total_seconds() / 60
+                                if ended else None),
+            "train time (min)": _number(run.get("metrics.train_time_s"), 1 / 60),
+            "GPU peak (MiB)": _number(run.get("metrics.gpu_peak_mib")),
+            "CPU peak (MiB)": _number(run.get("metrics.cpu_peak_mib")),
+            "why": _text(run.get("tags.status_reason"))})
+    return pd.DataFrame(rows, columns=["cell", "status", "wall time (min)", "train time (min)",
+                                       "GPU peak (MiB)", "CPU peak (MiB)", "why"])
+
+
+def _text(value) -> str:
+    return "" if value is None or pd.isna(value) else value
+
+
+def _number(value, scale: float = 1.0) -> float | None:
+    return None if value is None or pd.isna(value) else value * scale
 
 
 # Hydra loads this callback for single runs too, which validate their config before torch and
@@ -68,23 +78,26 @@ class SweepProgress(Callback):
         self.started = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        folder = Path(OmegaConf.select(config, "hydra.sweep.dir"))
         if config.hydra.sweeper._target_ != BASIC_SWEEPER:
+            checks.forget(folder)  # its cells check themselves
             print("[harness] no plan: it expands the basic sweeper's grids only")
             return
-        from harness.config import hub
+        import torch
+
         from harness.core import tables
         from harness.measure import gpus
-        from harness.run import runner
         from harness.sweep import plan
 
+        # Every check once, for every cell: handed to each cell's runner in the sweep's folder.
         try:
-            runner.check_machine(config)
             jobs = cells(config)
-            hub.check([job for job in jobs if not validation.invalid_cell_reason(job)])
+            checked = checks.on_this_machine(jobs, plan.check(jobs), torch.cuda.is_available())
             found = gpus.describe(gpus.candidates(config.runner.gpus))
-            table = plan.plan(jobs, found, config.get("plan_gpu"))
+            table = plan.plan(jobs, found, config.get("plan_gpu"), checked=checked)
         except ConfigError as error:
             sys.exit(refused(error))
+        checks.save(folder, checked)
         self.total = len(jobs)
         self.numbers = {fingerprint: number for number, fingerprint in
                         enumerate(table.fingerprint.drop_duplicates(), start=1)}

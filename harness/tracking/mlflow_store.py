@@ -1,4 +1,5 @@
-"""MLflow: one run per cell, named as the contract of docs/design.md says (params, metrics, tags, artifacts).
+"""MLflow's write side: one run per cell, named as the contract of docs/design.md says (params,
+metrics, tags, artifacts); the read side is harness/tracking/runs.py.
 
 The runner alone writes to MLflow: it creates the run, writes the metrics, tags and artifacts the
 cell process sends it as they arrive (so nothing finished is lost if the cell dies later), adds
@@ -25,8 +26,6 @@ from harness.data.sources import from_hub
 
 # The MLflow UI opens such an experiment on its runs table (model training), not on GenAI traces.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-# A rerun skips cells that ended with one of these; failed cells run again.
-FINISHED = ("ok", "oom", "diverged", "skipped")
 RUN_STATUS = {"ok": "FINISHED", "skipped": "FINISHED", "diverged": "FAILED", "oom": "FAILED",
               "failed": "FAILED", "killed": "KILLED"}
 
@@ -67,25 +66,6 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
             f"tracking.uri={uri} does not answer ({type(error).__name__}: {error}); start the "
             "server (make server), fix tracking.uri, or log to a local file with "
             "tracking=local") from None
-
-
-def finished_run(client: MlflowClient, experiment_id: str, fingerprint: str,
-                 limits: dict | None = None):
-    """The newest run of this cell that finished (see FINISHED), or None. An oom finished the
-    cell only on a machine with no more memory than where it ran out: `limits` are this one's
-    ({"cpu": MiB, "gpu": MiB or None}, see memory.limits)."""
-    runs = client.search_runs([experiment_id], f"tags.cell = '{fingerprint}'",
-                              order_by=["attributes.start_time DESC"])
-    return next((run for run in runs if run.data.tags.get("status") in FINISHED
-                 and not _more_room_now(run, limits or {})), None)
-
-
-def _more_room_now(run, limits: dict) -> bool:
-    """Whether this machine has more of the memory the run ran out of (its oom_limit tags)."""
-    kind, hit = run.data.tags.get("oom_limit"), run.data.tags.get("oom_limit_mib")
-    if run.data.tags.get("status") != "oom" or kind is None or limits.get(kind) is None:
-        return False
-    return limits[kind] > float(hit)
 
 
 def start_run(client: MlflowClient, experiment_id: str, name: str, params: dict, tags: dict,
