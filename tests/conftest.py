@@ -13,9 +13,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
+from harness.measure import gpus
+
 REPO = Path(__file__).resolve().parents[1]
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# The committed plans (reports/<name>/plan.csv) fit against their experiment's plan_gpu, as a
+# machine without a GPU writes them; one with a GPU fits against its own.
+without_a_gpu = pytest.mark.skipif(bool(gpus.describe(gpus.candidates(None))),
+                                   reason="the committed plans are a machine's without a GPU")
 
 
 def compose_cell(*overrides: str):

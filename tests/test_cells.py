@@ -9,6 +9,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
+from harness.cell import entry
 from harness.run import runner
 from tests.conftest import compose_cell, requires_cuda, runs_of
 
@@ -51,7 +52,7 @@ def test_training_beats_the_untrained_model(store, cell_overrides, method, lr, s
 
 def test_a_finished_run_carries_every_contract_name(store, cell_overrides):
     status, runs = _run(store, cell_overrides, "method=lora", "train.max_steps=4",
-                        "eval.max_samples=6")
+                        "eval.max_samples=6", "eval.infer=true")
     assert status == "ok" and len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
@@ -128,10 +129,11 @@ def test_a_recipe_cell_logs_its_resolved_lengths_and_its_estimate(store, cell_ov
 @pytest.mark.parametrize("bound, expected", [([], 64), (["eval.max_samples=10"], 10)])
 def test_every_evaluation_pass_of_a_synthetic_cell_is_bounded(store, cell_overrides, bound,
                                                               expected):
-    # Synthetic data measures memory and time: its eval-loss pass takes 64 examples unless told.
+    # Synthetic data measures memory and time: its eval-loss pass takes 64 examples unless told
+    # (and, on a CPU, one batch unless told: eval.loss_max_batches).
     status, runs = _run(store, cell_overrides, "data=synthetic", "data.train_size=16",
                         "data.validation_size=300", "data.test_size=16", "train.max_steps=1",
-                        *bound)
+                        "eval.loss_max_batches=null", *bound)
     assert status == "ok"
     assert runs[0].data.metrics["eval_examples"] == expected
     assert runs[0].data.params["eval.max_samples"] == str(expected)
@@ -204,12 +206,35 @@ def test_int8_lora_cell_runs_on_cpu(store, cell_overrides):
 def test_synthetic_cell_measures_without_rouge(store, cell_overrides, family):
     status, runs = _run(store, cell_overrides, *family, "data=synthetic", "data.train_size=32",
                         "data.validation_size=8", "data.test_size=8", "train.max_steps=2",
-                        "data.source_length_median=40", "data.target_length_median=10")
+                        "data.source_length_median=40", "data.target_length_median=10",
+                        "eval.batch_size=2")
     assert status == "ok"
-    metrics = runs[0].data.metrics
+    metrics, params = runs[0].data.metrics, runs[0].data.params
     assert "rouge1" not in metrics and "eval_loss" in metrics
     assert "not computed" in runs[0].data.tags["rouge"]
-    assert {"estimate_gpu_mib", "infer_latency_ms_p50_merged", "cpu_train_peak_mib"} <= set(metrics)
+    assert {"estimate_gpu_mib", "cpu_train_peak_mib"} <= set(metrics)
+    # A memory-only cell: on a CPU no inference benchmark and an eval loss of one batch; on a
+    # GPU both, whole (eval.infer=auto, eval.loss_max_batches=auto).
+    cuda = torch.cuda.is_available()
+    assert ("infer_latency_ms_p50_merged" in metrics) == cuda
+    assert params["eval.infer_resolved"] == str(cuda)
+    assert metrics["eval_examples"] == (8 if cuda else 2)
+
+
+@pytest.mark.parametrize("overrides, on_cpu, on_gpu", [
+    ([], (False, 1), (True, None)),  # random weights
+    (["data=synthetic"], (False, 1), (True, None)),
+    (["model.source=hub", "model=flan-t5-base", "data=samsum"], (True, None), (True, None)),
+    (["eval.infer=true", "eval.loss_max_batches=null"], (True, None), (True, None)),
+    (["model.source=hub", "model=flan-t5-base", "eval.infer=false", "eval.loss_max_batches=3"],
+     (False, 3), (False, 3)),
+])
+def test_the_inference_benchmark_and_eval_loss_run_whole_where_they_measure_something(
+        overrides, on_cpu, on_gpu):
+    cfg = compose_cell(*overrides)
+    for device, expected in ((torch.device("cpu"), on_cpu), (torch.device("cuda"), on_gpu)):
+        resolved = entry.resolved_eval(cfg, device)
+        assert (resolved["infer"], resolved["loss_max_batches"]) == expected, device
 
 
 def test_a_cell_that_raises_is_closed_as_failed(store, cell_overrides, tmp_path):

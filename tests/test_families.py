@@ -16,7 +16,7 @@ from harness.measure import accounting
 from harness.model import families, methods, models, tokenizers, training_step
 from harness.run import runner
 from harness.sweep import plan
-from tests.conftest import compose_cell, runs_of
+from tests.conftest import REPO, compose_cell, runs_of, without_a_gpu
 
 CPU = torch.device("cpu")
 
@@ -167,7 +167,7 @@ def test_paged_optimizers_need_cuda_and_options_are_checked():
 ], ids=["t5-nf4-adamw8bit", "causal-instructions", "causal-instructions-nf4"])
 def test_new_cells_train_end_to_end(store, cell_overrides, overrides):
     cfg = compose_cell(*cell_overrides, *overrides, "train.max_steps=6", "eval.max_samples=6",
-                       "train.lr=1e-2")
+                       "train.lr=1e-2", "eval.infer=true")  # random weights: asked for
     assert runner.run(cfg) == "ok"
     run = runs_of(store, cfg.tracking.experiment)[0]
     metrics = run.data.metrics
@@ -200,6 +200,14 @@ def published_plans(tmp_path_factory):
                             grids.compose_experiment(name, [])[0].plan_gpu,
                             create_experiment=False)
             for name in ("peft_table", "opencalm")}
+
+
+@without_a_gpu
+@pytest.mark.parametrize("name", ["peft_table", "opencalm"])
+def test_the_committed_plans_are_what_make_plan_writes_today(published_plans, name):
+    # reports/<name>/plan.csv as `make plan EXP=<name>` writes it with an empty cache and store.
+    assert published_plans[name].to_csv(index=False) == \
+        (REPO / "reports" / name / "plan.csv").read_text()
 
 
 def test_the_plan_puts_peft_s_lora_rows_within_25_percent_and_full_out_of_80_gb(

@@ -12,13 +12,13 @@ import pytest
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from harness.config import identity, validation
+from harness.config import grids, identity, validation
 from harness.core.errors import ConfigError
 from harness.estimate import estimate
 from harness.measure import gpus
 from harness.run import checks, runner
 from harness.sweep import plan
-from tests.conftest import compose_cell, requires_cuda, runs_of
+from tests.conftest import REPO, compose_cell, requires_cuda, runs_of, without_a_gpu
 from tests.test_config import grid
 
 
@@ -114,12 +114,40 @@ def reference_plan(tmp_path_factory):
                              f"cache_dir={folder}/cache", f"tracking.uri=sqlite:///{folder}/m.db"],
                             cwd=folder, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout, pd.read_csv(folder / "reports" / "reference_table" / "plan.csv")
+    written = folder / "reports" / "reference_table" / "plan.csv"
+    # Its simulations show their progress: how many are done, and the cell.
+    assert "estimating: 100%" in result.stderr and "flan-t5-" in result.stderr
+    return result.stdout, pd.read_csv(written), written
+
+
+@pytest.mark.slow
+def test_a_cell_of_another_setup_stands_beside_no_published_figure(tmp_path):
+    # full_grid's cells are the study's model, method and precision, without its recipe.
+    jobs = grids.compose_experiment("full_grid", [
+        "model=flan-t5-base", "precision=fp32", "method=full,lora", "++method.r=4",
+        "train.gradient_checkpointing=false", f"cache_dir={tmp_path}/cache",
+        f"tracking.uri=sqlite:///{tmp_path}/m.db"])
+    table = plan.plan(jobs, [], jobs[0].plan_gpu)
+    assert len(table) == 2 and set(table.reference) == {"reference_table: other setup"}
+    assert table.get("estimate_ratio", pd.Series([None])).isna().all()
+    full, lora = table.reference_setup
+    assert "padding=longest (published: max_length)" in full
+    assert "source_max_length=512 (published: p100)" in full
+    assert "gradient_checkpointing=False (published: True)" in lora
+
+
+@pytest.mark.slow
+@without_a_gpu
+def test_the_committed_plan_is_what_make_plan_writes_today(reference_plan):
+    # reports/reference_table/plan.csv is what `make plan EXP=reference_table` writes on a machine
+    # without a GPU and with an empty store: a change to the plan must update it.
+    *_, written = reference_plan
+    assert written.read_text() == (REPO / "reports" / "reference_table" / "plan.csv").read_text()
 
 
 @pytest.mark.slow
 def test_make_plan_writes_the_plan_of_any_experiment_without_a_gpu(reference_plan):
-    stdout, table = reference_plan
+    stdout, table, _ = reference_plan
     assert len(table) == 9 and set(table.plan) == {"run"}
     for column in ("cell", "model", "method", "precision", "gradient_checkpointing",
                    *(f"{part}_mib" for part in estimate.PARTS), "estimate_mib",
@@ -147,7 +175,7 @@ def test_make_plan_writes_the_plan_of_any_experiment_without_a_gpu(reference_pla
                 "xl_lora_int8")])
 def test_each_reference_row_fits_an_a10g_and_is_within_25_percent_of_the_study(reference_plan,
                                                                                row):
-    _, table = reference_plan
+    _, table, _ = reference_plan
     model, method, precision = {
         "base_full": ("flan-t5-base", "full", "fp32"), "base_lora": ("flan-t5-base", "lora",
                                                                       "fp32"),

@@ -37,9 +37,19 @@ def _log(client, experiment_id, name, params, metrics, status, reason="", series
 _log.started = []
 
 
-def _cell(model, method, precision, rank=None, optimizer="adamw", seed=42):
+# The study's setup (its recipes at batch 8) as a run's params record it.
+STUDY = {"full": {"data.source_max_length": "p100", "data.target_max_length": "p100",
+                  "data.padding": "max_length", "train.batch_size": 8,
+                  "train.gradient_checkpointing": False},
+         "lora": {"data.source_max_length": "p85", "data.target_max_length": "p90",
+                  "data.padding": "max_length", "train.batch_size": 8,
+                  "train.gradient_checkpointing": True}}
+
+
+def _cell(model, method, precision, rank=None, optimizer="adamw", seed=42, setup=None):
     params = {"model.name": model, "method.name": method, "method.optimizer": optimizer,
-              "precision.name": precision, "train.seed": seed, "tracking.uri": "anywhere"}
+              "precision.name": precision, "train.seed": seed, "tracking.uri": "anywhere",
+              **(STUDY.get(method, STUDY["lora"]) if setup is None else setup)}
     if rank is not None:
         params["method.r"] = rank
     return params
@@ -86,9 +96,12 @@ def golden_store(tmp_path):
         _log(client, experiment, f"lora-r8 seed {seed}", _cell(base, "lora", "fp32", 8, seed=seed),
              _measured(rouge1, gpu, pct=0.36, grads=3.4, optimizer=6.8, activations=1500.0),
              "ok", series=[*_curve([1.5, 1.4, 1.45], [48.0, 50.0, 49.0]), *_memory(gpu)])
-    _log(client, experiment, "lora-r4", _cell(base, "lora", "fp32", 4),
+    # At batch 4: not the study's setup, so not beside its figures.
+    _log(client, experiment, "lora-r4", _cell(base, "lora", "fp32", 4,
+                                              setup={**STUDY["lora"], "train.batch_size": 4}),
          {**_measured(51.2, 3200.0, pct=0.18, grads=1.7, optimizer=3.4, activations=1450.0),
-          **INFERENCE}, "ok", series=[*_curve([1.5, 1.38, 1.36], [48.5, 50.5, 51.0]), *_memory(3200.0)])
+          **INFERENCE}, "ok",
+         series=[*_curve([1.5, 1.38, 1.36], [48.5, 50.5, 51.0]), *_memory(3200.0)])
     _log(client, experiment, "lomo", _cell(base, "lomo", "fp32", optimizer="sgd"),
          _measured(49.0, 5200.0, tokens=2500.0, grads=9.0, optimizer=0.0), "ok")
     _log(client, experiment, "full fp16", _cell(base, "full", "fp16"), {"total_params": 2.5e8},
@@ -208,11 +221,21 @@ def test_published_tables_are_compared_like_with_like(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     experiment = client.create_experiment("published", artifact_location=str(tmp_path / "a"))
-    _log(client, experiment, "mt0 lora", _cell("mt0-xxl", "lora", "fp32", 8),
+    # Each in its table's setup (harness/core/reference.yaml).
+    peft_setup = {"data.source_max_length": 128, "data.target_max_length": 8,
+                  "data.padding": "longest", "train.batch_size": 8,
+                  "train.gradient_checkpointing": False}
+    opencalm_setup = {**peft_setup, "data.target_max_length": 128, "train.batch_size": 4,
+                      "train.gradient_checkpointing": True}
+    _log(client, experiment, "mt0 lora", _cell("mt0-xxl", "lora", "fp32", 8, setup=peft_setup),
          {**_measured(40.0, 60000.0), "torch_peak_allocated_mib": 55000.0,
           "estimate_allocated_mib": 61600.0}, "ok")
-    _log(client, experiment, "opencalm int8", _cell("opencalm-7b", "lora", "int8", 8),
+    _log(client, experiment, "opencalm int8",
+         _cell("opencalm-7b", "lora", "int8", 8, setup=opencalm_setup),
          _measured(30.0, 15000.0), "ok")
+    # Another rank than peft's r=8: a cell of another setup, beside no figure.
+    _log(client, experiment, "mt0 lora r16",
+         _cell("mt0-xxl", "lora", "fp32", 16, setup=peft_setup), _measured(41.0, 61000.0), "ok")
     assert report.main(["--experiment", "published", "--tracking-uri", uri,
                         "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "report.md").read_text()
@@ -228,6 +251,10 @@ def test_published_tables_are_compared_like_with_like(tmp_path):
     assert opencalm["GPU memory, reference (MB)"] == "12000-20000 (a dozen-odd GB)"
     assert opencalm["estimate / reference"] == f"{0.9 * 15000 / 16000:.2f}"
     assert "peft_table: peft's README" in text and "opencalm: the OpenCALM-7B" in text
+    section = text.split("## Beside the reference")[1].split("\n## ")[0]
+    assert [line.split("|")[1].strip() for line in section.splitlines()
+            if line.startswith("| ")][1:] == ["peft_table", "opencalm"]  # after the header
+    assert "- mt0-xxl/lora-r16/fp32 (peft_table): r=16 (published: 8)" in text
 
 
 def test_the_lora_claims_section_computes_its_verdicts_from_the_runs(golden_store, tmp_path):

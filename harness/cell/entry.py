@@ -16,6 +16,7 @@ it goes, which the runner records at once, so that nothing finished is lost if t
 import contextlib
 import csv
 import errno
+import math
 import resource
 import signal
 import sys
@@ -119,9 +120,28 @@ class ToRunner:
             self(self.peaks)  # now: a cell that dies later keeps this phase's peaks
 
 
+# A memory-only cell's eval loss pass reads this many batches (eval.loss_max_batches=auto): its
+# loss says nothing, and one batch of eval.batch_size shows the pass's memory.
+MEMORY_ONLY_LOSS_BATCHES = 1
+
+
+def resolved_eval(cfg, device: torch.device) -> dict:
+    """eval.infer and eval.loss_max_batches with `auto` resolved. A cell on a CPU that only
+    measures memory and time (random weights or synthetic data) skips the inference benchmark
+    and bounds its eval loss pass; every other cell, and every cell on a GPU, runs both whole."""
+    memory_only = device.type != "cuda" and (cfg.model.source == "random"
+                                             or cfg.data.name == "synthetic")
+    batches = cfg.eval.loss_max_batches
+    return {"infer": not memory_only if cfg.eval.infer == "auto" else cfg.eval.infer,
+            "loss_max_batches": (MEMORY_ONLY_LOSS_BATCHES if memory_only else None)
+            if batches == "auto" else batches}
+
+
 def run(cfg, cache_dir: str, log: ToRunner) -> None:
     device = log.device
     method = cfg.method.name
+    evaluation = resolved_eval(cfg, device)
+    log.params({f"eval.{key}_resolved": value for key, value in evaluation.items()})
 
     with log.phase("load"):
         load_start = time.perf_counter()
@@ -150,7 +170,11 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
         shuffle = torch.Generator().manual_seed(cfg.train.seed)
         train_loader = DataLoader(splits["train"], batch_size=cfg.train.batch_size,
                                   shuffle=True, generator=shuffle, collate_fn=collate)
-        validation_loader = DataLoader(_first(splits["validation"], cfg.eval.max_samples),
+        loss_examples = cfg.eval.max_samples
+        if evaluation["loss_max_batches"] is not None:
+            loss_examples = min(loss_examples or math.inf,
+                                evaluation["loss_max_batches"] * cfg.eval.batch_size)
+        validation_loader = DataLoader(_first(splits["validation"], loss_examples),
                                        batch_size=cfg.eval.batch_size, collate_fn=collate)
         def validation_rouge():  # ROUGE learning curves (eval.rouge_every_epoch)
             return _rouge(model, tokenizer, splits["validation"], text["validation"], cfg,
@@ -178,7 +202,7 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
 
     if method in ADAPTER_METHODS:
         _log_adapter(log, model)
-    if cfg.eval.infer:  # last: an adapter is merged into its base here
+    if evaluation["infer"]:  # last: an adapter is merged into its base here
         with log.phase("infer"):
             infer.benchmark(model, tokenizer, splits["test"], cfg, device, family, log)
 

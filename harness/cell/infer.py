@@ -23,6 +23,7 @@ import time
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from harness.core.units import MIB
 from harness.measure import accounting
@@ -37,15 +38,15 @@ def benchmark(model, tokenizer, split, cfg, device: torch.device, family, log) -
     loader = DataLoader(examples, batch_size=cfg.eval.infer_batch_size,
                         collate_fn=family.generation_collate(tokenizer))
 
-    def measure(generator) -> dict:
+    def measure(generator, variant: str) -> dict:
         return latency(generator, loader, cfg.eval.infer_new_tokens, tokenizer.pad_token_id,
-                       cfg.precision.name, device)
+                       cfg.precision.name, device, f"inference ({variant})")
 
-    log(measure(model))
+    log(measure(model, "as trained"))
     if not hasattr(model, "merge_and_unload"):  # no adapter: the model is its own base
         return
     with model.disable_adapter():
-        log(_suffixed(measure(model), "_base"))
+        log(_suffixed(measure(model, "base"), "_base"))
     try:
         merged = model.merge_and_unload()
     except Exception as error:  # a layer peft cannot merge into: say why, keep the rest
@@ -55,14 +56,14 @@ def benchmark(model, tokenizer, split, cfg, device: torch.device, family, log) -
     log.tag("infer_merged", "merged by peft's merge_and_unload" + (
         f" into the {cfg.precision.name} base: dequantized, added, quantized again (rounding)"
         if quantized else ""))
-    log(_suffixed(measure(merged), "_merged"))
+    log(_suffixed(measure(merged, "merged"), "_merged"))
 
 
 @torch.no_grad()
 def latency(model, loader, new_tokens: int, pad_id: int, precision: str,
-            device: torch.device) -> dict:
+            device: torch.device, progress: str = "inference") -> dict:
     """infer_latency_ms_p50 / _p90 and infer_tokens_per_s of greedy generation over `loader`,
-    its first batch run once untimed first."""
+    its first batch run once untimed first; a progress bar named `progress` over the batches."""
     model.eval()
 
     def generate(batch) -> torch.Tensor:
@@ -72,7 +73,9 @@ def latency(model, loader, new_tokens: int, pad_id: int, precision: str,
                                   num_beams=1, do_sample=False, max_new_tokens=new_tokens,
                                   min_new_tokens=new_tokens, pad_token_id=pad_id)
 
+    bar = tqdm(total=len(loader) + 1, desc=progress, unit="batch")
     generate(next(iter(loader)))  # warm-up
+    bar.update()
     per_example_ms, tokens, seconds = [], 0, 0.0
     for batch in loader:
         synchronize(device)
@@ -84,6 +87,8 @@ def latency(model, loader, new_tokens: int, pad_id: int, precision: str,
         per_example_ms.append(1000 * elapsed / size)
         tokens += size * new_tokens
         seconds += elapsed
+        bar.update()
+    bar.close()
     return {"infer_latency_ms_p50": float(np.percentile(per_example_ms, 50)),
             "infer_latency_ms_p90": float(np.percentile(per_example_ms, 90)),
             "infer_tokens_per_s": tokens / seconds}

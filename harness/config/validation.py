@@ -127,9 +127,12 @@ def validate(cfg: DictConfig) -> None:
                 "eval.num_beams", "eval.max_new_tokens", "eval.infer_batch_size",
                 "eval.infer_examples", "eval.infer_new_tokens"):
         _check_positive(cfg, key, integer=True)
-    if not isinstance(cfg.eval.infer, bool):
+    if not (isinstance(cfg.eval.infer, bool) or cfg.eval.infer == "auto"):
         raise ConfigError(f"eval.infer={cfg.eval.infer!r}; expected true (the inference "
-                          "benchmark after evaluation) or false")
+                          "benchmark after evaluation), false, or auto (on unless the cell only "
+                          "measures memory on a CPU)")
+    if cfg.eval.loss_max_batches not in ("auto", None):
+        _check_positive(cfg, "eval.loss_max_batches", integer=True)
     if cfg.eval.max_samples is not None:
         _check_positive(cfg, "eval.max_samples", integer=True)
     _check_positive(cfg, "train.lr")

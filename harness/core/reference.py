@@ -2,23 +2,62 @@
 README memory table and the OpenCALM-7B study, for the report (beside the cells that match a
 row) and the plan (the estimate against the published GPU memory)."""
 
+import functools
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
+from harness.core.options import CONF_DIR
+
 PATH = Path(__file__).with_name("reference.yaml")
 KEYS = ("model", "method", "precision")  # what makes a cell a row of a table
 # What a table's GPU figure counts, and the part of the estimate that counts the same.
 MEASURES = {"nvml": "total", "allocated": "allocated"}
+# What a published figure depends on besides KEYS: a cell stands beside a row only where it runs
+# the row's setup (its table's, a recipe's of conf/recipe/, the row's own; the LoRA rank where
+# the source states one, and only for a cell that has a rank).
+SETUP_KEYS = ("data.source_max_length", "data.target_max_length", "data.padding",
+              "train.batch_size", "train.gradient_checkpointing", "method.r")
 
 
 def load() -> pd.DataFrame:
-    """One row per published row, with its table's name, source and measure."""
+    """One row per published row, with its table's name, source, measure and setup (a dict of
+    SETUP_KEYS: the value as str() writes it, as MLflow's params hold it)."""
     tables = yaml.safe_load(PATH.read_text())["tables"]
-    return pd.DataFrame([{**row, "table": table["name"], "source": table["source"],
-                          "measure": table["measure"]}
+    return pd.DataFrame([{**{key: value for key, value in row.items()
+                             if key not in ("setup", "recipe")},
+                          "table": table["name"], "source": table["source"],
+                          "measure": table["measure"],
+                          "setup": {**table.get("setup", {}), **_recipe(row.get("recipe")),
+                                    **row.get("setup", {})}}
                          for table in tables for row in table["rows"]])
+
+
+@functools.cache
+def _recipe(name: str | None) -> dict:
+    """The SETUP_KEYS a recipe (conf/recipe/<name>.yaml) sets, by their dotted names, but its
+    rank: that is the recipe's, not the published source's."""
+    if name is None:
+        return {}
+    flat = pd.json_normalize(yaml.safe_load((CONF_DIR / "recipe" / f"{name}.yaml").read_text()),
+                             sep=".").iloc[0].to_dict()
+    return {key: value for key, value in flat.items() if key in SETUP_KEYS and key != "method.r"}
+
+
+def differences(published: dict, settings: dict) -> list[str]:
+    """What the cell runs otherwise than the published row's setup, as "key=ours (published:
+    theirs)"; `settings` are the cell's params by dotted name (values as str() writes them). A
+    setting the cell does not record counts as another."""
+    found = []
+    for key, value in published["setup"].items():
+        ours = settings.get(key)
+        if key == "method.r" and ours is None:  # a method without a rank
+            continue
+        if ours is None or str(ours) != str(value):
+            found.append(f"{key.split('.')[-1]}={'?' if ours is None else ours} "
+                         f"(published: {value})")
+    return found
 
 
 def row(model: str, method: str, precision: str) -> dict | None:

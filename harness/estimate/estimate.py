@@ -58,7 +58,9 @@ from typing import NamedTuple
 
 import torch
 from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
+from harness.config import identity
 from harness.core.files import write_whole
 from harness.core.options import QUANTIZED
 from harness.core.units import MIB
@@ -120,18 +122,32 @@ def gpu_peaks_mib(requests: list[tuple[dict, dict, str]]) -> list[dict]:
             pending.setdefault(path, (cell_cfg, lengths, cache_dir))
     pending = list(pending.values())
     started, cores = time.monotonic(), _usable_cores()
-    for index, request in enumerate(pending):
-        left = len(pending) - index
-        if left > 1 and cores > 1 and time.monotonic() - started > WORKER_START_S:
-            # spawn: a plan may run in a process that has initialised CUDA (a sweep's callback).
-            # The workers ignore Ctrl-C: it stops the plan, whose pool then ends them.
-            with multiprocessing.get_context("spawn").Pool(
-                    min(left, cores), initializer=signal.signal,
-                    initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
-                pool.starmap(gpu_peak_mib, pending[index:], chunksize=1)
-            break
-        gpu_peak_mib(*request)
+    # A simulation takes seconds: say how many are done and which cell is being simulated.
+    with tqdm(total=len(pending), desc="estimating", unit="cell", disable=not pending) as bar:
+        for index, request in enumerate(pending):
+            left = len(pending) - index
+            if left > 1 and cores > 1 and time.monotonic() - started > WORKER_START_S:
+                # spawn: a plan may run in a process that has initialised CUDA (a sweep's
+                # callback). The workers ignore Ctrl-C: it stops the plan, whose pool then ends
+                # them.
+                with multiprocessing.get_context("spawn").Pool(
+                        min(left, cores), initializer=signal.signal,
+                        initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+                    bar.set_postfix_str(f"{min(left, cores)} side by side")
+                    for name in pool.imap_unordered(_simulated, pending[index:]):
+                        bar.set_postfix_str(f"{min(left, cores)} side by side; done: {name}")
+                        bar.update()
+                break
+            bar.set_postfix_str(identity.run_name(request[0]))
+            gpu_peak_mib(*request)
+            bar.update()
     return [gpu_peak_mib(*request) for request in requests]
+
+
+def _simulated(request: tuple) -> str:
+    """In a pool's worker: gpu_peak_mib of one request, into its cache; the cell's name."""
+    gpu_peak_mib(*request)
+    return identity.run_name(request[0])
 
 
 def _usable_cores() -> int:

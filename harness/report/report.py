@@ -23,6 +23,7 @@ from harness.report import charts, claims, slides
 from harness.report.findings import findings, recommendation, setup, toy_runs
 from harness.report.results import (
     beside_reference,
+    other_setups,
     reference_sources,
     status_notes,
     table,
@@ -52,7 +53,7 @@ def render(experiment: str, tracking_uri: str, out: Path) -> dict:
     matched = beside_reference(rows)
     checked = claims.table(rows, source)
     advice = recommendation(rows)
-    parts = [*_results(experiment, runs, rows, source), *_reference(matched),
+    parts = [*_results(experiment, runs, rows, source), *_reference(matched, other_setups(rows)),
              *_findings(said), *_claims(checked, source, toy),
              "## Charts", *(f"![{chart.title}]({chart.path.name})\n\n{chart.caption}"
                             for chart in made),
@@ -92,11 +93,17 @@ def _results(experiment: str, runs, rows, source: str) -> list[str]:
     return lines
 
 
-def _reference(matched) -> list[str]:
-    if not len(matched):
-        return []
-    return ["## Beside the reference", f"Reference figures: {reference_sources(matched)}.",
-            matched.to_markdown(index=False, disable_numparse=True)]
+def _reference(matched, elsewhere: list[str]) -> list[str]:
+    """The cells that run a published row's setup beside its figures; a note on those that are
+    a published row's model, method and precision in another setup (no figure beside them)."""
+    lines = []
+    if len(matched):
+        lines += [f"Reference figures: {reference_sources(matched)}.",
+                  matched.to_markdown(index=False, disable_numparse=True)]
+    if elsewhere:
+        lines.append("Not beside a published figure, since they run another setup than the "
+                     "published row's:\n" + "\n".join(f"- {line}" for line in elsewhere))
+    return ["## Beside the reference", *lines] if lines else []
 
 
 def _findings(said: list[str]) -> list[str]:

@@ -65,7 +65,7 @@ def beside_reference(rows: pd.DataFrame) -> pd.DataFrame:
                  "outcome", "gpu_memory_low_mb", "gpu_memory_high_mb")
     figures = figures.reindex(columns=sorted({*figures.columns,
                                               *(f"reference_{name}" for name in published)}))
-    matched = rows[rows.status == "ok"].merge(figures, on=list(reference.KEYS))
+    matched = _same_setup(rows[rows.status == "ok"].merge(figures, on=list(reference.KEYS)))
     allocated = matched.reference_measure == "allocated"
     for suffix in ("", "_std"):
         matched[f"gpu_mib{suffix}"] = matched[f"gpu_peak_mib{suffix}"].where(
@@ -102,6 +102,25 @@ def beside_reference(rows: pd.DataFrame) -> pd.DataFrame:
     shown.insert(at + 2, "GPU measured as", matched.reference_measure.map(
         {"nvml": "NVML peak", "allocated": "torch allocated peak"}))
     return shown
+
+
+def _same_setup(matched: pd.DataFrame, same: bool = True) -> pd.DataFrame:
+    """The matched cells that run their published row's setup (or, not `same`, those that run
+    another: they stand beside no published figure)."""
+    other = [bool(reference.differences({"setup": setup}, settings))
+             for setup, settings in zip(matched.reference_setup, matched.settings)]
+    return matched[pd.Series([flag != same for flag in other], index=matched.index,
+                             dtype=bool)]
+
+
+def other_setups(rows: pd.DataFrame) -> list[str]:
+    """A line per ok cell that is a published row's model, method and precision but runs another
+    setup: the cell, the table and what differs."""
+    figures = reference.load().rename(columns={"setup": "reference_setup"})
+    matched = rows[rows.status == "ok"].merge(figures, on=list(reference.KEYS))
+    return [f"{row.label} ({row.table}): " + "; ".join(reference.differences(
+                {"setup": row.reference_setup}, row.settings))
+            for row in _same_setup(matched, same=False).itertuples()]
 
 
 def _published(value, decimals: int, outcome=float("nan"), low=float("nan"),

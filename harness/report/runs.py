@@ -6,6 +6,7 @@ run that did not end ok as its own row, with its reason.
 import pandas as pd
 
 from harness.config import identity
+from harness.core import reference
 from harness.report import charts
 
 # Averaged over the ok runs of a cell; their spread is shown as ± std.
@@ -64,7 +65,10 @@ def _row(runs: pd.DataFrame, status: str, reason) -> dict:
                                    None if pd.isna(rank) else int(rank),
                                    first["params.precision.name"]),
            "runs": len(runs), "status": status, "reason": "" if pd.isna(reason) else reason,
-           "run_ids": list(runs["run_id"])}
+           "run_ids": list(runs["run_id"]),
+           # What decides whether a published figure stands beside the cell.
+           "settings": {key: first[f"params.{key}"] for key in reference.SETUP_KEYS
+                        if not pd.isna(first.get(f"params.{key}"))}}
     for metric in METRICS:
         values = pd.to_numeric(runs[f"metrics.{metric}"], errors="coerce").dropna()
         row[metric] = values.mean() if len(values) else float("nan")

@@ -1,6 +1,6 @@
 """The runner: takes a cell's checks (made once, harness/run/checks.py), owns its MLflow run and
-its memory sampler, runs the cell in a fresh process, and records how it ended. A crash, a kill or an out-of-memory in the cell cannot
-take the sweep, or any other cell's result, down with it.
+its memory sampler, runs the cell in a fresh process, and records how it ended. A crash, a kill
+or an out-of-memory in the cell cannot take the sweep, or any other cell's result, down with it.
 """
 
 import os

@@ -7,9 +7,10 @@ prints the plan and writes it to reports/<experiment>/plan.csv. It needs no GPU 
 the estimate (harness/estimate/estimate.py) simulates each cell on PyTorch's meta device. Each
 row says what the sweep would do with the cell (run; skip, with the reason; done already, with the
 run), the lengths it cuts at and where they come from, the estimate and its parts, the published GPU
-memory where the cell is a row of a published table (harness/core/reference.yaml; the estimate's
-ratio to it, the like part of the estimate: all of it for an NVML figure, the tensors alone for
-torch's allocated peak), or the published outcome (out of memory), and
+memory where the cell is a row of a published table and runs its setup (harness/core/
+reference.yaml; the estimate's ratio to it, the like part of the estimate: all of it for an NVML
+figure, the tensors alone for torch's allocated peak), or the published outcome (out of memory),
+or, for a cell of another setup, what differs and no ratio, and
 whether the estimate fits the smallest GPU of this machine, or, on a machine without one, the GPU
 the experiment names (plan_gpu). A sweep prints the same plan before its first cell
 (harness/sweep/progress.py).
@@ -113,6 +114,12 @@ def _estimate_columns(job: DictConfig, lengths: dict, lengths_from: str, parts: 
              "estimate_mib": parts["total"]}
     published = reference.row(job.model.name, job.method.name, job.precision.name) \
         if job.method.optimizer == "adamw" else None
+    other = published and reference.differences(
+        published, identity.flat_params(identity.cell_config(job), job))
+    if other:  # the published figure is of another setup: no ratio to it
+        found.update(reference=f"{published['table']}: other setup",
+                     reference_setup="; ".join(other))
+        return found
     study = reference.gpu_mib(job.model.name, job.method.name, job.precision.name) \
         if published else None
     if published:
