@@ -54,9 +54,13 @@ test-fast: $(INSTALL)
 bench: $(INSTALL)
 	$(PY) bench/run.py $(ARGS)
 
+# The demo's report ends with the reference table's plan: what flan-t5 needs on the study's A10G
+# (runner.gpus=[]: against it, even on a machine with a GPU of its own), estimated here.
 demo: $(INSTALL)
 	$(PY) -m harness -cd experiments -cn demo
-	$(PY) -m harness.report --experiment demo --tracking-uri $(TRACKING_URI)
+	$(PY) -m harness.plan reference_table 'runner.gpus=[]'
+	$(PY) -m harness.report --experiment demo --tracking-uri $(TRACKING_URI) \
+		--plan reports/reference_table/plan.csv
 
 # The plan of an experiment, without a GPU and without running anything: reports/$(EXP)/plan.csv.
 plan: $(INSTALL)

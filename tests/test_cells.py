@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 CONTRACT_METRICS = {"rouge1", "rouge2", "rougeL", "rougeLsum", "train_loss", "eval_loss",
                     "train_time_s", "eval_time_s", "load_time_s", "tokens_per_s",
                     "samples_per_s", "step_time_p50_s", "step_time_p90_s", "cpu_peak_mib",
-                    "cpu_load_peak_mib", "cpu_train_peak_mib", "cpu_eval_peak_mib", "cpu_mib",
+                    "cpu_baseline_mib", "cpu_load_peak_mib", "cpu_train_peak_mib", "cpu_eval_peak_mib", "cpu_mib",
                     "trainable_params", "total_params", "trainable_pct", "adapter_size_mib",
                     "mem_params_mib", "mem_grads_mib", "mem_optimizer_mib"}
 CONTRACT_PARAMS = {"model.name", "model.source", "method.name", "method.r", "method.alpha",
@@ -76,6 +76,10 @@ def test_a_finished_run_carries_every_contract_name(store, cell_overrides):
     assert list(trace.columns) == ["time_s", "phase", "gpu_mib", "gpu_device_mib", "cpu_mib"]
     assert list(trace["phase"].unique()) == ["load", "train", "eval", "infer"]
     assert trace["cpu_mib"].max() == pytest.approx(run.data.metrics["cpu_peak_mib"], abs=0.01)
+    # The process with its libraries imported, before the model: below every sample of the load
+    # phase's peak, and well above a bare interpreter (torch alone is a few hundred MiB).
+    baseline = run.data.metrics["cpu_baseline_mib"]
+    assert 150 < baseline < run.data.metrics["cpu_load_peak_mib"]
     series = client.get_metric_history(run.info.run_id, "cpu_mib")
     assert 10 < len(series) <= 2000
     assert max(m.value for m in series) == pytest.approx(trace["cpu_mib"].max(), abs=0.01)

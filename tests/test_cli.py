@@ -53,13 +53,19 @@ def test_demo_grid_runs_and_reports_a_row_per_run(tmp_path):
     assert sorted(row.split("|")[1].strip() for row in summary_rows) == sorted(
         name for name, _ in outcome)
 
+    # As make demo reports it: ending with the reference table's estimated plan.
     out = tmp_path / "report"
-    assert report.main(["--experiment", "demo", "--tracking-uri", store["uri"],
-                        "--out", str(out)]) == 0
+    assert report.main(["--experiment", "demo", "--tracking-uri", store["uri"], "--out", str(out),
+                        "--plan", str(REPO / "reports" / "reference_table" / "plan.csv")]) == 0
     markdown = (out / "report.md").read_text()
+    assert markdown.rindex("\n## ") == markdown.index(
+        "\n## Estimated GPU memory: the plan of `reference_table`")
     main_table = markdown.split("\n## ")[0]  # the sections after it name cells too
     rows = [line for line in main_table.splitlines() if line.startswith("| t5-tiny")]
     assert len(rows) == len(runs) == 14
+    # docs/demo/report.md, the sample README points to, is what this code writes: the same
+    # sections and the same table columns (its figures are one machine's measurements).
+    assert _skeleton((REPO / "docs" / "demo" / "report.md").read_text()) == _skeleton(markdown)
     header_line = next(line for line in markdown.splitlines() if line.startswith("| model"))
     header = [cell.strip() for cell in header_line.strip("|").split("|")]
     assert header[:11] == ["model", "method", "precision", "rank", "ROUGE-1", "ROUGE-2",
@@ -68,6 +74,21 @@ def test_demo_grid_runs_and_reports_a_row_per_run(tmp_path):
     # Every run that trained carries the plan's estimate of its cell, shown beside its memory.
     estimated = [line.split("|")[10].strip() for line in rows if "| ok " in line]
     assert estimated and all(value.isdigit() for value in estimated)
+
+
+def _skeleton(markdown: str) -> list[str]:
+    """A report's headings (one per chart kind: the model a chart is of left out) and the header
+    row of each of its tables, in order."""
+    kept, previous = [], ""
+    for line in markdown.splitlines():
+        if line.startswith("#"):
+            line = re.sub(r"(Memory over time), .*", r"\1", line)
+            if line not in kept[-1:]:
+                kept.append(line)
+        elif line.startswith("|") and not previous.startswith("|"):
+            kept.append(re.sub(r" +", " ", line))
+        previous = line
+    return kept
 
 
 @pytest.mark.parametrize("args, message", [

@@ -154,13 +154,15 @@ def test_the_deck_is_marp_with_a_slide_per_section(golden_store, tmp_path):
 
 def _cpu_only_store(tmp_path, left_out: tuple, params: dict | None = None,
                     series: bool = False) -> str:
-    """Two t5-mini cells (full, lora-r8) measured on host memory only; the store's URI."""
+    """Two t5-mini cells (full, lora-r8) measured on host memory only, each process holding
+    500 MiB before its model loaded; the store's URI."""
     _log.started.clear()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     experiment = client.create_experiment("golden", artifact_location=str(tmp_path / "a"))
     for method, cpu, rouge1 in (("full", 700.0, 10.0), ("lora", 650.0, 9.0)):
-        metrics = {key: value for key, value in _measured(rouge1, 0.0, cpu=cpu).items()
+        metrics = {key: value for key, value in
+                   {**_measured(rouge1, 0.0, cpu=cpu), "cpu_baseline_mib": 500.0}.items()
                    if key not in left_out}
         cell = {**_cell("t5-mini", method, "fp32", 8 if method == "lora" else None),
                 **(params or {})}
@@ -169,16 +171,41 @@ def _cpu_only_store(tmp_path, left_out: tuple, params: dict | None = None,
     return uri
 
 
+def _table(markdown: str, column: str) -> list[dict]:
+    """The rows of the first markdown table with this column, as {header: cell}."""
+    lines = markdown.splitlines()
+    start = next(number for number, line in enumerate(lines)
+                 if line.startswith("|") and f" {column} " in line)
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))))
+    return rows
+
+
 def test_a_cpu_only_store_reports_host_memory_and_says_so(tmp_path):
     uri = _cpu_only_store(tmp_path, ("gpu_peak_mib", "mem_activations_mib"), series=True)
     files = _render(uri, tmp_path / "out")
     markdown = files["report.md"].decode()
     assert "This store has no GPU figures" in markdown
-    assert "host memory / full FT" in markdown
-    assert "lora-r8/fp32 needs 93 % of full fine-tuning's host memory (650 vs 700 MiB) at a " \
-           "ROUGE-1 change of -1.00 points" in markdown
+    # Ratios and breakdown compare the cells above their processes' 500 MiB baseline (150 vs
+    # 200 MiB, not 650 vs 700); the table's CPU memory stays the whole peak.
+    table = _table(markdown, "host memory / full FT")
+    assert [row["host memory / full FT"] for row in table] == ["1.00", "0.75"]
+    assert [row["CPU memory (MiB)"] for row in table] == ["700", "650"]
+    assert "lora-r8/fp32 needs 75 % of full fine-tuning's host memory above the process's " \
+           "baseline (150 vs 200 MiB) at a ROUGE-1 change of -1.00 points" in markdown
+    assert "(cpu_baseline_mib) are left out of every bar" in markdown
     assert "no GPU in these runs" in files["slides.md"].decode()
     assert {"breakdown.png", "rouge_vs_memory.png", "memory_over_time_t5-mini.png"} <= set(files)
+    # Runs logged before cpu_baseline_mib existed keep their whole peak.
+    (tmp_path / "older").mkdir()
+    older = _cpu_only_store(tmp_path / "older", ("gpu_peak_mib", "cpu_baseline_mib"))
+    assert [row["host memory / full FT"] for row in _table(
+        _render(older, tmp_path / "older-out")["report.md"].decode(),
+        "host memory / full FT")] == ["1.00", "0.93"]
 
 
 def test_the_recommendation_picks_per_gpu_budget_the_best_and_the_cheapest_close_to_it(
@@ -206,6 +233,53 @@ def test_toy_runs_say_what_they_cannot_show(tmp_path):
     findings = markdown[markdown.index("## Findings"):markdown.index("## Charts")]
     assert "not how the methods compare" in findings and "% of full fine-tuning" not in findings
     assert "None from these runs" in markdown
+
+
+REFERENCE_PLAN = Path(__file__).parents[1] / "reports" / "reference_table" / "plan.csv"
+
+
+def test_the_report_ends_with_the_reference_table_s_estimated_plan(golden_store, tmp_path):
+    # As make demo adds it: the committed plan of the reference table, from make plan.
+    out = tmp_path / "out"
+    assert report.main(["--experiment", "golden", "--tracking-uri", golden_store,
+                        "--out", str(out), "--plan", str(REFERENCE_PLAN)]) == 0
+    markdown = (out / "report.md").read_text()
+    section = markdown[markdown.index("## Estimated GPU memory: the plan of `reference_table`"):]
+    assert markdown.index("## Recommendation") < markdown.index(section)
+    assert "estimated here without one" in section and "NVIDIA A10G (the study's)" in section
+    rows = {row["cell"]: row for row in _table(section, "estimate (MiB)")}
+    # The study's six rows and LoRA+LOMO per size, by part, beside the published figures.
+    assert len(rows) == 9
+    full = rows["flan-t5-base/full/fp32"]
+    fits = "fits NVIDIA A10G (the study's)"
+    assert (full["estimate (MiB)"], full["published (MB)"], full[fits]) == ("14690", "14830", "yes")
+    parts = ("weights", "gradients", "optimizer state", "activations", "allocator cache",
+             "CUDA context")
+    assert abs(sum(float(full[part]) for part in parts) - 14690) <= len(parts)
+    assert rows["flan-t5-xl/lora_lomo-r16/fp32"]["published (MB)"] == "—"
+    assert "![Estimated GPU memory, reference_table](plan_reference_table.png)" in section
+    assert (out / "plan_reference_table.png").stat().st_size > 10_000
+    deck = (out / "slides.md").read_text()
+    assert "## Estimated GPU memory: `reference_table` (no GPU ran)" in deck
+    assert "![h:480](plan_reference_table.png)" in deck
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file; write it first with `make plan EXP=<experiment>`"),
+    ("cell,estimate_mib\nx,1\n", "not a plan as `make plan` writes it today (no column "
+                                   "fingerprint, gpu, gpu_mib, fits, weights_mib"),
+])
+def test_a_plan_that_is_not_one_is_refused_before_the_store_is_read(tmp_path, capsys, content,
+                                                                     message):
+    path = tmp_path / "reference_table" / "plan.csv"
+    if content is not None:
+        path.parent.mkdir()
+        path.write_text(content)
+    store = f"sqlite:///{tmp_path}/never.db"
+    assert report.main(["--experiment", "golden", "--tracking-uri", store, "--out",
+                        str(tmp_path / "out"), "--plan", str(path)]) == 2
+    assert f"error: --plan {path}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "never.db").exists()
 
 
 def test_unknown_experiment_names_the_ones_there(golden_store, capsys):

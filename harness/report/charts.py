@@ -8,7 +8,9 @@ same bytes for the same runs:
 - learning_curves.png: eval loss and eval ROUGE-1 per epoch, a line per LoRA cell (rank);
 - memory_over_time_<model>.png: the sampled memory of each cell of one model size.
 
-On a store without GPU figures every chart uses host memory and says so in its title.
+On a store without GPU figures every chart uses host memory and says so in its title: the peak
+above the cell process's baseline (cpu_baseline_mib, the interpreter and libraries before the
+model loads), which every cell pays alike and would otherwise be most of each bar.
 """
 
 from dataclasses import dataclass
@@ -52,7 +54,7 @@ def draw(rows: pd.DataFrame, source: str, out: Path, curves: dict,
 
 def peak_metric(source: str) -> str:
     """The peak a report compares: the GPU's, or the host's on a store without GPU figures."""
-    return "gpu_peak_mib" if source == "GPU" else "cpu_peak_mib"
+    return "gpu_peak_mib" if source == "GPU" else "cpu_cell_peak_mib"
 
 
 def series_metric(source: str) -> str:
@@ -60,9 +62,17 @@ def series_metric(source: str) -> str:
     return "gpu_mib" if source == "GPU" else "cpu_mib"
 
 
+def memory_name(source: str) -> str:
+    """What peak_metric holds, in words."""
+    return "GPU memory" if source == "GPU" else "host memory above the process's baseline"
+
+
 def _memory_words(source: str, peak: bool = True) -> str:
-    words = "GPU memory" if source == "GPU" else "host memory (no GPU in these runs)"
-    return f"peak {words}" if peak else words
+    if source == "GPU":
+        return "peak GPU memory" if peak else "GPU memory"
+    if peak:
+        return f"peak {memory_name(source)} (no GPU in these runs)"
+    return "host memory of the whole process (no GPU in these runs)"
 
 
 def _save(figure, path: Path) -> None:
@@ -75,30 +85,48 @@ def breakdown(ok: pd.DataFrame, source: str, path: Path) -> Chart | None:
     cells = ok.dropna(subset=[peak_metric(source), "mem_params_mib"])
     if not len(cells):
         return None
-    figure, axes = plt.subplots(figsize=(11, 1.5 + 0.35 * len(cells)))
-    left = pd.Series(0.0, index=cells.index)
-    for column, name in PARTS.items():
-        values = cells[column].fillna(0.0)
-        if values.any():  # the legend lists only the parts drawn
-            axes.barh(cells.label, values, left=left, label=name)
-        left += values
+    parts = {name: cells[column] for column, name in PARTS.items()}
     # What the peak holds beyond the counted tensors: CUDA context and allocator cache on a GPU;
-    # on the host, libraries, data and (without CUDA, uncounted) activations.
-    axes.barh(cells.label, (cells[peak_metric(source)] - left).clip(lower=0), left=left,
-              label="everything else", color="lightgrey")
-    axes.invert_yaxis()
-    axes.set_xlabel("MiB")
+    # on the host, data, working memory and (without CUDA, uncounted) activations.
+    counted = sum(values.fillna(0.0) for values in parts.values())
+    parts["everything else"] = (cells[peak_metric(source)] - counted).clip(lower=0)
     words = _memory_words(source)
-    axes.set_title(f"{words[0].upper()}{words[1:]} per cell, by what holds it")
-    # Beside the bars, never over them.
-    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
-    _save(figure, path)
+    stacked(cells.label, parts, path, f"{words[0].upper()}{words[1:]} per cell, by what holds it",
+            colors={"everything else": "lightgrey"})
     rest = ("the CUDA context and allocator cache" if source == "GPU" else
-            "the interpreter, libraries, data and the activations, which are not counted "
-            "without CUDA")
+            "the data, the libraries' working memory and the activations, which are not "
+            "counted without CUDA; the interpreter and the libraries loaded before the model "
+            "(cpu_baseline_mib) are left out of every bar")
     return Chart("Memory breakdown", path,
                  f"Parameters, gradients and optimizer state are the live tensors after the "
                  f"step that set the peak; everything else is {rest}.")
+
+
+def stacked(labels: pd.Series, parts: dict, path: Path, title: str, colors: dict | None = None,
+            marks: pd.Series | None = None, mark_label: str = "",
+            limit: tuple[float, str] | None = None) -> None:
+    """One horizontal bar per label, stacked by part (MiB); a cross per label at `marks` where
+    given; a dashed line at `limit` (MiB, name)."""
+    figure, axes = plt.subplots(figsize=(11, 1.5 + 0.35 * len(labels)))
+    rows = list(range(len(labels)))
+    left = pd.Series(0.0, index=labels.index)
+    for name, values in parts.items():
+        values = values.fillna(0.0)
+        if values.any():  # the legend lists only the parts drawn
+            axes.barh(rows, values, left=left, label=name, color=(colors or {}).get(name))
+        left += values
+    if marks is not None and marks.notna().any():
+        axes.scatter(marks, rows, marker="x", color="black", zorder=3, label=mark_label)
+    if limit is not None and not pd.isna(limit[0]):
+        axes.axvline(limit[0], linestyle="--", color="tab:red",
+                     label=f"{limit[1]}: {limit[0]:.0f} MiB")
+    axes.set_yticks(rows, labels)
+    axes.invert_yaxis()
+    axes.set_xlabel("MiB")
+    axes.set_title(title)
+    # Beside the bars, never over them.
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+    _save(figure, path)
 
 
 def pareto_front(cells: pd.DataFrame, memory: str, quality: str) -> pd.DataFrame:

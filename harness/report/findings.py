@@ -57,8 +57,8 @@ def findings(rows: pd.DataFrame, source: str, toy: bool = False) -> list[str]:
                       else f" at a ROUGE-1 change of {cell.rouge1 - full.rouge1:+.2f} points")
             said.append(f"On {model}, {cell.label.split('/', 1)[1]} needs "
                         f"{100 * cell[memory] / full[memory]:.0f} % of full fine-tuning's "
-                        f"{source} memory ({cell[memory]:.0f} vs {full[memory]:.0f} MiB)"
-                        f"{change}.")
+                        f"{charts.memory_name(source)} ({cell[memory]:.0f} vs "
+                        f"{full[memory]:.0f} MiB){change}.")
     front = charts.pareto_front(ok.dropna(subset=[memory, "rouge1"]), memory, "rouge1")
     if len(front):
         said.append("On the ROUGE-1 / peak memory Pareto front (no other cell is both better "

@@ -2,6 +2,7 @@
 rerun), the same bytes for the same store.
 
     python -m harness.report --experiment demo [--tracking-uri sqlite:///mlflow.db] [--out DIR]
+                             [--plan reports/reference_table/plan.csv ...]
 
 writes to DIR (default reports/<experiment>/):
 - report.md: the comparison table in the reference table's shape (model, method, precision,
@@ -10,7 +11,10 @@ writes to DIR (default reports/<experiment>/):
   reference figures beside the cells that match a reference row; the findings; the charts.
   Several ok runs of one cell (seeds, reruns) show as mean ± std; every cell that did not finish
   ok is shown with its reason, never dropped.
-- the charts (harness/report/charts.py) and slides.md, a Marp deck (harness/report/slides.py).
+- the charts (harness/report/charts.py) and slides.md, a Marp deck (harness/report/slides.py);
+- with --plan, last, another experiment's plan as `make plan` wrote it: its cells' estimated GPU
+  memory by part beside the published figures (harness/report/estimates.py). `make demo` adds
+  the reference table's.
 """
 
 import argparse
@@ -19,7 +23,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from harness.core.errors import ConfigError, refused
-from harness.report import charts, claims, slides
+from harness.report import charts, claims, estimates, slides
 from harness.report.findings import findings, recommendation, setup, toy_runs
 from harness.report.results import (
     beside_reference,
@@ -34,8 +38,11 @@ from harness.tracking.runs import experiment_id, histories, of_experiment
 DEFAULT_URI = "sqlite:///mlflow.db"
 
 
-def render(experiment: str, tracking_uri: str, out: Path) -> dict:
-    """Write report.md, the charts and slides.md into `out`; return their paths by name."""
+def render(experiment: str, tracking_uri: str, out: Path, plans: list[Path] = ()) -> dict:
+    """Write report.md, the charts and slides.md into `out`, with a section per plan (a plan.csv
+    in reports/<its experiment>/); return their paths by name."""
+    # The plans first: a bad file is refused before the store is read.
+    planned = {Path(path).resolve().parent.name: estimates.read(Path(path)) for path in plans}
     client = MlflowClient(tracking_uri)
     runs = of_experiment(client, experiment_id(client, experiment))
     out.mkdir(parents=True, exist_ok=True)
@@ -58,15 +65,20 @@ def render(experiment: str, tracking_uri: str, out: Path) -> dict:
              "## Charts", *(f"![{chart.title}]({chart.path.name})\n\n{chart.caption}"
                             for chart in made),
              *_recommendation(advice, rows, toy)]
+    sections = {name: estimates.section(name, plan, out) for name, plan in planned.items()}
+    for lines, _ in sections.values():
+        parts += lines
     (out / "report.md").write_text("\n\n".join(parts) + "\n")
     if len(advice) and toy:
         advice = TOY_ADVICE
     deck = slides.deck(experiment, setup(runs), len(runs), source, table(rows, source), made,
                        said, reference_sources(matched) if len(matched) else None, checked,
-                       advice)
+                       advice, {name: (estimates.table(planned[name]), chart)
+                                for name, (_, chart) in sections.items()})
     (out / "slides.md").write_text(deck)
     return {"report": out / "report.md", "slides": out / "slides.md",
-            **{chart.path.stem: chart.path for chart in made}}
+            **{chart.path.stem: chart.path
+               for chart in [*made, *(chart for _, chart in sections.values())]}}
 
 
 # What the recommendation says of toy runs.
@@ -83,7 +95,9 @@ def _results(experiment: str, runs, rows, source: str) -> list[str]:
             "(seeds, reruns) show as mean ± std; `runs` counts them.")
     if source == "host":
         note += (" This store has no GPU figures (the cells ran without CUDA): memory ratios "
-                 "and charts use host memory.")
+                 "and charts use host memory above each cell process's baseline (what it held "
+                 "with its libraries imported, before the model loaded: cpu_baseline_mib); CPU "
+                 "memory is the whole peak.")
     lines = [f"# Experiment `{experiment}`", setup(runs),
              f"{len(runs)} runs, {len(rows)} rows. {note}",
              table(rows, source).to_markdown(index=False, disable_numparse=True)]
@@ -116,10 +130,10 @@ def _claims(checked, source: str, toy: bool) -> list[str]:
     return ["## The LoRA paper's claims, here",
             "Each of LoRA's (arXiv 2106.09685) claims per model: the paper's figure, ours "
             "from these runs, and a verdict computed from ours (thresholds in "
-            "harness/claims.py; latency: the inference benchmark, harness/infer.py; memory: "
-            f"the {source} peak)." + (" These are toy runs: tiny models, a few steps, on "
-                                      "a CPU, which say little about the paper's GPT-3 "
-                                      "scale." if toy else ""),
+            "harness/report/claims.py; latency: the inference benchmark, harness/cell/infer.py; "
+            f"memory: the peak {charts.memory_name(source)})."
+            + (" These are toy runs: tiny models, a few steps, on a CPU, which say little about "
+               "the paper's GPT-3 scale." if toy else ""),
             checked.to_markdown(index=False, disable_numparse=True)]
 
 
@@ -144,10 +158,14 @@ def main(argv=None) -> int:
     parser.add_argument("--tracking-uri", default=DEFAULT_URI,
                         help=f"the MLflow store or server (default {DEFAULT_URI})")
     parser.add_argument("--out", help="output folder (default reports/<experiment>)")
+    parser.add_argument("--plan", action="append", default=[], metavar="PLAN_CSV",
+                        help="add another experiment's plan, as `make plan EXP=name` wrote it "
+                             "(reports/name/plan.csv), as an estimated section at the end; "
+                             "may be given more than once")
     args = parser.parse_args(argv)
     out = Path(args.out or Path("reports") / args.experiment)
     try:
-        written = render(args.experiment, args.tracking_uri, out)
+        written = render(args.experiment, args.tracking_uri, out, args.plan)
     except ConfigError as error:
         return refused(error)
     print(f"wrote {', '.join(str(path) for path in written.values())}")

@@ -12,6 +12,7 @@ from harness.report import charts
 # Averaged over the ok runs of a cell; their spread is shown as ± std.
 METRICS = ("rouge1", "rouge2", "train_time_s", "gpu_peak_mib", "estimate_gpu_mib",
            "torch_peak_allocated_mib", "estimate_allocated_mib", "cpu_peak_mib",
+           "cpu_baseline_mib", "cpu_cell_peak_mib",
            "trainable_pct", "tokens_per_s", "cost_usd", "train_tokens_per_usd", "total_params",
            "mem_params_mib", "mem_grads_mib", "mem_optimizer_mib", "mem_activations_mib",
            "infer_latency_ms_p50", "infer_latency_ms_p50_base", "infer_latency_ms_p50_merged",
@@ -38,6 +39,12 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
                 and not column.startswith(NOT_THE_CELL)]
     runs["key"] = runs[identity].fillna("").astype(str).agg("|".join, axis=1)
     runs["status"] = runs["tags.status"].fillna("unknown")
+    # The cell's own host memory: its peak above what the process held before the model loaded
+    # (the interpreter and libraries, the same for every cell); a run logged before
+    # cpu_baseline_mib existed keeps its whole peak.
+    peak, baseline = (pd.to_numeric(runs[f"metrics.{name}"], errors="coerce")
+                      for name in ("cpu_peak_mib", "cpu_baseline_mib"))
+    runs["metrics.cpu_cell_peak_mib"] = peak - baseline.fillna(0.0)
     rows = []
     for key, group in runs.groupby("key", sort=False):
         ok = group[group.status == "ok"]

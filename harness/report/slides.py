@@ -1,5 +1,5 @@
 """The report as a Marp slide deck (slides.md): setup, the table, one slide per chart, findings,
-the LoRA paper's claims and the recommendation.
+the LoRA paper's claims, the recommendation, and the estimated plans the report ends with.
 
 Marp (https://marp.app) renders it to HTML, PDF or PowerPoint: `marp slides.md --pdf`. Every
 sentence on the findings slide is computed from the runs (harness/report/report.py findings).
@@ -22,13 +22,17 @@ SLIDE_COLUMNS = ("model", "method", "precision", "rank", "ROUGE-1", "train time 
                  "memory / full FT", "tokens/s", "status")
 # The claims table's columns that fit a slide (report.md has which figure each one is).
 CLAIM_COLUMNS = ("model", "claim", "the paper", "figure", "verdict")
+# An estimated plan's columns that fit a slide (the parts are on its chart).
+PLAN_COLUMNS = ("cell", "estimate (MiB)", "published (MB)", "estimate / published")
 
 
 def deck(experiment: str, what_ran: str, run_count: int, source: str, table: pd.DataFrame,
          charts: list, findings: list[str], reference_source: str | None,
-         checked_claims: pd.DataFrame, advice: pd.DataFrame | str | None) -> str:
+         checked_claims: pd.DataFrame, advice: pd.DataFrame | str | None,
+         estimated: dict | None = None) -> str:
     """The deck; `checked_claims` as harness/report/claims.py tables them (empty: no slide),
-    `advice` the recommendation's table, or a sentence saying why there is none."""
+    `advice` the recommendation's table, or a sentence saying why there is none; `estimated`:
+    {experiment: (its plan's table, its chart)} as harness/report/estimates.py makes them."""
     slides = [_setup(experiment, what_ran, run_count, source, reference_source)]
     compact = table.rename(columns={f"{source} memory / full FT": "memory / full FT"})
     compact = compact[[column for column in SLIDE_COLUMNS if column in compact]]
@@ -47,6 +51,11 @@ def deck(experiment: str, what_ran: str, run_count: int, source: str, table: pd.
         slides.append(f"## Recommendation\n\n{advice}")
     elif advice is not None and len(advice):
         slides += _table_slides("Recommendation", advice)
+    for name, (plan, chart) in (estimated or {}).items():
+        fits = [column for column in plan.columns if column.startswith("fits ")]
+        slides += _table_slides(f"Estimated GPU memory: `{name}` (no GPU ran)",
+                                plan[[*PLAN_COLUMNS, *fits]])
+        slides.append(f"## {chart.title}\n\n![h:480]({chart.path.name})\n\n{chart.caption}")
     return FRONT_MATTER + "\n" + "\n\n---\n\n".join(slides) + "\n"
 
 

@@ -165,7 +165,8 @@ def _headline(run, tracking_cfg) -> str:
     figures = [figure("ROUGE-1", "rouge1", "", 2), figure("train", "train_time_s", " s", 1),
                figure("GPU peak", "gpu_peak_mib", " MiB"),
                figure("estimate", "estimate_gpu_mib", " MiB"),
-               figure("CPU peak", "cpu_peak_mib", " MiB")]
+               figure("CPU peak", "cpu_peak_mib", " MiB"),
+               figure("of which baseline", "cpu_baseline_mib", " MiB")]
     if "cost_usd" in metrics:
         figures.append(figure("cost", "cost_usd", " USD", 4))
     uri = tracking_cfg.uri

@@ -101,6 +101,7 @@ def plan(jobs: list[DictConfig], found_gpus: list[dict], named_gpu=None,
         row.update(_estimate_columns(job, lengths, lengths_from, parts))
     table = pd.DataFrame(rows)
     table["gpu"] = gpu[0] if gpu else ""
+    table["gpu_mib"] = gpu[1] if gpu else None
     estimates = table.get("estimate_mib", pd.Series([None] * len(table)))
     table["fits"] = [_fits(needed, gpu) for needed in estimates]
     return table
