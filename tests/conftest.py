@@ -86,9 +86,11 @@ def mlflow_serving(command: str, backend_store_uri: str, log_path: Path, *option
         deadline = time.monotonic() + 120
         while True:
             try:
-                if requests.get(f"{address}/health", timeout=1).ok:
+                if requests.get(f"{address}/health", timeout=5).ok:
                     break
-            except requests.ConnectionError:
+            # Not listening yet, or too busy starting to answer (a loaded 2-core machine): ask
+            # again until the deadline.
+            except (requests.ConnectionError, requests.Timeout):
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"mlflow {command} did not start: "
