@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 CONTRACT_METRICS = {"rouge1", "rouge2", "rougeL", "rougeLsum", "train_loss", "eval_loss",
                     "train_time_s", "eval_time_s", "load_time_s", "tokens_per_s",
                     "samples_per_s", "step_time_p50_s", "step_time_p90_s", "cpu_peak_mib",
-                    "cpu_baseline_mib", "cpu_load_peak_mib", "cpu_train_peak_mib", "cpu_eval_peak_mib", "cpu_mib",
+                    "cpu_baseline_mib", "cpu_load_peak_mib", "cpu_train_peak_mib",
+                    "cpu_eval_peak_mib", "cpu_mib",
                     "trainable_params", "total_params", "trainable_pct", "adapter_size_mib",
                     "mem_params_mib", "mem_grads_mib", "mem_optimizer_mib"}
 CONTRACT_PARAMS = {"model.name", "model.source", "method.name", "method.r", "method.alpha",

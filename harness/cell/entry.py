@@ -144,8 +144,8 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
     evaluation = resolved_eval(cfg, device)
     log.params({f"eval.{key}_resolved": value for key, value in evaluation.items()})
     # What the process holds before the cell's own work: the interpreter and the libraries
-    # imported (about 550 MiB on a CPU, the same for every cell). A CPU store's breakdown and
-    # "memory / full FT" show the cell above it.
+    # imported (about 385 MiB in a CPU cell here, the same for every cell). A CPU store's
+    # breakdown and "memory / full FT" show the cell above it.
     log({"cpu_baseline_mib": psutil.Process().memory_info().rss / MIB})
 
     with log.phase("load"):

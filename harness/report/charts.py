@@ -35,6 +35,10 @@ class Chart:
     path: Path
     caption: str
 
+    def markdown(self) -> str:
+        """The chart as report.md shows it: the image, then its caption."""
+        return f"![{self.title}]({self.path.name})\n\n{self.caption}"
+
 
 def draw(rows: pd.DataFrame, source: str, out: Path, curves: dict,
          memory_series: dict) -> list[Chart]:

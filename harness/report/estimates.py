@@ -58,9 +58,10 @@ def table(plan: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
-def section(name: str, plan: pd.DataFrame, out: Path) -> tuple[list[str], Chart]:
-    """The report's lines for the plan of experiment `name`, and its chart (written under
-    `out`)."""
+def section(name: str, plan: pd.DataFrame,
+            out: Path) -> tuple[list[str], pd.DataFrame, Chart]:
+    """The report's lines for the plan of experiment `name`, its table (table()) and its chart
+    (written under `out`)."""
     gpu = _gpu(plan)
     path = out / f"plan_{name}.png"
     stacked(plan.cell, {label: plan[column] for column, label in PARTS.items()}, path,
@@ -71,15 +72,15 @@ def section(name: str, plan: pd.DataFrame, out: Path) -> tuple[list[str], Chart]
                   f"The estimator's figures (make plan EXP={name}, docs/estimator.md), part by "
                   "part; a cross marks the published figure, the dashed line the memory of "
                   f"the {gpu}.")
+    shown = table(plan)
     lines = [f"## Estimated GPU memory: the plan of `{name}`",
              f"What each cell of `{name}` would need on a GPU, estimated here without one "
              f"(`make plan EXP={name}`: each cell's training step simulated on PyTorch's meta "
              f"device, docs/estimator.md), against the {gpu}. Published figures stand beside "
              "the cells that run their setup. These are estimates, not measurements: `make "
              f"sweep EXP={name}` on a GPU measures them.",
-             table(plan).to_markdown(index=False, disable_numparse=True),
-             f"![{chart.title}]({chart.path.name})\n\n{chart.caption}"]
-    return lines, chart
+             shown.to_markdown(index=False, disable_numparse=True), chart.markdown()]
+    return lines, shown, chart
 
 
 def _gpu(plan: pd.DataFrame) -> str:

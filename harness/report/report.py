@@ -62,23 +62,22 @@ def render(experiment: str, tracking_uri: str, out: Path, plans: list[Path] = ()
     advice = recommendation(rows)
     parts = [*_results(experiment, runs, rows, source), *_reference(matched, other_setups(rows)),
              *_findings(said), *_claims(checked, source, toy),
-             "## Charts", *(f"![{chart.title}]({chart.path.name})\n\n{chart.caption}"
-                            for chart in made),
+             "## Charts", *(chart.markdown() for chart in made),
              *_recommendation(advice, rows, toy)]
     sections = {name: estimates.section(name, plan, out) for name, plan in planned.items()}
-    for lines, _ in sections.values():
+    for lines, _, _ in sections.values():
         parts += lines
     (out / "report.md").write_text("\n\n".join(parts) + "\n")
     if len(advice) and toy:
         advice = TOY_ADVICE
     deck = slides.deck(experiment, setup(runs), len(runs), source, table(rows, source), made,
                        said, reference_sources(matched) if len(matched) else None, checked,
-                       advice, {name: (estimates.table(planned[name]), chart)
-                                for name, (_, chart) in sections.items()})
+                       advice, {name: (shown, chart)
+                                for name, (_, shown, chart) in sections.items()})
     (out / "slides.md").write_text(deck)
     return {"report": out / "report.md", "slides": out / "slides.md",
             **{chart.path.stem: chart.path
-               for chart in [*made, *(chart for _, chart in sections.values())]}}
+               for chart in [*made, *(chart for *_, chart in sections.values())]}}
 
 
 # What the recommendation says of toy runs.

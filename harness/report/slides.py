@@ -40,8 +40,7 @@ def deck(experiment: str, what_ran: str, run_count: int, source: str, table: pd.
     compact.insert(5, memory_column, table[memory_column])
     compact["status"] = compact.status.str.split(" ").str[0]  # the notes are in report.md
     slides += _table_slides("Results", compact)
-    for chart in charts:
-        slides.append(f"## {chart.title}\n\n![h:480]({chart.path.name})\n\n{chart.caption}")
+    slides += [_chart_slide(chart) for chart in charts]
     if findings:
         slides.append("## Findings\n\n" + "\n".join(f"- {sentence}" for sentence in findings))
     if len(checked_claims):
@@ -55,8 +54,12 @@ def deck(experiment: str, what_ran: str, run_count: int, source: str, table: pd.
         fits = [column for column in plan.columns if column.startswith("fits ")]
         slides += _table_slides(f"Estimated GPU memory: `{name}` (no GPU ran)",
                                 plan[[*PLAN_COLUMNS, *fits]])
-        slides.append(f"## {chart.title}\n\n![h:480]({chart.path.name})\n\n{chart.caption}")
+        slides.append(_chart_slide(chart))
     return FRONT_MATTER + "\n" + "\n\n---\n\n".join(slides) + "\n"
+
+
+def _chart_slide(chart) -> str:
+    return f"## {chart.title}\n\n![h:480]({chart.path.name})\n\n{chart.caption}"
 
 
 def _table_slides(title: str, table: pd.DataFrame) -> list[str]:
