@@ -54,10 +54,12 @@ test-fast: $(INSTALL)
 bench: $(INSTALL)
 	$(PY) bench/run.py $(ARGS)
 
+# The demo grid, then its tiny LLaMA cells (bf16 without master weights), into one experiment.
 # The demo's report ends with the reference table's plan: what flan-t5 needs on the study's A10G
 # (runner.gpus=[]: against it, even on a machine with a GPU of its own), estimated here.
 demo: $(INSTALL)
 	$(PY) -m harness -cd experiments -cn demo
+	$(PY) -m harness -cd experiments -cn demo_llama
 	$(PY) -m harness.plan reference_table 'runner.gpus=[]'
 	$(PY) -m harness.report --experiment demo --tracking-uri $(TRACKING_URI) \
 		--plan reports/reference_table/plan.csv

@@ -100,3 +100,18 @@ def mlflow_serving(command: str, backend_store_uri: str, log_path: Path, *option
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def published_plans(tmp_path_factory):
+    """The plans of the experiments with published tables, as `make plan` writes them with an
+    empty cache and store, simulated once for the session."""
+    from harness.config import grids
+    from harness.sweep import plan
+
+    cache = tmp_path_factory.mktemp("plans")
+    return {name: plan.plan(grids.compose_experiment(name, [f"cache_dir={cache}"]), [],
+                            grids.compose_experiment(name, [])[0].plan_gpu,
+                            create_experiment=False)
+            for name in ("peft_table", "opencalm", "lomo_table")}
+

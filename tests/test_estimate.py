@@ -31,8 +31,8 @@ def _cell(*overrides):
 def _on_cpu(cfg):
     """The cell's model on the CPU, as the cell builds it; LLM.int8 without outlier columns, as
     the estimate counts it."""
-    model = models.load_model(cfg.model, cfg.precision.name,
-                              methods.base_frozen(cfg.method.name), CPU)
+    model = models.load_model(cfg.model, cfg.precision, methods.base_frozen(cfg.method.name),
+                              CPU)
     for layer in model.modules():
         if isinstance(layer, bnb.nn.Linear8bitLt):
             layer.state.threshold = 0.0
@@ -50,7 +50,14 @@ def _both(cfg) -> tuple:
     ["method=lora", "train.gradient_checkpointing=true"],
     ["method=full", "train.gradient_checkpointing=true"],
     ["method=lomo", "train.gradient_checkpointing=true"], ["method=lora_lomo"],
-    ["method=lora", "precision=int8", "train.gradient_checkpointing=true"]],
+    ["method=lora", "precision=int8", "train.gradient_checkpointing=true"],
+    # Without master weights: weights, gradients and AdamW's moments in half; LOMO's float32
+    # casts of one weight and its gradient at a time.
+    ["method=full", "precision=bf16", "precision.master_weights=false"],
+    ["method=full_sgd", "precision=fp16", "precision.master_weights=false"],
+    ["method=lomo", "precision=fp16", "precision.master_weights=false"],
+    ["method=lomo", "precision=bf16", "precision.master_weights=false",
+     "train.gradient_checkpointing=true"]],
     ids=lambda overrides: " ".join(overrides))
 def test_the_simulated_steps_are_the_steps_run_for_real(overrides):
     # Two training steps of the cell's own code on the meta device allocate and free what the
@@ -161,9 +168,8 @@ def test_the_command_line_prints_one_cells_parts_as_json_last(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     parts = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(parts) == {"weights", "gradients", "optimizer", "activations", "allocator",
-                          "cuda_context", "total", "allocated"}
-    assert parts["total"] == pytest.approx(sum(v for k, v in parts.items()
-                                               if k not in ("total", "allocated")), abs=0.5)
+                          "cuda_context", "total", "allocated", "largest_trained_weight"}
+    assert parts["total"] == pytest.approx(sum(parts[name] for name in estimate.PARTS), abs=0.5)
     assert parts["allocated"] == pytest.approx(parts["total"] - parts["allocator"]
                                                - parts["cuda_context"], abs=0.5)
     assert "t5-mini/lora-r8/fp32, batch 8, lengths 384 / 96 (config)" in result.stdout
@@ -171,3 +177,14 @@ def test_the_command_line_prints_one_cells_parts_as_json_last(tmp_path):
                               "precision=int8"], cwd=REPO, capture_output=True, text=True,
                              timeout=300)
     assert refused.returncode == 2 and "method=full" in refused.stderr
+
+
+def test_an_nf4_estimate_leaves_bitsandbytes_able_to_quantize_real_weights(monkeypatch):
+    # bitsandbytes caches the code map of its double quantization on the device it first sees:
+    # an estimate on the meta device must not leave it there for a real load afterwards.
+    monkeypatch.setattr(bnb.functional, "name2qmap", {})
+    cfg = _cell("method=lora", "precision=nf4")
+    assert _estimate("method=lora", "precision=nf4")["weights"] > 0
+    model = models.load_model(cfg.model, cfg.precision, True, CPU)
+    assert bnb.functional.name2qmap["dynamic"].device == CPU
+    assert any(isinstance(layer, bnb.nn.Linear4bit) for layer in model.modules())

@@ -8,14 +8,13 @@ import torch
 from mlflow.artifacts import download_artifacts
 
 from harness.cell import evaluate
-from harness.config import grids, identity, validation
+from harness.config import identity, validation
 from harness.core.errors import ConfigError
 from harness.data import sources
 from harness.estimate import estimate
 from harness.measure import accounting
 from harness.model import families, methods, models, tokenizers, training_step
 from harness.run import runner
-from harness.sweep import plan
 from tests.conftest import REPO, compose_cell, runs_of, without_a_gpu
 
 CPU = torch.device("cpu")
@@ -191,15 +190,6 @@ def test_new_cells_train_end_to_end(store, cell_overrides, overrides):
     assert len(predictions) == 6
     if cfg.data.name == "instructions":  # generations hold the response only, not the prompt
         assert not predictions.prediction.fillna("").str.contains("### Instruction").any()
-
-
-@pytest.fixture(scope="module")
-def published_plans(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("plans")
-    return {name: plan.plan(grids.compose_experiment(name, [f"cache_dir={cache}"]), [],
-                            grids.compose_experiment(name, [])[0].plan_gpu,
-                            create_experiment=False)
-            for name in ("peft_table", "opencalm")}
 
 
 @without_a_gpu

@@ -34,9 +34,10 @@ from tqdm import tqdm
 
 from harness.cell import evaluate, infer
 from harness.cell.train import train
-from harness.core.options import ADAPTER_METHODS
+from harness.core.options import ADAPTER_METHODS, FUSED_METHODS
 from harness.core.units import MIB
 from harness.data import checks, encoding, sources
+from harness.measure import accounting
 from harness.model import families, methods, models
 from harness.model.training_step import Diverged, synchronize
 
@@ -195,6 +196,8 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
         # Activations and everything else the step allocated beyond the tensors counted above.
         log({"mem_activations_mib": log.peaks["torch_train_peak_allocated_mib"]
              - sum(result.breakdown.values())})
+    if method in FUSED_METHODS:  # what LOMO's claim bounds its gradients by (the report's check)
+        log({"mem_largest_weight_mib": accounting.largest_trained_mib(model)})
 
     if text is not None:
         with log.phase("eval"):

@@ -8,6 +8,7 @@ refuse at once with what to do.
 import functools
 import os
 
+import huggingface_hub
 import requests
 
 from harness.core.errors import ConfigError
@@ -26,11 +27,20 @@ def needs(cfg) -> list[str]:
 
 
 def check(cfgs) -> None:
-    """ConfigError if a cell needs the hub and the hub does not answer. HF_HUB_OFFLINE=1 says
-    the files are in the local Hugging Face cache: then nothing is asked."""
+    """ConfigError if a cell needs the hub and the hub does not answer, or needs a gated model
+    (model.gated) and no token is set. HF_HUB_OFFLINE=1 says the files are in the local Hugging
+    Face cache: then nothing is asked."""
     wanted = sorted({repository for cfg in cfgs for repository in needs(cfg)})
     if not wanted or os.environ.get("HF_HUB_OFFLINE") == "1":
         return
+    gated = sorted({cfg.model.hub_id for cfg in cfgs
+                    if cfg.model.source == "hub" and cfg.model.get("gated")})
+    if gated and huggingface_hub.get_token() is None:
+        raise ConfigError(
+            f"model {', '.join(gated)} is gated on the Hugging Face hub and no token is set: "
+            "accept its licence on the model's page (https://huggingface.co/"
+            f"{gated[0]}), then log in (hf auth login) or set HF_TOKEN; or measure memory "
+            "offline with random weights: model.source=random")
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     problem = _unreachable(endpoint)
     if problem:

@@ -43,6 +43,8 @@ SINCE = {
     # every cell did before (true).
     "eval.infer": ("0.2.0", "auto", True),
     "eval.loss_max_batches": ("0.2.0", "auto", ABSENT),
+    # true: trained weights in float32, as every cell kept them before the key came.
+    "precision.master_weights": ("0.2.0", True, ABSENT),
 }
 
 
@@ -88,12 +90,18 @@ def method_label(name: str, optimizer: str) -> str:
 
 def run_name(cell_cfg: dict) -> str:
     """A short readable name for the MLflow UI: model / method[-r] / precision."""
-    method = cell_cfg["method"]
+    method, precision = cell_cfg["method"], cell_cfg["precision"]
     return label(cell_cfg["model"]["name"], method["name"], method["optimizer"], method.get("r"),
-                 cell_cfg["precision"]["name"])
+                 precision_label(precision["name"], precision.get("master_weights", True)))
+
+
+def precision_label(name: str, master_weights: bool = True) -> str:
+    """bf16, or bf16-pure: trained in bfloat16 itself, without float32 master weights."""
+    return name if master_weights else f"{name}-pure"
 
 
 def label(model: str, method: str, optimizer: str, rank: int | None, precision: str) -> str:
-    """flan-t5-base/lora-r8/bf16: a cell's name wherever it is shown (runs, reports, claims)."""
+    """flan-t5-base/lora-r8/bf16: a cell's name wherever it is shown (runs, reports, claims);
+    `precision` as precision_label writes it."""
     suffix = "" if rank is None else f"-r{rank}"
     return f"{model}/{method_label(method, optimizer)}{suffix}/{precision}"

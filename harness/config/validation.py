@@ -19,6 +19,7 @@ from harness.core.options import (
     CONF_DIR,
     FAMILIES,
     FUSED_METHODS,
+    HALF_PRECISIONS,
     MODEL_SOURCES,
     NF4_OPTIONS,
     OPTIMIZERS,
@@ -38,6 +39,9 @@ def invalid_cell_reason(cfg: DictConfig) -> str | None:
         return (f"method={method} updates the base weights, which precision={precision} stores "
                 f"quantized and cannot update: use method=lora with {precision}, or "
                 "precision=fp32 / bf16 / fp16 with this method")
+    master_reason = _master_weights_reason(cfg)
+    if master_reason:
+        return master_reason
     targets = cfg.method.get("target_modules")
     known = cfg.model.get("lora_targets")
     if method in ADAPTER_METHODS and known and not set(targets) <= set(known):
@@ -53,6 +57,27 @@ def invalid_cell_reason(cfg: DictConfig) -> str | None:
                 "gradient, so gradients cannot accumulate over micro-batches "
                 f"(train.grad_accum_steps={cfg.train.grad_accum_steps}): set "
                 "train.grad_accum_steps=1 and raise train.batch_size instead")
+    return None
+
+
+def _master_weights_reason(cfg: DictConfig) -> str | None:
+    """Why precision.master_weights=false cannot run this cell, or None."""
+    precision = cfg.precision.name
+    if cfg.precision.master_weights:
+        return None
+    if precision not in HALF_PRECISIONS:
+        kept = ("every weight is float32 already" if precision == "fp32" else
+                "the base weights are quantized and frozen, and the adapters need float32 "
+                "beside them")
+        return (f"precision.master_weights=false with precision={precision}: {kept}, so there "
+                "is no float32 copy to leave out; use precision=bf16 or fp16 with "
+                "master_weights=false, or master_weights=true")
+    if precision == "fp16" and cfg.method.optimizer == "adamw":
+        return ("precision=fp16 with precision.master_weights=false keeps torch's AdamW "
+                "moments in float16, where its eps (1e-8) is zero and squared gradients below "
+                "6e-8 vanish: its first step divides 0 by 0 and the weights become NaN; use "
+                "precision=bf16 (torchtune's pure half precision), method.optimizer=adamw_8bit "
+                "(bitsandbytes computes the update in float32), or master_weights=true")
     return None
 
 
@@ -102,6 +127,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.attn_implementation not in ATTENTION:
         raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation!r}; expected "
                           "sdpa (PyTorch's fused attention) or eager (matmul and softmax)")
+    if not isinstance(cfg.precision.master_weights, bool):
+        raise ConfigError(f"precision.master_weights={cfg.precision.master_weights!r}; expected "
+                          "true (bf16 / fp16: trained weights kept in float32 under autocast) or "
+                          "false (trained in the half dtype itself, optimizer state included)")
     if not isinstance(cfg.train.gradient_checkpointing, bool):
         raise ConfigError(f"train.gradient_checkpointing={cfg.train.gradient_checkpointing!r}; "
                           "expected true or false")

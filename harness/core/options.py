@@ -14,6 +14,7 @@ TOKENIZERS = ("auto", "byte", "hub")
 # a config error is refused before torch loads).
 OPTIMIZERS = ("adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 PAGED_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit")
+HALF_PRECISIONS = ("bf16", "fp16")  # precision.master_weights=false trains in these
 QUANTIZED = ("int8", "nf4")  # bitsandbytes base weights (harness/model/models.py)
 FAMILIES = ("seq2seq", "causal")
 NF4_OPTIONS = {"quant_type": ("nf4", "fp4"), "compute_dtype": ("bf16", "fp16", "fp32")}

@@ -208,6 +208,8 @@ def _estimate(spec_json: str) -> tuple:
     parts["cuda_context"] = CUDA_CONTEXT_MIB
     parts["total"] = sum(parts.values())
     parts["allocated"] = parts["total"] - parts["allocator"] - parts["cuda_context"]
+    # LOMO's claim is checked against it: at most this one weight's gradient alive at once.
+    parts["largest_trained_weight"] = accounting.largest_trained_mib(model)
     return tuple(parts.items())
 
 
@@ -263,11 +265,10 @@ def _meta_model(cfg, on_cuda: simulate.AsOnCuda):
     """The cell's model on the meta device, stored and prepared as harness/cell/entry.py does. A
     checkpointed block is recomputed inside backward, where the forward's function modes are not
     active: it gets `on_cuda` of its own, as on CUDA checkpointing re-enters autocast."""
-    precision = cfg.precision.name
     with torch.device(META):
         model = models.random_model(cfg.model, models.stored_dtype(
-            precision, methods.base_frozen(cfg.method.name)))
-    if precision in QUANTIZED:
+            cfg.precision, methods.base_frozen(cfg.method.name)))
+    if cfg.precision.name in QUANTIZED:
         _quantize(model, cfg.precision)
     return methods.prepare(model, cfg, context_fn=lambda: (contextlib.nullcontext(), on_cuda))
 
@@ -280,6 +281,9 @@ def _quantize(model, precision_cfg) -> None:
     import bitsandbytes as bnb  # imported here: only quantized cells need it
     from transformers.quantizers import AutoHfQuantizer
 
+    # bitsandbytes caches its double quantization's code map on the device of the first tensor
+    # it quantizes: made here on the CPU, a meta copy is not what later real loads get.
+    bnb.functional.name2qmap.setdefault("dynamic", bnb.functional.create_dynamic_map())
     settings = models.quantization(precision_cfg)
     AutoHfQuantizer.from_config(settings).preprocess_model(model, device_map={"": META})
     for layer in model.modules():

@@ -45,3 +45,10 @@ def breakdown(model, optimizers) -> dict:
     return {"mem_params_mib": tensors_mib(weight_tensors(model)),
             "mem_grads_mib": tensors_mib(p.grad for p in parameters if p.grad is not None),
             "mem_optimizer_mib": tensors_mib(state)}
+
+
+def largest_trained_mib(model) -> float:
+    """The largest weight that trains, in MiB: LOMO's claim is that no more gradient than this
+    one weight's is alive at once."""
+    return max((p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+               default=0) / MIB

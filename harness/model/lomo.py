@@ -3,7 +3,10 @@
 Each fused parameter gets a `torch.optim.SGD` of its own and a post-accumulate-grad hook: as soon
 as backward has accumulated the parameter's gradient, the hook steps its optimizer and frees the
 gradient. The gradients of all fused parameters therefore never exist at once; at most one is
-alive. The learning-rate schedule is a transformers schedule per optimizer.
+alive. The learning-rate schedule is a transformers schedule per optimizer. A half weight
+without a float32 master copy (precision.master_weights=false, the paper's pure fp16) is updated
+as the paper's implementation does: it and its gradient cast to float32 for torch's SGD update,
+one weight at a time, the result cast back.
 
 Clipping by the global gradient norm needs that norm before any update, so a clipped step runs
 backward twice, as the reference implementation (lomo_optim.Lomo) does: a norm pass that keeps the
@@ -13,7 +16,10 @@ model is clipped by one norm; step() leaves their gradients clipped and unscaled
 optimizer.
 """
 
+import warnings
+
 import torch
+from torch.optim.sgd import sgd
 from transformers import get_linear_schedule_with_warmup
 
 
@@ -47,10 +53,23 @@ class FusedSGD:
                                       gradient.numel() * gradient.element_size())
         if self.measuring:
             self.squared_norms.append(self._squared_norm(gradient))
-        else:
+        elif parameter.dtype == torch.float32:
             gradient.mul_(self.clip_coef / self.grad_scale)
             self.optimizers[parameter].step()
+        else:
+            self._update_in_float32(parameter, gradient)
         parameter.grad = None
+
+    def _update_in_float32(self, parameter: torch.Tensor, gradient: torch.Tensor) -> None:
+        """A half weight without a master copy, as the paper's implementation updates it: the
+        weight and its gradient cast to float32 (unscaled and clipped there, where fp16's range
+        does not underflow), torch's SGD update, the result cast back; one weight at a time."""
+        group = self.optimizers[parameter].param_groups[0]
+        weight = parameter.float()
+        sgd([weight], [gradient.float().mul_(self.clip_coef / self.grad_scale)], [None],
+            weight_decay=group["weight_decay"], momentum=0.0, lr=group["lr"], dampening=0.0,
+            nesterov=False, maximize=False, foreach=False)
+        parameter.copy_(weight)
 
     def step(self, loss: torch.Tensor, grad_scale: float = 1.0) -> bool:
         """Backward with the fused updates; False (nothing updated) when a gradient was not
@@ -67,8 +86,12 @@ class FusedSGD:
         for parameter in self.unfused:
             if parameter.grad is not None:
                 parameter.grad.mul_(self.clip_coef / grad_scale)
-        for schedule in self.schedules:
-            schedule.step()
+        with warnings.catch_warnings():
+            # Half weights are updated by torch's functional SGD, never by their optimizer's
+            # step(), which the schedule warns about; the rates it sets are read all the same.
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
+            for schedule in self.schedules:
+                schedule.step()
         return True
 
     def _norm_pass(self, loss: torch.Tensor) -> torch.Tensor:

@@ -22,24 +22,26 @@ def prepare(model, cfg, **checkpoint_options):
     does), then the method."""
     if cfg.train.gradient_checkpointing:
         models.checkpoint_activations(model, **checkpoint_options)
-    return apply(model, cfg.method, cfg.precision.name, families.of(cfg.model))
+    return apply(model, cfg.method, cfg.precision, families.of(cfg.model))
 
 
-def apply(model, method_cfg, precision: str, family=families.FAMILIES["seq2seq"]):
+def apply(model, method_cfg, precision, family=families.FAMILIES["seq2seq"]):
     """The model with the method's trainable weights marked; peft wraps it for LoRA, with the
-    task type of the model's family."""
+    task type of the model's family. `precision`: its config or its name."""
     if method_cfg.name in ("full", "lomo"):
         model.requires_grad_(True)
         return model
-    if precision in QUANTIZED:
+    if models.precision_config(precision).name in QUANTIZED:
         # Casts layer norms to float32 and lets gradients flow from the frozen quantized
         # embeddings.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = LoraConfig(task_type=family.task_type, r=method_cfg.r, lora_alpha=method_cfg.alpha,
                       lora_dropout=method_cfg.dropout,
                       target_modules=list(method_cfg.target_modules))
-    # peft keeps the adapters in float32 when the base is in half precision.
-    model = get_peft_model(model, lora)
+    # peft keeps the adapters in float32 beside a half base (mixed precision); without master
+    # weights they stay in the base's dtype.
+    model = get_peft_model(model, lora,
+                           autocast_adapter_dtype=not models.trained_in_half(precision))
     if method_cfg.name == "lora_lomo":
         for parameter in fused_parameters(model, method_cfg.name):
             parameter.requires_grad_(True)

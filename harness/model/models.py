@@ -32,7 +32,8 @@ def load_model(model_cfg, precision, base_frozen: bool, device: torch.device):
     """The model on `device`, its weights stored as the precision (its name or its config) says.
 
     fp32: float32. bf16 / fp16: frozen weights in the half dtype; weights that train stay float32
-    (autocast does the half-precision compute), so full fine-tuning keeps float32 weights.
+    (autocast does the half-precision compute), so full fine-tuning keeps float32 weights, unless
+    precision.master_weights=false: then every weight is stored in the half dtype.
     int8: LLM.int8 base weights; nf4: 4-bit NormalFloat base weights (QLoRA), both through
     bitsandbytes, the layers it leaves unquantized in float32. In fp16 and int8, transformers
     keeps T5's wo in float32 (T5's _keep_in_fp32_modules); random weights are stored the same way.
@@ -40,7 +41,7 @@ def load_model(model_cfg, precision, base_frozen: bool, device: torch.device):
     precision_cfg = precision_config(precision)
     if precision_cfg.name in QUANTIZED:
         return _load_quantized(model_cfg, quantization(precision_cfg), device)
-    dtype = stored_dtype(precision_cfg.name, base_frozen)
+    dtype = stored_dtype(precision_cfg, base_frozen)
     if model_cfg.source == "random":
         with torch.device(device):  # built in place, in its dtype: no float32 copy on the GPU
             return random_model(model_cfg, dtype)
@@ -56,9 +57,20 @@ def precision_config(precision):
     return OmegaConf.load(CONF_DIR / "precision" / f"{precision}.yaml")
 
 
-def stored_dtype(precision: str, base_frozen: bool) -> torch.dtype:
-    """The dtype the model's weights are stored in (quantized layers aside: float32)."""
-    return HALF_DTYPES[precision] if precision in HALF_DTYPES and base_frozen else torch.float32
+def stored_dtype(precision, base_frozen: bool) -> torch.dtype:
+    """The dtype the model's weights are stored in (quantized layers aside: float32): half for a
+    frozen base, and for every weight without master weights."""
+    precision_cfg = precision_config(precision)
+    if precision_cfg.name in HALF_DTYPES and (base_frozen or trained_in_half(precision_cfg)):
+        return HALF_DTYPES[precision_cfg.name]
+    return torch.float32
+
+
+def trained_in_half(precision) -> bool:
+    """Whether the trained weights (and so their gradients and optimizer state) are half:
+    bf16 / fp16 with precision.master_weights=false."""
+    precision_cfg = precision_config(precision)
+    return precision_cfg.name in HALF_DTYPES and not precision_cfg.master_weights
 
 
 def quantization(precision_cfg) -> BitsAndBytesConfig:
@@ -99,7 +111,8 @@ def random_model(model_cfg, dtype: torch.dtype = torch.float32):
     stored in `dtype` as from_pretrained would store it. Special ids are the byte tokenizer's
     (padding 0, end of sequence 1), which random weights are trained with by default."""
     torch.manual_seed(model_cfg.seed)
-    architecture = dict(model_cfg.architecture)
+    # Plain containers all the way down: transformers 5 checks nested fields' types (RoPE's).
+    architecture = OmegaConf.to_container(OmegaConf.create(model_cfg.architecture), resolve=True)
     config = AutoConfig.for_model(**architecture, decoder_start_token_id=tokenizers.PAD_ID,
                                   pad_token_id=tokenizers.PAD_ID, bos_token_id=tokenizers.PAD_ID,
                                   eos_token_id=tokenizers.EOS_ID,

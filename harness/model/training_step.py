@@ -7,7 +7,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from harness.core.units import MIB
 from harness.measure import accounting
-from harness.model import lomo, methods, optimizers
+from harness.model import lomo, methods, models, optimizers
 from harness.model.models import autocast
 
 
@@ -51,23 +51,27 @@ class Updates:
                                        max_grad_norm=train_cfg.max_grad_norm,
                                        unfused=self.stepped)
         # Scaling only matters for fp16, whose small range underflows gradients. GradScaler
-        # unscales through an optimizer step, which fused updates do not have: they keep a scale
-        # of their own.
+        # unscales through an optimizer step, which fused updates do not have, and only float32
+        # gradients: fused updates and float16 weights without master copies keep a scale of
+        # their own.
         scaling = loss_scaling and cfg.precision.name == "fp16"
-        self.scaler = torch.amp.GradScaler(device.type, enabled=scaling and self.fused is None)
-        self.fused_scale = lomo.LossScale(enabled=scaling)
+        own_scale = self.fused is not None or models.trained_in_half(cfg.precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=scaling and not own_scale)
+        self.own_scale = lomo.LossScale(enabled=scaling and own_scale)
         self.skipped = False  # whether the last update was skipped (fp16 overflow)
 
     def backward(self, loss: torch.Tensor, update: bool) -> bool:
         """Backward of one micro-batch; with `update` (its last), the update too. False while
         gradients accumulate."""
         if self.fused is not None:  # the fused weights are updated during this backward
-            finite = self.fused.step(loss, self.fused_scale.scale)
-            self.fused_scale.update(finite)
+            finite = self.fused.step(loss, self.own_scale.scale)
+            self.own_scale.update(finite)
             if self.optimizer is not None and finite:
                 self.optimizer.step()
             self.skipped = not finite
             return True
+        if self.own_scale.enabled:
+            return self._backward_scaled(loss, update)
         self.scaler.scale(loss / self.accumulation).backward()
         if not update:
             return False
@@ -78,6 +82,26 @@ class Updates:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.skipped = self.scaler.get_scale() < scale  # fp16 overflow: no step was taken
+        return True
+
+    def _backward_scaled(self, loss: torch.Tensor, update: bool) -> bool:
+        """backward() for float16 weights without master copies: the loss scaled by our own
+        scale; on the last micro-batch the gradients unscaled, measured, clipped, and the step
+        taken only if they are finite (else the scale halves, as GradScaler does)."""
+        scale = self.own_scale.scale
+        (loss * (scale / self.accumulation)).backward()
+        if not update:
+            return False
+        gradients = [p.grad for p in self.stepped if p.grad is not None]
+        torch._foreach_mul_(gradients, 1.0 / scale)
+        norm = torch.nn.utils.get_total_norm(gradients)
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(self.stepped, self.max_grad_norm, norm)
+            self.optimizer.step()
+        self.own_scale.update(finite)
+        self.skipped = not finite
         return True
 
     def next_step(self) -> None:

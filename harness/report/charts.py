@@ -94,16 +94,27 @@ def breakdown(ok: pd.DataFrame, source: str, path: Path) -> Chart | None:
     # on the host, data, working memory and (without CUDA, uncounted) activations.
     counted = sum(values.fillna(0.0) for values in parts.values())
     parts["everything else"] = (cells[peak_metric(source)] - counted).clip(lower=0)
+    # LOMO's claim: its gradients never exceed its largest weight's, and it keeps no optimizer
+    # state. The cross marks where its gradients may end at most: weights + that one weight.
+    bound = (cells.mem_params_mib + cells.mem_largest_weight_mib).where(cells.method == "lomo")
     words = _memory_words(source)
     stacked(cells.label, parts, path, f"{words[0].upper()}{words[1:]} per cell, by what holds it",
-            colors={"everything else": "lightgrey"})
+            colors={"everything else": "lightgrey"}, marks=bound,
+            mark_label="LOMO's bound: weights + one weight's gradient")
     rest = ("the CUDA context and allocator cache" if source == "GPU" else
             "the data, the libraries' working memory and the activations, which are not "
             "counted without CUDA; the interpreter and the libraries loaded before the model "
             "(cpu_baseline_mib) are left out of every bar")
-    return Chart("Memory breakdown", path,
-                 f"Parameters, gradients and optimizer state are the live tensors after the "
-                 f"step that set the peak; everything else is {rest}.")
+    caption = (f"Parameters, gradients and optimizer state are the live tensors after the "
+               f"step that set the peak; everything else is {rest}.")
+    if bound.notna().any():
+        checked = cells[bound.notna()]
+        holds = ((checked.mem_grads_mib <= checked.mem_largest_weight_mib + 1e-6)
+                 & (checked.mem_optimizer_mib.fillna(0.0) == 0)).sum()
+        caption += (f" LOMO's claim (a cross: its weights and one weight's gradient, the most "
+                    f"its gradients may reach; no optimizer state) holds for {holds} of its "
+                    f"{len(checked)} cells.")
+    return Chart("Memory breakdown", path, caption)
 
 
 def stacked(labels: pd.Series, parts: dict, path: Path, title: str, colors: dict | None = None,

@@ -15,6 +15,7 @@ METRICS = ("rouge1", "rouge2", "train_time_s", "gpu_peak_mib", "estimate_gpu_mib
            "cpu_baseline_mib", "cpu_cell_peak_mib",
            "trainable_pct", "tokens_per_s", "cost_usd", "train_tokens_per_usd", "total_params",
            "mem_params_mib", "mem_grads_mib", "mem_optimizer_mib", "mem_activations_mib",
+           "mem_largest_weight_mib",
            "infer_latency_ms_p50", "infer_latency_ms_p50_base", "infer_latency_ms_p50_merged",
            "infer_tokens_per_s", "adapter_size_mib", "full_checkpoint_mib")
 # Params that make runs the same cell in the report: all but the seed and where a run was logged
@@ -34,6 +35,7 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
     that did not finish ok; sorted by model size, method, precision and rank. Keeps run_ids."""
     runs = runs.reindex(columns=sorted({*runs.columns, *(f"metrics.{m}" for m in METRICS),
                                         "params.method.r", "params.method.optimizer",
+                                        "params.precision.master_weights",
                                         "tags.status", "tags.status_reason"}))
     identity = [column for column in runs.columns if column.startswith("params.")
                 and not column.startswith(NOT_THE_CELL)]
@@ -65,12 +67,14 @@ def _row(runs: pd.DataFrame, status: str, reason) -> dict:
     first = runs.iloc[0]
     method = identity.method_label(first["params.method.name"], first["params.method.optimizer"])
     rank = pd.to_numeric(first["params.method.r"], errors="coerce")
-    row = {"model": first["params.model.name"], "method": method,
-           "precision": first["params.precision.name"], "rank": rank,
+    # bf16-pure for a cell without float32 master weights (a run logged before the key: with).
+    precision = identity.precision_label(first["params.precision.name"],
+                                         first["params.precision.master_weights"] != "False")
+    row = {"model": first["params.model.name"], "method": method, "precision": precision,
+           "rank": rank,
            "label": identity.label(first["params.model.name"], first["params.method.name"],
                                    first["params.method.optimizer"],
-                                   None if pd.isna(rank) else int(rank),
-                                   first["params.precision.name"]),
+                                   None if pd.isna(rank) else int(rank), precision),
            "runs": len(runs), "status": status, "reason": "" if pd.isna(reason) else reason,
            "run_ids": list(runs["run_id"]),
            # What decides whether a published figure stands beside the cell.

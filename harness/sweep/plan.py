@@ -36,9 +36,11 @@ from harness.tracking import mlflow_store, runs
 
 # The terminal shows these columns of the plan (plan.csv has them all).
 SHOWN = {"#": "#", "cell": "cell", "gradient_checkpointing": "ckpt", "lengths": "lengths",
-         "plan": "plan", "why": "why", "estimate_mib": "GPU estimate (MiB)",
+         "plan": "plan", "why": "why", "weights_mib": "weights", "gradients_mib": "gradients",
+         "optimizer_mib": "optimizer", "activations_mib": "activations",
+         "allocated_mib": "tensors", "estimate_mib": "GPU estimate (MiB)",
          "reference": "published", "reference_gpu_mib": "reference (MiB)",
-         "estimate_ratio": "ratio", "fits": "fits"}
+         "estimate_ratio": "ratio", "fits": "fits", "lomo_claim": "LOMO's claim"}
 
 
 def check(jobs: list[DictConfig], create_experiment: bool = True) -> list[checks.Checked]:
@@ -112,17 +114,19 @@ def _estimate_columns(job: DictConfig, lengths: dict, lengths_from: str, parts: 
     found = {"source_length": lengths["source"], "target_length": lengths["target"],
              "lengths": f"{lengths['source']}/{lengths['target']}", "lengths_from": lengths_from,
              **{f"{name}_mib": parts[name] for name in estimate.PARTS},
-             "estimate_mib": parts["total"]}
-    published = reference.row(job.model.name, job.method.name, job.precision.name) \
-        if job.method.optimizer == "adamw" else None
+             "estimate_mib": parts["total"], "allocated_mib": parts["allocated"]}
+    if job.method.name == "lomo":
+        found["lomo_claim"] = _lomo_claim(parts)
+    keys = (job.model.name, identity.method_label(job.method.name, job.method.optimizer),
+            identity.precision_label(job.precision.name, job.precision.master_weights))
+    published = reference.row(*keys)
     other = published and reference.differences(
         published, identity.flat_params(identity.cell_config(job), job))
     if other:  # the published figure is of another setup: no ratio to it
         found.update(reference=f"{published['table']}: other setup",
                      reference_setup="; ".join(other))
         return found
-    study = reference.gpu_mib(job.model.name, job.method.name, job.precision.name) \
-        if published else None
+    study = reference.gpu_mib(*keys) if published else None
     if published:
         found["reference"] = published.get("outcome") if study is None else published["table"]
     if study is not None:
@@ -132,6 +136,15 @@ def _estimate_columns(job: DictConfig, lengths: dict, lengths_from: str, parts: 
         found.update(reference_gpu_mib=study, reference_measure=published["measure"],
                      estimate_ratio=compared / study)
     return found
+
+
+def _lomo_claim(parts: dict) -> str:
+    """LOMO's own claim on its simulated step: at the peak, no more gradient than its largest
+    weight's (the others are freed as soon as each is applied) and no optimizer state."""
+    largest = parts["largest_trained_weight"]
+    holds = parts["gradients"] <= largest + 1e-6 and parts["optimizer"] == 0
+    return (f"{'holds' if holds else 'does not hold'}: gradients {parts['gradients']:.4g} MiB "
+            f"(largest weight {largest:.4g}), optimizer state {parts['optimizer']:.4g}")
 
 
 def _gpu_to_compare(found_gpus: list[dict], named_gpu) -> tuple[str, float] | None:
