@@ -20,6 +20,7 @@ several LoRA cells of a model, the one in that precision with the lowest rank sp
 
 import pandas as pd
 
+from harness.config import identity
 from harness.report import charts
 
 # claim: (the paper's figure, what ours is, (holds at or beyond, partly at or beyond), direction)
@@ -76,7 +77,7 @@ def table(rows: pd.DataFrame, source: str) -> pd.DataFrame:
                                        "adapter_size_mib"),
             "less training memory": _ratio(adapter, memory, baseline, memory),
             "faster training": _ratio(adapter, "tokens_per_s", baseline, "tokens_per_s")}
-        cell = adapter.label
+        cell = identity.label(model, "lora", "adamw", int(adapter["rank"]), adapter.precision)
         for claim, ours in figures.items():
             paper, what, _, _ = CLAIMS[claim]
             found.append({"model": model, "LoRA cell": cell, "claim": claim, "the paper": paper,
