@@ -147,11 +147,28 @@ def test_a_key_added_at_its_default_leaves_the_fingerprint_as_it_was():
     before["eval"]["infer"] = True
     del before["eval"]["loss_max_batches"]
     del before["precision"]["master_weights"]
+    del before["strategy"]  # a single process hashes as before the strategy axis came
     assert identity.fingerprint(cell_cfg) == digest(before, 12)
     # Away from its default a key is part of the cell.
     for override in ("eval.infer=false", "eval.loss_max_batches=5"):
         assert identity.fingerprint(identity.cell_config(compose_cell(override))) != \
             identity.fingerprint(cell_cfg)
+
+
+def test_the_strategy_is_part_of_the_cell_and_its_name_but_its_timeout_is_not():
+    single = identity.cell_config(compose_cell())
+    fsdp = identity.cell_config(compose_cell("strategy=fsdp"))
+    patient = identity.cell_config(compose_cell("strategy=fsdp", "strategy.timeout_s=60"))
+    wider = identity.cell_config(compose_cell("strategy=fsdp", "strategy.nproc_per_node=4"))
+    assert len({identity.fingerprint(cell) for cell in (single, fsdp, wider)}) == 3
+    assert identity.fingerprint(patient) == identity.fingerprint(fsdp)
+    assert identity.run_name(single) == "t5-tiny/lora-r8/fp32"
+    assert identity.run_name(fsdp) == "t5-tiny/lora-r8/fp32/fsdp-x2"
+    two_nodes = identity.cell_config(compose_cell("strategy=zero3", "strategy.nnodes=2",
+                                                  "strategy.nproc_per_node=8"))
+    assert identity.run_name(two_nodes).endswith("/zero3-2x8")
+    params = identity.flat_params(fsdp, compose_cell("strategy=fsdp"))
+    assert (params["strategy.name"], params["strategy.nproc_per_node"]) == ("fsdp", 2)
 
 
 def test_rank_does_not_split_full_fine_tuning_cells():

@@ -13,6 +13,7 @@ from harness.cell.train import train
 from harness.core.units import MIB
 from harness.data import synthetic
 from harness.model import lomo, methods, models
+from harness.strategy.engines import Engine
 from tests.conftest import compose_cell
 
 CPU = torch.device("cpu")
@@ -139,7 +140,7 @@ def test_at_most_one_base_gradient_is_alive_during_backward():
 def test_training_with_lomo_leaves_no_hooks_and_a_gradient_breakdown_of_one_weight():
     cfg, model, batch, (train_loader, validation_loader) = _model_and_batch(
         "lomo", "train.max_steps=2")
-    result = train(model, train_loader, validation_loader, cfg, CPU, lambda *a: None)
+    result = train(Engine(model, cfg), train_loader, validation_loader, cfg, CPU, lambda *a: None)
     assert result.steps == 2
     largest = max(p.numel() * p.element_size() for p in model.parameters()) / MIB
     assert result.breakdown["mem_grads_mib"] == pytest.approx(largest)
@@ -154,7 +155,7 @@ def test_the_sgd_baseline_keeps_no_optimizer_state_and_adamw_two_moments():
     for optimizer in ("sgd", "adamw"):
         cfg, model, _, (train_loader, validation_loader) = _model_and_batch(
             "full", f"method.optimizer={optimizer}", "train.max_steps=1")
-        states[optimizer] = train(model, train_loader, validation_loader, cfg, CPU,
+        states[optimizer] = train(Engine(model, cfg), train_loader, validation_loader, cfg, CPU,
                                   lambda *a: None).breakdown
     assert states["sgd"]["mem_optimizer_mib"] == 0
     assert states["adamw"]["mem_optimizer_mib"] >= 2 * states["adamw"]["mem_grads_mib"]

@@ -12,6 +12,7 @@ from harness.cell.train import train
 from harness.data import encoding
 from harness.model import methods, models
 from harness.model.training_step import Diverged
+from harness.strategy.engines import Engine
 from tests.conftest import compose_cell
 
 CPU = torch.device("cpu")
@@ -33,7 +34,7 @@ def _setup(tmp_path, *overrides):
 def _train(tmp_path, *overrides):
     cfg, model, (train_loader, validation_loader) = _setup(tmp_path, *overrides)
     logged = []
-    result = train(model, train_loader, validation_loader, cfg, CPU,
+    result = train(Engine(model, cfg), train_loader, validation_loader, cfg, CPU,
                    lambda metrics, step: logged.append((step, metrics)))
     return result, logged, model
 
@@ -64,7 +65,7 @@ def test_lora_training_changes_only_the_adapters(tmp_path):
     cfg, model, (train_loader, validation_loader) = _setup(tmp_path, "train.max_steps=3",
                                                            "train.lr=0.01")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train(model, train_loader, validation_loader, cfg, CPU, lambda *a: None)
+    train(Engine(model, cfg), train_loader, validation_loader, cfg, CPU, lambda *a: None)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_B" in n or "lora_A" in n for n in changed)
 
@@ -111,7 +112,7 @@ def test_a_non_finite_loss_ends_training_as_diverged(tmp_path):
     with torch.no_grad():
         model.lm_head.weight.fill_(float("inf"))
     with pytest.raises(Diverged, match="at step 0"):
-        train(model, train_loader, validation_loader, cfg, CPU, lambda *a: None)
+        train(Engine(model, cfg), train_loader, validation_loader, cfg, CPU, lambda *a: None)
 
 
 def test_rouge_is_f1_times_100_with_stemming():

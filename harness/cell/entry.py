@@ -11,11 +11,17 @@ it goes, which the runner records at once, so that nothing finished is lost if t
   ("datasets", {split: rows})              the splits it loaded (the run's dataset inputs)
   ("artifact", local path, artifact folder) a file or folder the cell wrote under its scratch
   ("result", status, reason)               last: ok, diverged, oom or failed
+
+Under a distributed strategy this process launches the cell's ranks (harness/strategy/launch.py)
+and sends the result; rank 0 streams everything else, with the figures every rank measures on
+its own (allocator peaks, host memory, the breakdown) gathered as `<name>_rank<n>` beside their
+maximum under `<name>`.
 """
 
 import contextlib
 import csv
 import errno
+import functools
 import math
 import resource
 import signal
@@ -40,6 +46,8 @@ from harness.data import checks, encoding, sources
 from harness.measure import accounting
 from harness.model import families, methods, models
 from harness.model.training_step import Diverged, synchronize
+from harness.strategy import launch, world as ranks
+from harness.strategy.engines import Engine
 
 
 def main(cell_cfg: dict, cache_dir: str, scratch: str, cpu_memory_limit_mib, connection) -> None:
@@ -54,19 +62,46 @@ def main(cell_cfg: dict, cache_dir: str, scratch: str, cpu_memory_limit_mib, con
     if cpu_memory_limit_mib:
         limit = int(cpu_memory_limit_mib * MIB)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    cfg = OmegaConf.create(cell_cfg)
+    if cfg.strategy.name == "single":
+        outcome = _outcome(lambda: run(cfg, cache_dir, ToRunner(connection, Path(scratch))))
+    else:
+        outcome = launch.launch(cfg.strategy, Path(scratch), rank_main, cell_cfg, cache_dir,
+                                scratch, connection)
+    connection.send(("result", *outcome))
+
+
+def rank_main(cell_cfg: dict, cache_dir: str, scratch: str, connection) -> tuple[str, str]:
+    """One rank of a distributed cell: join the ranks, run the cell (rank 0 streaming to the
+    runner), and return its outcome; a rank that did not end ok reports it and fails, so that
+    the launcher stops the others at once."""
+    launch.die_with_launcher()
+    cfg = OmegaConf.create(cell_cfg)
+    world = ranks.join(cfg.strategy.timeout_s)
+    if not world.main:  # one progress bar per cell: rank 0's
+        tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
+    log = ToRunner(connection if world.main else None, Path(scratch), world)
+    outcome = _outcome(lambda: run(cfg, cache_dir, log))
+    if outcome[0] != "ok":
+        launch.report(Path(scratch), world.rank, *outcome)
+        sys.exit(1)
+    ranks.leave(world)
+    return outcome
+
+
+def _outcome(cell) -> tuple[str, str]:
+    """How `cell()` ended: ("ok", ""), or diverged, oom or failed with the reason."""
     try:
-        run(OmegaConf.create(cell_cfg), cache_dir, ToRunner(connection, Path(scratch)))
-        outcome = ("ok", "")
+        cell()
+        return "ok", ""
     except Diverged as error:
-        outcome = ("diverged", str(error))
+        return "diverged", str(error)
     except Exception as error:
         last_line = f"{type(error).__name__}: {error}".strip().splitlines()[-1]
         if _out_of_memory(error):
-            outcome = ("oom", last_line)
-        else:
-            traceback.print_exc()
-            outcome = ("failed", last_line)
-    connection.send(("result", *outcome))
+            return "oom", last_line
+        traceback.print_exc()
+        return "failed", last_line
 
 
 # How running out of host memory (or of runner.cpu_memory_limit_mib's address space) reads when it
@@ -84,31 +119,51 @@ def _out_of_memory(error: BaseException) -> bool:
 
 
 class ToRunner:
-    """The cell's side of the pipe: metrics, tags, artifacts and phases, sent as they happen.
-    On CUDA it also keeps the allocator's peaks per phase and over all
-    (torch_train_peak_allocated_mib, ..., torch_peak_allocated_mib)."""
+    """The cell's side of the pipe: metrics, tags, artifacts and phases, sent as they happen
+    (by rank 0 alone: another rank's has no connection). On CUDA it also keeps the allocator's
+    peaks per phase and over all (torch_train_peak_allocated_mib, ..., torch_peak_allocated_mib),
+    each rank its own."""
 
-    def __init__(self, connection, scratch: Path):
-        self.connection, self.scratch = connection, scratch
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    def __init__(self, connection, scratch: Path, world: ranks.World = ranks.SINGLE):
+        self.connection, self.scratch, self.world = connection, scratch, world
+        self.device = world.device
         self.peaks = {}
 
+    def send(self, *message) -> None:
+        if self.connection is not None:
+            self.connection.send(message)
+
     def __call__(self, metrics: dict, step: int = 0) -> None:
-        self.connection.send(("metrics", {key: float(value) for key, value in metrics.items()},
-                              step, int(time.time() * 1000)))
+        self.send("metrics", {key: float(value) for key, value in metrics.items()}, step,
+                  int(time.time() * 1000))
+
+    def per_rank(self, metrics: dict) -> None:
+        """Figures every rank measures for itself: with several ranks, each as
+        `<name>_rank<n>` and their maximum as `<name>` (the per-GPU figure a card is compared
+        with). A collective: every rank calls it."""
+        gathered = ranks.gather(metrics, self.world)
+        if len(gathered) == 1:
+            self(metrics)
+            return
+        for rank, figures in enumerate(gathered):
+            self({f"{key}_rank{rank}": value for key, value in figures.items()})
+        self({key: max(figures[key] for figures in gathered) for key in metrics})
 
     def tag(self, name: str, value: str) -> None:
-        self.connection.send(("tag", name, value))
+        self.send("tag", name, value)
 
     def params(self, params: dict) -> None:
-        self.connection.send(("params", params))
+        self.send("params", params)
+
+    def datasets(self, rows: dict) -> None:
+        self.send("datasets", rows)
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
-        self.connection.send(("artifact", str(path), folder))
+        self.send("artifact", str(path), folder)
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        self.connection.send(("phase", name, time.time()))
+        self.send("phase", name, time.time())
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         yield
@@ -119,7 +174,7 @@ class ToRunner:
                 self.peaks[f"torch_{name}_peak_{kind}_mib"] = peak
                 overall = f"torch_peak_{kind}_mib"
                 self.peaks[overall] = max(self.peaks.get(overall, 0.0), peak)
-            self(self.peaks)  # now: a cell that dies later keeps this phase's peaks
+            self.per_rank(self.peaks)  # now: a cell that dies later keeps this phase's peaks
 
 
 # A memory-only cell's eval loss pass reads this many batches (eval.loss_max_batches=auto): its
@@ -134,7 +189,10 @@ def resolved_eval(cfg, device: torch.device) -> dict:
     memory_only = device.type != "cuda" and (cfg.model.source == "random"
                                              or cfg.data.name == "synthetic")
     batches = cfg.eval.loss_max_batches
-    return {"infer": not memory_only if cfg.eval.infer == "auto" else cfg.eval.infer,
+    # The inference benchmark measures one process's generation; ranks would only repeat it.
+    infer = (not memory_only if cfg.eval.infer == "auto" else cfg.eval.infer) \
+        and cfg.strategy.name == "single"
+    return {"infer": infer,
             "loss_max_batches": (MEMORY_ONLY_LOSS_BATCHES if memory_only else None)
             if batches == "auto" else batches}
 
@@ -147,19 +205,21 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
     # What the process holds before the cell's own work: the interpreter and the libraries
     # imported (about 385 MiB in a CPU cell here, the same for every cell). A CPU store's
     # breakdown and "memory / full FT" show the cell above it.
-    log({"cpu_baseline_mib": psutil.Process().memory_info().rss / MIB})
+    log.per_rank({"cpu_baseline_mib": psutil.Process().memory_info().rss / MIB})
 
     with log.phase("load"):
         load_start = time.perf_counter()
         tokenizer = models.load_tokenizer(cfg.model)
         model = models.load_model(cfg.model, cfg.precision, methods.base_frozen(method), device)
         model = methods.prepare(model, cfg)
-        text, splits, lengths = encoding.load(cfg.data, cfg.model, tokenizer, cache_dir)
+        engine = Engine(model, cfg, log.world)  # wrapped or sharded as cfg.strategy says
+        with ranks.main_first(log.world):
+            text, splits, lengths = encoding.load(cfg.data, cfg.model, tokenizer, cache_dir)
         if text is None:
             log.tag("rouge", f"not computed: data={cfg.data.name} has no text")
         # The cuts as numbers beside their specs (data.source_max_length=p85 -> 255).
         log.params({f"data.{key}_resolved": lengths[side] for side, key in checks.SIDES.items()})
-        log.connection.send(("datasets", {split: len(splits[split]) for split in sources.SPLITS}))
+        log.datasets({split: len(splits[split]) for split in sources.SPLITS})
         trainable, total = models.count_params(model)
         log({"trainable_params": trainable, "total_params": total,
              "trainable_pct": 100 * trainable / total,
@@ -183,33 +243,41 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
         validation_loader = DataLoader(_first(splits["validation"], loss_examples),
                                        batch_size=cfg.eval.batch_size, collate_fn=collate)
         def validation_rouge():  # ROUGE learning curves (eval.rouge_every_epoch)
-            return _rouge(model, tokenizer, splits["validation"], text["validation"], cfg,
-                          device)[0]
+            with engine.evaluating() as evaluated:
+                return _rouge(evaluated, tokenizer, splits["validation"], text["validation"],
+                              cfg, device)[0]
 
         per_epoch = cfg.eval.rouge_every_epoch and text is not None
-        result = train(model, train_loader, validation_loader, cfg, device, log,
+        result = train(engine, train_loader, validation_loader, cfg, device, log,
                        validation_rouge if per_epoch else None)
+    throughput = result.throughput(cfg.train.throughput_skip_steps)
+    if "tokens_per_s" in throughput:  # the LOMO paper's figure: tokens per GPU per second
+        throughput["tokens_per_rank_per_s"] = throughput["tokens_per_s"] / log.world.size
     log({"train_time_s": result.train_time_s, "train_steps": result.steps,
-         "train_tokens": result.train_tokens,
-         **result.throughput(cfg.train.throughput_skip_steps), **result.breakdown})
-    if device.type == "cuda" and result.breakdown:
+         "train_tokens": result.train_tokens, **throughput})
+    breakdown = dict(result.breakdown)
+    if device.type == "cuda" and breakdown:
         # Activations and everything else the step allocated beyond the tensors counted above.
-        log({"mem_activations_mib": log.peaks["torch_train_peak_allocated_mib"]
-             - sum(result.breakdown.values())})
+        breakdown["mem_activations_mib"] = (log.peaks["torch_train_peak_allocated_mib"]
+                                            - sum(breakdown.values()))
+    log.per_rank(breakdown)
     if method in FUSED_METHODS:  # what LOMO's claim bounds its gradients by (the report's check)
         log({"mem_largest_weight_mib": accounting.largest_trained_mib(model)})
 
     if text is not None:
         with log.phase("eval"):
             eval_start = time.perf_counter()
-            scores, references, predictions = _rouge(model, tokenizer, splits["test"],
-                                                     text["test"], cfg, device)
+            with engine.evaluating() as evaluated:
+                scores, references, predictions = _rouge(evaluated, tokenizer, splits["test"],
+                                                         text["test"], cfg, device)
             synchronize(device)
             log({**scores, "eval_time_s": time.perf_counter() - eval_start})
             _log_predictions(log, references, predictions)
 
     if method in ADAPTER_METHODS:
-        _log_adapter(log, model)
+        whole = engine.state_dict()  # gathered from the shards: a collective
+        if log.world.main:
+            _log_adapter(log, model, whole)
     if evaluation["infer"]:  # last: an adapter is merged into its base here
         with log.phase("infer"):
             infer.benchmark(model, tokenizer, splits["test"], cfg, device, family, log)
@@ -242,11 +310,11 @@ def _log_predictions(log: ToRunner, references, predictions) -> None:
     log.artifact(path)
 
 
-def _log_adapter(log: ToRunner, model) -> None:
+def _log_adapter(log: ToRunner, model, state_dict: dict | None = None) -> None:
     """The saved adapter as an artifact, its size on disk, and the size of the whole model it
-    stands for."""
+    stands for; from `state_dict` where the model's own is sharded."""
     folder = log.scratch / "adapter"
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, **({} if state_dict is None else {"state_dict": state_dict}))
     size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
     log(infer.checkpoint_sizes(model, size))
     log.artifact(folder, "adapter")

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from harness.cell import evaluate
 from harness.model.tokenizers import IGNORED_LABEL
-from harness.model.training_step import Diverged, Updates, forward, synchronize
+from harness.model.training_step import Diverged, forward, synchronize
+from harness.strategy import world as ranks
 
 MAX_LOG_PERPLEXITY = 80.0  # exp(80) ~ 5.5e34: a float still, and far beyond any vocabulary
 
@@ -45,19 +46,22 @@ class TrainResult:
                 "step_time_p90_s": float(np.percentile(times, 90))}
 
 
-def train(model, train_loader, validation_loader, cfg, device: torch.device, log_metrics,
+def train(engine, train_loader, validation_loader, cfg, device: torch.device, log_metrics,
           validation_rouge=None) -> TrainResult:
-    """Train in place as cfg.method says. `log_metrics(metrics: dict, step: int)` receives
-    train_loss and lr per step, eval_loss and eval_perplexity per epoch, and with
-    `validation_rouge` (a function that returns ROUGE scores of the validation split)
-    eval_rouge1, eval_rouge2, ... per epoch."""
+    """Train engine.model in place as cfg.method and cfg.strategy say (harness/strategy/engines.py;
+    every rank draws the global batch and trains on its rows). `log_metrics(metrics: dict, step:
+    int)` receives train_loss (the global batch's) and lr per step, eval_loss and
+    eval_perplexity per epoch, and with `validation_rouge` (a function that returns ROUGE scores
+    of the validation split) eval_rouge1, eval_rouge2, ... per epoch."""
     train_cfg, precision = cfg.train, cfg.precision.name
+    world, causal = engine.world, cfg.model.family == "causal"
     torch.manual_seed(train_cfg.seed)
     steps_per_epoch = math.ceil(len(train_loader) / train_cfg.grad_accum_steps)
     total_steps = (train_cfg.max_steps if train_cfg.max_steps is not None
                    else steps_per_epoch * train_cfg.epochs)
     epochs = math.ceil(total_steps / steps_per_epoch) if total_steps else 0
-    updates = Updates(model, cfg, total_steps, device)
+    updates = engine.updates(cfg, total_steps)
+    model = engine.model
 
     step, eval_time = 0, 0.0
     result = TrainResult(steps=0, epochs=epochs, train_time_s=0.0, train_tokens=0)
@@ -69,14 +73,16 @@ def train(model, train_loader, validation_loader, cfg, device: torch.device, log
         for epoch in range(epochs):
             model.train()
             for micro_step, batch in enumerate(train_loader):
-                batch = {key: value.to(device) for key, value in batch.items()}
-                loss = forward(model, batch, precision, device)
-                if not torch.isfinite(loss):
-                    raise Diverged(f"loss {loss.item()} at step {step} (epoch {epoch}), "
-                                   f"precision {precision}")
                 step_samples += len(batch["input_ids"])
                 step_tokens += (int(batch["attention_mask"].sum())
                                 + int((batch["labels"] != IGNORED_LABEL).sum()))
+                batch, weight = ranks.split(batch, world, causal)
+                batch = {key: value.to(device) for key, value in batch.items()}
+                loss = forward(engine.trained, batch, precision, device) * weight
+                batch_loss = ranks.global_loss(loss, world)
+                if not torch.isfinite(batch_loss):
+                    raise Diverged(f"loss {batch_loss.item()} at step {step} (epoch {epoch}), "
+                                   f"precision {precision}")
                 last_micro_step = (not (micro_step + 1) % train_cfg.grad_accum_steps
                                    or micro_step + 1 == len(train_loader))
                 if not updates.backward(loss, update=last_micro_step):
@@ -93,7 +99,7 @@ def train(model, train_loader, validation_loader, cfg, device: torch.device, log
                 step += 1
                 progress.update()
                 if step % train_cfg.log_every_steps == 0 or step == total_steps:
-                    log_metrics({"train_loss": loss.item(), **updates.rates()}, step)
+                    log_metrics({"train_loss": batch_loss.item(), **updates.rates()}, step)
                 synchronize(device)
                 now = time.perf_counter()
                 result.step_times_s.append(now - step_start)
@@ -106,7 +112,8 @@ def train(model, train_loader, validation_loader, cfg, device: torch.device, log
             # The eval loss pass belongs to evaluation, not to the training time.
             synchronize(device)
             eval_start = time.perf_counter()
-            eval_loss = evaluate.loss(model, validation_loader, precision, device)
+            with engine.evaluating() as evaluated:
+                eval_loss = evaluate.loss(evaluated, validation_loader, precision, device)
             epoch_metrics = {"eval_loss": eval_loss, "epoch": epoch + 1,
                              "eval_examples": len(validation_loader.dataset)}
             if eval_loss < MAX_LOG_PERPLEXITY:  # beyond it, a perplexity says nothing more

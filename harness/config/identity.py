@@ -55,8 +55,13 @@ def fingerprint(cell_cfg: dict) -> str:
 
 
 def _as_before(cell_cfg: dict) -> dict:
-    """The cell as the fingerprint sees it: each SINCE key at its default hashed as before."""
+    """The cell as the fingerprint sees it: each SINCE key at its default hashed as before; a
+    single-process cell without the strategy group that came after it, and no strategy's
+    timeout_s, which says how long to wait, not what is computed."""
     hashed = copy.deepcopy(cell_cfg)
+    strategy = hashed.pop("strategy", None)
+    if strategy is not None and strategy["name"] != "single":
+        hashed["strategy"] = {key: value for key, value in strategy.items() if key != "timeout_s"}
     for key, (_, default, before) in SINCE.items():
         *path, name = key.split(".")
         holder = functools.reduce(lambda node, part: node.get(part, {}), path, hashed)
@@ -89,10 +94,23 @@ def method_label(name: str, optimizer: str) -> str:
 
 
 def run_name(cell_cfg: dict) -> str:
-    """A short readable name for the MLflow UI: model / method[-r] / precision."""
+    """A short readable name for the MLflow UI: model / method[-r] / precision[ / strategy]."""
     method, precision = cell_cfg["method"], cell_cfg["precision"]
-    return label(cell_cfg["model"]["name"], method["name"], method["optimizer"], method.get("r"),
+    name = label(cell_cfg["model"]["name"], method["name"], method["optimizer"], method.get("r"),
                  precision_label(precision["name"], precision.get("master_weights", True)))
+    strategy = cell_cfg.get("strategy", {"name": "single"})
+    if strategy["name"] == "single":
+        return name
+    return f"{name}/{strategy_label(strategy)}"
+
+
+def strategy_label(strategy: dict) -> str:
+    """fsdp-x2 (two ranks on one node), zero3-2x8 (two nodes of eight), single."""
+    if strategy["name"] == "single":
+        return "single"
+    nodes, per_node = strategy["nnodes"], strategy["nproc_per_node"]
+    world = f"x{per_node}" if nodes == 1 else f"{nodes}x{per_node}"
+    return f"{strategy['name']}-{world}"
 
 
 def precision_label(name: str, master_weights: bool = True) -> str:

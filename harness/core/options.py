@@ -21,5 +21,9 @@ NF4_OPTIONS = {"quant_type": ("nf4", "fp4"), "compute_dtype": ("bf16", "fp16", "
 ATTENTION = ("sdpa", "eager")
 START_METHODS = ("auto", "forkserver", "spawn")
 # The groups that define what a cell computes; tracking, runner and sampler say where and how.
-CELL_GROUPS = ("model", "method", "precision", "data", "train", "eval")
+CELL_GROUPS = ("model", "method", "precision", "data", "train", "eval", "strategy")
 OTHER_GROUPS = ("tracking", "runner", "sampler", "cost")
+# conf/strategy/: one process, or ranks under torch's elastic launcher (harness/strategy/).
+STRATEGIES = ("single", "ddp", "fsdp", "fsdp_offload", "zero2", "zero3", "zero3_offload")
+SHARDED_STRATEGIES = ("fsdp", "fsdp_offload", "zero2", "zero3", "zero3_offload")
+DEEPSPEED_STRATEGIES = ("zero2", "zero3", "zero3_offload")

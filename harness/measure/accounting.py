@@ -6,9 +6,12 @@ from harness.core.units import MIB
 
 
 def tensors_mib(tensors) -> float:
-    """MiB held by these tensors, each storage counted once (tied weights share one)."""
+    """MiB held by these tensors, each storage counted once (tied weights share one); a sharded
+    tensor (FSDP2's DTensor) by the shard this rank holds."""
     storages = {}
     for tensor in tensors:
+        if hasattr(tensor, "to_local"):
+            tensor = tensor.to_local()
         storage = tensor.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values()) / MIB

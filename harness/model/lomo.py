@@ -14,6 +14,10 @@ graph and frees each gradient after measuring it, then the update pass. Paramete
 fused (LoRA+LOMO's adapters, trained by AdamW) are measured in the norm pass too, so that the whole
 model is clipped by one norm; step() leaves their gradients clipped and unscaled for their own
 optimizer.
+
+Under a distributed strategy (harness/strategy/engines.py) each gradient is reduced across ranks
+before it is used: `reduce_gradient` averages a whole gradient in its hook (ddp), or the gradient
+arrives reduced and sharded and `reduce_squared_norm` sums the shards' squared norms (FSDP2).
 """
 
 import warnings
@@ -43,14 +47,18 @@ class FusedSGD:
         self.squared_norms = []
         self.grad_scale = 1.0  # the fp16 loss scale the gradients carry
         self.largest_grad_bytes = 0  # the most gradient memory a fused step held at once
+        self.reduce_gradient = self.reduce_squared_norm = None  # set under a strategy
         self.hooks = [parameter.register_post_accumulate_grad_hook(self._on_gradient)
                       for parameter in self.parameters]
 
     @torch.no_grad()
     def _on_gradient(self, parameter: torch.Tensor) -> None:
         gradient = parameter.grad
+        if self.reduce_gradient is not None:
+            self.reduce_gradient(gradient)
+        local = _local(gradient)
         self.largest_grad_bytes = max(self.largest_grad_bytes,
-                                      gradient.numel() * gradient.element_size())
+                                      local.numel() * local.element_size())
         if self.measuring:
             self.squared_norms.append(self._squared_norm(gradient))
         elif parameter.dtype == torch.float32:
@@ -85,6 +93,8 @@ class FusedSGD:
         (loss * grad_scale).backward()
         for parameter in self.unfused:
             if parameter.grad is not None:
+                if self.reduce_gradient is not None:
+                    self.reduce_gradient(parameter.grad)
                 parameter.grad.mul_(self.clip_coef / grad_scale)
         with warnings.catch_warnings():
             # Half weights are updated by torch's functional SGD, never by their optimizer's
@@ -102,14 +112,18 @@ class FusedSGD:
             self.measuring = False
         for parameter in self.unfused:  # measured, then cleared for the update pass
             if parameter.grad is not None:
+                if self.reduce_gradient is not None:
+                    self.reduce_gradient(parameter.grad)
                 self.squared_norms.append(self._squared_norm(parameter.grad))
                 parameter.grad = None
-        if not self.squared_norms:
-            return torch.tensor(0.0)
-        return torch.stack(self.squared_norms).sum().sqrt()
+        squared = (torch.stack(self.squared_norms).sum() if self.squared_norms
+                   else torch.zeros((), device=self.parameters[0].device))
+        if self.reduce_squared_norm is not None:  # every rank, shards or not
+            self.reduce_squared_norm(squared)
+        return squared.sqrt()
 
     def _squared_norm(self, gradient: torch.Tensor) -> torch.Tensor:
-        return (gradient.float() / self.grad_scale).pow(2).sum()
+        return (_local(gradient).float() / self.grad_scale).pow(2).sum()
 
     def last_lr(self) -> float:
         return self.schedules[0].get_last_lr()[0] if self.schedules else 0.0
@@ -119,6 +133,11 @@ class FusedSGD:
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (DTensor) gradient; any other tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 class LossScale:

@@ -1,0 +1,97 @@
+"""A distributed cell's process is the launcher of its ranks: torch's elastic launcher
+(torch.distributed.run's agent, in process) starts strategy.nproc_per_node ranks on this node,
+which meet through its c10d rendezvous, and watches them. A rank that fails makes the agent stop
+the others; a signal to the cell process (the runner's SIGTERM) stops every rank; a rank whose
+launcher dies outright (SIGKILL) is killed by the kernel (PR_SET_PDEATHSIG), so that no rank
+outlives its cell.
+
+How the cell ended is judged by what each rank reported (harness/cell/entry.py writes a rank's
+outcome to RANKS_FOLDER before it fails), not by exit codes alone: a rank can print "terminate
+called without an active exception" after finishing correctly.
+"""
+
+import ctypes
+import json
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import torch
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+RANKS_FOLDER = "ranks"  # under the cell's scratch folder: rank-<n>.json, the launcher's logs
+# A failed cell's status when ranks disagree: the rank that ran out of memory is the cause, the
+# others failed on the collective it left.
+SEVERITY = {"oom": 0, "diverged": 1, "failed": 2, "ok": 3}
+PR_SET_PDEATHSIG = 1
+
+
+def launch(strategy_cfg, scratch: Path, entrypoint, *args) -> tuple[str, str]:
+    """Run `entrypoint(*args)`, which returns a rank's (status, reason), on every rank of this
+    node; the cell's (status, reason)."""
+    try:
+        outcomes = run_ranks(strategy_cfg, scratch, entrypoint, *args)
+    except ChildFailedError as error:
+        return _failed(error, scratch)
+    return min(((status, f"rank {rank}: {reason}" if reason else "")
+                for rank, (status, reason) in outcomes.items()),
+               key=lambda outcome: SEVERITY[outcome[0]])
+
+
+def run_ranks(strategy_cfg, scratch: Path, entrypoint, *args, start_method: str | None = None
+              ) -> dict:
+    """`entrypoint(*args)` on every rank of this node under torch's elastic agent: what each
+    returned, by rank; ChildFailedError when one failed (the agent has stopped the others).
+
+    Ranks are forked on CPU (they start at once), which is safe only from a process that has not
+    computed yet: a fork inherits OpenMP's thread pool without its threads, and the child's first
+    parallel kernel waits for them forever. The cell process only imports before it launches;
+    a caller that has computed passes start_method=forkserver or spawn. CUDA needs a fresh
+    interpreter (spawn)."""
+    if start_method is None:
+        start_method = "spawn" if torch.cuda.is_available() else "fork"
+    config = LaunchConfig(
+        min_nodes=strategy_cfg.nnodes, max_nodes=strategy_cfg.nnodes,
+        nproc_per_node=strategy_cfg.nproc_per_node, run_id=f"harness-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1,
+        start_method=start_method,
+        logs_specs=DefaultLogsSpecs(log_dir=str(scratch / RANKS_FOLDER / "logs")))
+    return elastic_launch(config, entrypoint)(*args)
+
+
+def report(scratch: Path, rank: int, status: str, reason: str) -> None:
+    """A rank's outcome, for the launcher to read once the rank is gone."""
+    folder = scratch / RANKS_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank-{rank}.json").write_text(json.dumps({"status": status, "reason": reason}))
+
+
+def die_with_launcher() -> None:
+    """Have the kernel kill this rank when its launcher (the cell process) dies."""
+    launcher = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the agent's own shutdown still applies
+        return
+    if os.getppid() != launcher:  # it died before the request took hold
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _failed(error: ChildFailedError, scratch: Path) -> tuple[str, str]:
+    """The worst outcome a failed rank reported, naming the rank; else how the first rank to fail
+    ended (killed by a signal, or exited without a word)."""
+    reported = []
+    for path in sorted((scratch / RANKS_FOLDER).glob("rank-*.json")):
+        outcome = json.loads(path.read_text())
+        rank = path.stem.removeprefix("rank-")
+        reported.append((outcome["status"], f"rank {rank}: {outcome['reason']}"))
+    failures = [outcome for outcome in reported if outcome[0] != "ok"]
+    if failures:
+        return min(failures, key=lambda outcome: SEVERITY[outcome[0]])
+    rank, failure = min(error.failures.items(), key=lambda item: item[1].timestamp)
+    how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+           else f"exited with code {failure.exitcode}")
+    return "failed", f"rank {rank} {how} without a result"
