@@ -60,6 +60,45 @@ def test_lomo_with_gradient_accumulation_is_an_invalid_cell(method):
                                                    "train.grad_accum_steps=4")) is None
 
 
+@pytest.mark.parametrize("overrides, reason", [
+    (["strategy=ddp", "strategy.nproc_per_node=3"], "3 ranks (strategy.nproc_per_node=3 x "
+                                                    "strategy.nnodes=1) do not divide "
+                                                    "train.batch_size=8"),
+    (["strategy=fsdp", "precision=int8"], "precision=int8 weights (packed values with their "
+                                          "scales) cannot be sharded: use strategy=ddp"),
+    (["strategy=zero3", "method=lomo"], "DeepSpeed's engine (strategy=zero3) owns backward"),
+    (["strategy=zero2", "method=lora_lomo"], "use strategy=fsdp"),
+    (["strategy=fsdp", "method.optimizer=adamw_8bit"], "method.optimizer=adamw_8bit is "
+                                                       "bitsandbytes'"),
+    (["strategy=fsdp", "precision=fp16"], "GradScaler decides on one rank's shard"),
+    (["strategy=zero3", "precision=bf16", "precision.master_weights=false", "method=full"],
+     "DeepSpeed's engine keeps float32 partitions"),
+])
+def test_combinations_a_strategy_cannot_train_are_invalid_cells(overrides, reason):
+    assert reason in validation.invalid_cell_reason(compose_cell(*overrides))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["strategy=ddp", "precision=int8"],            # every rank holds the quantized base whole
+    ["strategy=fsdp", "method=lomo"],              # reduced shards reach LOMO's hooks
+    ["strategy=fsdp", "method=lomo", "precision=fp16", "precision.master_weights=false"],
+    ["strategy=ddp", "precision=fp16", "method=full"],
+    ["strategy=zero3_offload", "method=lora", "train.batch_size=3"],  # one rank by default
+])
+def test_combinations_a_strategy_trains_are_valid(overrides):
+    cfg = compose_cell(*overrides)
+    validation.validate(cfg)
+    assert validation.invalid_cell_reason(cfg) is None
+
+
+def test_a_world_larger_than_the_gpus_the_runner_may_claim_is_refused_on_a_gpu_machine():
+    cfg = compose_cell("strategy=fsdp", "strategy.nproc_per_node=4", "runner.gpus=[0,1]")
+    reason = validation.machine_reason(cfg, cuda=True)
+    assert "strategy.nproc_per_node=4 ranks need as many GPUs" in reason
+    assert "may claim 2 (0,1" in reason
+    assert validation.machine_reason(cfg, cuda=False) is None  # CPU ranks are processes
+
+
 def test_lomo_methods_have_their_own_rates():
     lora_lomo = compose_cell("method=lora_lomo", "method.lr_lora=2e-3")
     assert (lora_lomo.train.lr, lora_lomo.method.lr_base) == (2e-3, 1e-3)
@@ -102,6 +141,14 @@ def test_a_single_invalid_cell_is_refused_without_a_run(cell_overrides, store):
      "train.gradient_checkpointing='sometimes'; expected true or false"),
     ("data=local", "data=local needs data.path"),
     ("data=local data.path=/no/such/file.csv", "data.path=/no/such/file.csv does not exist"),
+    ("strategy.nproc_per_node=2", "strategy=single runs one process"),
+    ("strategy=fsdp strategy.nproc_per_node=0", "strategy.nproc_per_node=0; expected a positive"),
+    ("strategy=ddp strategy.timeout_s=0", "strategy.timeout_s=0"),
+    ("strategy=zero3 strategy.nnodes=2", "strategy.nnodes=2: a cell across several nodes"),
+    ("strategy=zero2 strategy.offload_param=true", "strategy.offload_param=true needs "
+                                                   "strategy.stage=3"),
+    ("strategy=zero2 strategy.stage=1", "strategy.stage=1; expected 2"),
+    ("+strategy.offload_params=true", "did you mean strategy.offload_param?"),
 ])
 def test_bad_values_name_the_value(override, message):
     cfg = compose_cell(*override.split())

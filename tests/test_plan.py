@@ -188,8 +188,8 @@ def test_each_reference_row_fits_an_a10g_and_is_within_25_percent_of_the_study(r
     assert 0.75 <= found.estimate_ratio <= 1.25, found.estimate_ratio
 
 
-def _hold(lock_dir, candidates, hold_s, queue):
-    with gpus.claim(candidates, lock_dir, announce=lambda message: None) as gpu:
+def _hold(lock_dir, candidates, hold_s, queue, count=1):
+    with gpus.claim(candidates, lock_dir, announce=lambda message: None, count=count) as gpu:
         queue.put((gpu, time.time(), "start"))
         time.sleep(hold_s)
         queue.put((gpu, time.time(), "end"))
@@ -213,6 +213,23 @@ def test_concurrent_cells_never_share_a_gpu_and_wait_for_a_free_one(tmp_path):
         else:
             del held[gpu]
     assert {gpu for gpu, _, _ in events} == {"0", "1"}  # the third cell waited for one
+
+
+def test_a_distributed_cell_holds_all_its_gpus_or_none_while_it_waits(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    with gpus.claim(["0", "1", "2"], tmp_path, count=2) as held:
+        assert held == "0,1"
+        waiting = context.Process(target=_hold, args=(tmp_path, ["0", "1", "2"], 0.0, queue, 2))
+        waiting.start()
+        time.sleep(3)  # it found one GPU free of the two it needs: it holds none and waits
+        assert queue.empty()
+        with gpus.claim(["2"], tmp_path) as alone:  # so the free one is free still
+            assert alone == "2"
+        released = time.time()
+    waiting.join(timeout=60)
+    gpu, started, _ = queue.get()
+    assert gpu == "0,1" and started >= released
 
 
 def test_without_gpus_nothing_is_pinned(tmp_path):

@@ -23,6 +23,7 @@ import csv
 import errno
 import functools
 import math
+import os
 import resource
 import signal
 import sys
@@ -81,6 +82,7 @@ def rank_main(cell_cfg: dict, cache_dir: str, scratch: str, connection) -> tuple
     if not world.main:  # one progress bar per cell: rank 0's
         tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
     log = ToRunner(connection if world.main else None, Path(scratch), world)
+    log.send("ranks", ranks.gather(os.getpid(), world))  # the runner samples each rank
     outcome = _outcome(lambda: run(cfg, cache_dir, log))
     if outcome[0] != "ok":
         launch.report(Path(scratch), world.rank, *outcome)

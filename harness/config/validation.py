@@ -6,6 +6,7 @@ this module checks what Hydra cannot: values, combinations and user data.
 
 import difflib
 import functools
+import importlib.util
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -17,6 +18,7 @@ from harness.core.options import (
     ATTENTION,
     CELL_GROUPS,
     CONF_DIR,
+    DEEPSPEED_STRATEGIES,
     FAMILIES,
     FUSED_METHODS,
     HALF_PRECISIONS,
@@ -26,10 +28,12 @@ from harness.core.options import (
     OTHER_GROUPS,
     PAGED_OPTIMIZERS,
     QUANTIZED,
+    SHARDED_STRATEGIES,
     START_METHODS,
     TOKENIZERS,
 )
 from harness.data import checks
+from harness.measure import gpus
 
 
 def invalid_cell_reason(cfg: DictConfig) -> str | None:
@@ -57,6 +61,42 @@ def invalid_cell_reason(cfg: DictConfig) -> str | None:
                 "gradient, so gradients cannot accumulate over micro-batches "
                 f"(train.grad_accum_steps={cfg.train.grad_accum_steps}): set "
                 "train.grad_accum_steps=1 and raise train.batch_size instead")
+    return _strategy_reason(cfg)
+
+
+def _strategy_reason(cfg: DictConfig) -> str | None:
+    """Why the cell's strategy cannot train it, or None."""
+    strategy, method, precision = cfg.strategy.name, cfg.method.name, cfg.precision.name
+    world = cfg.strategy.nproc_per_node * cfg.strategy.nnodes
+    if cfg.train.batch_size % world:
+        return (f"{world} ranks (strategy.nproc_per_node={cfg.strategy.nproc_per_node} x "
+                f"strategy.nnodes={cfg.strategy.nnodes}) do not divide train.batch_size="
+                f"{cfg.train.batch_size}, the global batch each step splits between them: use a "
+                "number of ranks that divides it, or a batch size they divide")
+    if strategy not in SHARDED_STRATEGIES:
+        return None
+    if precision in QUANTIZED:
+        return (f"strategy={strategy} shards the weights, and bitsandbytes' precision="
+                f"{precision} weights (packed values with their scales) cannot be sharded: use "
+                "strategy=ddp, where every rank holds the quantized base whole, or precision="
+                "bf16 / fp16 with this strategy")
+    if cfg.method.optimizer != "adamw" and cfg.method.optimizer != "sgd":
+        return (f"method.optimizer={cfg.method.optimizer} is bitsandbytes' and steps whole "
+                f"tensors, which strategy={strategy} shards: use method.optimizer=adamw or sgd, "
+                "or strategy=ddp")
+    if strategy in DEEPSPEED_STRATEGIES:
+        if method in FUSED_METHODS:
+            return (f"method={method} updates each weight inside backward, and DeepSpeed's "
+                    f"engine (strategy={strategy}) owns backward and the optimizer step: use "
+                    "strategy=fsdp, whose sharded gradients reach LOMO's hooks once reduced")
+        if not cfg.precision.master_weights:
+            return (f"precision.master_weights=false with strategy={strategy}: DeepSpeed's "
+                    "engine keeps float32 partitions of the weights it trains; use strategy=fsdp "
+                    "for weights trained in the half dtype itself")
+    if precision == "fp16" and method not in FUSED_METHODS:
+        return (f"precision=fp16 with strategy={strategy}: GradScaler decides on one rank's "
+                "shard of the gradients whether to skip a step; use precision=bf16 (no loss "
+                "scale), strategy=ddp, or a LOMO method, whose loss scale sees the global norm")
     return None
 
 
@@ -83,6 +123,15 @@ def _master_weights_reason(cfg: DictConfig) -> str | None:
 
 def machine_reason(cfg: DictConfig, cuda: bool) -> str | None:
     """Why this machine cannot run the cell, or None (the plan still estimates it for a GPU)."""
+    if cfg.strategy.name in DEEPSPEED_STRATEGIES and importlib.util.find_spec("deepspeed") is None:
+        return (f"strategy={cfg.strategy.name} runs DeepSpeed's ZeRO engine, which is not "
+                "installed here: pip install deepspeed (or make install), or use strategy=fsdp")
+    claimable = gpus.candidates(cfg.runner.gpus) if cuda else []
+    if cuda and cfg.strategy.nproc_per_node > len(claimable):
+        return (f"strategy.nproc_per_node={cfg.strategy.nproc_per_node} ranks need as many GPUs, "
+                f"and the runner may claim {len(claimable)} ({','.join(claimable) or 'none'}; "
+                "runner.gpus, else CUDA_VISIBLE_DEVICES, else every GPU): lower "
+                "strategy.nproc_per_node, or give the runner more GPUs")
     if cfg.method.optimizer in PAGED_OPTIMIZERS and not cuda:
         return (f"method.optimizer={cfg.method.optimizer} pages its state between the GPU and the "
                 "host through CUDA unified memory, and this machine has no CUDA device: use "
@@ -179,7 +228,31 @@ def validate(cfg: DictConfig) -> None:
     if cfg.train.max_steps is not None and cfg.train.max_steps < 0:
         raise ConfigError(f"train.max_steps={cfg.train.max_steps}; expected null (train for "
                           "train.epochs) or a number of optimizer steps >= 0")
+    _check_strategy(cfg)
     checks.check(cfg.data)
+
+
+def _check_strategy(cfg: DictConfig) -> None:
+    strategy = cfg.strategy
+    for key in ("strategy.nproc_per_node", "strategy.nnodes"):
+        _check_positive(cfg, key, integer=True)
+    _check_positive(cfg, "strategy.timeout_s")
+    if strategy.name == "single" and strategy.nproc_per_node * strategy.nnodes != 1:
+        raise ConfigError(f"strategy=single runs one process, and strategy.nproc_per_node="
+                          f"{strategy.nproc_per_node} / strategy.nnodes={strategy.nnodes} ask for "
+                          "more: choose strategy=ddp, fsdp, zero2 or zero3 to run ranks")
+    if strategy.nnodes > 1:
+        raise ConfigError(f"strategy.nnodes={strategy.nnodes}: a cell across several nodes is not "
+                          "launched by this version yet; run strategy.nnodes=1 with up to "
+                          "strategy.nproc_per_node GPUs of one node")
+    if strategy.name in DEEPSPEED_STRATEGIES:
+        if strategy.stage not in (2, 3):
+            raise ConfigError(f"strategy.stage={strategy.stage!r}; expected 2 (optimizer state "
+                              "and gradients sharded) or 3 (weights too)")
+        if strategy.offload_param and strategy.stage != 3:
+            raise ConfigError("strategy.offload_param=true needs strategy.stage=3: only ZeRO-3 "
+                              "shards the weights it would keep on the host; use strategy="
+                              "zero3_offload, or strategy.offload_optimizer=true alone")
 
 
 def _check_known_keys(cfg: DictConfig) -> None:

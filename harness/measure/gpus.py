@@ -46,15 +46,18 @@ def describe(gpus: list[str]) -> list[dict]:
 
 
 @contextlib.contextmanager
-def claim(gpus: list[str], lock_dir: Path, announce=print):
-    """Hold one free GPU of `gpus` until the block ends; yields its id (None when `gpus` is
-    empty: nothing to pin)."""
+def claim(gpus: list[str], lock_dir: Path, announce=print, count: int = 1):
+    """Hold `count` free GPUs of `gpus` (a distributed cell's ranks, one each) until the block
+    ends; yields their ids joined by commas, as CUDA_VISIBLE_DEVICES takes them (None when
+    `gpus` is empty: nothing to pin). All of them or none: a runner never holds some while it
+    waits for the rest, so that two waiting runners cannot hold each other's."""
     if not gpus:
         yield None
         return
     lock_dir.mkdir(parents=True, exist_ok=True)
     waited = False
     while True:
+        held = []
         for gpu in gpus:
             lock = open(lock_dir / f"gpu-{gpu}.lock", "w")
             try:
@@ -62,12 +65,20 @@ def claim(gpus: list[str], lock_dir: Path, announce=print):
             except BlockingIOError:  # another cell holds it
                 lock.close()
                 continue
+            held.append((gpu, lock))
+            if len(held) == count:
+                break
+        if len(held) == count:
             try:
-                yield gpu
+                yield ",".join(gpu for gpu, _ in held)
             finally:
-                lock.close()  # closing the file releases the lock
+                for _, lock in held:
+                    lock.close()  # closing the file releases the lock
             return
+        for _, lock in held:
+            lock.close()
         if not waited:
-            announce(f"[harness] every GPU of {','.join(gpus)} is in use; waiting for one")
+            announce(f"[harness] fewer than {count} of the GPUs {','.join(gpus)} are free; "
+                     "waiting")
             waited = True
         time.sleep(WAIT_S)

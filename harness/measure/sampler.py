@@ -10,11 +10,17 @@ samples until its stdin closes (the runner is done, or died), appending one csv 
                   no per-process figures
   gpu_device_mib  NVML used memory of the visible devices, whoever uses it
 
+A distributed cell's launcher then writes a line `ranks PID0 PID1 ...` (its ranks' pids, in rank
+order); from then on a second csv beside the first (RANKS_SUFFIX) holds each rank's own figures
+in the same rows: time, cpu_mib_rank<n> (RSS of the rank's process tree), gpu_mib_rank<n> (NVML
+used memory of those processes, on whichever GPU).
+
 It imports neither torch nor anything that touches CUDA, so it never creates a CUDA context of
 its own, and it costs the cell a few /proc reads every interval.
 """
 
 import argparse
+import contextlib
 import csv
 import os
 import select
@@ -28,6 +34,7 @@ from harness.core.units import MIB
 from harness.measure.nvml import init_nvml, visible_devices
 
 FIELDS = ("time", "cpu_mib", "gpu_mib", "gpu_device_mib")
+RANKS_SUFFIX = ".ranks.csv"  # sampler.csv -> sampler.csv.ranks.csv
 # Finding the children reads the stat file of every process on the machine, which costs more than
 # all the other reads together; cells rarely start any (data loader workers), so look each second.
 CHILDREN_EVERY_S = 1.0
@@ -45,42 +52,71 @@ class Sampler:
         # Every GPU, for the per-process figures: a pid is a pid on whichever device it uses.
         self.all_devices = visible_devices(nvml, None) if nvml else []
         self.per_process = bool(nvml)
+        self.ranks = []  # each rank's process tree, once the launcher has named them
+
+    def watch_ranks(self, pids: list[int]) -> list[str]:
+        """Sample each of these processes' trees too; the columns its rows gain."""
+        self.ranks = [[psutil.Process(pid)] for pid in pids]
+        self.tree_time = 0.0  # look for their children at the next sample
+        return ["time", *(f"{kind}_mib_rank{rank}" for kind in ("cpu", "gpu")
+                          for rank in range(len(pids)))]
 
     def sample(self) -> dict | None:
         """The row for now, or None once the cell has exited (a zombie holds no memory)."""
         now = time.time()
         if now - self.tree_time >= CHILDREN_EVERY_S:
             self.tree = [self.root, *self.root.children(recursive=True)]
+            self.ranks = [[tree[0], *_children(tree[0])] for tree in self.ranks]
             self.tree_time = now
-        rss = 0
-        for process in self.tree:
-            try:
-                rss += process.memory_info().rss
-            except psutil.NoSuchProcess:  # a child that ended since the last look
-                if process is self.root:
-                    return None
-        if rss == 0:
+        rss = _rss(self.tree)
+        if rss is None or rss == 0:
             return None
         row = {"time": now, "cpu_mib": rss / MIB, "gpu_mib": None, "gpu_device_mib": None}
+        used = self._process_gpu()
         if self.nvml:
-            row["gpu_mib"] = self._process_gpu({process.pid for process in self.tree})
+            row["gpu_mib"] = None if used is None else sum(
+                used.get(process.pid, 0) for process in self.tree) / MIB
             row["gpu_device_mib"] = sum(self.nvml.nvmlDeviceGetMemoryInfo(handle).used
                                         for handle in self.devices) / MIB
+        for rank, tree in enumerate(self.ranks):
+            row[f"cpu_mib_rank{rank}"] = (_rss(tree) or 0) / MIB
+            if used is not None:
+                row[f"gpu_mib_rank{rank}"] = sum(used.get(process.pid, 0)
+                                                 for process in tree) / MIB
         return row
 
-    def _process_gpu(self, pids: set) -> float | None:
+    def _process_gpu(self) -> dict | None:
+        """Bytes of GPU memory by pid, over every GPU; None without per-process figures."""
         if not self.per_process:
             return None
-        used = 0
+        used = {}
         try:
             for handle in self.all_devices:
                 for process in self.nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                    if process.pid in pids:
-                        used += process.usedGpuMemory or 0
+                    used[process.pid] = used.get(process.pid, 0) + (process.usedGpuMemory or 0)
         except self.nvml.NVMLError:  # e.g. NotSupported: from now on only device figures
             self.per_process = False
             return None
-        return used / MIB
+        return used
+
+
+def _children(process: psutil.Process) -> list:
+    try:
+        return process.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _rss(tree: list) -> int | None:
+    """RSS of these processes in bytes; None once the first (the tree's root) has gone."""
+    rss = 0
+    for process in tree:
+        try:
+            rss += process.memory_info().rss
+        except psutil.NoSuchProcess:  # a child that ended since the last look
+            if process is tree[0]:
+                return None
+    return rss
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,9 +131,11 @@ def main(argv: list[str] | None = None) -> None:
     print("ready", flush=True)
     pid = int(sys.stdin.readline())
     sampler = Sampler(pid, nvml, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    with open(args.out, "w", newline="") as file:
-        writer = csv.DictWriter(file, FIELDS)
+    with contextlib.ExitStack() as files:
+        writer = csv.DictWriter(files.enter_context(open(args.out, "w", newline="")), FIELDS,
+                                extrasaction="ignore")
         writer.writeheader()
+        per_rank = None
         while True:
             try:
                 row = sampler.sample()
@@ -105,9 +143,19 @@ def main(argv: list[str] | None = None) -> None:
                 row = None
             if row:
                 writer.writerow(row)
-            # Sleep one interval, or stop as soon as the runner closes our stdin.
+                if per_rank:
+                    per_rank.writerow(row)
+            # Sleep one interval, or read the runner's next line: the ranks, or the end of our
+            # stdin (stop).
             if select.select([sys.stdin], [], [], interval_s)[0]:
-                break
+                line = sys.stdin.readline()
+                if not line.startswith("ranks "):
+                    break
+                columns = sampler.watch_ranks([int(pid) for pid in line.split()[1:]])
+                per_rank = csv.DictWriter(files.enter_context(
+                    open(args.out + RANKS_SUFFIX, "w", newline="")), columns,
+                    extrasaction="ignore")
+                per_rank.writeheader()
     if nvml:
         nvml.nvmlShutdown()
 

@@ -14,6 +14,7 @@ import psutil
 
 from harness.core.units import MIB
 from harness.measure import gpus
+from harness.measure.sampler import RANKS_SUFFIX
 
 PHASES = ("load", "train", "eval", "infer")
 GPU_SOURCES = {"process": "NVML used memory of the cell's processes",
@@ -47,6 +48,12 @@ class SamplerProcess:
         self.process.stdin.write(f"{pid}\n")
         self.process.stdin.flush()
 
+    def watch_ranks(self, pids: list[int]) -> None:
+        """A distributed cell's ranks, in rank order: each is sampled on its own too."""
+        if self.process.poll() is None:
+            self.process.stdin.write(f"ranks {' '.join(map(str, pids))}\n")
+            self.process.stdin.flush()
+
     def stop(self) -> float | None:
         """Stop sampling; return the CPU seconds the sampler used while it watched, if known."""
         cpu_s = None
@@ -59,9 +66,14 @@ class SamplerProcess:
 
 def read_trace(path: Path, phase_starts: list[tuple[str, float]]) -> pd.DataFrame:
     """The sampler's csv as time_s (since the first sample), phase, gpu_mib, gpu_device_mib,
-    cpu_mib. gpu_mib is the per-process figure where the driver gave one, else the device's;
-    `trace.attrs["gpu_source"]` says which (None without a GPU)."""
+    cpu_mib, and a distributed cell's cpu_mib_rank<n> / gpu_mib_rank<n>. gpu_mib is the
+    per-process figure where the driver gave one, else the device's; `trace.attrs["gpu_source"]`
+    says which (None without a GPU)."""
     raw = pd.read_csv(path)
+    per_rank = Path(f"{path}{RANKS_SUFFIX}")
+    if per_rank.exists():  # the same rows, from when the ranks started
+        raw = raw.merge(pd.read_csv(per_rank).dropna(axis="columns", how="all"), on="time",
+                        how="left")
     trace = pd.DataFrame({"time": raw["time"], "time_s": raw["time"] - raw["time"].min()})
     # A sample belongs to the last phase that started before it; before the first, to load.
     names = [name for name, _ in phase_starts] or [PHASES[0]]
@@ -77,19 +89,39 @@ def read_trace(path: Path, phase_starts: list[tuple[str, float]]) -> pd.DataFram
         trace["gpu_mib"], source = np.nan, None
     trace["gpu_device_mib"] = raw["gpu_device_mib"]
     trace["cpu_mib"] = raw["cpu_mib"]
+    for column in rank_columns(raw):
+        trace[column] = raw[column]
     trace.attrs["gpu_source"] = source
     return trace
 
 
+def rank_columns(trace: pd.DataFrame, kind: str | None = None) -> list[str]:
+    """The per-rank columns (cpu_mib_rank0, gpu_mib_rank0, ...), of one kind where given."""
+    return [column for column in trace.columns if "_mib_rank" in column
+            and (kind is None or column.startswith(f"{kind}_"))]
+
+
 def peaks(trace: pd.DataFrame) -> dict:
-    """gpu_peak_mib, cpu_peak_mib over the cell, and per phase (gpu_train_peak_mib, ...)."""
+    """gpu_peak_mib, cpu_peak_mib over the cell, and per phase (gpu_train_peak_mib, ...); with
+    ranks, each rank's too (gpu_peak_mib_rank1, cpu_train_peak_mib_rank1, ...). cpu_peak_mib is
+    the whole process tree's; a distributed cell's gpu_peak_mib is its fullest GPU's (one rank
+    each), the figure to hold against one card's memory."""
     columns = ["cpu_mib"] + (["gpu_mib"] if trace.attrs.get("gpu_source") else [])
+    columns += rank_columns(trace, "cpu")
+    if trace.attrs.get("gpu_source") == "process":
+        columns += rank_columns(trace, "gpu")
     metrics = {}
     for column in columns:
-        kind = column.removesuffix("_mib")
-        metrics[f"{kind}_peak_mib"] = trace[column].max()
+        kind, _, rank = column.removesuffix("_mib").partition("_mib_")
+        suffix = f"_{rank}" if rank else ""
+        kind = kind.removesuffix("_mib")
+        metrics[f"{kind}_peak_mib{suffix}"] = trace[column].max()
         for phase, peak in trace.groupby("phase")[column].max().items():
-            metrics[f"{kind}_{phase}_peak_mib"] = peak
+            metrics[f"{kind}_{phase}_peak_mib{suffix}"] = peak
+    gpu_ranks = [key for key in metrics if key.startswith("gpu_") and "_rank" in key]
+    for key in {key.rsplit("_rank", 1)[0] for key in gpu_ranks}:
+        metrics[key] = max(metrics[name] for name in gpu_ranks
+                           if name.rsplit("_rank", 1)[0] == key)
     if trace.attrs.get("gpu_source"):
         metrics["gpu_device_peak_mib"] = trace["gpu_device_mib"].max()
     return metrics
@@ -130,6 +162,10 @@ def plot(trace: pd.DataFrame, path: Path, title: str) -> None:
     if trace.attrs.get("gpu_source"):
         axes.plot(trace["time_s"], trace["gpu_mib"],
                   label=f"GPU ({GPU_SOURCES[trace.attrs['gpu_source']].split(' (')[0]})")
+    kind = "gpu" if trace.attrs.get("gpu_source") == "process" else "cpu"
+    for column in rank_columns(trace, kind):  # a distributed cell's ranks, one line each
+        axes.plot(trace["time_s"], trace[column], linewidth=0.8, linestyle="--",
+                  label=f"{'GPU' if kind == 'gpu' else 'host RSS'} of {column.split('_')[-1]}")
     spans = trace.groupby("phase", sort=False)["time_s"].agg(["min", "max"])
     for shade, (phase, span) in zip(("#f2f2f2", "#e0ecf8", "#fdf0dc", "#e6f4e6"),
                                     spans.iterrows()):

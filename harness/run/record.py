@@ -45,6 +45,8 @@ class CellRecord:
         self.latest = {}  # the last value of each metric the cell sent
         self.datasets = {}  # split: rows, once the cell has loaded its data
         self.reported = None  # the cell's own Outcome, once it has sent one
+        self.ranks = []  # a distributed cell's rank pids, in rank order
+        self.on_ranks = None  # called with them (the sampler watches each)
 
     def __call__(self, message: tuple) -> None:
         kind, *body = message
@@ -66,6 +68,10 @@ class CellRecord:
             path, folder = body
             write = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
             write(self.run_id, path, folder)
+        elif kind == "ranks":
+            self.ranks = body[0]
+            if self.on_ranks is not None:
+                self.on_ranks(self.ranks)
         elif kind == "result":
             self.reported = Outcome(*body)
 

@@ -119,7 +119,8 @@ def _run_on_a_gpu(cfg: DictConfig, cell_cfg: dict, name: str, experiment_id: str
     adapter, memory trace and datasets; how the cell ended."""
     client, run_id = record.client, record.run_id
     with (tempfile.TemporaryDirectory(prefix="harness-cell-") as folder,
-          gpus.claim(gpus.candidates(cfg.runner.gpus), Path(cfg.runner.gpu_lock_dir)) as gpu):
+          gpus.claim(gpus.candidates(cfg.runner.gpus), Path(cfg.runner.gpu_lock_dir),
+                     count=cfg.strategy.nproc_per_node) as gpu):
         if gpu is not None:
             client.set_tag(run_id, "gpu", gpu)
         record.gpu = gpu
@@ -147,8 +148,11 @@ def _adapter_model_config(cfg: DictConfig, cell_cfg: dict) -> dict:
 
 
 def _device(gpu: str | None) -> str:
-    """What the cell ran on, in words: its GPU's name, else the host's processor."""
-    found = gpus.describe([gpu]) if gpu is not None else []
+    """What the cell ran on, in words: its GPU's name (`2 x NVIDIA H100` for a distributed
+    cell's), else the host's processor."""
+    found = gpus.describe(gpu.split(",")) if gpu is not None else []
+    if len(found) > 1:
+        return f"{len(found)} x {found[0]['name']}"
     if found:
         return found[0]["name"]
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
@@ -200,6 +204,7 @@ def _run_in_process(cfg: DictConfig, cell_cfg: dict, scratch: Path, record: Cell
         send.close()
         if sampler:
             sampler.watch(child.pid)
+            record.on_ranks = sampler.watch_ranks
         # Which process is this run, for a user (or a test) who has to find or stop it.
         record.client.log_batch(record.run_id, tags=[RunTag("host", socket.gethostname()),
                                                      RunTag("pid", str(child.pid))])
