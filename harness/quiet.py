@@ -30,6 +30,9 @@ LOGGED = {
     # transformers 5's T5 always declares its lm_head tied (T5Config forces tie_word_embeddings),
     # then finds flan-t5's own lm_head in the checkpoint and keeps it untied, as the harness wants.
     "transformers.modeling_utils": "The tied weights mapping and config for this model",
+    # transformers and peft import DeepSpeed, where it is installed, to ask whether ZeRO-3 is on;
+    # on a machine without a GPU it says at import that it found none, which the harness knows.
+    "DeepSpeed": "Setting accelerator to CPU",
 }
 for name, start in LOGGED.items():
     logging.getLogger(name).addFilter(_Drop(start))

@@ -15,6 +15,8 @@ import os
 import re
 from pathlib import Path
 
+import psutil
+
 from harness.measure.nvml import init_nvml
 
 PRELOADED = ["harness.cell.entry"]  # the forkserver imports this, and all it imports, once
@@ -85,6 +87,24 @@ def follow(receive, process, handle) -> None:
             handle(receive.recv())
         except EOFError:
             break
+
+
+STOP_S = 30.0  # how long a stopped cell may take to stop its ranks before they are killed
+
+
+def descendants(pid: int) -> list:
+    """The processes `pid` started, and theirs (a distributed cell's launcher and ranks)."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_all(processes) -> None:
+    """SIGKILL whichever of these processes (multiprocessing's or psutil's) is still alive."""
+    for each in processes:
+        with contextlib.suppress(psutil.NoSuchProcess, AttributeError, ProcessLookupError):
+            each.kill()
 
 
 def kernel_oom_kills() -> int | None:

@@ -68,8 +68,9 @@ class CellRecord:
             path, folder = body
             write = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
             write(self.run_id, path, folder)
-        elif kind == "ranks":
+        elif kind == "ranks":  # which process is which rank, for whoever must find one
             self.ranks = body[0]
+            self.client.set_tag(self.run_id, "rank_pids", ",".join(map(str, self.ranks)))
             if self.on_ranks is not None:
                 self.on_ranks(self.ranks)
         elif kind == "result":

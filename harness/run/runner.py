@@ -210,8 +210,11 @@ def _run_in_process(cfg: DictConfig, cell_cfg: dict, scratch: Path, record: Cell
                                                      RunTag("pid", str(child.pid))])
         process.follow(receive, child, record)
     finally:
-        if child.is_alive():  # interrupted: the cell must not outlive its run
+        if child.is_alive():  # interrupted: the cell, and its ranks, must not outlive its run
+            ranks = process.descendants(child.pid)
             child.terminate()
+            child.join(timeout=process.STOP_S)
+            process.kill_all([*ranks, child])  # what a SIGTERM did not stop in time
         child.join()
         if sampler:
             sampler_cpu_s = sampler.stop()
@@ -222,6 +225,10 @@ def _run_in_process(cfg: DictConfig, cell_cfg: dict, scratch: Path, record: Cell
     if reported is not None:
         if reported.status == "oom":
             return Outcome("oom", f"out of memory in phase {phase}: {reported.reason}")
+        if (("killed by SIGKILL" in reported.reason or "without a result" in reported.reason)
+                and process.oom_killed(oom_kills_before)):
+            # A distributed cell's rank, killed by the kernel's OOM killer.
+            return Outcome("oom", f"{reported.reason}: the kernel's OOM killer, in phase {phase}")
         return reported
     if child.exitcode < 0:
         killer = signal.Signals(-child.exitcode).name

@@ -23,8 +23,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 RANKS_FOLDER = "ranks"  # under the cell's scratch folder: rank-<n>.json, the launcher's logs
-# A failed cell's status when ranks disagree: the rank that ran out of memory is the cause, the
-# others failed on the collective it left.
+# A cell's status when its ranks' outcomes differ: the most telling first.
 SEVERITY = {"oom": 0, "diverged": 1, "failed": 2, "ok": 3}
 PR_SET_PDEATHSIG = 1
 
@@ -35,7 +34,8 @@ def launch(strategy_cfg, scratch: Path, entrypoint, *args) -> tuple[str, str]:
     try:
         outcomes = run_ranks(strategy_cfg, scratch, entrypoint, *args)
     except ChildFailedError as error:
-        return _failed(error, scratch)
+        return _failed(error, scratch,
+                       strategy_cfg.nproc_per_node * strategy_cfg.nnodes)
     return min(((status, f"rank {rank}: {reason}" if reason else "")
                 for rank, (status, reason) in outcomes.items()),
                key=lambda outcome: SEVERITY[outcome[0]])
@@ -80,18 +80,31 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _failed(error: ChildFailedError, scratch: Path) -> tuple[str, str]:
-    """The worst outcome a failed rank reported, naming the rank; else how the first rank to fail
-    ended (killed by a signal, or exited without a word)."""
-    reported = []
-    for path in sorted((scratch / RANKS_FOLDER).glob("rank-*.json")):
+# How a collective fails on a rank whose peer died: a consequence, never the cause.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+             "remote process exited", "remote worker")
+
+
+def _failed(error: ChildFailedError, scratch: Path, world_size: int) -> tuple[str, str]:
+    """How a cell whose ranks failed ended, by its cause: a rank out of memory; else a rank that
+    diverged or failed on its own (not on a collective a dead peer left); else a rank that died
+    without a word (a signal: the kernel's OOM killer, a kill); else what the ranks said."""
+    reported = {}
+    for path in (scratch / RANKS_FOLDER).glob("rank-*.json"):
         outcome = json.loads(path.read_text())
-        rank = path.stem.removeprefix("rank-")
-        reported.append((outcome["status"], f"rank {rank}: {outcome['reason']}"))
-    failures = [outcome for outcome in reported if outcome[0] != "ok"]
-    if failures:
-        return min(failures, key=lambda outcome: SEVERITY[outcome[0]])
-    rank, failure = min(error.failures.items(), key=lambda item: item[1].timestamp)
-    how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
-           else f"exited with code {failure.exitcode}")
-    return "failed", f"rank {rank} {how} without a result"
+        rank = int(path.stem.removeprefix("rank-"))
+        reported[rank] = (outcome["status"], f"rank {rank}: {outcome['reason']}")
+    by_severity = sorted(reported.values(), key=lambda outcome: SEVERITY[outcome[0]])
+    own = [outcome for outcome in by_severity
+           if not any(words in outcome[1] for words in PEER_GONE)]
+    if own:
+        return own[0]
+    silent = [rank for rank in range(world_size) if rank not in reported]
+    for rank in silent:  # what the launcher saw of it, where it saw it first
+        failure = error.failures.get(rank)
+        if failure is not None and failure.exitcode < 0:
+            return "failed", f"rank {rank} was killed by {failure.signal_name()} without a result"
+    if silent:
+        return "failed", (f"rank {silent[0]} ended without a result (killed by a signal, such as "
+                          "the kernel's OOM killer, or exited)")
+    return by_severity[0]
