@@ -50,3 +50,7 @@ warnings.filterwarnings("ignore", message="Merge lora module to (8|4)-bit linear
 # transformers 5 forces tie_word_embeddings, and flan-t5 has its own lm_head (see LOGGED).
 warnings.filterwarnings("ignore", message="Input and output embeddings are no longer tied after "
                         "merging", category=UserWarning)
+# DeepSpeed 0.19 calls torch.distributed's collectives under their old names, which torch 2.13
+# warns about on every call: hundreds of lines per ZeRO cell.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|"
+                        r"reduce_scatter_tensor)` is deprecated", category=FutureWarning)

@@ -11,7 +11,7 @@ import yaml
 from harness.core.options import CONF_DIR
 
 PATH = Path(__file__).with_name("reference.yaml")
-KEYS = ("model", "method", "precision")  # what makes a cell a row of a table
+KEYS = ("model", "method", "precision", "strategy")  # what makes a cell a row of a table
 # What a table's GPU figure counts, and the part of the estimate that counts the same.
 MEASURES = {"nvml": "total", "allocated": "allocated"}
 # What a published figure depends on besides KEYS: a cell stands beside a row only where it runs
@@ -25,7 +25,8 @@ def load() -> pd.DataFrame:
     """One row per published row, with its table's name, source, measure and setup (a dict of
     SETUP_KEYS: the value as str() writes it, as MLflow's params hold it)."""
     tables = yaml.safe_load(PATH.read_text())["tables"]
-    return pd.DataFrame([{**{key: value for key, value in row.items()
+    return pd.DataFrame([{"strategy": "single",  # a row that names none ran in one process
+                          **{key: value for key, value in row.items()
                              if key not in ("setup", "recipe")},
                           "table": table["name"], "source": table["source"],
                           "measure": table["measure"],
@@ -60,18 +61,19 @@ def differences(published: dict, settings: dict) -> list[str]:
     return found
 
 
-def row(model: str, method: str, precision: str) -> dict | None:
+def row(model: str, method: str, precision: str, strategy: str = "single") -> dict | None:
     """The published row this cell matches, None for none."""
     rows = load()
-    found = rows[(rows.model == model) & (rows.method == method) & (rows.precision == precision)]
+    found = rows[(rows.model == model) & (rows.method == method) & (rows.precision == precision)
+                 & (rows.strategy == strategy)]
     return found.iloc[0].to_dict() if len(found) else None
 
 
-def gpu_mib(model: str, method: str, precision: str) -> float | None:
+def gpu_mib(model: str, method: str, precision: str, strategy: str = "single") -> float | None:
     """The published GPU memory for the row this cell matches (a range's middle), None for no
     row or no figure. MB are read as what nvidia-smi shows (MiB), the unit the harness measures
     in."""
-    found = row(model, method, precision)
+    found = row(model, method, precision, strategy)
     if found is None:
         return None
     figure = found.get("gpu_memory_mb")

@@ -38,7 +38,11 @@ def main(argv: list[str]) -> int:
     print(f"{identity.run_name(cell_cfg)}, batch {cfg.train.batch_size}, lengths "
           f"{lengths['source']} / {lengths['target']} ({lengths_from}), gradient checkpointing "
           f"{'on' if cfg.train.gradient_checkpointing else 'off'}:")
-    for name in (*PARTS, "total", "allocated"):
+    if cfg.strategy.name != "single":
+        print(f"  one rank of {identity.strategy_label(cell_cfg['strategy'])}, at its share of "
+              f"the batch ({cfg.train.batch_size // (cfg.strategy.nproc_per_node * cfg.strategy.nnodes)}"
+              " examples); total is its GPU's, host what it keeps on the host:")
+    for name in (*PARTS, "total", "allocated", "host"):
         print(f"  {name:>13}  {parts[name]:>10,.1f} MiB")
     print(json.dumps(parts))
     return 0

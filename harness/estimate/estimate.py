@@ -33,6 +33,10 @@ memory-efficient attention kernel) and records every tensor it allocates and fre
   total = weights + the simulated peak (gradients + optimizer + activations) + allocator
           + cuda_context
 
+Under a distributed strategy the step simulated is one rank's, at its micro-batch (train.batch_size
+/ ranks), and harness/estimate/sharding.py shares the weights, gradients and optimizer state out
+as the engine does: `total` is one rank's GPU, `host` what that rank keeps on the host (offload).
+
 which is what NVML (nvidia-smi) shows for the cell's process during training; `allocated`
 (total less allocator and cuda_context) is what torch.cuda.max_memory_allocated shows.
 
@@ -64,7 +68,7 @@ from harness.config import identity
 from harness.core.files import write_whole
 from harness.core.options import QUANTIZED
 from harness.core.units import MIB
-from harness.estimate import allocator, simulate
+from harness.estimate import allocator, sharding, simulate
 from harness.measure import accounting
 from harness.model import (
     families,
@@ -99,6 +103,11 @@ def gpu_peak_mib(cell_cfg: dict, lengths: dict, cache_dir: str | None = None) ->
     10 for flan-t5-xl on one core); with `cache_dir` its result is kept there for the next plan
     or run of the same cell, under a key that changes with the harness's code and the library
     versions."""
+    return _shared_out(cell_cfg, _one_rank(cell_cfg, lengths, cache_dir))
+
+
+def _one_rank(cell_cfg: dict, lengths: dict, cache_dir: str | None) -> dict:
+    """The simulated step of one rank, holding the whole model (cached)."""
     spec = _spec(cell_cfg, lengths)
     if cache_dir is None:
         return dict(_estimate(spec))
@@ -108,6 +117,13 @@ def gpu_peak_mib(cell_cfg: dict, lengths: dict, cache_dir: str | None = None) ->
     parts = dict(_estimate(spec))
     write_whole(path, lambda partial: partial.write_text(json.dumps(parts)))
     return parts
+
+
+def _shared_out(cell_cfg: dict, parts: dict) -> dict:
+    strategy = cell_cfg.get("strategy", {"name": "single"})
+    if strategy["name"] == "single":
+        return {**parts, "host": 0.0}
+    return sharding.per_rank(parts, strategy, cell_cfg["method"]["name"])
 
 
 def gpu_peaks_mib(requests: list[tuple[dict, dict, str]]) -> list[dict]:
@@ -141,7 +157,7 @@ def gpu_peaks_mib(requests: list[tuple[dict, dict, str]]) -> list[dict]:
             bar.set_postfix_str(identity.run_name(request[0]))
             gpu_peak_mib(*request)
             bar.update()
-    return [gpu_peak_mib(*request) for request in requests]
+    return [gpu_peak_mib(*request) for request in requests]  # from the cache, shared out
 
 
 def _simulated(request: tuple) -> str:
@@ -158,13 +174,16 @@ def _usable_cores() -> int:
 
 
 def _spec(cell_cfg: dict, lengths: dict) -> str:
-    """Only what the estimate reads: the key of both caches (a grid repeats architectures)."""
+    """Only what the estimate reads: the key of both caches (a grid repeats architectures). The
+    batch is one rank's share of the global batch."""
     train_cfg = cell_cfg["train"]
+    ranks = sharding.world_size(cell_cfg["strategy"]) if "strategy" in cell_cfg else 1
+    train = {key: train_cfg[key] for key in ("batch_size", "grad_accum_steps", "max_grad_norm",
+                                             "weight_decay", "gradient_checkpointing")}
+    train["batch_size"] = max(1, train["batch_size"] // ranks)
     return json.dumps({"model": cell_cfg["model"], "method": cell_cfg["method"],
                        "precision": cell_cfg["precision"], "lengths": lengths,
-                       "train": {key: train_cfg[key] for key in (
-                           "batch_size", "grad_accum_steps", "max_grad_norm", "weight_decay",
-                           "gradient_checkpointing")}}, sort_keys=True)
+                       "train": train}, sort_keys=True)
 
 
 def _cache_path(spec: str, cache_dir: str) -> Path:
@@ -176,7 +195,7 @@ def _cache_key(spec: str) -> str:
     whose kernels and layers it simulates."""
     code = [Path(module.__file__).read_bytes() for module in (
         allocator, methods, models, simulate, training_step, lomo, families, optimizers,
-        tokenizers, accounting,
+        tokenizers, accounting, sharding,
         sys.modules[__name__])]
     versions = [version(package) for package in LIBRARIES]
     digest = hashlib.sha256(spec.encode())
@@ -210,7 +229,31 @@ def _estimate(spec_json: str) -> tuple:
     parts["allocated"] = parts["total"] - parts["allocator"] - parts["cuda_context"]
     # LOMO's claim is checked against it: at most this one weight's gradient alive at once.
     parts["largest_trained_weight"] = accounting.largest_trained_mib(model)
+    parts.update(_sizes(model))  # what a strategy shares out (harness/estimate/sharding.py)
     return tuple(parts.items())
+
+
+def _sizes(model) -> dict:
+    """MiB of: the trained weights as stored and in float32 (DeepSpeed's partitions); the largest
+    transformer block (what FSDP2 gathers at once) and its trained part; the largest layer's own
+    weights (what ZeRO-3 gathers at once)."""
+    def stored(parameters) -> float:
+        return sum(p.numel() * p.element_size() for p in parameters) / MIB
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    blocks_named = set(getattr(_base_model(model), "_no_split_modules", None) or ())
+    blocks = [module for module in model.modules() if type(module).__name__ in blocks_named]
+    largest = max(blocks, key=lambda block: stored(block.parameters()), default=model)
+    return {"trained_weights": stored(trained),
+            "trained_weights_fp32": sum(p.numel() for p in trained) * 4 / MIB,
+            "largest_block": stored(largest.parameters()),
+            "largest_block_trained": stored(p for p in largest.parameters() if p.requires_grad),
+            "largest_layer": max((stored(module.parameters(recurse=False))
+                                  for module in model.modules()), default=0.0)}
+
+
+def _base_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class Steps(NamedTuple):

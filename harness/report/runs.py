@@ -36,6 +36,8 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs.reindex(columns=sorted({*runs.columns, *(f"metrics.{m}" for m in METRICS),
                                         "params.method.r", "params.method.optimizer",
                                         "params.precision.master_weights",
+                                        "params.strategy.name", "params.strategy.nproc_per_node",
+                                        "params.strategy.nnodes",
                                         "tags.status", "tags.status_reason"}))
     identity = [column for column in runs.columns if column.startswith("params.")
                 and not column.startswith(NOT_THE_CELL)]
@@ -70,11 +72,20 @@ def _row(runs: pd.DataFrame, status: str, reason) -> dict:
     # bf16-pure for a cell without float32 master weights (a run logged before the key: with).
     precision = identity.precision_label(first["params.precision.name"],
                                          first["params.precision.master_weights"] != "False")
+    # A run logged before the strategy axis ran in one process.
+    strategy = ({"name": "single"} if pd.isna(first["params.strategy.name"]) else
+                {"name": first["params.strategy.name"],
+                 "nproc_per_node": int(first["params.strategy.nproc_per_node"]),
+                 "nnodes": int(first["params.strategy.nnodes"])})
+    label = identity.label(first["params.model.name"], first["params.method.name"],
+                           first["params.method.optimizer"], None if pd.isna(rank) else int(rank),
+                           precision)
+    if strategy["name"] != "single":
+        label = f"{label}/{identity.strategy_label(strategy)}"
     row = {"model": first["params.model.name"], "method": method, "precision": precision,
-           "rank": rank,
-           "label": identity.label(first["params.model.name"], first["params.method.name"],
-                                   first["params.method.optimizer"],
-                                   None if pd.isna(rank) else int(rank), precision),
+           "rank": rank, "strategy": strategy["name"],
+           "ranks": strategy.get("nproc_per_node", 1) * strategy.get("nnodes", 1),
+           "label": label,
            "runs": len(runs), "status": status, "reason": "" if pd.isna(reason) else reason,
            "run_ids": list(runs["run_id"]),
            # What decides whether a published figure stands beside the cell.

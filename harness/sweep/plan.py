@@ -35,10 +35,12 @@ from harness.run import checks
 from harness.tracking import mlflow_store, runs
 
 # The terminal shows these columns of the plan (plan.csv has them all).
-SHOWN = {"#": "#", "cell": "cell", "gradient_checkpointing": "ckpt", "lengths": "lengths",
+SHOWN = {"#": "#", "cell": "cell", "strategy": "strategy", "gradient_checkpointing": "ckpt",
+         "lengths": "lengths",
          "plan": "plan", "why": "why", "weights_mib": "weights", "gradients_mib": "gradients",
          "optimizer_mib": "optimizer", "activations_mib": "activations",
          "allocated_mib": "tensors", "estimate_mib": "GPU estimate (MiB)",
+         "host_mib": "host (MiB)",
          "reference": "published", "reference_gpu_mib": "reference (MiB)",
          "estimate_ratio": "ratio", "fits": "fits", "lomo_claim": "LOMO's claim"}
 
@@ -82,6 +84,8 @@ def plan(jobs: list[DictConfig], found_gpus: list[dict], named_gpu=None,
         row = {"#": number, "cell": identity.run_name(cell_cfg), "model": job.model.name,
                "method": identity.method_label(job.method.name, job.method.optimizer),
                "precision": job.precision.name, "rank": cell_cfg["method"].get("r"),
+               "strategy": identity.strategy_label(cell_cfg["strategy"]),
+               "ranks": job.strategy.nproc_per_node * job.strategy.nnodes,
                "gradient_checkpointing": job.train.gradient_checkpointing,
                "attention": job.model.attn_implementation, "batch_size": job.train.batch_size,
                "fingerprint": found.fingerprint, "plan": "run", "why": ""}
@@ -105,7 +109,7 @@ def plan(jobs: list[DictConfig], found_gpus: list[dict], named_gpu=None,
     table["gpu"] = gpu[0] if gpu else ""
     table["gpu_mib"] = gpu[1] if gpu else None
     estimates = table.get("estimate_mib", pd.Series([None] * len(table)))
-    table["fits"] = [_fits(needed, gpu) for needed in estimates]
+    table["fits"] = [_fits(needed, gpu, ranks) for needed, ranks in zip(estimates, table.ranks)]
     return table
 
 
@@ -114,11 +118,13 @@ def _estimate_columns(job: DictConfig, lengths: dict, lengths_from: str, parts: 
     found = {"source_length": lengths["source"], "target_length": lengths["target"],
              "lengths": f"{lengths['source']}/{lengths['target']}", "lengths_from": lengths_from,
              **{f"{name}_mib": parts[name] for name in estimate.PARTS},
-             "estimate_mib": parts["total"], "allocated_mib": parts["allocated"]}
+             "estimate_mib": parts["total"], "allocated_mib": parts["allocated"],
+             "host_mib": parts["host"]}
     if job.method.name == "lomo":
         found["lomo_claim"] = _lomo_claim(parts)
     keys = (job.model.name, identity.method_label(job.method.name, job.method.optimizer),
-            identity.precision_label(job.precision.name, job.precision.master_weights))
+            identity.precision_label(job.precision.name, job.precision.master_weights),
+            job.strategy.name)
     published = reference.row(*keys)
     other = published and reference.differences(
         published, identity.flat_params(identity.cell_config(job), job))
@@ -157,10 +163,14 @@ def _gpu_to_compare(found_gpus: list[dict], named_gpu) -> tuple[str, float] | No
     return None
 
 
-def _fits(needed, gpu) -> str:
+def _fits(needed, gpu, ranks: int = 1) -> str:
+    """yes / NO against the GPU; a distributed cell's estimate is one rank's, on each of its
+    GPUs: "yes, on 8 x" of that GPU."""
     if needed is None or pd.isna(needed) or gpu is None:
         return ""
-    return "yes" if needed <= gpu[1] else "NO"
+    if needed > gpu[1]:
+        return "NO"
+    return "yes" if ranks == 1 else f"yes, on {ranks} x"
 
 
 def shown(table: pd.DataFrame) -> pd.DataFrame:
@@ -168,6 +178,9 @@ def shown(table: pd.DataFrame) -> pd.DataFrame:
     knob their method ignores are one cell), numbered as a sweep counts its cells."""
     cells = table.drop_duplicates("fingerprint").assign(**{"#": lambda frame: range(
         1, len(frame) + 1)})
+    if (cells.get("strategy", pd.Series(["single"])) == "single").all():  # one GPU's plan
+        cells = cells.drop(columns=[column for column in ("strategy", "host_mib")
+                                    if column in cells])
     return cells[[column for column in SHOWN if column in cells]].rename(columns=SHOWN)
 
 
