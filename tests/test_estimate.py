@@ -188,3 +188,68 @@ def test_an_nf4_estimate_leaves_bitsandbytes_able_to_quantize_real_weights(monke
     model = models.load_model(cfg.model, cfg.precision, True, CPU)
     assert bnb.functional.name2qmap["dynamic"].device == CPU
     assert any(isinstance(layer, bnb.nn.Linear4bit) for layer in model.modules())
+
+
+LENGTHS = {"source": 64, "target": 16}
+
+
+def _rank_estimate(*overrides: str) -> dict:
+    return estimate.gpu_peak_mib(identity.cell_config(compose_cell(
+        "model=t5-mini", "method=full", "train.batch_size=8", *overrides)), LENGTHS)
+
+
+def test_a_ranks_estimate_shares_the_model_out_as_its_engine_does():
+    single = _rank_estimate()
+    # DeepSpeed's buckets and prefetch are larger than this model: left out, so that its
+    # partitions show.
+    buckets = ["strategy.reduce_bucket_size=0", "strategy.stage3_prefetch_bucket_size=0"]
+    ranks = {name: _rank_estimate(f"strategy={name}", "strategy.nproc_per_node=4",
+                                  *(buckets if name.startswith("zero") else []))
+             for name in ("ddp", "fsdp", "fsdp_offload", "zero2", "zero3", "zero3_offload")}
+    assert single["host"] == 0 and ranks["ddp"]["weights"] == single["weights"]
+    # Each rank trains 2 of the 8 examples.
+    assert ranks["ddp"]["activations"] < single["activations"]
+    fsdp = ranks["fsdp"]
+    assert fsdp["weights"] == pytest.approx(single["weights"] / 4 + 2 * single["largest_block"])
+    assert fsdp["optimizer"] == pytest.approx(single["optimizer"] / 4)
+    assert ranks["zero2"]["weights"] == single["weights"]  # ZeRO-2 keeps the weights whole
+    assert ranks["zero3"]["weights"] < single["weights"]
+    for offloaded in ("fsdp_offload", "zero3_offload"):  # what leaves the GPU is on the host
+        assert ranks[offloaded]["host"] > 0
+        assert ranks[offloaded]["total"] < ranks[offloaded.removesuffix("_offload")]["total"]
+    assert ranks["zero3_offload"]["optimizer"] == 0
+
+
+def test_zero_model_states_match_deepspeeds_own_estimate():
+    """DeepSpeed's estimate_zero{2,3}_model_states_mem_needs_all_live count a mixed-precision
+    model's states (16-bit weights and gradients, float32 master, moments and gradients); the
+    harness trains float32 weights under autocast, whose master copy is the weight itself. The
+    same accounting, with that difference written out, gives the same bytes."""
+    from deepspeed.runtime.zero.stage3 import (
+        estimate_zero3_model_states_mem_needs,
+        model_to_params,
+    )
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    cfg = compose_cell("model=t5-mini", "method=full")
+    params, largest_layer = model_to_params(models.random_model(cfg.model))
+    ranks = 4
+    for stage in (2, 3):
+        ours = _rank_estimate(f"strategy=zero{stage}", f"strategy.nproc_per_node={ranks}",
+                              "strategy.reduce_bucket_size=0",
+                              "strategy.stage3_prefetch_bucket_size=0")
+        # The model's own counts: DeepSpeed's, from a real model, and the estimate's, from meta.
+        assert ours["trained_weights_fp32"] * MIB == pytest.approx(4 * params)
+        states = (ours["weights"] + ours["optimizer"]) * MIB + 4 * params / ranks  # grads live
+        if stage == 2:
+            _, theirs = estimate_zero2_model_states_mem_needs(params, ranks, cpu_offload=False)
+            # Float32 weights whole instead of 16-bit ones; no 16-bit gradient beside the
+            # float32 partition.
+            assert states == pytest.approx(theirs + 2 * params - 2 * params / ranks, rel=1e-3)
+        else:
+            assert ours["largest_layer"] * MIB == pytest.approx(4 * largest_layer)
+            _, theirs, _ = estimate_zero3_model_states_mem_needs(
+                params, largest_layer, ranks, cpu_offload=False)
+            # Float32 partitions of weights and gradients: 2 bytes more of each per weight than
+            # DeepSpeed's 16-bit ones, less the 16-bit gradient it keeps as well.
+            assert states == pytest.approx(theirs + 2 * params / ranks, rel=1e-3)

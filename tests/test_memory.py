@@ -14,7 +14,7 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 from harness.core.units import MIB
-from harness.measure import accounting, traces
+from harness.measure import accounting, sampler, traces
 from harness.measure.sampler import Sampler
 from tests.conftest import requires_cuda
 
@@ -145,6 +145,57 @@ def test_a_trace_is_split_into_phases_with_peaks_per_phase(tmp_path):
         "cpu_eval_peak_mib": 170, "gpu_peak_mib": 2000, "gpu_load_peak_mib": 60,
         "gpu_train_peak_mib": 2000, "gpu_eval_peak_mib": 99, "gpu_device_peak_mib": 2500}
     assert traces.last_sample(trace) == "last sampled at 0.1 s: cpu 170 MiB, gpu 99 MiB"
+
+
+def test_a_distributed_cells_gpu_peak_is_its_fullest_gpus_and_each_rank_has_its_own(tmp_path):
+    gpu = [0, 0, 50, 60, 70, 80, 2000, 90, 95, 99]  # both ranks' processes together
+    path, times = _trace_csv(tmp_path, gpu, [500 + g for g in gpu])
+    # The sampler's per-rank rows, from when the launcher named its ranks (the third sample).
+    pd.DataFrame({"time": times[2:], "cpu_mib_rank0": [40, 45, 50, 400, 60, 65, 70, 75],
+                  "cpu_mib_rank1": [30, 35, 40, 45, 450, 55, 60, 65],
+                  "gpu_mib_rank0": [25, 30, 35, 40, 1200, 45, 50, 55],
+                  "gpu_mib_rank1": [25, 30, 35, 40, 800, 45, 45, 44]}).to_csv(
+        f"{path}{sampler.RANKS_SUFFIX}", index=False)
+    trace = traces.read_trace(path, [("load", times[1]), ("train", times[4])])
+    assert {"cpu_mib_rank0", "gpu_mib_rank1"} <= set(trace.columns)
+    found = traces.peaks(trace)
+    assert (found["gpu_peak_mib_rank0"], found["gpu_peak_mib_rank1"]) == (1200, 800)
+    assert found["gpu_peak_mib"] == 1200 and found["gpu_train_peak_mib"] == 1200  # one card's
+    assert (found["cpu_peak_mib_rank0"], found["cpu_train_peak_mib_rank1"]) == (400, 450)
+    assert found["cpu_peak_mib"] == 900  # the whole tree's, launcher included
+
+
+def test_the_sampler_samples_each_rank_it_is_told_of(tmp_path):
+    out = tmp_path / "trace.csv"
+    sampler_process = traces.SamplerProcess(interval_ms=10, out=out)
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import subprocess, sys, time
+        ranks = [subprocess.Popen([sys.executable, "-c", {SPIKE!r}], stdin=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+        print(" ".join(str(rank.pid) for rank in ranks), flush=True)
+        sys.stdin.readline()
+        for rank in ranks:
+            rank.stdin.write("go\\n")
+            rank.stdin.close()
+        for rank in ranks:
+            rank.wait()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        sampler_process.watch(parent.pid)
+        pids = [int(pid) for pid in parent.stdout.readline().split()]
+        sampler_process.watch_ranks(pids)
+        time.sleep(0.5)
+        parent.stdin.write("go\n")
+        parent.stdin.close()
+        assert parent.wait(timeout=60) == 0
+    finally:
+        sampler_process.stop()
+    trace = traces.read_trace(out, [])
+    found = traces.peaks(trace)
+    for rank in (0, 1):  # each rank's own spike, seen in its own column
+        column = trace[f"cpu_mib_rank{rank}"].dropna()
+        assert found[f"cpu_peak_mib_rank{rank}"] - column.iloc[:5].median() > 0.9 * SPIKE_MIB
+    assert found["cpu_peak_mib"] > found["cpu_peak_mib_rank0"] + 0.9 * SPIKE_MIB
 
 
 def test_device_memory_stands_in_when_no_process_figure_exists(tmp_path):

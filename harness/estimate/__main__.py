@@ -39,9 +39,9 @@ def main(argv: list[str]) -> int:
           f"{lengths['source']} / {lengths['target']} ({lengths_from}), gradient checkpointing "
           f"{'on' if cfg.train.gradient_checkpointing else 'off'}:")
     if cfg.strategy.name != "single":
+        share = cfg.train.batch_size // (cfg.strategy.nproc_per_node * cfg.strategy.nnodes)
         print(f"  one rank of {identity.strategy_label(cell_cfg['strategy'])}, at its share of "
-              f"the batch ({cfg.train.batch_size // (cfg.strategy.nproc_per_node * cfg.strategy.nnodes)}"
-              " examples); total is its GPU's, host what it keeps on the host:")
+              f"the batch ({share} examples); total is its GPU's, host what it keeps on the host:")
     for name in (*PARTS, "total", "allocated", "host"):
         print(f"  {name:>13}  {parts[name]:>10,.1f} MiB")
     print(json.dumps(parts))
