@@ -5,11 +5,12 @@ curves and memory series), its charts, its slide deck, and its errors."""
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from harness.report import claims, report
+from harness.report import claims, findings as report_findings, report
 from harness.report.findings import recommendation
 from harness.report.runs import cells
 from harness.tracking.runs import load_runs
@@ -342,3 +343,23 @@ def test_the_lora_claims_section_computes_its_verdicts_from_the_runs(golden_stor
     assert [rows[claim][5:7] for claim in claims.CLAIMS] == [
         ["1.03", "holds"], ["1.30", "measured"], ["525.00", "holds"], ["0.23", "holds"],
         ["1.00", "does not hold"]]
+
+
+def test_the_recommendation_per_gpu_count_takes_the_best_cell_that_fits_that_many():
+    rows = pd.DataFrame([
+        {"label": "m/full/fp32", "ranks": 1, "rouge1": 50.0, "gpu_peak_mib": 60_000},
+        {"label": "m/full/fp32/fsdp-x4", "ranks": 4, "rouge1": 50.0, "gpu_peak_mib": 20_000},
+        {"label": "m/lora-r8/fp32", "ranks": 1, "rouge1": 48.0, "gpu_peak_mib": 15_000},
+        {"label": "m/lora-r8/fp32/zero3_offload-x1", "ranks": 1, "rouge1": 48.0,
+         "gpu_peak_mib": 9_000, "cpu_peak_mib": 40_000},
+        {"label": "m/full/fp32/fsdp-x8", "ranks": 8, "rouge1": 52.0, "gpu_peak_mib": 12_000,
+         "status": "oom"}]).assign(estimate_gpu_mib=float("nan"))
+    rows["status"] = rows.get("status").fillna("ok")
+    rows["cpu_peak_mib"] = rows.cpu_peak_mib.fillna(3_000)
+    table = report_findings.per_gpu_count(rows).set_index("GPUs")
+    assert table.loc[1, "16 GB each"].startswith("m/lora-r8/fp32: 48.00, 15000 MiB")
+    assert table.loc[1, "80 GB each"].startswith("m/full/fp32: 50.00")
+    assert table.loc[4, "24 GB each"].startswith("m/full/fp32/fsdp-x4: 50.00, 20000 MiB")
+    assert table.loc[2, "24 GB each"].startswith("m/lora-r8/fp32")  # fsdp-x4 needs four
+    assert "fsdp-x8" not in table.to_string()  # it ran out of memory
+    assert report_findings.per_gpu_count(rows[rows.ranks == 1]).empty  # one GPU's runs: no table

@@ -7,8 +7,9 @@ import pandas as pd
 from harness.config import cost
 from harness.report import charts
 
-# The recommendation's GPU budgets, in GB as cards are sold (GB x 1024 MiB).
+# The recommendation's GPU budgets, in GB as cards are sold (GB x 1024 MiB), and GPU counts.
 BUDGETS_GB = (16, 24, 40, 80)
+GPU_COUNTS = (1, 2, 4, 8)
 
 
 def setup(runs: pd.DataFrame) -> str:
@@ -103,6 +104,32 @@ def recommendation(rows: pd.DataFrame) -> pd.DataFrame:
         cheapest = near.loc[near[by].idxmin()]
         chosen.append({"GPU budget": f"{budget} GB", "best ROUGE-1": _choice(best),
                        "cheapest within 1 point": _choice(cheapest, by)})
+    return pd.DataFrame(chosen)
+
+
+def per_gpu_count(rows: pd.DataFrame) -> pd.DataFrame:
+    """For 1, 2, 4 and 8 GPUs of each budget: the cell with the best ROUGE-1 that runs on at most
+    that many (a distributed cell on one GPU per rank) with its fullest GPU's peak within the
+    budget; its host memory beside it (offload lives there). Empty where no cell ran on more
+    than one GPU."""
+    ok = rows[(rows.status == "ok") & rows.rouge1.notna()].copy()
+    if "ranks" not in ok or not (ok.ranks > 1).any():
+        return pd.DataFrame()
+    ok["peak"] = ok.gpu_peak_mib.fillna(ok.estimate_gpu_mib)
+    ok["measured"] = ok.gpu_peak_mib.notna()
+    ok = ok.dropna(subset=["peak"])
+    chosen = []
+    for count in GPU_COUNTS:
+        row = {"GPUs": count}
+        for budget in BUDGETS_GB:
+            fits = ok[(ok.ranks <= count) & (ok.peak <= budget * 1024)]
+            if not len(fits):
+                row[f"{budget} GB each"] = "no cell fits"
+                continue
+            best = fits.loc[fits.rouge1.idxmax()]
+            row[f"{budget} GB each"] = (f"{_choice(best)}, host {best.cpu_peak_mib:.0f} MiB"
+                                        if not pd.isna(best.cpu_peak_mib) else _choice(best))
+        chosen.append(row)
     return pd.DataFrame(chosen)
 
 

@@ -24,7 +24,13 @@ from mlflow import MlflowClient
 
 from harness.core.errors import ConfigError, refused
 from harness.report import charts, claims, estimates, slides
-from harness.report.findings import findings, recommendation, setup, toy_runs
+from harness.report.findings import (
+    findings,
+    per_gpu_count,
+    recommendation,
+    setup,
+    toy_runs,
+)
 from harness.report.results import (
     beside_reference,
     other_setups,
@@ -63,7 +69,7 @@ def render(experiment: str, tracking_uri: str, out: Path, plans: list[Path] = ()
     parts = [*_results(experiment, runs, rows, source), *_reference(matched, other_setups(rows)),
              *_findings(said), *_claims(checked, source, toy),
              "## Charts", *(chart.markdown() for chart in made),
-             *_recommendation(advice, rows, toy)]
+             *_recommendation(advice, rows, toy), *_per_gpu_count(per_gpu_count(rows), toy)]
     sections = {name: estimates.section(name, plan, out) for name, plan in planned.items()}
     for lines, _, _ in sections.values():
         parts += lines
@@ -148,6 +154,16 @@ def _recommendation(advice, rows, toy: bool) -> list[str]:
             "fits it, and, within 1 ROUGE-1 point of that, the cheapest by " + by + ". A "
             "peak marked (estimate) is the plan's estimate: that cell has no GPU "
             "measurement.", advice.to_markdown(index=False, disable_numparse=True)]
+
+
+def _per_gpu_count(advice, toy: bool) -> list[str]:
+    if not len(advice) or toy:
+        return []
+    return ["## On 1, 2, 4 and 8 GPUs",
+            "For that many GPUs of each size: the cell with the best ROUGE-1 that runs on at most "
+            "as many (one GPU per rank) with its fullest GPU's peak within one card, and the host "
+            "memory it needed (what an offload keeps there).",
+            advice.to_markdown(index=False, disable_numparse=True)]
 
 
 def main(argv=None) -> int:
