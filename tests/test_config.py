@@ -144,7 +144,8 @@ def test_a_single_invalid_cell_is_refused_without_a_run(cell_overrides, store):
     ("strategy.nproc_per_node=2", "strategy=single runs one process"),
     ("strategy=fsdp strategy.nproc_per_node=0", "strategy.nproc_per_node=0; expected a positive"),
     ("strategy=ddp strategy.timeout_s=0", "strategy.timeout_s=0"),
-    ("strategy=zero3 strategy.nnodes=2", "strategy.nnodes=2: a cell across several nodes"),
+    ("strategy=zero3 strategy.nnodes=2 strategy.node_rank=2", "strategy.node_rank=2; expected "
+                                                              "0 to 1"),
     ("strategy=zero2 strategy.offload_param=true", "strategy.offload_param=true needs "
                                                    "strategy.stage=3"),
     ("strategy=zero2 strategy.stage=1", "strategy.stage=1; expected 2"),

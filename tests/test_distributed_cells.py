@@ -14,7 +14,7 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import REPO, folder_store_overrides, run_harness
+from tests.conftest import REPO, folder_store_overrides, free_port, run_harness
 from tests.test_isolation import _wait_until_training
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ def _start(folder, experiment: str, *overrides: str) -> subprocess.Popen:
 def _ranks_of(run) -> list[psutil.Process]:
     """The cell's rank processes in rank order (its rank_pids tag), then every process its
     launcher (the run's pid) started."""
-    ranks = [psutil.Process(int(pid)) for pid in run.data.tags["rank_pids"].split(",")]
+    ranks = [psutil.Process(int(pid)) for pid in run.data.tags["rank_pids"].split(",")]  # here
     return ranks + psutil.Process(int(run.data.tags["pid"])).children(recursive=True)
 
 
@@ -143,3 +143,27 @@ def test_a_rank_out_of_memory_ends_the_cell_oom_naming_the_rank(tmp_path):
     assert run.data.tags["status"] == "oom", done.stdout[-2000:] + done.stderr[-3000:]
     assert "rank " in run.data.tags["status_reason"]
     assert run.data.tags["oom_limit"] == "cpu"
+
+
+def test_a_cell_across_two_nodes_meets_at_the_first_and_its_runner_records_both(tmp_path):
+    # Two "nodes" on this machine: two runners whose agents rendezvous on 127.0.0.1.
+    port = free_port()
+    common = ["strategy=ddp", "strategy.nproc_per_node=1", "strategy.nnodes=2",
+              f"strategy.master_port={port}", "strategy.master_addr=127.0.0.1", *SHORT,
+              *folder_store_overrides(tmp_path, "two_nodes")]
+    second = subprocess.Popen([sys.executable, "-m", "harness", "strategy.node_rank=1", *common],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        first = run_harness(REPO, "strategy.node_rank=0", *common)
+        output, _ = second.communicate(timeout=300)
+    finally:
+        second.kill()
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert second.returncode == 0, output[-3000:]
+    assert "node 1 of 2 (the first node's run records the cell): ok" in output
+    run = _only_run(tmp_path, "two_nodes")  # one run: the first node's
+    assert run.info.run_name.endswith("/ddp-2x1") and run.data.tags["status"] == "ok"
+    for rank in (0, 1):  # both nodes' ranks, gathered by the streaming one
+        assert f"cpu_baseline_mib_rank{rank}" in run.data.metrics
+    assert len(run.data.tags["rank_pids"].split(",")) == 2

@@ -183,7 +183,7 @@ def test_the_sampler_samples_each_rank_it_is_told_of(tmp_path):
     try:
         sampler_process.watch(parent.pid)
         pids = [int(pid) for pid in parent.stdout.readline().split()]
-        sampler_process.watch_ranks(pids)
+        sampler_process.watch_ranks(dict(enumerate(pids)))
         time.sleep(0.5)
         parent.stdin.write("go\n")
         parent.stdin.close()

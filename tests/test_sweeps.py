@@ -89,6 +89,11 @@ def test_the_shipped_slurm_launcher_gives_each_cell_one_gpu():
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (1, 1, 1)
     assert launcher.timeout_min >= 360  # the reference's longest cell: 350 min on an A10G
+    # A cell across two nodes of four GPUs: a task per node, a GPU per rank.
+    launcher = _experiment("full_grid", "hydra/launcher=slurm", "strategy=fsdp",
+                           "strategy.nproc_per_node=4", "strategy.nnodes=2",
+                           hydra_config=True).hydra.launcher
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (4, 1, 2)
 
 
 @pytest.fixture

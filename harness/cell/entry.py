@@ -26,6 +26,7 @@ import math
 import os
 import resource
 import signal
+import socket
 import sys
 import threading
 import time
@@ -47,7 +48,7 @@ from harness.data import checks, encoding, sources
 from harness.measure import accounting
 from harness.model import families, methods, models
 from harness.model.training_step import Diverged, synchronize
-from harness.strategy import launch, world as ranks
+from harness.strategy import launch, nodes, world as ranks
 from harness.strategy.engines import Engine
 
 
@@ -67,22 +68,28 @@ def main(cell_cfg: dict, cache_dir: str, scratch: str, cpu_memory_limit_mib, con
     if cfg.strategy.name == "single":
         outcome = _outcome(lambda: run(cfg, cache_dir, ToRunner(connection, Path(scratch))))
     else:
+        # The first node's ranks stream to its runner, which owns the run; another node's
+        # launch only their ranks.
+        streams = nodes.node_rank(cfg.strategy) == 0
         outcome = launch.launch(cfg.strategy, Path(scratch), rank_main, cell_cfg, cache_dir,
-                                scratch, connection)
+                                scratch, connection if streams else None)
     connection.send(("result", *outcome))
 
 
 def rank_main(cell_cfg: dict, cache_dir: str, scratch: str, connection) -> tuple[str, str]:
-    """One rank of a distributed cell: join the ranks, run the cell (rank 0 streaming to the
-    runner), and return its outcome; a rank that did not end ok reports it and fails, so that
-    the launcher stops the others at once."""
+    """One rank of a distributed cell: join the ranks, run the cell (the first local rank of the
+    node that owns the run streaming to its runner; `connection` is None on another node), and
+    return its outcome; a rank that did not end ok reports it and fails, so that the launcher
+    stops the others at once."""
     launch.die_with_launcher()
     cfg = OmegaConf.create(cell_cfg)
     world = ranks.join(cfg.strategy.timeout_s)
-    if not world.main:  # one progress bar per cell: rank 0's
+    streams = connection is not None and world.local_rank == 0
+    if not streams:  # one progress bar per cell: the streaming rank's
         tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
-    log = ToRunner(connection if world.main else None, Path(scratch), world)
-    log.send("ranks", ranks.gather(os.getpid(), world))  # the runner samples each rank
+    log = ToRunner(connection if streams else None, Path(scratch), world)
+    # Which process is which rank, on which host: the runner samples those on its own.
+    log.send("ranks", ranks.gather((socket.gethostname(), os.getpid()), world))
     outcome = _outcome(lambda: run(cfg, cache_dir, log))
     if outcome[0] != "ok":
         launch.report(Path(scratch), world.rank, *outcome)
@@ -278,7 +285,7 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
 
     if method in ADAPTER_METHODS:
         whole = engine.state_dict()  # gathered from the shards: a collective
-        if log.world.main:
+        if log.connection is not None:
             _log_adapter(log, model, whole)
     if evaluation["infer"]:  # last: an adapter is merged into its base here
         with log.phase("infer"):

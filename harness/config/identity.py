@@ -48,6 +48,10 @@ SINCE = {
 }
 
 
+# Strategy keys that say how long to wait and where the nodes meet, not what is computed.
+NOT_COMPUTED = ("timeout_s", "node_rank", "master_addr", "master_port")
+
+
 def fingerprint(cell_cfg: dict) -> str:
     """A stable id of what the cell computes: the same config gives the same fingerprint, and a
     key that came later, at its default, leaves it as it was (SINCE)."""
@@ -56,12 +60,13 @@ def fingerprint(cell_cfg: dict) -> str:
 
 def _as_before(cell_cfg: dict) -> dict:
     """The cell as the fingerprint sees it: each SINCE key at its default hashed as before; a
-    single-process cell without the strategy group that came after it, and no strategy's
-    timeout_s, which says how long to wait, not what is computed."""
+    single-process cell without the strategy group that came after it, and none of a strategy's
+    NOT_COMPUTED keys."""
     hashed = copy.deepcopy(cell_cfg)
     strategy = hashed.pop("strategy", None)
     if strategy is not None and strategy["name"] != "single":
-        hashed["strategy"] = {key: value for key, value in strategy.items() if key != "timeout_s"}
+        hashed["strategy"] = {key: value for key, value in strategy.items()
+                              if key not in NOT_COMPUTED}
     for key, (_, default, before) in SINCE.items():
         *path, name = key.split(".")
         holder = functools.reduce(lambda node, part: node.get(part, {}), path, hashed)

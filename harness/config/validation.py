@@ -241,10 +241,10 @@ def _check_strategy(cfg: DictConfig) -> None:
         raise ConfigError(f"strategy=single runs one process, and strategy.nproc_per_node="
                           f"{strategy.nproc_per_node} / strategy.nnodes={strategy.nnodes} ask for "
                           "more: choose strategy=ddp, fsdp, zero2 or zero3 to run ranks")
-    if strategy.nnodes > 1:
-        raise ConfigError(f"strategy.nnodes={strategy.nnodes}: a cell across several nodes is not "
-                          "launched by this version yet; run strategy.nnodes=1 with up to "
-                          "strategy.nproc_per_node GPUs of one node")
+    if strategy.node_rank is not None and not 0 <= strategy.node_rank < strategy.nnodes:
+        raise ConfigError(f"strategy.node_rank={strategy.node_rank}; expected 0 to "
+                          f"{strategy.nnodes - 1} (strategy.nnodes={strategy.nnodes}), or null "
+                          "(from the SLURM job)")
     if strategy.name in DEEPSPEED_STRATEGIES:
         if strategy.stage not in (2, 3):
             raise ConfigError(f"strategy.stage={strategy.stage!r}; expected 2 (optimizer state "

@@ -10,8 +10,8 @@ samples until its stdin closes (the runner is done, or died), appending one csv 
                   no per-process figures
   gpu_device_mib  NVML used memory of the visible devices, whoever uses it
 
-A distributed cell's launcher then writes a line `ranks PID0 PID1 ...` (its ranks' pids, in rank
-order); from then on a second csv beside the first (RANKS_SUFFIX) holds each rank's own figures
+A distributed cell's runner then writes a line `ranks RANK:PID RANK:PID ...` (the ranks on this
+host); from then on a second csv beside the first (RANKS_SUFFIX) holds each rank's own figures
 in the same rows: time, cpu_mib_rank<n> (RSS of the rank's process tree), gpu_mib_rank<n> (NVML
 used memory of those processes, on whichever GPU).
 
@@ -52,21 +52,21 @@ class Sampler:
         # Every GPU, for the per-process figures: a pid is a pid on whichever device it uses.
         self.all_devices = visible_devices(nvml, None) if nvml else []
         self.per_process = bool(nvml)
-        self.ranks = []  # each rank's process tree, once the launcher has named them
+        self.ranks = {}  # each rank's process tree, once the runner has named them
 
-    def watch_ranks(self, pids: list[int]) -> list[str]:
-        """Sample each of these processes' trees too; the columns its rows gain."""
-        self.ranks = [[psutil.Process(pid)] for pid in pids]
+    def watch_ranks(self, pids: dict) -> list[str]:
+        """Sample each rank's process tree too ({rank: pid}); the columns its rows gain."""
+        self.ranks = {rank: [psutil.Process(pid)] for rank, pid in pids.items()}
         self.tree_time = 0.0  # look for their children at the next sample
-        return ["time", *(f"{kind}_mib_rank{rank}" for kind in ("cpu", "gpu")
-                          for rank in range(len(pids)))]
+        return ["time", *(f"{kind}_mib_rank{rank}" for kind in ("cpu", "gpu") for rank in pids)]
 
     def sample(self) -> dict | None:
         """The row for now, or None once the cell has exited (a zombie holds no memory)."""
         now = time.time()
         if now - self.tree_time >= CHILDREN_EVERY_S:
             self.tree = [self.root, *self.root.children(recursive=True)]
-            self.ranks = [[tree[0], *_children(tree[0])] for tree in self.ranks]
+            self.ranks = {rank: [tree[0], *_children(tree[0])]
+                          for rank, tree in self.ranks.items()}
             self.tree_time = now
         rss = _rss(self.tree)
         if rss is None or rss == 0:
@@ -78,7 +78,7 @@ class Sampler:
                 used.get(process.pid, 0) for process in self.tree) / MIB
             row["gpu_device_mib"] = sum(self.nvml.nvmlDeviceGetMemoryInfo(handle).used
                                         for handle in self.devices) / MIB
-        for rank, tree in enumerate(self.ranks):
+        for rank, tree in self.ranks.items():
             row[f"cpu_mib_rank{rank}"] = (_rss(tree) or 0) / MIB
             if used is not None:
                 row[f"gpu_mib_rank{rank}"] = sum(used.get(process.pid, 0)
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
                 line = sys.stdin.readline()
                 if not line.startswith("ranks "):
                     break
-                columns = sampler.watch_ranks([int(pid) for pid in line.split()[1:]])
+                columns = sampler.watch_ranks({int(rank): int(pid) for rank, pid in (
+                    pair.split(":") for pair in line.split()[1:])})
                 per_rank = csv.DictWriter(files.enter_context(
                     open(args.out + RANKS_SUFFIX, "w", newline="")), columns,
                     extrasaction="ignore")

@@ -48,10 +48,11 @@ class SamplerProcess:
         self.process.stdin.write(f"{pid}\n")
         self.process.stdin.flush()
 
-    def watch_ranks(self, pids: list[int]) -> None:
-        """A distributed cell's ranks, in rank order: each is sampled on its own too."""
+    def watch_ranks(self, pids: dict) -> None:
+        """A distributed cell's ranks on this host, {rank: pid}: each is sampled on its own too."""
         if self.process.poll() is None:
-            self.process.stdin.write(f"ranks {' '.join(map(str, pids))}\n")
+            pairs = " ".join(f"{rank}:{pid}" for rank, pid in pids.items())
+            self.process.stdin.write(f"ranks {pairs}\n")
             self.process.stdin.flush()
 
     def stop(self) -> float | None:

@@ -92,6 +92,17 @@ def follow(receive, process, handle) -> None:
 STOP_S = 30.0  # how long a stopped cell may take to stop its ranks before they are killed
 
 
+def stop(child) -> None:
+    """End a cell process that is still running, and every process it started (a distributed
+    cell's ranks): SIGTERM, then SIGKILL for whatever has not stopped in STOP_S."""
+    if child.is_alive():
+        started = descendants(child.pid)
+        child.terminate()
+        child.join(timeout=STOP_S)
+        kill_all([*started, child])
+    child.join()
+
+
 def descendants(pid: int) -> list:
     """The processes `pid` started, and theirs (a distributed cell's launcher and ranks)."""
     try:

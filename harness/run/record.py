@@ -6,6 +6,7 @@ changes the cell's own outcome.
 
 import contextlib
 import json
+import socket
 import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,8 +46,8 @@ class CellRecord:
         self.latest = {}  # the last value of each metric the cell sent
         self.datasets = {}  # split: rows, once the cell has loaded its data
         self.reported = None  # the cell's own Outcome, once it has sent one
-        self.ranks = []  # a distributed cell's rank pids, in rank order
-        self.on_ranks = None  # called with them (the sampler watches each)
+        self.ranks = []  # a distributed cell's rank pids in rank order (None: another host's)
+        self.on_ranks = None  # called with {rank: pid} of this host's (the sampler watches them)
 
     def __call__(self, message: tuple) -> None:
         kind, *body = message
@@ -68,11 +69,14 @@ class CellRecord:
             path, folder = body
             write = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
             write(self.run_id, path, folder)
-        elif kind == "ranks":  # which process is which rank, for whoever must find one
-            self.ranks = body[0]
-            self.client.set_tag(self.run_id, "rank_pids", ",".join(map(str, self.ranks)))
-            if self.on_ranks is not None:
-                self.on_ranks(self.ranks)
+        elif kind == "ranks":  # (host, pid) of each rank, for whoever must find one
+            here = socket.gethostname()
+            self.ranks = [pid if host == here else None for host, pid in body[0]]
+            self.client.set_tag(self.run_id, "rank_pids", ",".join(
+                f"{pid}" if host == here else f"{host}:{pid}" for host, pid in body[0]))
+            if self.on_ranks is not None:  # the sampler watches this host's
+                self.on_ranks({rank: pid for rank, pid in enumerate(self.ranks)
+                               if pid is not None})
         elif kind == "result":
             self.reported = Outcome(*body)
 

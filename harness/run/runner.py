@@ -32,6 +32,7 @@ from harness.run.record import (
     record_memory,
     tag_oom_limit,
 )
+from harness.strategy import nodes
 from harness.tracking import mlflow_store, runs
 
 
@@ -43,6 +44,8 @@ def run(cfg: DictConfig, checked: checks.Checked | None = None) -> str:
     them; else they are made here."""
     cell_cfg = identity.cell_config(cfg)
     name = identity.run_name(cell_cfg)
+    if cfg.strategy.nnodes > 1 and nodes.node_rank(cfg.strategy) > 0:
+        return _another_node(cfg, cell_cfg, name)
     [checked] = checks.on_this_machine([cfg], [checked or checks.of_cell(cfg)],
                                        torch.cuda.is_available())
     if checked.reason and not _in_sweep():
@@ -141,6 +144,34 @@ def _run_on_a_gpu(cfg: DictConfig, cell_cfg: dict, name: str, experiment_id: str
     return outcome
 
 
+def _another_node(cfg: DictConfig, cell_cfg: dict, name: str) -> str:
+    """A node of a cell across nodes other than the first: claim its GPUs, launch its ranks, and
+    say how they ended. The first node's runner owns the run and records it (its ranks gather
+    every rank's figures); this one touches no store."""
+    node = nodes.node_rank(cfg.strategy)
+    context = process.context(cfg.runner.start_method, torch.cuda.is_available())
+    ended = []
+    with (tempfile.TemporaryDirectory(prefix="harness-cell-") as folder,
+          gpus.claim(gpus.candidates(cfg.runner.gpus), Path(cfg.runner.gpu_lock_dir),
+                     count=cfg.strategy.nproc_per_node) as gpu):
+        receive, send = context.Pipe(duplex=False)
+        child = context.Process(target=entry.main, name="harness-cell", args=(
+            cell_cfg, cfg.cache_dir, folder, cfg.runner.cpu_memory_limit_mib, send))
+        try:
+            with stops.stop_signals(), process.visible_gpu(gpu):
+                child.start()
+                send.close()
+                process.follow(receive, child, lambda message: message[0] == "result"
+                               and ended.append(Outcome(*message[1:])))
+        finally:
+            process.stop(child)
+    outcome = ended[0] if ended else Outcome("failed", f"node {node}'s launcher exited with code "
+                                                       f"{child.exitcode} without a result")
+    print(f"[harness] {name}: node {node} of {cfg.strategy.nnodes} (the first node's run "
+          f"records the cell): {outcome}")
+    return outcome.status
+
+
 def _adapter_model_config(cfg: DictConfig, cell_cfg: dict) -> dict:
     """What the adapter's MLflow model needs to rebuild its base and summarise as the cell did."""
     return {"model": cell_cfg["model"], "prefix": cfg.data.get("prefix", ""),
@@ -210,12 +241,7 @@ def _run_in_process(cfg: DictConfig, cell_cfg: dict, scratch: Path, record: Cell
                                                      RunTag("pid", str(child.pid))])
         process.follow(receive, child, record)
     finally:
-        if child.is_alive():  # interrupted: the cell, and its ranks, must not outlive its run
-            ranks = process.descendants(child.pid)
-            child.terminate()
-            child.join(timeout=process.STOP_S)
-            process.kill_all([*ranks, child])  # what a SIGTERM did not stop in time
-        child.join()
+        process.stop(child)  # interrupted: the cell, and its ranks, must not outlive its run
         if sampler:
             sampler_cpu_s = sampler.stop()
             if sampler_cpu_s is not None:  # what the measurement cost

@@ -22,6 +22,8 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from harness.strategy import nodes
+
 RANKS_FOLDER = "ranks"  # under the cell's scratch folder: rank-<n>.json, the launcher's logs
 # A cell's status when its ranks' outcomes differ: the most telling first.
 SEVERITY = {"oom": 0, "diverged": 1, "failed": 2, "ok": 3}
@@ -53,13 +55,22 @@ def run_ranks(strategy_cfg, scratch: Path, entrypoint, *args, start_method: str 
     interpreter (spawn)."""
     if start_method is None:
         start_method = "spawn" if torch.cuda.is_available() else "fork"
+    endpoint, rendezvous_configs = nodes.rendezvous(strategy_cfg)
     config = LaunchConfig(
         min_nodes=strategy_cfg.nnodes, max_nodes=strategy_cfg.nnodes,
-        nproc_per_node=strategy_cfg.nproc_per_node, run_id=f"harness-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1,
+        nproc_per_node=strategy_cfg.nproc_per_node, run_id=_run_id(strategy_cfg),
+        rdzv_backend="c10d", rdzv_endpoint=endpoint, rdzv_configs=rendezvous_configs,
+        max_restarts=0, monitor_interval=0.1,
         start_method=start_method,
         logs_specs=DefaultLogsSpecs(log_dir=str(scratch / RANKS_FOLDER / "logs")))
     return elastic_launch(config, entrypoint)(*args)
+
+
+def _run_id(strategy_cfg) -> str:
+    """The rendezvous's id: one node's own; several nodes' the same on each (their address)."""
+    if strategy_cfg.nnodes == 1:
+        return f"harness-{uuid.uuid4().hex[:8]}"
+    return f"harness-{nodes.master_addr(strategy_cfg)}-{strategy_cfg.master_port}"
 
 
 def report(scratch: Path, rank: int, status: str, reason: str) -> None:
