@@ -95,7 +95,7 @@ gpu-rehearsal: install
 
 # On a CUDA GPU: the reference rows (and LoRA+LOMO, nf4, the 8-bit and paged optimizers, a causal
 # 7B) with random weights for a few dozen steps, the GPU tests and the benchmarks; writes
-# reports/gpu-<device>/. CALL=1|2|3 is one of the three device calls that make the whole check
+# reports/gpu-<device>/. CALL=1|2|3|4 is one of the four device calls that make the whole check
 # (docs/gpu-check.md); ROWS=base_full,xl_lora_nf4 (options of experiments/check_row/) and
 # PARTS=preflight,cells,tests,bench run a part of it into the same store; ARGS="key=value ..."
 # go to every cell. On the lent machine: `. gpu/env.sh && make gpu-check PY=python3 CALL=1`.

@@ -51,14 +51,19 @@ from harness.tracking.runs import of_experiment
 
 EXPERIMENT = "gpu_check"
 PARTS = ("preflight", "cells", "tests", "bench")
-# The whole check in three device calls of a few minutes each (docs/gpu-check.md): the small
-# cells first, then flan-t5-xl's, then the 7B causal cell, the GPU tests and the benchmarks.
+# The whole check in four device calls of a few minutes each (docs/gpu-check.md): the small
+# cells first, then flan-t5-xl's, then the 7B causal cell, the GPU tests and the benchmarks, then
+# the strategies.
 CALLS = {
     "1": ("preflight,cells", "base_full,base_lora,base_lora_lomo,base_full_adamw_8bit,"
                              "base_full_paged_adamw_8bit,base_full_paged_adamw_32bit,large_lora,"
                              "large_lora_lomo"),
     "2": ("preflight,cells", "xl_lora,xl_lora_fp16,xl_lora_int8,xl_lora_lomo,xl_lora_nf4"),
     "3": ("preflight,cells,tests,bench", "opencalm_7b_lora_bf16"),
+    # The strategies on one GPU: DDP, FSDP2, ZeRO-3 and ZeRO-3 with offload.
+    "4": ("preflight,cells", ",".join(f"base_{method}_{strategy}" for method in ("full", "lora")
+                                      for strategy in ("ddp", "fsdp", "zero3",
+                                                       "zero3_offload"))),
 }
 # The test modules with gpu-marked tests (the others import what only CI installs: playwright).
 GPU_TESTS = ["tests/test_cells.py", "tests/test_gpu_check.py", "tests/test_memory.py",
@@ -71,7 +76,7 @@ TOLERANCE = 0.15  # an estimate within 15 % of the measured peak passes
 # runs.csv: column: the run's param, metric or tag it comes from.
 COLUMNS = {
     "model": "params.model.name", "method": "params.method.name",
-    "precision": "params.precision.name",
+    "precision": "params.precision.name", "strategy": "params.strategy.name",
     "gradient_checkpointing": "params.train.gradient_checkpointing",
     "attention": "params.model.attn_implementation",
     "source_length": "params.data.source_max_length_resolved",
@@ -79,7 +84,8 @@ COLUMNS = {
     "gpu_peak_mib": "metrics.gpu_peak_mib", "gpu_train_peak_mib": "metrics.gpu_train_peak_mib",
     "torch_peak_allocated_mib": "metrics.torch_train_peak_allocated_mib",
     "torch_peak_reserved_mib": "metrics.torch_train_peak_reserved_mib",
-    "estimate_mib": "metrics.estimate_gpu_mib",
+    "estimate_mib": "metrics.estimate_gpu_mib", "cpu_peak_mib": "metrics.cpu_peak_mib",
+    "estimate_host_mib": "metrics.estimate_host_mib",
     "mem_optimizer_mib": "metrics.mem_optimizer_mib",
     **{f"estimate_{part}_mib": f"metrics.estimate_{part}_mib" for part in estimate.PARTS},
     "step_time_p50_s": "metrics.step_time_p50_s", "tokens_per_s": "metrics.tokens_per_s",
