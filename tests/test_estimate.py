@@ -168,7 +168,11 @@ def test_the_command_line_prints_one_cells_parts_as_json_last(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     parts = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(parts) == {"weights", "gradients", "optimizer", "activations", "allocator",
-                          "cuda_context", "total", "allocated", "largest_trained_weight"}
+                          "cuda_context", "total", "allocated", "host", "largest_trained_weight",
+                          # what a strategy shares out (harness/estimate/sharding.py)
+                          "trained_weights", "trained_weights_fp32", "largest_block",
+                          "largest_block_trained", "largest_layer"}
+    assert parts["host"] == 0  # one process keeps nothing on the host
     assert parts["total"] == pytest.approx(sum(parts[name] for name in estimate.PARTS), abs=0.5)
     assert parts["allocated"] == pytest.approx(parts["total"] - parts["allocator"]
                                                - parts["cuda_context"], abs=0.5)
@@ -177,6 +181,13 @@ def test_the_command_line_prints_one_cells_parts_as_json_last(tmp_path):
                               "precision=int8"], cwd=REPO, capture_output=True, text=True,
                              timeout=300)
     assert refused.returncode == 2 and "method=full" in refused.stderr
+    offloaded = subprocess.run([sys.executable, "-m", "harness.estimate", "model=t5-mini",
+                                "method=full", "strategy=zero3_offload", f"cache_dir={tmp_path}"],
+                               cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert offloaded.returncode == 0, offloaded.stderr[-2000:]
+    assert "one rank of zero3_offload-x1, at its share of the batch (8 examples)" in \
+        offloaded.stdout
+    assert json.loads(offloaded.stdout.strip().splitlines()[-1])["host"] > 0
 
 
 def test_an_nf4_estimate_leaves_bitsandbytes_able_to_quantize_real_weights(monkeypatch):

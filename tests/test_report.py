@@ -363,3 +363,23 @@ def test_the_recommendation_per_gpu_count_takes_the_best_cell_that_fits_that_man
     assert table.loc[2, "24 GB each"].startswith("m/lora-r8/fp32")  # fsdp-x4 needs four
     assert "fsdp-x8" not in table.to_string()  # it ran out of memory
     assert report_findings.per_gpu_count(rows[rows.ranks == 1]).empty  # one GPU's runs: no table
+
+
+def test_a_store_with_distributed_cells_shows_their_strategy_and_a_table_per_gpu_count(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("golden", artifact_location=str(tmp_path / "a"))
+    base = "flan-t5-base"
+    _log(client, experiment, "full", _cell(base, "full", "fp32"), _measured(50.0, 14000.0), "ok")
+    fsdp = {**_cell(base, "full", "fp32"), "strategy.name": "fsdp",
+            "strategy.nproc_per_node": 4, "strategy.nnodes": 1}
+    _log(client, experiment, "full fsdp", fsdp, _measured(50.1, 6000.0, cpu=9000.0), "ok")
+    markdown = _render(uri, tmp_path / "out")["report.md"].decode()
+    rows = {row["strategy"]: row for row in _table(markdown, "strategy")}
+    assert set(rows) == {"single", "fsdp x4"}
+    assert rows["fsdp x4"]["GPU memory (MiB)"] == "6000"  # its fullest GPU's
+    section = markdown[markdown.index("## On 1, 2, 4 and 8 GPUs"):]
+    per_count = {row["GPUs"]: row for row in _table(section, "16 GB each")}
+    assert per_count["4"]["16 GB each"].startswith("flan-t5-base/full/fp32/fsdp-x4: 50.10, "
+                                                   "6000 MiB")
+    assert per_count["1"]["16 GB each"].startswith("flan-t5-base/full/fp32: 50.00")

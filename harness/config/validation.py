@@ -127,7 +127,7 @@ def machine_reason(cfg: DictConfig, cuda: bool) -> str | None:
         return (f"strategy={cfg.strategy.name} runs DeepSpeed's ZeRO engine, which is not "
                 "installed here: pip install deepspeed (or make install), or use strategy=fsdp")
     claimable = gpus.candidates(cfg.runner.gpus) if cuda else []
-    if cuda and cfg.strategy.nproc_per_node > len(claimable):
+    if cuda and cfg.strategy.name != "single" and cfg.strategy.nproc_per_node > len(claimable):
         return (f"strategy.nproc_per_node={cfg.strategy.nproc_per_node} ranks need as many GPUs, "
                 f"and the runner may claim {len(claimable)} ({','.join(claimable) or 'none'}; "
                 "runner.gpus, else CUDA_VISIBLE_DEVICES, else every GPU): lower "

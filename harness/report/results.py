@@ -26,6 +26,11 @@ def table(rows: pd.DataFrame, source: str) -> pd.DataFrame:
     shown = pd.DataFrame({"model": rows.model, "method": rows.method,
                           "precision": rows.precision,
                           "rank": rows["rank"].map(lambda r: "—" if pd.isna(r) else f"{r:.0f}")})
+    if "strategy" in rows and (rows.strategy != "single").any():
+        # Beyond one GPU: how many ranks, and a distributed cell's GPU memory is its fullest
+        # GPU's (harness/measure/traces.py), its CPU memory the host's for all its ranks.
+        shown["strategy"] = [strategy if strategy == "single" else f"{strategy} x{ranks:.0f}"
+                             for strategy, ranks in zip(rows.strategy, rows.ranks)]
     for name, (column, decimals) in TABLE.items():
         shown[name] = [_number(v, s, decimals) for v, s in zip(rows[column],
                                                                 rows[f"{column}_std"])]
