@@ -171,7 +171,8 @@ def test_the_command_line_prints_one_cells_parts_as_json_last(tmp_path):
                           "cuda_context", "total", "allocated", "host", "largest_trained_weight",
                           # what a strategy shares out (harness/estimate/sharding.py)
                           "trained_weights", "trained_weights_fp32", "largest_block",
-                          "largest_block_trained", "largest_layer"}
+                          "largest_block_trained", "largest_layer", "step_temporaries",
+                          "activations_outside_step"}
     assert parts["host"] == 0  # one process keeps nothing on the host
     assert parts["total"] == pytest.approx(sum(parts[name] for name in estimate.PARTS), abs=0.5)
     assert parts["allocated"] == pytest.approx(parts["total"] - parts["allocator"]
@@ -229,6 +230,13 @@ def test_a_ranks_estimate_shares_the_model_out_as_its_engine_does():
         assert ranks[offloaded]["host"] > 0
         assert ranks[offloaded]["total"] < ranks[offloaded.removesuffix("_offload")]["total"]
     assert ranks["zero3_offload"]["optimizer"] == 0
+    # foreach AdamW's step allocates whole-model temporaries; a sharded one steps its shard.
+    assert single["step_temporaries"] > 0
+    for name in ("fsdp", "zero3"):
+        assert ranks[name]["activations"] >= ranks[name]["activations_outside_step"]
+        assert ranks[name]["activations"] <= max(
+            ranks[name]["activations_outside_step"],
+            ranks["ddp"]["activations"] - 0.75 * ranks["ddp"]["step_temporaries"]) + 1e-6
 
 
 def test_zero_model_states_match_deepspeeds_own_estimate():

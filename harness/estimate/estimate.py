@@ -230,7 +230,30 @@ def _estimate(spec_json: str) -> tuple:
     # LOMO's claim is checked against it: at most this one weight's gradient alive at once.
     parts["largest_trained_weight"] = accounting.largest_trained_mib(model)
     parts.update(_sizes(model))  # what a strategy shares out (harness/estimate/sharding.py)
+    parts.update(_optimizer_step(steps))
     return tuple(parts.items())
+
+
+def _optimizer_step(steps: "Steps") -> dict:
+    """MiB of: the most the optimizer's step allocates beyond what was alive when it began (its
+    temporaries: foreach AdamW's whole-model intermediates), and the activations part at the
+    peak outside the step. A sharded optimizer steps its shard: harness/estimate/sharding.py
+    shares these temporaries out."""
+    inside = {index for start, end in steps.optimizer_steps for index in range(start, end)}
+    alive = top_outside = temporaries = 0
+    at_outside, at_start = 0, 0
+    for index, (_, size) in enumerate(steps.events):
+        if any(start == index for start, _ in steps.optimizer_steps):
+            at_start = alive
+        alive += size
+        if index in inside:
+            temporaries = max(temporaries, alive - at_start)
+        elif alive > top_outside:
+            top_outside, at_outside = alive, index
+    held = simulate.alive_at(steps.events, at_outside)
+    outside = (top_outside - steps.bytes_of(held & steps.gradients)
+               - steps.bytes_of(held & steps.states))
+    return {"step_temporaries": temporaries / MIB, "activations_outside_step": outside / MIB}
 
 
 def _sizes(model) -> dict:
@@ -258,12 +281,14 @@ def _base_model(model):
 
 class Steps(NamedTuple):
     """What simulated_steps saw: the weights' sizes, every later allocation and free in order
-    (simulate.Trace's events), and which of them were gradients and optimizer state."""
+    (simulate.Trace's events), which of them were gradients and optimizer state, and the spans
+    of events inside the optimizer's steps ([start, end) indices)."""
     weights: list
     events: list
     sizes: dict
     gradients: set
     states: set
+    optimizer_steps: list = []
 
     def bytes_of(self, serials) -> int:
         return sum(self.sizes[serial] for serial in serials)
@@ -287,6 +312,12 @@ def simulated_steps(model, cfg, lengths: dict, device: torch.device,
             for weight in methods.fused_parameters(model, cfg.method.name)]
         updates = training_step.Updates(model, cfg, STEPS, device, foreach=True, loss_scaling=False,
                                 paging=False)
+        spans = []
+        if updates.optimizer is not None:  # where its step's temporaries live
+            updates.optimizer.register_step_pre_hook(
+                lambda *_: spans.append([len(trace.events), None]))
+            updates.optimizer.register_step_post_hook(
+                lambda *_: spans[-1].__setitem__(1, len(trace.events)))
         model.train()
         for _ in range(STEPS):
             updates.backward(training_step.forward(model, batch, "fp32", device), update=True)
@@ -301,7 +332,7 @@ def simulated_steps(model, cfg, lengths: dict, device: torch.device,
         for hook in hooks:
             hook.remove()
     return Steps([storage.nbytes() for storage in weights.values()], trace.events, trace.sizes,
-                 gradients - {None}, states - {None})
+                 gradients - {None}, states - {None}, [tuple(span) for span in spans])
 
 
 def _meta_model(cfg, on_cuda: simulate.AsOnCuda):

@@ -20,6 +20,10 @@ documented rules; N ranks):
   offload       (zero*: offload_optimizer / offload_param) what is offloaded is on the host:
                 per rank, its partitions; the GPU keeps the gathered parameters and the buckets.
 
+Where the simulated peak is the optimizer's step (foreach AdamW's whole-model temporaries), a
+sharded optimizer steps 1/N of the model: its temporaries are shared out too, and the peak is the
+larger of that step's and the one outside it.
+
 `host` is one rank's; a node holds strategy.nproc_per_node of them.
 """
 
@@ -27,6 +31,7 @@ from harness.core.options import DEEPSPEED_STRATEGIES, FUSED_METHODS
 from harness.core.units import MIB
 
 FLOAT32 = 4  # bytes: DeepSpeed's partitions and buckets are float32 for a float32 model
+SHARDED = ("fsdp", "fsdp_offload", *DEEPSPEED_STRATEGIES)
 SHARDED_PARTS = ("weights", "gradients", "optimizer")
 
 
@@ -53,6 +58,9 @@ def per_rank(parts: dict, strategy_cfg: dict, method: str) -> dict:
             found.update({part: shards[part] + gathered.get(part, 0.0) for part in shards})
     elif name in DEEPSPEED_STRATEGIES:
         _zero(found, parts, strategy_cfg, ranks)
+    if name in SHARDED:  # the optimizer steps this rank's shard: its temporaries are 1/N
+        found["activations"] = max(parts["activations_outside_step"], parts["activations"]
+                                   - parts["step_temporaries"] * (1 - 1 / ranks))
     found["total"] = sum(found[part] for part in
                          ("weights", "gradients", "optimizer", "activations", "allocator",
                           "cuda_context"))
