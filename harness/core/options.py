@@ -25,5 +25,6 @@ CELL_GROUPS = ("model", "method", "precision", "data", "train", "eval", "strateg
 OTHER_GROUPS = ("tracking", "runner", "sampler", "cost")
 # conf/strategy/: one process, or ranks under torch's elastic launcher (harness/strategy/).
 STRATEGIES = ("single", "ddp", "fsdp", "fsdp_offload", "zero2", "zero3", "zero3_offload")
-SHARDED_STRATEGIES = ("fsdp", "fsdp_offload", "zero2", "zero3", "zero3_offload")
+FSDP_STRATEGIES = ("fsdp", "fsdp_offload")
 DEEPSPEED_STRATEGIES = ("zero2", "zero3", "zero3_offload")
+SHARDED_STRATEGIES = (*FSDP_STRATEGIES, *DEEPSPEED_STRATEGIES)

@@ -264,9 +264,8 @@ def _sizes(model) -> dict:
         return sum(p.numel() * p.element_size() for p in parameters) / MIB
 
     trained = [p for p in model.parameters() if p.requires_grad]
-    blocks_named = set(getattr(_base_model(model), "_no_split_modules", None) or ())
-    blocks = [module for module in model.modules() if type(module).__name__ in blocks_named]
-    largest = max(blocks, key=lambda block: stored(block.parameters()), default=model)
+    largest = max(models.blocks(model), key=lambda block: stored(block.parameters()),
+                  default=model)
     return {"trained_weights": stored(trained),
             "trained_weights_fp32": sum(p.numel() for p in trained) * 4 / MIB,
             "largest_block": stored(largest.parameters()),
@@ -274,9 +273,6 @@ def _sizes(model) -> dict:
             "largest_layer": max((stored(module.parameters(recurse=False))
                                   for module in model.modules()), default=0.0)}
 
-
-def _base_model(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class Steps(NamedTuple):

@@ -27,11 +27,16 @@ larger of that step's and the one outside it.
 `host` is one rank's; a node holds strategy.nproc_per_node of them.
 """
 
-from harness.core.options import DEEPSPEED_STRATEGIES, FUSED_METHODS
+from harness.core.options import (
+    DEEPSPEED_STRATEGIES,
+    FSDP_STRATEGIES,
+    FUSED_METHODS,
+    SHARDED_STRATEGIES,
+)
 from harness.core.units import MIB
 
 FLOAT32 = 4  # bytes: DeepSpeed's partitions and buckets are float32 for a float32 model
-SHARDED = ("fsdp", "fsdp_offload", *DEEPSPEED_STRATEGIES)
+
 SHARDED_PARTS = ("weights", "gradients", "optimizer")
 
 
@@ -47,7 +52,7 @@ def per_rank(parts: dict, strategy_cfg: dict, method: str) -> dict:
     block, trained = parts["largest_block"], parts["trained_weights"]
     if name == "ddp" and method not in FUSED_METHODS:
         found["gradients"] += trained  # the reducer's buckets
-    elif name in ("fsdp", "fsdp_offload"):
+    elif name in FSDP_STRATEGIES:
         shards = {part: parts[part] / ranks for part in SHARDED_PARTS}
         gathered = {"weights": 2 * block, "gradients": parts["largest_block_trained"]}
         if strategy_cfg.get("offload"):
@@ -58,7 +63,7 @@ def per_rank(parts: dict, strategy_cfg: dict, method: str) -> dict:
             found.update({part: shards[part] + gathered.get(part, 0.0) for part in shards})
     elif name in DEEPSPEED_STRATEGIES:
         _zero(found, parts, strategy_cfg, ranks)
-    if name in SHARDED:  # the optimizer steps this rank's shard: its temporaries are 1/N
+    if name in SHARDED_STRATEGIES:  # the optimizer steps this rank's shard: temporaries 1/N
         found["activations"] = max(parts["activations_outside_step"], parts["activations"]
                                    - parts["step_temporaries"] * (1 - 1 / ranks))
     found["total"] = sum(found[part] for part in

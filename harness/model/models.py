@@ -161,6 +161,15 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=HALF_DTYPES[precision])
 
 
+def blocks(model) -> list:
+    """The model's transformer blocks: the modules of the classes transformers keeps whole
+    (_no_split_modules: T5Block, LlamaDecoderLayer, ...), under peft's wrapper too. FSDP2 shards
+    each as one unit; the estimate's largest block is what it gathers at once."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    return [module for module in model.modules() if type(module).__name__ in names]
+
+
 def count_params(model) -> tuple[int, int]:
     """(trainable, total) parameter counts as peft's print_trainable_parameters counts them: an
     int8 weight one per stored value, a 4-bit weight (two values per stored byte) two."""

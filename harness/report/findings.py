@@ -88,10 +88,7 @@ def recommendation(rows: pd.DataFrame) -> pd.DataFrame:
     """Per GPU budget: the cell with the best ROUGE-1 whose peak fits it, and the cheapest cell
     within 1 ROUGE-1 point of that one (by cost, else by training time). A cell's peak is its
     measured GPU peak, else its estimate, marked as such."""
-    ok = rows[(rows.status == "ok") & rows.rouge1.notna()].copy()
-    ok["peak"] = ok.gpu_peak_mib.fillna(ok.estimate_gpu_mib)
-    ok["measured"] = ok.gpu_peak_mib.notna()
-    ok = ok.dropna(subset=["peak"])
+    ok = _with_peaks(rows)
     by = "cost_usd" if ok.cost_usd.notna().all() and len(ok) else "train_time_s"
     chosen = []
     for budget in BUDGETS_GB:
@@ -112,12 +109,9 @@ def per_gpu_count(rows: pd.DataFrame) -> pd.DataFrame:
     that many (a distributed cell on one GPU per rank) with its fullest GPU's peak within the
     budget; its host memory beside it (offload lives there). Empty where no cell ran on more
     than one GPU."""
-    ok = rows[(rows.status == "ok") & rows.rouge1.notna()].copy()
-    if "ranks" not in ok or not (ok.ranks > 1).any():
+    if "ranks" not in rows or not (rows[rows.status == "ok"].ranks > 1).any():
         return pd.DataFrame()
-    ok["peak"] = ok.gpu_peak_mib.fillna(ok.estimate_gpu_mib)
-    ok["measured"] = ok.gpu_peak_mib.notna()
-    ok = ok.dropna(subset=["peak"])
+    ok = _with_peaks(rows)
     chosen = []
     for count in GPU_COUNTS:
         row = {"GPUs": count}
@@ -131,6 +125,15 @@ def per_gpu_count(rows: pd.DataFrame) -> pd.DataFrame:
                                         if not pd.isna(best.cpu_peak_mib) else _choice(best))
         chosen.append(row)
     return pd.DataFrame(chosen)
+
+
+def _with_peaks(rows: pd.DataFrame) -> pd.DataFrame:
+    """The ok cells with a ROUGE-1 and a peak: their measured GPU peak, else their estimate
+    (`measured` says which)."""
+    ok = rows[(rows.status == "ok") & rows.rouge1.notna()].copy()
+    ok["peak"] = ok.gpu_peak_mib.fillna(ok.estimate_gpu_mib)
+    ok["measured"] = ok.gpu_peak_mib.notna()
+    return ok.dropna(subset=["peak"])
 
 
 def _choice(cell, by: str | None = None) -> str:

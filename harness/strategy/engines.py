@@ -17,8 +17,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_linear_schedule_with_warmup
 
-from harness.core.options import DEEPSPEED_STRATEGIES, FUSED_METHODS
-from harness.model import optimizers
+from harness.core.options import DEEPSPEED_STRATEGIES, FSDP_STRATEGIES, FUSED_METHODS
+from harness.model import models, optimizers
 from harness.model.training_step import Updates
 from harness.strategy import world as ranks
 from harness.strategy.world import World
@@ -36,7 +36,7 @@ class Engine:
         if name == "ddp" and not fused:
             device_ids = [world.local_rank] if world.device.type == "cuda" else None
             self.trained = DistributedDataParallel(model, device_ids=device_ids)
-        elif name in ("fsdp", "fsdp_offload"):
+        elif name in FSDP_STRATEGIES:
             shard(model, cfg.strategy, world)
 
     def updates(self, cfg, total_steps: int):
@@ -76,7 +76,7 @@ class Engine:
             )
             return get_model_state_dict(self.model, options=StateDictOptions(
                 full_state_dict=True, cpu_offload=True))
-        if self.strategy.name == "zero3" or self.strategy.name == "zero3_offload":
+        if self.strategy.name in DEEPSPEED_STRATEGIES and self.strategy.stage == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
@@ -86,22 +86,16 @@ class Engine:
 
 
 def shard(model, strategy_cfg, world: World) -> None:
-    """FSDP2: every transformer block (the classes transformers keeps whole, _no_split_modules)
-    sharded as one unit, then the root with what is left (embeddings, head, final norms)."""
+    """FSDP2: every transformer block (models.blocks) sharded as one unit, then the root with
+    what is left (embeddings, head, final norms)."""
     mesh = dist.device_mesh.init_device_mesh(world.device.type, (world.size,))
     options = {"mesh": mesh, "reshard_after_forward": strategy_cfg.reshard_after_forward}
     if strategy_cfg.offload:
         # Pinned host memory needs a GPU; without one the shards are on the host already.
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-    blocks = set(_base(model)._no_split_modules or ())
-    for module in model.modules():
-        if type(module).__name__ in blocks:
-            fully_shard(module, **options)
+    for block in models.blocks(model):
+        fully_shard(block, **options)
     fully_shard(model, **options)
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _averaged(world: World):
