@@ -1,5 +1,5 @@
 # make install | test | test-fast | bench | demo | plan EXP=name | sweep EXP=name | report EXP=name
-# | ui | server | gpu-wheels | gpu-rehearsal | gpu-check
+# | sync | ui | server | gpu-wheels | gpu-rehearsal | gpu-check
 PYTHON ?= python3
 VENV := .venv
 PY ?= $(VENV)/bin/python
@@ -14,7 +14,7 @@ TRACKING_URI ?= sqlite:///mlflow.db
 BACKEND_STORE_URI ?= postgresql://harness:harness@127.0.0.1:5432/harness
 ARTIFACTS ?= mlartifacts
 
-.PHONY: help install test test-fast bench demo plan sweep report ui server gpu-wheels \
+.PHONY: help install test test-fast bench demo plan sweep report sync ui server gpu-wheels \
 	gpu-rehearsal gpu-check
 
 # The first target: `make` alone prints this.
@@ -26,6 +26,7 @@ help:
 	@echo "make plan EXP=name      an experiment's plan and GPU memory estimates, nothing run"
 	@echo "make sweep EXP=name     run an experiment (ARGS=\"key=value ...\" to adjust)"
 	@echo "make report EXP=name    reports/name/: tables, recommendation, charts, slides"
+	@echo "make sync               deliver what runs journaled while their store did not answer"
 	@echo "make ui                 the MLflow UI on http://127.0.0.1:$(PORT)"
 	@echo "make server             a shared MLflow tracking server (PostgreSQL)"
 	@echo "make bench              the benchmarks, into reports/bench/"
@@ -73,6 +74,12 @@ sweep: $(INSTALL)
 
 report: $(INSTALL)
 	$(PY) -m harness.report --experiment $(EXP) --tracking-uri $(TRACKING_URI)
+
+# Runs whose tracking store did not answer by the time their cell ended kept the rest in their
+# journal (tracking.journal_dir); this delivers it, idempotently: running it twice writes nothing
+# twice.
+sync: $(INSTALL)
+	$(PY) -m harness.sync $(ARGS)
 
 ui: $(INSTALL)
 	$(VENV)/bin/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT)

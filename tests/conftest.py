@@ -1,9 +1,11 @@
 """Shared test helpers: real Hydra composition of conf/, and a real sqlite MLflow store."""
 
+import os
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,13 +46,14 @@ def cell_overrides(store, request):
     experiment = request.node.name.replace("[", "-").replace("]", "")
     return [f"tracking.uri={store['uri']}", f"tracking.experiment={experiment}",
             f"tracking.artifact_location={store['artifacts']}/{experiment}",
-            f"cache_dir={store['cache']}"]
+            f"tracking.journal_dir={store['artifacts']}/journal", f"cache_dir={store['cache']}"]
 
 
 def folder_store_overrides(folder, experiment: str) -> list[str]:
     """Overrides that send `python -m harness` to an sqlite store and cache inside `folder`."""
     return [f"tracking.uri=sqlite:///{folder}/mlflow.db", f"tracking.experiment={experiment}",
-            f"tracking.artifact_location={folder}/artifacts", f"cache_dir={folder}/cache"]
+            f"tracking.artifact_location={folder}/artifacts",
+            f"tracking.journal_dir={folder}/journal", f"cache_dir={folder}/cache"]
 
 
 def run_harness(cwd, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -65,6 +68,20 @@ def runs_of(store, experiment: str):
     return [] if found is None else client.search_runs([found.experiment_id])
 
 
+def wait_until_training(client, experiment, sweep, seed, timeout_s=300):
+    """The run of the cell with this train.seed, once it has logged a training step."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and sweep.poll() is None:
+        found = client.get_experiment_by_name(experiment)
+        runs = [] if found is None else client.search_runs(
+            [found.experiment_id], f"params.`train.seed` = '{seed}' and "
+                                   "attributes.status = 'RUNNING'")
+        if runs and "train_loss" in runs[0].data.metrics and "pid" in runs[0].data.tags:
+            return runs[0]
+        time.sleep(0.3)
+    raise AssertionError(f"the cell of seed {seed} never started training")
+
+
 def free_port() -> int:
     """A loopback port nothing listens on now."""
     with socket.socket() as probe:
@@ -73,11 +90,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_serving(command: str, backend_store_uri: str, log_path: Path, *options: str):
-    """`mlflow server` or `mlflow ui` on a free loopback port, until the block ends; yields its
-    address once it answers /health."""
-    port = free_port()
-    with open(log_path, "w") as log:
+def mlflow_serving(command: str, backend_store_uri: str, log_path: Path, *options: str,
+                   port: int | None = None):
+    """`mlflow server` or `mlflow ui` on `port` (else a free loopback port), until the block
+    ends; yields its address once it answers /health."""
+    port = port or free_port()
+    with open(log_path, "a") as log:
         server = subprocess.Popen([sys.executable, "-m", "mlflow", command, "--backend-store-uri",
                                    backend_store_uri, "--host", "127.0.0.1", "--port", str(port),
                                    *options], stdout=log, stderr=subprocess.STDOUT)
@@ -100,6 +118,34 @@ def mlflow_serving(command: str, backend_store_uri: str, log_path: Path, *option
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture
+def postgres_database():
+    """A new PostgreSQL database for one test (HARNESS_TEST_POSTGRES: an admin URI; .ci/run
+    starts the server), dropped afterwards."""
+    admin_uri = os.environ.get("HARNESS_TEST_POSTGRES")
+    if not admin_uri:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run this test: .ci/services.sh exports HARNESS_TEST_POSTGRES")
+        pytest.skip("no PostgreSQL: run `eval \"$(bash .ci/services.sh)\"` first")
+    import psycopg
+
+    name = f"harness_test_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_uri, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    yield admin_uri.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(admin_uri, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def mlflow_server(postgres_database, tmp_path):
+    """`mlflow server` on a free loopback port, PostgreSQL behind it, artifacts it serves."""
+    with mlflow_serving("server", postgres_database, tmp_path / "server.log",
+                        "--artifacts-destination", str(tmp_path / "served-artifacts"),
+                        "--workers", "1") as address:
+        yield address
 
 
 @pytest.fixture(scope="session")

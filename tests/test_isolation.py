@@ -8,13 +8,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from mlflow import MlflowClient
 
 from harness.tracking.runs import finished_run
-from tests.conftest import REPO, folder_store_overrides
+from tests.conftest import REPO, folder_store_overrides, wait_until_training
 
 pytestmark = pytest.mark.slow
 
@@ -41,20 +40,6 @@ def _write_cases(folder, broken):
                                             + body.format(broken=broken))
 
 
-def _wait_until_training(client, experiment, sweep, seed, timeout_s=300):
-    """The run of the cell with this train.seed, once it has logged a training step."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and sweep.poll() is None:
-        found = client.get_experiment_by_name(experiment)
-        runs = [] if found is None else client.search_runs(
-            [found.experiment_id], f"params.`train.seed` = '{seed}' and "
-                                   "attributes.status = 'RUNNING'")
-        if runs and "train_loss" in runs[0].data.metrics and "pid" in runs[0].data.tags:
-            return runs[0]
-        time.sleep(0.3)
-    raise AssertionError(f"the cell of seed {seed} never started training")
-
-
 def _sweep(tmp_path, experiment, *overrides):
     return subprocess.Popen(
         [sys.executable, "-m", "harness", "-m", *overrides, "eval.max_samples=4",
@@ -70,7 +55,7 @@ def test_failures_inside_a_sweep_end_with_their_status_and_spare_the_others(tmp_
                    "+case=raises,over_limit,killed,ok")
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     try:
-        long_cell = _wait_until_training(client, "isolation", sweep, seed=3)
+        long_cell = wait_until_training(client, "isolation", sweep, seed=3)
         os.kill(int(long_cell.data.tags["pid"]), signal.SIGKILL)
         output, _ = sweep.communicate(timeout=600)
     finally:
@@ -106,7 +91,7 @@ def test_an_interrupted_sweep_reruns_only_what_did_not_finish(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     sweep = _sweep(tmp_path, "resume", *grid)
     try:
-        interrupted = _wait_until_training(client, "resume", sweep, seed=2)
+        interrupted = wait_until_training(client, "resume", sweep, seed=2)
         sweep.send_signal(signal.SIGINT)  # Ctrl-C
         sweep.communicate(timeout=120)
     finally:
@@ -138,7 +123,7 @@ def test_a_terminated_run_ends_killed_with_its_memory_trace_and_runs_again(tmp_p
                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     try:
-        training = _wait_until_training(client, "terminated", run, seed=42)
+        training = wait_until_training(client, "terminated", run, seed=42)
         run.send_signal(signal.SIGTERM)
         output, _ = run.communicate(timeout=120)
     finally:

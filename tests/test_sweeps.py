@@ -2,16 +2,14 @@
 submitit's local executor, a shared `mlflow server` on PostgreSQL, and the refusal of a tracking
 server that does not answer."""
 
-import os
 import time
-import uuid
 
 import pytest
 from mlflow import MlflowClient
 
 from harness.report import report
 from harness.tracking.runs import finished_run
-from tests.conftest import folder_store_overrides, free_port, mlflow_serving, run_harness
+from tests.conftest import folder_store_overrides, free_port, run_harness
 
 pytestmark = pytest.mark.slow
 
@@ -94,34 +92,6 @@ def test_the_shipped_slurm_launcher_gives_each_cell_one_gpu():
                            "strategy.nproc_per_node=4", "strategy.nnodes=2",
                            hydra_config=True).hydra.launcher
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (4, 1, 2)
-
-
-@pytest.fixture
-def postgres_database():
-    """A new PostgreSQL database for one test (HARNESS_TEST_POSTGRES: an admin URI; .ci/run
-    starts the server), dropped afterwards."""
-    admin_uri = os.environ.get("HARNESS_TEST_POSTGRES")
-    if not admin_uri:
-        if os.environ.get("CI"):
-            pytest.fail("CI must run this test: .ci/services.sh exports HARNESS_TEST_POSTGRES")
-        pytest.skip("no PostgreSQL: run `eval \"$(bash .ci/services.sh)\"` first")
-    import psycopg
-
-    name = f"harness_test_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_uri, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    yield admin_uri.rsplit("/", 1)[0] + f"/{name}"
-    with psycopg.connect(admin_uri, autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-
-
-@pytest.fixture
-def mlflow_server(postgres_database, tmp_path):
-    """`mlflow server` on a free loopback port, PostgreSQL behind it, artifacts it serves."""
-    with mlflow_serving("server", postgres_database, tmp_path / "server.log",
-                        "--artifacts-destination", str(tmp_path / "served-artifacts"),
-                        "--workers", "1") as address:
-        yield address
 
 
 def test_cells_log_to_a_shared_server_on_postgresql(mlflow_server, tmp_path):

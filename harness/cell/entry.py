@@ -54,6 +54,8 @@ from harness.strategy.engines import Engine
 
 def main(cell_cfg: dict, cache_dir: str, scratch: str, cpu_memory_limit_mib, connection) -> None:
     """Process entry point: run the cell, streaming to the runner, and send its result."""
+    # A runner killed outright (SIGKILL, the OOM killer) leaves no cell holding its GPU.
+    launch.die_with_parent()
     # The runner stops a cell with SIGTERM (Ctrl-C, a kill, a time limit): exit as Python exits,
     # releasing what the process holds (tqdm's lock, the pipe) rather than leaving it leaked.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -81,7 +83,7 @@ def rank_main(cell_cfg: dict, cache_dir: str, scratch: str, connection) -> tuple
     node that owns the run streaming to its runner; `connection` is None on another node), and
     return its outcome; a rank that did not end ok reports it and fails, so that the launcher
     stops the others at once."""
-    launch.die_with_launcher()
+    launch.die_with_parent()
     cfg = OmegaConf.create(cell_cfg)
     world = ranks.join(cfg.strategy.timeout_s)
     streams = connection is not None and world.local_rank == 0

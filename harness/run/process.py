@@ -13,6 +13,7 @@ import multiprocessing.connection
 import multiprocessing.forkserver
 import os
 import re
+import time
 from pathlib import Path
 
 import psutil
@@ -69,11 +70,19 @@ def visible_gpu(gpu: str | None):
             os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
-def follow(receive, process, handle) -> None:
-    """Hand each message of the cell to `handle` until the cell ends. Waits on the process too:
-    a killed cell sends nothing more."""
+def follow(receive, process, handle, every_s: float | None = None, tick=None) -> None:
+    """Hand each message of the cell to `handle` until the cell ends, and call `tick` every
+    `every_s` seconds meanwhile (the run's heartbeat). Waits on the process too: a killed cell
+    sends nothing more."""
+    last_tick = time.monotonic()
     while True:
-        ready = multiprocessing.connection.wait([receive, process.sentinel])
+        ready = multiprocessing.connection.wait([receive, process.sentinel],
+                                                timeout=every_s if tick else None)
+        if tick and time.monotonic() - last_tick >= every_s:
+            tick()
+            last_tick = time.monotonic()
+        if not ready:
+            continue
         if receive in ready:
             try:
                 handle(receive.recv())

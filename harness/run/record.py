@@ -1,17 +1,17 @@
-"""The record of a run, on the runner's side: what the cell sends, written into its MLflow run as
-it arrives, and what the runner adds once the cell has ended (memory trace, dataset inputs, the
-plan's estimate, cost, an oom's limit). What fails to be added is tagged "not recorded" and never
-changes the cell's own outcome.
+"""The record of a run, on the runner's side: what the cell sends, written into its MLflow run
+(through the run's journal, harness/tracking/journal.py) as it arrives, and what the runner adds
+once the cell has ended (memory trace, dataset inputs, the plan's estimate, cost, an oom's limit).
+What fails to be added is tagged "not recorded" and never changes the cell's own outcome.
 """
 
 import contextlib
 import json
 import socket
+import time
 import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mlflow.entities import Param, RunTag
 from omegaconf import DictConfig
 
 from harness.config import cost
@@ -20,6 +20,7 @@ from harness.estimate import estimate
 from harness.measure import gpus, traces
 from harness.model import tokenizers
 from harness.tracking import mlflow_store
+from harness.tracking.journal import Journal
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,11 @@ class Outcome:
 
 
 class CellRecord:
-    """Writes what the cell sends into its run as it arrives (metrics in batches), and keeps the
-    phases and what the cell reported of its outcome (`reported`, None until it has)."""
+    """Writes what the cell sends into its run's journal as it arrives, and keeps the phases and
+    what the cell reported of its outcome (`reported`, None until it has)."""
 
-    def __init__(self, client, run_id: str):
-        self.client, self.run_id = client, run_id
-        self.log = mlflow_store.MetricLogger(client, run_id)
+    def __init__(self, journal: Journal):
+        self.journal, self.run_id = journal, journal.run_id
         self.phases = []
         self.params = {}  # those the cell logged (the resolved lengths)
         self.gpu = None  # the GPU the cell held
@@ -55,24 +55,21 @@ class CellRecord:
             self.phases.append(tuple(body))
         elif kind == "metrics":
             metrics, step, timestamp_ms = body
-            self.log(metrics, step, timestamp_ms)
+            self.journal.metrics(metrics, step, timestamp_ms)
             self.latest.update(metrics)
         elif kind == "tag":
-            self.client.set_tag(self.run_id, *body)
+            self.journal.set_tag(*body)
         elif kind == "datasets":
             self.datasets = body[0]
         elif kind == "params":
             self.params.update(body[0])
-            self.client.log_batch(self.run_id, params=[Param(key, str(value))
-                                                       for key, value in body[0].items()])
+            self.journal.params(body[0])
         elif kind == "artifact":
-            path, folder = body
-            write = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
-            write(self.run_id, path, folder)
+            self.journal.artifact(*body)
         elif kind == "ranks":  # (host, pid) of each rank, for whoever must find one
             here = socket.gethostname()
             self.ranks = [pid if host == here else None for host, pid in body[0]]
-            self.client.set_tag(self.run_id, "rank_pids", ",".join(
+            self.journal.set_tag("rank_pids", ",".join(
                 f"{pid}" if host == here else f"{host}:{pid}" for host, pid in body[0]))
             if self.on_ranks is not None:  # the sampler watches this host's
                 self.on_ranks({rank: pid for rank, pid in enumerate(self.ranks)
@@ -93,8 +90,8 @@ def not_recorded(record: CellRecord, tag: str, words: str = "not recorded"):
         yield
     except Exception:
         traceback.print_exc()
-        record.client.set_tag(record.run_id, tag, f"{words}: "
-                              + traceback.format_exc().strip().splitlines()[-1])
+        record.journal.set_tag(tag, f"{words}: "
+                               + traceback.format_exc().strip().splitlines()[-1])
 
 
 def tag_oom_limit(record: CellRecord, cfg: DictConfig, outcome: Outcome) -> None:
@@ -103,8 +100,7 @@ def tag_oom_limit(record: CellRecord, cfg: DictConfig, outcome: Outcome) -> None
     kind = "gpu" if "CUDA" in outcome.reason else "cpu"
     available = traces.limits(cfg.runner, record.gpu)[kind]
     if available is not None:
-        record.client.log_batch(record.run_id, tags=[RunTag("oom_limit", kind),
-                                                     RunTag("oom_limit_mib", f"{available:.0f}")])
+        record.journal.tags({"oom_limit": kind, "oom_limit_mib": f"{available:.0f}"})
 
 
 def record_cost(record: CellRecord, cfg: DictConfig) -> None:
@@ -115,9 +111,8 @@ def record_cost(record: CellRecord, cfg: DictConfig) -> None:
     rate = cost.price(cfg.cost, found[0]["name"] if found else None)
     if None in trained.values() or rate is None:
         return
-    record.log(cost.of_run(rate[0], **trained))
-    record.client.log_batch(record.run_id, tags=[RunTag("cost_usd_per_hour", f"{rate[0]:g}"),
-                                                 RunTag("cost_price_from", rate[1])])
+    record.journal.metrics(cost.of_run(rate[0], **trained), 0, _now_ms())
+    record.journal.tags({"cost_usd_per_hour": f"{rate[0]:g}", "cost_price_from": rate[1]})
 
 
 def record_datasets(record: CellRecord, cfg: DictConfig, cell_cfg: dict) -> None:
@@ -126,7 +121,7 @@ def record_datasets(record: CellRecord, cfg: DictConfig, cell_cfg: dict) -> None
     what = json.dumps([cell_cfg["data"], tokenizers.tokenizer_identity(cfg.model), record.params],
                       sort_keys=True, default=str)
     with not_recorded(record, "datasets"):
-        mlflow_store.log_datasets(record.client, record.run_id, cfg.data, record.datasets, what)
+        mlflow_store.log_datasets(record.journal, cfg.data, record.datasets, what)
 
 
 def record_estimate(record: CellRecord, cfg: DictConfig, cell_cfg: dict) -> None:
@@ -143,35 +138,35 @@ def record_estimate(record: CellRecord, cfg: DictConfig, cell_cfg: dict) -> None
         parts = estimate.gpu_peak_mib(cell_cfg, lengths, cfg.cache_dir)
     if parts is None:
         return
-    record.log({("estimate_gpu_mib" if name == "total" else f"estimate_{name}_mib"): value
-                for name, value in parts.items()})
-    record.log.flush()
+    record.journal.metrics({("estimate_gpu_mib" if name == "total" else f"estimate_{name}_mib"):
+                            value for name, value in parts.items()}, 0, _now_ms())
 
 
 def record_memory(record: CellRecord, scratch: Path, sampler_cfg, title: str,
                   outcome: Outcome | None) -> Outcome | None:
     """Peaks as metrics, the series as gpu_mib / cpu_mib, the trace as csv and png artifacts;
     `outcome`, with the last sample in an oom's reason. A failure here leaves it as it is."""
-    client, run_id = record.client, record.run_id
+    journal = record.journal
     trace = None
     with not_recorded(record, "memory_trace"):
         trace = traces.read_trace(scratch / "sampler.csv", record.phases)
-        log = record.log
-        log(traces.peaks(trace))
+        journal.metrics(traces.peaks(trace), 0, _now_ms())
         names = ["cpu_mib"] + (["gpu_mib"] if trace.attrs["gpu_source"] else [])
-        for row in traces.downsample(trace, sampler_cfg.metric_max_points).itertuples():
-            log({name: getattr(row, name) for name in names}, step=int(row.time_s * 1000),
-                timestamp_ms=int(row.time * 1000))
-        log.flush()
+        journal.series([[name, getattr(row, name), int(row.time * 1000), int(row.time_s * 1000)]
+                        for row in traces.downsample(trace, sampler_cfg.metric_max_points)
+                        .itertuples() for name in names])
         if trace.attrs["gpu_source"]:
-            client.set_tag(run_id, "gpu_memory_source",
-                           traces.GPU_SOURCES[trace.attrs["gpu_source"]])
+            journal.set_tag("gpu_memory_source", traces.GPU_SOURCES[trace.attrs["gpu_source"]])
         csv_path, png_path = scratch / "memory_trace.csv", scratch / "memory_trace.png"
         traces.downsample(trace, sampler_cfg.csv_max_rows).drop(columns="time").to_csv(
             csv_path, index=False, float_format="%.3f")
         traces.plot(trace, png_path, title)
-        client.log_artifact(run_id, str(csv_path))
-        client.log_artifact(run_id, str(png_path))
+        journal.artifact(csv_path)
+        journal.artifact(png_path)
         if outcome is not None and outcome.status == "oom":
             outcome = replace(outcome, reason=f"{outcome.reason}; {traces.last_sample(trace)}")
     return outcome
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,6 +1,8 @@
-"""The runner: takes a cell's checks (made once, harness/run/checks.py), owns its MLflow run and
-its memory sampler, runs the cell in a fresh process, and records how it ended. A crash, a kill
-or an out-of-memory in the cell cannot take the sweep, or any other cell's result, down with it.
+"""The runner: takes a cell's checks (made once, harness/run/checks.py), claims the cell's MLflow
+run (harness/tracking/claims.py), owns it and the cell's memory sampler, runs the cell in a fresh
+process, and records how it ended, through the run's journal (harness/tracking/journal.py). A
+crash, a kill or an out-of-memory in the cell cannot take the sweep, or any other cell's result,
+down with it; nor can a tracking store that stops answering.
 """
 
 import os
@@ -8,12 +10,12 @@ import platform
 import signal
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from mlflow.entities import RunTag
 from omegaconf import DictConfig, OmegaConf
 
 from harness.cell import entry
@@ -33,15 +35,21 @@ from harness.run.record import (
     tag_oom_limit,
 )
 from harness.strategy import nodes
-from harness.tracking import mlflow_store, runs
+from harness.tracking import claims, mlflow_store, runs
+from harness.tracking.journal import Journal
+
+# The runner's own retries (the journal's) replace most of MLflow's: its defaults (7 retries,
+# backoff factor 2) hold a write for about 6.5 minutes before it fails.
+MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def run(cfg: DictConfig, checked: checks.Checked | None = None) -> str:
     """Run one validated cell (python -m harness validates before torch loads; a sweep's plan
     validates every cell) and return its status: ok, oom, diverged, skipped, failed, duplicate (a
     grid point of the sweep that another one runs); killed by Ctrl-C or a signal, which is raised
-    on. `checked`: what the checks before it found (harness/run/checks.py), where a sweep made
-    them; else they are made here."""
+    on; elsewhere: another runner has claimed the cell. `checked`: what the checks before it
+    found (harness/run/checks.py), where a sweep made them; else they are made here."""
     cell_cfg = identity.cell_config(cfg)
     name = identity.run_name(cell_cfg)
     if cfg.strategy.nnodes > 1 and nodes.node_rank(cfg.strategy) > 0:
@@ -50,7 +58,10 @@ def run(cfg: DictConfig, checked: checks.Checked | None = None) -> str:
                                        torch.cuda.is_available())
     if checked.reason and not _in_sweep():
         raise ConfigError(checked.reason)
+    for variable, value in MLFLOW_HTTP.items():
+        os.environ.setdefault(variable, value)
     client, experiment_id = mlflow_store.connect(cfg.tracking)
+    claims.close_stale(client, experiment_id, cfg.runner.stale_after_s, checked.fingerprint)
     done = checked.done
     if not checked.store_asked and not cfg.force:
         done = checks.done(runs.finished_run(client, experiment_id, checked.fingerprint,
@@ -67,20 +78,36 @@ def run(cfg: DictConfig, checked: checks.Checked | None = None) -> str:
     resolved = OmegaConf.to_yaml(
         {**cell_cfg, **{group: cfg[group] for group in OTHER_GROUPS}},
         resolve=True)
-    run_id = mlflow_store.start_run(client, experiment_id, name,
-                                    identity.flat_params(cell_cfg, cfg),
-                                    {"cell": checked.fingerprint, "status": "running"}, resolved)
+    run_id, holder = claims.claim(
+        client, experiment_id, name, checked.fingerprint, identity.flat_params(cell_cfg, cfg),
+        resolved, tracking_uri=cfg.tracking.uri, settle_s=cfg.runner.claim_settle_s,
+        force=cfg.force, limits=traces.limits(cfg.runner))
+    if run_id is None:
+        print(f"[harness] {name}: {holder} (cell {checked.fingerprint}); not run here")
+        return "elsewhere"
+    journal = Journal(Path(cfg.tracking.journal_dir) / run_id, client, run_id,
+                      experiment_id).start()
     if checked.reason:
         print(f"[harness] {name}: skipped: {checked.reason}")
-        mlflow_store.end_run(client, run_id, "skipped", checked.reason)
+        mlflow_store.end_run(journal, "skipped", checked.reason)
+        _deliver(journal, cfg, name)
         return "skipped"
 
-    record = CellRecord(client, run_id)
-    outcome = _run_and_close(cfg, cell_cfg, name, experiment_id, record)
+    outcome = _run_and_close(cfg, cell_cfg, name, experiment_id, CellRecord(journal))
     print(f"[harness] {name}: {outcome}")
-    if not _in_sweep():  # a sweep ends with its summary instead
+    if not _in_sweep() and not journal.pending():  # a sweep ends with its summary instead
         print(_headline(client.get_run(run_id), cfg.tracking))
     return outcome.status
+
+
+def _deliver(journal: Journal, cfg: DictConfig, name: str) -> None:
+    """Wait up to tracking.deliver_wait_s for the journal to reach the store; say where what it
+    could not deliver is, and how to deliver it later."""
+    left = journal.close(cfg.tracking.deliver_wait_s)
+    if left:
+        print(f"[harness] {name}: {left} journal entries of run {journal.run_id} not delivered "
+              f"to {cfg.tracking.uri} (it does not answer); they are kept in {journal.folder}: "
+              "`make sync` delivers them once it answers")
 
 
 def _run_and_close(cfg: DictConfig, cell_cfg: dict, name: str, experiment_id: str,
@@ -106,11 +133,11 @@ def _run_and_close(cfg: DictConfig, cell_cfg: dict, name: str, experiment_id: st
                                             f"{type(error).__name__}: {error}")
             raise
         finally:
-            record.log.flush()
             outcome = outcome or Outcome("failed", "the runner was interrupted")
             if outcome.status == "oom":  # out of memory here; elsewhere it may fit
                 tag_oom_limit(record, cfg, outcome)
-            mlflow_store.end_run(record.client, record.run_id, outcome.status, outcome.reason)
+            mlflow_store.end_run(record.journal, outcome.status, outcome.reason)
+            _deliver(record.journal, cfg, name)
             if isinstance(stopped, stops.Stopped):  # now whoever handled the signal before
                 stopped.pass_on()
     return outcome
@@ -120,22 +147,21 @@ def _run_on_a_gpu(cfg: DictConfig, cell_cfg: dict, name: str, experiment_id: str
                   record: CellRecord) -> Outcome:
     """Claim a GPU (where there are any), run the cell in a scratch folder, and record its
     adapter, memory trace and datasets; how the cell ended."""
-    client, run_id = record.client, record.run_id
+    journal = record.journal
     with (tempfile.TemporaryDirectory(prefix="harness-cell-") as folder,
           gpus.claim(gpus.candidates(cfg.runner.gpus), Path(cfg.runner.gpu_lock_dir),
                      count=cfg.strategy.nproc_per_node) as gpu):
         if gpu is not None:
-            client.set_tag(run_id, "gpu", gpu)
+            journal.set_tag("gpu", gpu)
         record.gpu = gpu
-        client.set_tag(run_id, "device", _device(gpu))
+        journal.set_tag("device", _device(gpu))
         scratch, outcome = Path(folder), None
         try:
             outcome = _run_in_process(cfg, cell_cfg, scratch, record, gpu)
             if outcome.status == "ok" and (scratch / "adapter").is_dir():
                 with not_recorded(record, "adapter_model"):
-                    mlflow_store.log_adapter_model(client, experiment_id, run_id,
-                                                   cfg.tracking.uri, scratch / "adapter",
-                                                   _adapter_model_config(cfg, cell_cfg))
+                    journal.adapter_model(experiment_id, scratch / "adapter",
+                                          _adapter_model_config(cfg, cell_cfg))
         finally:  # the memory trace so far, however the cell ended
             if (scratch / "sampler.csv").exists():
                 outcome = record_memory(record, scratch, cfg.sampler, name, outcome)
@@ -237,15 +263,16 @@ def _run_in_process(cfg: DictConfig, cell_cfg: dict, scratch: Path, record: Cell
             sampler.watch(child.pid)
             record.on_ranks = sampler.watch_ranks
         # Which process is this run, for a user (or a test) who has to find or stop it.
-        record.client.log_batch(record.run_id, tags=[RunTag("host", socket.gethostname()),
-                                                     RunTag("pid", str(child.pid))])
-        process.follow(receive, child, record)
+        record.journal.tags({"host": socket.gethostname(), "pid": str(child.pid)})
+        process.follow(receive, child, record, every_s=cfg.runner.heartbeat_s,
+                       tick=lambda: record.journal.set_tag("heartbeat", f"{time.time():.0f}"))
     finally:
         process.stop(child)  # interrupted: the cell, and its ranks, must not outlive its run
         if sampler:
             sampler_cpu_s = sampler.stop()
             if sampler_cpu_s is not None:  # what the measurement cost
-                record.log({"sampler_cpu_s": sampler_cpu_s})
+                record.journal.metrics({"sampler_cpu_s": sampler_cpu_s}, 0,
+                                       int(time.time() * 1000))
 
     phase, reported = record.phase, record.reported
     if reported is not None:

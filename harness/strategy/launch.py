@@ -80,8 +80,10 @@ def report(scratch: Path, rank: int, status: str, reason: str) -> None:
     (folder / f"rank-{rank}.json").write_text(json.dumps({"status": status, "reason": reason}))
 
 
-def die_with_launcher() -> None:
-    """Have the kernel kill this rank when its launcher (the cell process) dies."""
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies outright: a rank when its launcher
+    (the cell process) does, a cell when its runner does (or the server it forked from, which
+    ends with the runner)."""
     launcher = os.getppid()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

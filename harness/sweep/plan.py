@@ -32,7 +32,7 @@ from harness.data import encoding
 from harness.estimate import estimate
 from harness.measure import gpus, traces
 from harness.run import checks
-from harness.tracking import mlflow_store, runs
+from harness.tracking import claims, mlflow_store, runs
 
 # The terminal shows these columns of the plan (plan.csv has them all).
 SHOWN = {"#": "#", "cell": "cell", "strategy": "strategy", "gradient_checkpointing": "ckpt",
@@ -48,13 +48,16 @@ SHOWN = {"#": "#", "cell": "cell", "strategy": "strategy", "gradient_checkpointi
 def check(jobs: list[DictConfig], create_experiment: bool = True) -> list[checks.Checked]:
     """Validate every job (ConfigError naming it, before anything runs) and find, for each, why
     its combination cannot run, the run that finished its cell already (one read of the store)
-    and the grid point before it that is the same cell."""
+    and the grid point before it that is the same cell. A sweep's check (`create_experiment`)
+    first closes the runs its experiment has left RUNNING by runners that are gone."""
     for number, job in enumerate(jobs, start=1):
         try:
             validation.validate(job)
         except ConfigError as error:
             raise ConfigError(f"cell {number} ({' '.join(job.hydra.overrides.task)}): {error}")
     client, experiment_id = mlflow_store.connect(jobs[0].tracking, create=create_experiment)
+    if create_experiment:
+        claims.close_stale(client, experiment_id, jobs[0].runner.stale_after_s)
     stored = runs.of_experiment(client, experiment_id)
     checked, first = [], {}
     for number, job in enumerate(jobs, start=1):

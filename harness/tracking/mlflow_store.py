@@ -1,11 +1,14 @@
 """MLflow's write side: one run per cell, named as the contract of docs/design.md says (params,
 metrics, tags, artifacts); the read side is harness/tracking/runs.py.
 
-The runner alone writes to MLflow: it creates the run, writes the metrics, tags and artifacts the
-cell process sends it as they arrive (so nothing finished is lost if the cell dies later), adds
-the memory the sampler saw, and closes the run with the outcome.
+The runner alone writes to MLflow: it claims the cell's run (harness/tracking/claims.py), writes
+the metrics, tags and artifacts the cell process sends it as they arrive (so nothing finished is
+lost if the cell dies later), adds the memory the sampler saw, and closes the run with the
+outcome; everything after the claim goes through the run's journal (harness/tracking/journal.py),
+so that nothing is lost when the store does not answer.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -18,7 +21,7 @@ import requests
 from mlflow import MlflowClient
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from harness.core.errors import ConfigError
@@ -39,21 +42,33 @@ def connect(tracking_cfg, create: bool = True) -> tuple[MlflowClient | None, str
     store = Path(tracking_cfg.uri.removeprefix("sqlite:///"))
     if not create and tracking_cfg.uri.startswith("sqlite:///") and not store.exists():
         return None, None  # no store yet: nothing in it, and nothing to create
-    client = MlflowClient(tracking_cfg.uri)
-    if tracking_cfg.uri.startswith("sqlite:///"):
-        # Parallel workers opening a new store at once would each create its tables and collide:
-        # the first creates them under a lock, the others find them.
-        with open(tracking_cfg.uri.removeprefix("sqlite:///") + ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            client.search_experiments(max_results=1)
-    experiment = client.get_experiment_by_name(tracking_cfg.experiment)
-    if experiment is not None:
-        return client, experiment.experiment_id
-    if not create:
-        return client, None
-    return client, client.create_experiment(tracking_cfg.experiment,
-                                            artifact_location=tracking_cfg.artifact_location,
-                                            tags=EXPERIMENT_TAGS)
+    # Two sweeps opening a new store at once would each create its tables and collide: the
+    # first creates them under the lock, the other finds them; likewise the experiment.
+    with store_lock(tracking_cfg.uri):
+        client = MlflowClient(tracking_cfg.uri)
+        client.search_experiments(max_results=1)
+        experiment = client.get_experiment_by_name(tracking_cfg.experiment)
+        if experiment is not None:
+            return client, experiment.experiment_id
+        if not create:
+            return client, None
+        return client, client.create_experiment(tracking_cfg.experiment,
+                                                artifact_location=tracking_cfg.artifact_location,
+                                                tags=EXPERIMENT_TAGS)
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """The block alone among the processes of this machine using the sqlite store `uri` (a lock
+    file beside it); a no-op for a server, which has transactions of its own."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def check_server(uri: str, timeout_s: float = 5.0) -> None:
@@ -77,16 +92,30 @@ def start_run(client: MlflowClient, experiment_id: str, name: str, params: dict,
     return run_id
 
 
-def end_run(client: MlflowClient, run_id: str, status: str, reason: str = "") -> None:
-    """Record the outcome and close the run: never left RUNNING. A run that did not end ok says
-    why in its description, which the MLflow UI shows on the run's page and in the runs table's
-    Description column (plain text: the table does not render markdown)."""
-    client.set_tag(run_id, "status", status)
+def end_run(journal, status: str, reason: str = "") -> None:
+    """Record the outcome and close the run (through its journal): never left RUNNING."""
+    journal.tags(outcome_tags(status, reason))
+    journal.end(RUN_STATUS[status])
+
+
+def close(client: MlflowClient, run_id: str, status: str, reason: str,
+          end_time_ms: int | None = None) -> None:
+    """end_run() straight into the store, for a run whose runner is gone."""
+    client.log_batch(run_id, tags=[RunTag(key, value)
+                                   for key, value in outcome_tags(status, reason).items()])
+    client.set_terminated(run_id, RUN_STATUS[status], end_time_ms)
+
+
+def outcome_tags(status: str, reason: str) -> dict:
+    """status and status_reason; a run that did not end ok says why in its description too,
+    which the MLflow UI shows on the run's page and in the runs table's Description column
+    (plain text: the table does not render markdown)."""
+    tags = {"status": status}
     if reason:
-        client.set_tag(run_id, "status_reason", reason[:5000])
+        tags["status_reason"] = reason[:5000]
     if status != "ok":
-        client.set_tag(run_id, "mlflow.note.content", status + (f": {reason}" if reason else ""))
-    client.set_terminated(run_id, RUN_STATUS[status])
+        tags["mlflow.note.content"] = status + (f": {reason}" if reason else "")
+    return tags
 
 
 # What the adapter's MLflow model needs installed, at the versions that made it (and mlflow, by
@@ -117,18 +146,26 @@ def log_adapter_model(client: MlflowClient, experiment_id: str, run_id: str,
 CONTEXTS = {"train": "training", "validation": "validation", "test": "testing"}
 
 
-def log_datasets(client: MlflowClient, run_id: str, data_cfg, rows: dict, identity: str) -> None:
+def log_datasets(journal, data_cfg, rows: dict, identity: str) -> None:
     """The splits the cell used as the run's dataset inputs (the UI's Dataset column): name,
     source, a digest of what they hold (`identity`: the data config, tokenizer and cuts), rows."""
     inputs = []
     for split, count in rows.items():
         source_type, source = _dataset_source(data_cfg, split)
-        digest = hashlib.sha256(f"{identity}|{split}|{count}".encode()).hexdigest()[:8]
-        dataset = Dataset(name=f"{data_cfg.name}-{split}", digest=digest,
-                          source_type=source_type, source=source,
-                          profile=json.dumps({"num_rows": count}))
-        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context",
-                                                           CONTEXTS[split])]))
+        inputs.append({"name": f"{data_cfg.name}-{split}", "source_type": source_type,
+                       "digest": hashlib.sha256(f"{identity}|{split}|{count}".encode())
+                       .hexdigest()[:8], "source": source,
+                       "profile": json.dumps({"num_rows": count}), "context": CONTEXTS[split]})
+    journal.inputs(inputs)
+
+
+def log_inputs(client: MlflowClient, run_id: str, datasets: list[dict]) -> None:
+    """Dataset inputs, as log_datasets() described them, into the run."""
+    inputs = [DatasetInput(Dataset(name=found["name"], digest=found["digest"],
+                                   source_type=found["source_type"], source=found["source"],
+                                   profile=found["profile"]),
+                           tags=[InputTag("mlflow.data.context", found["context"])])
+              for found in datasets]
     for attempt in range(3):
         try:
             client.log_inputs(run_id, datasets=inputs)
@@ -154,29 +191,3 @@ def _dataset_source(data_cfg, split: str) -> tuple[str, str]:
     generated = CodeDatasetSource(tags={"generator": f"harness data={data_cfg.name}",
                                         "seed": str(data_cfg.seed)})
     return generated._get_source_type(), generated.to_json()
-
-
-class MetricLogger:
-    """Buffers metrics and writes them in batches (one sqlite transaction per flush), at least
-    every flush_every_s seconds, so that the UI follows a long run."""
-
-    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 200,
-                 flush_every_s: float = 10.0):
-        self.client, self.run_id = client, run_id
-        self.flush_every, self.flush_every_s = flush_every, flush_every_s
-        self.pending = []
-        self.last_flush = time.monotonic()
-
-    def __call__(self, metrics: dict, step: int = 0, timestamp_ms: int | None = None) -> None:
-        now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
-        self.pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        if (len(self.pending) >= self.flush_every
-                or time.monotonic() - self.last_flush >= self.flush_every_s):
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            # log_batch splits into requests of the sizes the store accepts.
-            self.client.log_batch(self.run_id, metrics=self.pending)
-        self.pending = []
-        self.last_flush = time.monotonic()

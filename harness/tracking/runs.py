@@ -32,12 +32,14 @@ def experiment_id(client: MlflowClient, experiment: str) -> str:
     return found.experiment_id
 
 
-def of_experiment(client: MlflowClient, experiment_id: str | None) -> pd.DataFrame:
-    """Every run of the experiment (none for None), oldest first."""
+def of_experiment(client: MlflowClient, experiment_id: str | None,
+                  filter_string: str = "") -> pd.DataFrame:
+    """Every run of the experiment (none for None; those `filter_string` selects), oldest
+    first."""
     if experiment_id is None:
-        return pd.DataFrame(columns=["run_id", "start_time"])
+        return pd.DataFrame(columns=["run_id", "start_time", "status"])
     mlflow.set_tracking_uri(client.tracking_uri)  # search_runs reads through MLflow's fluent API
-    runs = mlflow.search_runs([experiment_id], output_format="pandas")
+    runs = mlflow.search_runs([experiment_id], filter_string, output_format="pandas")
     return runs.sort_values(["start_time", "run_id"]).reset_index(drop=True) if len(runs) else runs
 
 

@@ -1,0 +1,314 @@
+"""The fault suite: nothing lost, nobody let in, against real processes. A runner killed outright,
+a tracking server that goes away mid-cell, two sweeps of one experiment at once (sqlite and
+PostgreSQL), and the journal replayed later. Each test records what it checked and its figures
+(`fault_figures`); `make faults` runs this file and writes them into reports/faults.md."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from harness.tracking import claims, journal, mlflow_store, runs
+from tests.conftest import (
+    REPO,
+    folder_store_overrides,
+    free_port,
+    mlflow_serving,
+    wait_until_training,
+)
+
+QUICK = ["model=t5-tiny", "method=lora", "eval.max_samples=4"]
+
+
+@pytest.fixture
+def fault_figures(request):
+    """What the test checked and measured, for reports/faults.md (HARNESS_FAULTS_OUT: the json
+    lines file `make faults` collects them in)."""
+    found = {}
+    yield found
+    out = os.environ.get("HARNESS_FAULTS_OUT")
+    if out and found:
+        with open(out, "a") as file:
+            file.write(json.dumps({"test": request.node.name, **found}) + "\n")
+
+
+def _harness(tmp_path, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _experiment_runs(client, name) -> list:
+    found = client.get_experiment_by_name(name)
+    return [] if found is None else client.search_runs([found.experiment_id])
+
+
+def _exactly_once(client, run, name: str) -> tuple[int, int]:
+    """(points of metric `name`, distinct steps among them) in the run."""
+    history = client.get_metric_history(run.info.run_id, name)
+    return len(history), len({point.step for point in history})
+
+
+@pytest.mark.slow
+def test_a_runner_killed_outright_leaves_no_process_and_its_run_is_closed(tmp_path,
+                                                                          fault_figures):
+    store = folder_store_overrides(tmp_path, "vanished")
+    cell = [*QUICK, "train.max_steps=150"]
+    runner = _harness(tmp_path, *cell, *store)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        training = wait_until_training(client, "vanished", runner, seed=42)
+        started = psutil.Process(runner.pid).children(recursive=True)
+        assert int(training.data.tags["pid"]) in {process.pid for process in started}
+        killed_at = time.monotonic()
+        os.kill(runner.pid, signal.SIGKILL)  # as the OOM killer, or a node's reboot, does
+        runner.wait(timeout=30)
+        _, survivors = psutil.wait_procs(started, timeout=20)
+        ended_s = time.monotonic() - killed_at
+    finally:
+        runner.kill()
+    assert survivors == [], [process.cmdline() for process in survivors]
+    assert client.get_run(training.info.run_id).info.status == "RUNNING"  # nobody closed it
+
+    # The next sweep in the experiment closes it, and runs its cell again.
+    rerun = subprocess.run([sys.executable, "-m", "harness", "-m", *cell, *store], cwd=REPO,
+                           text=True, capture_output=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"closed run {training.info.run_id}" in rerun.stdout
+    assert "1 to run, 0 to skip, 0 done already" in rerun.stdout
+    stale = client.get_run(training.info.run_id)
+    assert (stale.data.tags["status"], stale.info.status) == ("killed", "KILLED")
+    reason = stale.data.tags["status_reason"]
+    assert reason.startswith(f"runner vanished: runner (pid {runner.pid} on ") and \
+        "is not running (last seen " in reason
+    assert stale.info.end_time <= int(time.time() * 1000)
+    every = _experiment_runs(client, "vanished")
+    assert sorted(run.data.tags["status"] for run in every) == ["killed", "ok"]
+    assert all(run.info.status != "RUNNING" for run in every)
+    fault_figures.update(
+        fault="runner SIGKILL mid-training (CPU cell)",
+        checked="the cell, the sampler and the cells' server end on their own; the next sweep "
+                "closes the run KILLED (runner vanished) and runs the cell again",
+        processes_started=len(started), survivors=len(survivors),
+        seconds_until_all_ended=round(ended_s, 1), runs_started=2,
+        runs_left_running=sum(run.info.status == "RUNNING" for run in every), lost=0)
+
+
+def test_runs_whose_runner_is_gone_are_closed_and_live_ones_kept(store, fault_figures):
+    client, experiment_id = mlflow_store.connect(_tracking(store, "stale"))
+    here = claims.runner_tags()
+    now = time.time()
+    cases = {  # name: (tags, closed?)
+        "this runner": ({**here}, False),
+        "a pid reused by another process": ({**here, "runner_started": "1000.00"}, True),
+        "a process that is gone": ({**here, "runner_pid": str(_a_pid_that_is_gone())}, True),
+        "another host, heartbeat fresh": ({"runner_host": "node-7", "runner_pid": "1",
+                                           "heartbeat": f"{now - 30:.0f}"}, False),
+        "another host, silent": ({"runner_host": "node-7", "runner_pid": "1",
+                                  "heartbeat": f"{now - 900:.0f}"}, True),
+    }
+    made = {name: client.create_run(experiment_id, run_name=name, tags={"cell": "c",
+                                                                         **tags}).info.run_id
+            for name, (tags, _) in cases.items()}
+    closed = claims.close_stale(client, experiment_id, stale_after_s=600)
+    assert set(closed) == {made[name] for name, (_, stale) in cases.items() if stale}
+    for name, (_, stale) in cases.items():
+        run = client.get_run(made[name])
+        assert run.info.status == ("KILLED" if stale else "RUNNING"), name
+        if stale:
+            assert run.data.tags["status"] == "killed"
+            assert run.data.tags["status_reason"].startswith("runner vanished: ")
+    silent = client.get_run(made["another host, silent"])
+    assert "sent no heartbeat for 9" in silent.data.tags["status_reason"]
+    # Closed as of when it was last seen.
+    assert silent.info.end_time == int(cases["another host, silent"][0]["heartbeat"]) * 1000
+    assert "the pid is another process's now" in client.get_run(
+        made["a pid reused by another process"]).data.tags["status_reason"]
+    fault_figures.update(fault="stale runs (same host and another host)",
+                         checked="closed: a gone or reused pid here, a silent heartbeat "
+                                 "elsewhere; kept: a live runner, a fresh heartbeat",
+                         runs=len(cases), closed=len(closed), wrongly_closed=0)
+
+
+def _a_pid_that_is_gone() -> int:
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    return ended.pid
+
+
+def _tracking(store, experiment: str):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"uri": store["uri"], "experiment": experiment,
+                             "artifact_location": f"{store['artifacts']}/{experiment}"})
+
+
+def test_two_runners_claiming_one_cell_at_once_leave_one_run(store, fault_figures):
+    client, experiment_id = mlflow_store.connect(_tracking(store, "claims"))
+    results, start = [], threading.Barrier(4)
+
+    def claim():
+        start.wait()
+        results.append(claims.claim(client, experiment_id, "cell", "f00d", {}, "", limits={},
+                                    tracking_uri=store["uri"], settle_s=0, force=False))
+
+    racing = [threading.Thread(target=claim) for _ in range(4)]
+    for thread in racing:
+        thread.start()
+    for thread in racing:
+        thread.join()
+    won = [run_id for run_id, _ in results if run_id is not None]
+    assert len(won) == 1
+    assert {holder for _, holder in results if holder} == {
+        f"running in run {won[0]} on {claims.runner_tags()['runner_host']}"}
+    cell_runs = runs.of_experiment(client, experiment_id, "tags.cell = 'f00d'")
+    assert list(cell_runs.run_id) == won  # the claims that lost left no run
+    fault_figures.update(fault="four claims of one cell at once (threads, sqlite)",
+                         checked="one claim wins, the others name its run and leave none",
+                         claims=4, runs=len(cell_runs), winners=len(won))
+
+
+def test_a_journal_left_by_a_store_that_did_not_answer_is_synced_once(store, tmp_path,
+                                                                      fault_figures):
+    # A run whose store went away: its journal keeps what it could not deliver.
+    client, experiment_id = mlflow_store.connect(_tracking(store, "journaled"))
+    run_id = client.create_run(experiment_id, run_name="cell").info.run_id
+    away = MlflowClient(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    folder = tmp_path / "journal" / run_id
+    written = journal.Journal(folder, away, run_id, experiment_id)
+    (tmp_path / "predictions.csv").write_text("dialogue,summary\na,b\n")
+    for step in range(1, 301):
+        written.metrics({"train_loss": 1 / step, "lr": 0.1}, step, 1_700_000_000_000 + step)
+    written.params({"data.source_length_resolved": 512})
+    written.artifact(tmp_path / "predictions.csv")
+    written.text("a: 1\n", "config.yaml")
+    written.tags({"status": "ok"})
+    written.end("FINISHED")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        assert written.start().close(wait_s=2) == 305  # nothing delivered; all kept
+    finally:
+        del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    assert journal.pending(tmp_path / "journal") == [folder]
+
+    # `python -m harness.sync` into the store, then the same replay again from a copy made
+    # before it (a sync that died before it recorded what it delivered): nothing twice.
+    kept = shutil.copytree(folder, tmp_path / "kept")
+    for attempt in range(2):
+        synced = subprocess.run([sys.executable, "-m", "harness.sync", "--journal-dir",
+                                 str(tmp_path / "journal"), "--tracking-uri", store["uri"]],
+                                cwd=REPO, text=True, capture_output=True, timeout=300)
+        assert synced.returncode == 0, synced.stderr[-3000:]
+        assert f"run {run_id}: 305 journal entries delivered" in synced.stdout
+        assert not folder.exists()  # delivered, removed
+        if attempt == 0:
+            shutil.copytree(kept, folder)
+    run = client.get_run(run_id)
+    assert _exactly_once(client, run, "train_loss") == (300, 300)
+    assert len(client.get_metric_history(run_id, "lr")) == 300
+    assert run.data.params["data.source_length_resolved"] == "512"
+    assert {artifact.path for artifact in client.list_artifacts(run_id)} == {
+        "predictions.csv", "config.yaml"}
+    assert (run.info.status, run.data.tags["status"]) == ("FINISHED", "ok")
+    again = subprocess.run([sys.executable, "-m", "harness.sync", "--journal-dir",
+                            str(tmp_path / "journal")], cwd=REPO, text=True,
+                           capture_output=True, timeout=120)
+    assert "nothing to deliver" in again.stdout
+    fault_figures.update(fault="store away until the run ended; `make sync` later, twice",
+                         checked="every entry delivered once, the second replay writes nothing",
+                         entries=305, metric_steps_expected=300,
+                         metric_steps_found=_exactly_once(client, run, "train_loss")[0], lost=0)
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_goes_away_mid_cell_loses_nothing(tmp_path, fault_figures):
+    port, backend = free_port(), f"sqlite:///{tmp_path}/server.db"
+    serve = ("server", backend, tmp_path / "server.log", "--artifacts-destination",
+             str(tmp_path / "served"), "--workers", "1")
+    steps = 300
+    with mlflow_serving(*serve, port=port) as address:
+        runner = _harness(tmp_path, *QUICK, f"train.max_steps={steps}", "tracking=server",
+                          f"tracking.uri={address}", "tracking.experiment=outage",
+                          f"tracking.journal_dir={tmp_path}/journal", f"cache_dir={tmp_path}/c")
+        client = MlflowClient(address)
+        training = wait_until_training(client, "outage", runner, seed=42)
+    went_away = time.monotonic()  # the server is stopped here; the cell trains on
+    time.sleep(10)
+    assert runner.poll() is None
+    with mlflow_serving(*serve, port=port):
+        back_after_s = time.monotonic() - went_away
+        output, _ = runner.communicate(timeout=600)
+    assert runner.returncode == 0, output[-3000:]
+    assert "the tracking store does not answer" in output and "answers again after" in output
+    with mlflow_serving(*serve, port=port):
+        run = client.get_run(training.info.run_id)
+        found = _exactly_once(client, run, "train_loss")
+        artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
+        models = client.search_logged_models([run.info.experiment_id])
+    assert found == (steps, steps)
+    assert (run.info.status, run.data.tags["status"]) == ("FINISHED", "ok")
+    assert {"config.yaml", "memory_trace.csv", "memory_trace.png", "predictions.csv",
+            "adapter"} <= artifacts
+    assert "rouge1" in run.data.metrics and "cpu_peak_mib" in run.data.metrics
+    assert [model.name for model in models] == ["adapter"]
+    assert not any((tmp_path / "journal").iterdir())  # all delivered
+    fault_figures.update(fault="tracking server stopped mid-cell, started again on its store",
+                         checked="the cell trains on; every step, artifact, tag and the status "
+                                 "arrive once",
+                         outage_s=round(back_after_s, 1), metric_steps_expected=steps,
+                         metric_steps_found=found[0], distinct_steps=found[1], lost=0)
+
+
+def _two_sweeps_at_once(tmp_path, *args) -> list[str]:
+    sweeps = [subprocess.Popen([sys.executable, "-m", "harness", "-m", *QUICK,
+                                "train.max_steps=5", "method.r=2,4", *args,
+                                f"hydra.sweep.dir={tmp_path}/sweep{number}"],
+                               cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT) for number in range(2)]
+    outputs = [sweep.communicate(timeout=600)[0] for sweep in sweeps]
+    for sweep, output in zip(sweeps, outputs):
+        assert sweep.returncode == 0, output[-3000:]
+    return outputs
+
+
+def _one_run_per_cell(client, experiment: str, outputs: list[str]) -> dict:
+    every = _experiment_runs(client, experiment)
+    cells = [run.data.tags["cell"] for run in every]
+    assert len(cells) == 2 and len(set(cells)) == 2, cells  # each cell once
+    assert {run.data.tags["status"] for run in every} == {"ok"}
+    # A cell the other sweep has: claimed by it and running, or finished by it already.
+    elsewhere = sum(output.count(": running in run ") + output.count(": already ok in run ")
+                    for output in outputs)
+    return {"sweeps": 2, "cells": 2, "runs": len(every), "left_to_the_other_sweep": elsewhere}
+
+
+@pytest.mark.slow
+def test_two_sweeps_started_together_on_a_new_sqlite_store_run_each_cell_once(tmp_path,
+                                                                            fault_figures):
+    outputs = _two_sweeps_at_once(tmp_path, *folder_store_overrides(tmp_path, "together"))
+    found = _one_run_per_cell(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"), "together",
+                              outputs)
+    assert found["left_to_the_other_sweep"] == 2, outputs
+    fault_figures.update(fault="two identical sweeps started together on a new sqlite store",
+                         checked="each cell runs once; the other sweep names the run that has "
+                                 "it", **found)
+
+
+@pytest.mark.slow
+def test_two_sweeps_started_together_on_a_server_run_each_cell_once(mlflow_server, tmp_path,
+                                                                    fault_figures):
+    outputs = _two_sweeps_at_once(tmp_path, "tracking=server", f"tracking.uri={mlflow_server}",
+                                  "tracking.experiment=together", f"cache_dir={tmp_path}/c")
+    found = _one_run_per_cell(MlflowClient(mlflow_server), "together", outputs)
+    assert found["left_to_the_other_sweep"] == 2, outputs
+    fault_figures.update(fault="two identical sweeps started together on a server "
+                               "(PostgreSQL)",
+                         checked="each cell runs once; the other sweep names the run that has "
+                                 "it", **found)
