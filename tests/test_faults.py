@@ -312,3 +312,46 @@ def test_two_sweeps_started_together_on_a_server_run_each_cell_once(mlflow_serve
                                "(PostgreSQL)",
                          checked="each cell runs once; the other sweep names the run that has "
                                  "it", **found)
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_server_stays_away_names_the_run_and_sync_delivers_it(tmp_path,
+                                                                          fault_figures):
+    port, backend = free_port(), f"sqlite:///{tmp_path}/server.db"
+    serve = ("server", backend, tmp_path / "server.log", "--artifacts-destination",
+             str(tmp_path / "served"), "--workers", "1")
+    steps, journals = 60, tmp_path / "journal"
+    with mlflow_serving(*serve, port=port) as address:
+        sweep = subprocess.Popen(
+            [sys.executable, "-m", "harness", "-m", *QUICK, f"train.max_steps={steps}",
+             "tracking=server", f"tracking.uri={address}", "tracking.experiment=away",
+             f"tracking.journal_dir={journals}", "tracking.deliver_wait_s=3",
+             f"cache_dir={tmp_path}/c", f"hydra.sweep.dir={tmp_path}/sweep"],
+            cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        client = MlflowClient(address)
+        training = wait_until_training(client, "away", sweep, seed=42)
+    output, _ = sweep.communicate(timeout=600)  # the server stays away until the sweep ends
+    assert sweep.returncode == 0, output[-3000:]
+    run_id = training.info.run_id
+    assert f"not delivered to {address} (it does not answer)" in output
+    assert f"[harness] not delivered yet: run {run_id}: " in output
+    assert "`make sync`" in output
+    with mlflow_serving(*serve, port=port):
+        synced = subprocess.run([sys.executable, "-m", "harness.sync", "--journal-dir",
+                                 str(journals)], cwd=REPO, text=True, capture_output=True,
+                                timeout=300)
+        assert synced.returncode == 0, synced.stdout[-3000:] + synced.stderr[-3000:]
+        assert f"run {run_id}: " in synced.stdout and "journal entries delivered" in synced.stdout
+        run = client.get_run(run_id)
+        found = _exactly_once(client, run, "train_loss")
+        artifacts = {artifact.path for artifact in client.list_artifacts(run_id)}
+    assert found == (steps, steps)
+    assert (run.info.status, run.data.tags["status"]) == ("FINISHED", "ok")
+    assert {"memory_trace.csv", "predictions.csv", "adapter"} <= artifacts
+    assert not journal.pending(journals)
+    fault_figures.update(fault="tracking server away from mid-cell until after the sweep; "
+                               "`make sync` later",
+                         checked="the summary names the run; sync delivers every step, "
+                                 "artifact and the status once",
+                         metric_steps_expected=steps, metric_steps_found=found[0],
+                         distinct_steps=found[1], lost=0)

@@ -138,12 +138,33 @@ class SweepProgress(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if not self.total:  # no plan was made
             return
-        table = summary(cells(config))
-        print(f"[harness] summary of {config.tracking.experiment}:")
-        print(as_text(table))
-        _save(table, config, "summary.csv")
+        undelivered = _undelivered(config)
+        try:
+            table = summary(cells(config))
+        except Exception as error:  # noqa: BLE001 - the store went away: say so, lose nothing
+            print(f"[harness] no summary of {config.tracking.experiment}: the store does not "
+                  f"answer ({type(error).__name__})")
+            table = None
+        if table is not None:
+            print(f"[harness] summary of {config.tracking.experiment}:")
+            print(as_text(table))
+            _save(table, config, "summary.csv")
+        for line in undelivered:
+            print(f"[harness] not delivered yet: {line}")
+        if undelivered:
+            print("[harness] `make sync` (python -m harness.sync) delivers them once the store "
+                  "answers")
         print(f"[harness] browse the runs: make ui; the report: make report "
               f"EXP={config.tracking.experiment}")
+
+
+def _undelivered(sweep_config: DictConfig) -> list[str]:
+    """The runs whose journal kept what the store did not take (harness/tracking/journal.py)."""
+    from harness.tracking import journal
+
+    return [f"run {journal.header(folder)['run_id']}: {journal.pending_entries(folder)} "
+            f"journal entries in {folder}"
+            for folder in journal.pending(Path(sweep_config.tracking.journal_dir))]
 
 
 def _save(table: pd.DataFrame, sweep_config: DictConfig, name: str) -> None:

@@ -328,8 +328,12 @@ def pending(journal_dir: Path) -> list[Path]:
     if not journal_dir.is_dir():
         return []
     found = [folder for folder in journal_dir.iterdir() if (folder / HEADER).exists()
-             and len(_read(folder)) > _delivered(folder) and not _writer_alive(folder)]
+             and pending_entries(folder) and not _writer_alive(folder)]
     return sorted(found, key=lambda folder: (folder / HEADER).stat().st_mtime)
+
+
+def pending_entries(folder: Path) -> int:
+    return len(_read(folder)) - _delivered(folder)
 
 
 def header(folder: Path) -> dict:
