@@ -9,6 +9,7 @@ INSTALL := $(if $(filter $(VENV)/bin/python,$(PY)),install)
 TORCH ?= torch==2.13.0
 EXP ?= demo
 PORT ?= 5000
+HOST ?= 127.0.0.1
 TRACKING_URI ?= sqlite:///mlflow.db
 # make server: a PostgreSQL database for the runs, a folder for the artifacts the server serves.
 BACKEND_STORE_URI ?= postgresql://harness:harness@127.0.0.1:5432/harness
@@ -84,12 +85,16 @@ sync: $(INSTALL)
 ui: $(INSTALL)
 	$(VENV)/bin/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT)
 
-# A tracking server on this machine's loopback only; sweeps log to it with tracking=server
-# (MLFLOW_TRACKING_URI=http://127.0.0.1:$(PORT)). Put a reverse proxy with authentication in
-# front of it before opening it to a network.
+# A shared tracking server: on this machine's loopback only (HOST=127.0.0.1, the default), or on
+# another interface (HOST=0.0.0.0, or the address colleagues and cluster nodes reach) with
+# MLflow's basic-auth app and an admin password (MLFLOW_AUTH_ADMIN_PASSWORD, else one made in
+# .harness/server/admin-password, readable by you alone); it refuses to listen beyond loopback
+# without. Sweeps log to it with tracking=server (MLFLOW_TRACKING_URI=http://host:port) and
+# authenticate with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD. ARGS go to mlflow server.
 server: $(INSTALL)
-	$(VENV)/bin/mlflow server --backend-store-uri $(BACKEND_STORE_URI) \
-		--artifacts-destination $(ARTIFACTS) --host 127.0.0.1 --port $(PORT)
+	$(PY) -m harness.server --host $(HOST) --port $(PORT) \
+		--backend-store-uri $(BACKEND_STORE_URI) --artifacts-destination $(ARTIFACTS) \
+		$(if $(ARGS),-- $(ARGS))
 
 # The lent GPU machine has no network: what it lacks travels as wheels in .whl/ (git ignores it).
 gpu-wheels: install

@@ -7,6 +7,7 @@ this module checks what Hydra cannot: values, combinations and user data.
 import difflib
 import functools
 import importlib.util
+import urllib.parse
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -229,6 +230,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.max_steps={cfg.train.max_steps}; expected null (train for "
                           "train.epochs) or a number of optimizer steps >= 0")
     _check_strategy(cfg)
+    _check_tracking(cfg)
     checks.check(cfg.data)
 
 
@@ -253,6 +255,32 @@ def _check_strategy(cfg: DictConfig) -> None:
             raise ConfigError("strategy.offload_param=true needs strategy.stage=3: only ZeRO-3 "
                               "shards the weights it would keep on the host; use strategy="
                               "zero3_offload, or strategy.offload_optimizer=true alone")
+
+
+def _check_tracking(cfg: DictConfig) -> None:
+    """The store's address, and the runner's timings of claims, heartbeats and the journal."""
+    uri = cfg.tracking.uri
+    parts = urllib.parse.urlsplit(uri)
+    if not (uri.startswith("sqlite:///") and len(uri) > len("sqlite:///")) \
+            and parts.scheme not in ("http", "https"):
+        raise ConfigError(f"tracking.uri={uri!r}; expected sqlite:///<file> (tracking=local) or "
+                          "the http(s):// address of an MLflow server (tracking=server)")
+    if parts.password is not None or parts.username is not None:
+        shown = uri.replace(parts.netloc, f"***@{parts.hostname}"
+                                          + (f":{parts.port}" if parts.port else ""))
+        raise ConfigError(f"tracking.uri={shown} has credentials inside it, which every run "
+                          "would log as a param; give the address alone and the credentials "
+                          "in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    for key in ("runner.heartbeat_s", "runner.stale_after_s"):
+        _check_positive(cfg, key)
+    if cfg.runner.stale_after_s <= 2 * cfg.runner.heartbeat_s:
+        raise ConfigError(f"runner.stale_after_s={cfg.runner.stale_after_s} is not more than "
+                          f"twice runner.heartbeat_s={cfg.runner.heartbeat_s}: live runs on other "
+                          "hosts would be closed as vanished; raise stale_after_s")
+    for key in ("runner.claim_settle_s", "tracking.deliver_wait_s"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"{key}={value!r}; expected a number of seconds >= 0")
 
 
 def _check_known_keys(cfg: DictConfig) -> None:

@@ -34,9 +34,10 @@ from harness.tracking import mlflow_store
 
 ENTRIES, DELIVERED, HEADER, FILES, CLOSED = ("journal.jsonl", "delivered", "run.json", "files",
                                               "closed")
-# MLflow's answers that no retry changes: the entry is rejected, and delivery goes on.
+# MLflow's answers that no retry changes: the entry is rejected, and delivery goes on. (Refused
+# credentials are not among them: the entries wait for the right ones, `make sync` included.)
 REJECTED = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-            "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED"}
+            "INVALID_STATE", "BAD_REQUEST"}
 BACKOFF_S = (1, 2, 4, 8, 15, 30)  # between attempts while the store does not answer
 FSYNC_EVERY_S = 1.0  # to disk itself, at most this often (a message every step costs none)
 METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch request

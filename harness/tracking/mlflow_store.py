@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import os
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -46,7 +47,19 @@ def connect(tracking_cfg, create: bool = True) -> tuple[MlflowClient | None, str
     # first creates them under the lock, the other finds them; likewise the experiment.
     with store_lock(tracking_cfg.uri):
         client = MlflowClient(tracking_cfg.uri)
-        client.search_experiments(max_results=1)
+        try:
+            client.search_experiments(max_results=1)
+        except MlflowException as error:
+            if error.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED") \
+                    or "401" in str(error) or "403" in str(error):
+                raise ConfigError(
+                    f"tracking.uri={tracking_cfg.uri} refused "
+                    + ("the credentials in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+                       if os.environ.get("MLFLOW_TRACKING_USERNAME") else "a client without "
+                       "credentials") + f" ({error.error_code}): it runs with authentication; "
+                    "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account "
+                    "of the server's (its admin can create one)") from None
+            raise
         experiment = client.get_experiment_by_name(tracking_cfg.experiment)
         if experiment is not None:
             return client, experiment.experiment_id
