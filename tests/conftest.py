@@ -1,5 +1,6 @@
 """Shared test helpers: real Hydra composition of conf/, and a real sqlite MLflow store."""
 
+import json
 import os
 import socket
 import subprocess
@@ -146,6 +147,18 @@ def mlflow_server(postgres_database, tmp_path):
                         "--artifacts-destination", str(tmp_path / "served-artifacts"),
                         "--workers", "1") as address:
         yield address
+
+
+@pytest.fixture
+def fault_figures(request):
+    """What the test checked and measured, for reports/faults.md (HARNESS_FAULTS_OUT: the json
+    lines file `make faults` collects them in)."""
+    found = {}
+    yield found
+    out = os.environ.get("HARNESS_FAULTS_OUT")
+    if out and found:
+        with open(out, "a") as file:
+            file.write(json.dumps({"test": request.node.name, **found}) + "\n")
 
 
 @pytest.fixture(scope="session")

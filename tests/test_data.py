@@ -64,27 +64,7 @@ def test_local_folder_of_split_files(tmp_path):
     assert [len(splits[s]) for s in sources.SPLITS] == [30, 5, 6]
 
 
-def test_missing_column_names_the_file_and_the_column(tmp_path):
-    path = tmp_path / "no_summary.csv"
-    _rows(10).drop(columns="summary").to_csv(path, index=False)
-    with pytest.raises(ConfigError) as error:
-        checks.check(compose_cell("data=local", f"data.path={path}").data)
-    assert str(path) in str(error.value) and "missing column summary" in str(error.value)
-
-
-@pytest.mark.parametrize("content", ["", "id,dialogue,summary\n"])
-def test_empty_file_is_a_clear_error(tmp_path, content):
-    path = tmp_path / "empty.csv"
-    path.write_text(content)
-    with pytest.raises(ConfigError) as error:
-        checks.check(compose_cell("data=local", f"data.path={path}").data)
-    assert str(path) in str(error.value) and "id, dialogue, summary" in str(error.value)
-
-
-def test_folder_without_a_split_file_says_which(tmp_path):
-    _rows(5).to_csv(tmp_path / "train.csv", index=False)
-    with pytest.raises(ConfigError, match="exactly one validation file"):
-        checks.check(compose_cell("data=local", f"data.path={tmp_path}").data)
+# Broken local files are refused in tests/test_bad_inputs.py's table.
 
 
 def _samsum_like_folder(folder, sizes):

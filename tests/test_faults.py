@@ -3,7 +3,6 @@ a tracking server that goes away mid-cell, two sweeps of one experiment at once 
 PostgreSQL), and the journal replayed later. Each test records what it checked and its figures
 (`fault_figures`); `make faults` runs this file and writes them into reports/faults.md."""
 
-import json
 import os
 import shutil
 import signal
@@ -26,18 +25,6 @@ from tests.conftest import (
 )
 
 QUICK = ["model=t5-tiny", "method=lora", "eval.max_samples=4"]
-
-
-@pytest.fixture
-def fault_figures(request):
-    """What the test checked and measured, for reports/faults.md (HARNESS_FAULTS_OUT: the json
-    lines file `make faults` collects them in)."""
-    found = {}
-    yield found
-    out = os.environ.get("HARNESS_FAULTS_OUT")
-    if out and found:
-        with open(out, "a") as file:
-            file.write(json.dumps({"test": request.node.name, **found}) + "\n")
 
 
 def _harness(tmp_path, *args) -> subprocess.Popen:

@@ -2,6 +2,9 @@
 basic sweeper expands it, before anything runs.
 """
 
+from pathlib import Path
+
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
@@ -21,6 +24,7 @@ def compose_experiment(name: str, overrides: list[str]) -> list[DictConfig]:
         known = sorted(path.stem for path in EXPERIMENTS.glob("*.yaml"))
         raise ConfigError(f"no experiment {name!r}; expected one of {', '.join(known)} "
                           "(experiments/<name>.yaml)")
+    _check_yaml(EXPERIMENTS / f"{name}.yaml")
     parsed = OverridesParser.create().parse_overrides(overrides)
     fixed = [text for text, override in zip(overrides, parsed) if not override.is_sweep_override()]
     with initialize_config_dir(config_dir=str(EXPERIMENTS), version_base="1.3"):
@@ -30,6 +34,22 @@ def compose_experiment(name: str, overrides: list[str]) -> list[DictConfig]:
         with open_dict(sweep_config):
             sweep_config.hydra.overrides.task = overrides
         return cells(sweep_config)
+
+
+def _check_yaml(path: Path) -> None:
+    """ConfigError where the experiment's file is not a YAML mapping (Hydra's own error would
+    come from deep inside its config loader)."""
+    try:
+        found = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        where = getattr(error, "problem_mark", None)
+        raise ConfigError(f"{path} is not YAML ({type(error).__name__}"
+                          + (f" at line {where.line + 1}, column {where.column + 1}" if where
+                             else "") + f": {getattr(error, 'problem', None) or error}); expected "
+                          "a mapping of config keys (see experiments/demo.yaml): fix it") from None
+    if not isinstance(found, dict):
+        raise ConfigError(f"{path} holds a {type(found).__name__}, not a mapping of config keys; "
+                          "expected `defaults:` and keys as in experiments/demo.yaml: fix it")
 
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"

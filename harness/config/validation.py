@@ -7,6 +7,7 @@ this module checks what Hydra cannot: values, combinations and user data.
 import difflib
 import functools
 import importlib.util
+import tempfile
 import urllib.parse
 from pathlib import Path
 
@@ -231,7 +232,23 @@ def validate(cfg: DictConfig) -> None:
                           "train.epochs) or a number of optimizer steps >= 0")
     _check_strategy(cfg)
     _check_tracking(cfg)
+    _check_writable(cfg.cache_dir, "cache_dir", "the tokenized data, the simulated steps' "
+                    "estimates and the models' downloads")
     checks.check(cfg.data)
+
+
+def _check_writable(folder: str, key: str, holds: str) -> None:
+    """ConfigError where `folder` cannot be made, or written in, by this user."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{key}={folder} is not a folder this user can write in "
+                          f"({type(error).__name__}: {error.strerror}); it holds {holds}: "
+                          f"choose another ({key}=/path/to/a/folder) or fix its permissions"
+                          ) from None
 
 
 def _check_strategy(cfg: DictConfig) -> None:

@@ -2,6 +2,7 @@
 fixture's generator, and their rendering as id / source / target pairs.
 """
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +17,12 @@ FORMATS = {"summary": ("id", "dialogue", "summary"),  # format: the columns its 
            "classification": ()}
 PAIR = ("id", "source", "target")
 LOCAL_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
+# The columns whose texts must not be empty (an instruction's input may be).
+NEEDS_TEXT = {"summary": ("dialogue", "summary"), "instruction": ("instruction", "output")}
+# Longer texts are refused, not tokenized: about 50,000 tokens, a hundred times flan-t5's
+# 512-token cut; tokenizing and measuring them would cost minutes and their lengths would skew
+# a percentile cut.
+MAX_TEXT_CHARS = 200_000
 GENERATED = ("fixture", "instructions")  # text the harness writes itself (data/fixture.py)
 
 
@@ -91,13 +98,16 @@ def read_local(data_cfg) -> DatasetDict:
     if not path.exists():
         raise ConfigError(f"data.path={path} does not exist: expected a csv, json or parquet "
                           "file, or a folder of train / validation / test files")
-    columns = FORMATS[data_cfg.get("format", "summary")]
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"data.path={path} is not readable by this user: expected a file or "
+                          f"folder it can read; fix its permissions (chmod u+r {path})")
+    data_format = data_cfg.get("format", "summary")
     if path.is_dir():
         return DatasetDict({split: Dataset.from_pandas(
-            _read_table(_split_file(path, split), columns), preserve_index=False)
+            _read_table(_split_file(path, split), data_format), preserve_index=False)
             for split in SPLITS})
-    return _split_whole(Dataset.from_pandas(_read_table(path, columns), preserve_index=False),
-                        data_cfg.seed)
+    return _split_whole(Dataset.from_pandas(_read_table(path, data_format),
+                                            preserve_index=False), data_cfg.seed)
 
 
 def _split_whole(whole: Dataset, seed: int) -> DatasetDict:
@@ -118,7 +128,8 @@ def _split_file(folder: Path, split: str) -> Path:
     return candidates[0]
 
 
-def _read_table(path: Path, columns: tuple) -> pd.DataFrame:
+def _read_table(path: Path, data_format: str) -> pd.DataFrame:
+    columns = FORMATS[data_format]
     if path.suffix not in LOCAL_SUFFIXES:
         raise ConfigError(f"{path}: unsupported file type {path.suffix!r}; expected one of "
                           f"{', '.join(LOCAL_SUFFIXES)}")
@@ -129,6 +140,13 @@ def _read_table(path: Path, columns: tuple) -> pd.DataFrame:
             table = pd.read_parquet(path)
         else:
             table = pd.read_json(path, lines=path.suffix == ".jsonl", dtype=False)
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); "
+                          f"expected UTF-8: convert it (iconv -f <its encoding> -t UTF-8 "
+                          f"{path.name})") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({type(error).__name__}: {error.strerror}); "
+                          "expected a readable file") from None
     except (pd.errors.EmptyDataError, ValueError) as error:
         raise ConfigError(f"{path}: cannot be read as {path.suffix[1:]} ({error}); expected "
                           f"rows with columns {', '.join(columns)}") from error
@@ -141,4 +159,26 @@ def _read_table(path: Path, columns: tuple) -> pd.DataFrame:
         raise ConfigError(f"{path}: the file is empty; expected rows with columns "
                           f"{', '.join(columns)}")
     kept = dict.fromkeys(column for column in ("id", *columns) if column in table)
-    return table[list(kept)].astype(str)
+    table = table[list(kept)].astype(str)
+    _check_texts(path, table, NEEDS_TEXT.get(data_format, ()))
+    return table
+
+
+def _check_texts(path: Path, table: pd.DataFrame, needed: tuple) -> None:
+    """Refuse the first empty text in a column that needs one, and the first enormous text."""
+    for column in table.columns:
+        lengths = table[column].str.len()
+        empty = table[column].str.strip() == ""
+        if column in needed and empty.any():
+            row = int(empty.idxmax())
+            raise ConfigError(f"{path}: row {row + 1}{_row_id(table, row)} has an empty {column}; "
+                              f"expected text in every row's {column}: fill it or drop the row")
+        if (lengths > MAX_TEXT_CHARS).any():
+            row = int(lengths.idxmax())
+            raise ConfigError(f"{path}: row {row + 1}{_row_id(table, row)} has a {column} of "
+                              f"{lengths[row]:,} characters; expected at most {MAX_TEXT_CHARS:,} "
+                              "(about 50,000 tokens, far beyond any cut): shorten or drop it")
+
+
+def _row_id(table: pd.DataFrame, row: int) -> str:
+    return f" (id {table['id'].iloc[row]})" if "id" in table else ""
