@@ -1,5 +1,5 @@
 # make install | test | test-fast | bench | demo | plan EXP=name | sweep EXP=name | report EXP=name
-# | sync | ui | server | gpu-wheels | gpu-rehearsal | gpu-check
+# | sync | faults | ui | server | gpu-wheels | gpu-rehearsal | gpu-check
 PYTHON ?= python3
 VENV := .venv
 PY ?= $(VENV)/bin/python
@@ -15,7 +15,7 @@ TRACKING_URI ?= sqlite:///mlflow.db
 BACKEND_STORE_URI ?= postgresql://harness:harness@127.0.0.1:5432/harness
 ARTIFACTS ?= mlartifacts
 
-.PHONY: help install test test-fast bench demo plan sweep report sync ui server gpu-wheels \
+.PHONY: help install test test-fast bench faults demo plan sweep report sync ui server gpu-wheels \
 	gpu-rehearsal gpu-check
 
 # The first target: `make` alone prints this.
@@ -31,6 +31,7 @@ help:
 	@echo "make ui                 the MLflow UI on http://127.0.0.1:$(PORT)"
 	@echo "make server             a shared MLflow tracking server (PostgreSQL)"
 	@echo "make bench              the benchmarks, into reports/bench/"
+	@echo "make faults             the fault suite on real processes, into reports/faults.md"
 	@echo "make gpu-wheels         .whl/: the wheels the lent GPU machine lacks (docs/gpu-check.md)"
 	@echo "make gpu-rehearsal      the GPU machine's set-up rehearsed here, offline, on the CPU"
 	@echo "make gpu-check          on a CUDA GPU: reference rows, estimates, benchmarks"
@@ -55,6 +56,11 @@ test-fast: $(INSTALL)
 # Results land in reports/bench/<device>.md and .json.
 bench: $(INSTALL)
 	$(PY) bench/run.py $(ARGS)
+
+# Runners killed, a tracking server gone mid-cell, sweeps at once, bad inputs: reports/faults.md.
+# The PostgreSQL cases need a server: eval "$$(bash .ci/services.sh)" first (as CI does).
+faults: $(INSTALL)
+	$(PY) bench/faults.py $(ARGS)
 
 # The demo grid, then its tiny LLaMA cells (bf16 without master weights), into one experiment.
 # The demo's report ends with the reference table's plan: what flan-t5 needs on the study's A10G

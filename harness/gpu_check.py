@@ -50,12 +50,12 @@ from harness.sweep import plan
 from harness.tracking.runs import of_experiment
 
 EXPERIMENT = "gpu_check"
-PARTS = ("preflight", "cells", "tests", "bench")
+PARTS = ("preflight", "cells", "faults", "tests", "bench")
 # The whole check in four device calls of a few minutes each (docs/gpu-check.md): the small
 # cells first, then flan-t5-xl's, then the 7B causal cell, the GPU tests and the benchmarks, then
 # the strategies.
 CALLS = {
-    "1": ("preflight,cells", "base_full,base_lora,base_lora_lomo,base_full_adamw_8bit,"
+    "1": ("preflight,cells,faults", "base_full,base_lora,base_lora_lomo,base_full_adamw_8bit,"
                              "base_full_paged_adamw_8bit,base_full_paged_adamw_32bit,large_lora,"
                              "large_lora_lomo"),
     "2": ("preflight,cells", "xl_lora,xl_lora_fp16,xl_lora_int8,xl_lora_lomo,xl_lora_nf4"),
@@ -214,6 +214,10 @@ def run_part(part: str, out: Path, cell_overrides: list[str]) -> int:
     if part == "cells":
         return subprocess.run([sys.executable, "-m", "harness", "-cd", str(grids.EXPERIMENTS),
                                "-cn", EXPERIMENT, *cell_overrides]).returncode
+    if part == "faults":  # a runner SIGKILLed and a tracking outage, with CUDA cells
+        return subprocess.run([sys.executable, str(REPO / "bench" / "faults.py"), "--gpu",
+                               "--out", str(out), *(["--allow-cpu"] if "allow_cpu=true" in
+                                                    cell_overrides else [])]).returncode
     if part == "tests":
         with (out / "tests.txt").open("w") as log:
             return subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-rA", "-q",

@@ -14,8 +14,13 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import REPO, folder_store_overrides, free_port, run_harness
-from tests.test_isolation import _wait_until_training
+from tests.conftest import (
+    REPO,
+    folder_store_overrides,
+    free_port,
+    run_harness,
+    wait_until_training,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -83,10 +88,11 @@ def test_an_fsdp_cell_trains_on_two_ranks_and_its_run_shows_both(tmp_path):
     assert trace.loc[trace.phase == "train", "cpu_mib_rank1"].notna().all()
 
 
-def test_a_rank_killed_ends_the_cell_failed_naming_it_and_no_rank_survives(tmp_path):
+def test_a_rank_killed_ends_the_cell_failed_naming_it_and_no_rank_survives(tmp_path,
+                                                                           fault_figures):
     cell = _start(tmp_path, "killed_rank")
     try:
-        training = _wait_until_training(_client(tmp_path), "killed_rank", cell, seed=42)
+        training = wait_until_training(_client(tmp_path), "killed_rank", cell, seed=42)
         ranks = _ranks_of(training)
         ranks[1].send_signal(signal.SIGKILL)
         output, _ = cell.communicate(timeout=180)
@@ -99,12 +105,16 @@ def test_a_rank_killed_ends_the_cell_failed_naming_it_and_no_rank_survives(tmp_p
     assert re.search(r"^rank 1 (was killed by SIGKILL|ended without a result)",
                      run.data.tags["status_reason"]), run.data.tags["status_reason"]
     assert _survivors(ranks) == []
+    fault_figures.update(fault="a rank SIGKILLed mid-training (ddp, 2 ranks)",
+                         checked="the cell ends failed naming rank 1; no rank survives",
+                         processes=len(ranks), survivors=0, runs_started=1,
+                         runs_left_running=int(run.info.status == "RUNNING"), lost=0)
 
 
 def test_a_collective_waiting_past_the_timeout_ends_the_cell_failed(tmp_path):
     cell = _start(tmp_path, "hung_rank", "strategy.timeout_s=10")
     try:
-        training = _wait_until_training(_client(tmp_path), "hung_rank", cell, seed=42)
+        training = wait_until_training(_client(tmp_path), "hung_rank", cell, seed=42)
         ranks = _ranks_of(training)
         ranks[1].suspend()  # rank 0's next collective waits for it in vain
         started = time.monotonic()
@@ -118,10 +128,10 @@ def test_a_collective_waiting_past_the_timeout_ends_the_cell_failed(tmp_path):
     assert _survivors(ranks) == []
 
 
-def test_sigterm_stops_every_rank_and_closes_the_run_killed(tmp_path):
+def test_sigterm_stops_every_rank_and_closes_the_run_killed(tmp_path, fault_figures):
     cell = _start(tmp_path, "terminated")
     try:
-        training = _wait_until_training(_client(tmp_path), "terminated", cell, seed=42)
+        training = wait_until_training(_client(tmp_path), "terminated", cell, seed=42)
         ranks = _ranks_of(training)
         assert len(training.data.tags["rank_pids"].split(",")) == 2
         cell.send_signal(signal.SIGTERM)
@@ -131,6 +141,9 @@ def test_sigterm_stops_every_rank_and_closes_the_run_killed(tmp_path):
     run = _client(tmp_path).get_run(training.info.run_id)
     assert (run.data.tags["status"], run.info.status) == ("killed", "KILLED"), output[-3000:]
     assert _survivors(ranks) == []
+    fault_figures.update(fault="SIGTERM to a distributed cell's runner (ddp, 2 ranks)",
+                         checked="every rank stops; the run ends KILLED", processes=len(ranks),
+                         survivors=0, runs_started=1, runs_left_running=0, lost=0)
 
 
 def test_a_rank_out_of_memory_ends_the_cell_oom_naming_the_rank(tmp_path):

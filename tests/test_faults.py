@@ -3,6 +3,7 @@ a tracking server that goes away mid-cell, two sweeps of one experiment at once 
 PostgreSQL), and the journal replayed later. Each test records what it checked and its figures
 (`fault_figures`); `make faults` runs this file and writes them into reports/faults.md."""
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
+from harness.measure.nvml import init_nvml, visible_devices
 from harness.tracking import claims, journal, mlflow_store, runs
 from tests.conftest import (
     REPO,
@@ -62,6 +64,8 @@ def test_a_runner_killed_outright_leaves_no_process_and_its_run_is_closed(tmp_pa
     finally:
         runner.kill()
     assert survivors == [], [process.cmdline() for process in survivors]
+    holding = _holding_a_gpu({process.pid for process in started})
+    assert holding == [], f"processes of the killed runner still hold GPU memory: {holding}"
     assert client.get_run(training.info.run_id).info.status == "RUNNING"  # nobody closed it
 
     # The next sweep in the experiment closes it, and runs its cell again.
@@ -80,12 +84,27 @@ def test_a_runner_killed_outright_leaves_no_process_and_its_run_is_closed(tmp_pa
     assert sorted(run.data.tags["status"] for run in every) == ["killed", "ok"]
     assert all(run.info.status != "RUNNING" for run in every)
     fault_figures.update(
-        fault="runner SIGKILL mid-training (CPU cell)",
+        fault=f"runner SIGKILL mid-training ({_device(training)} cell)",
         checked="the cell, the sampler and the cells' server end on their own; the next sweep "
                 "closes the run KILLED (runner vanished) and runs the cell again",
         processes_started=len(started), survivors=len(survivors),
+        holding_a_gpu=len(holding),
         seconds_until_all_ended=round(ended_s, 1), runs_started=2,
         runs_left_running=sum(run.info.status == "RUNNING" for run in every), lost=0)
+
+
+def _holding_a_gpu(pids: set) -> list[int]:
+    """Which of `pids` NVML sees holding memory on any GPU (none without a driver)."""
+    nvml = init_nvml()
+    if nvml is None:
+        return []
+    return [process.pid for handle in visible_devices(nvml, None)
+            for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            if process.pid in pids]
+
+
+def _device(run) -> str:
+    return "CUDA" if "gpu" in run.data.tags else "CPU"
 
 
 def test_runs_whose_runner_is_gone_are_closed_and_live_ones_kept(store, fault_figures):
@@ -214,7 +233,14 @@ def test_a_journal_left_by_a_store_that_did_not_answer_is_synced_once(store, tmp
                          metric_steps_found=_exactly_once(client, run, "train_loss")[0], lost=0)
 
 
+# `mlflow server` needs MLflow's whole package; where only its client is (mlflow-skinny, as on
+# the lent GPU machine) there is no server to stop.
+needs_a_server = pytest.mark.skipif(importlib.util.find_spec("flask") is None,
+                                    reason="mlflow server is not installed (mlflow-skinny)")
+
+
 @pytest.mark.slow
+@needs_a_server
 def test_a_tracking_server_that_goes_away_mid_cell_loses_nothing(tmp_path, fault_figures):
     port, backend = free_port(), f"sqlite:///{tmp_path}/server.db"
     serve = ("server", backend, tmp_path / "server.log", "--artifacts-destination",
@@ -249,7 +275,8 @@ def test_a_tracking_server_that_goes_away_mid_cell_loses_nothing(tmp_path, fault
     fault_figures.update(fault="tracking server stopped mid-cell, started again on its store",
                          checked="the cell trains on; every step, artifact, tag and the status "
                                  "arrive once",
-                         outage_s=round(back_after_s, 1), metric_steps_expected=steps,
+                         device=_device(run), outage_s=round(back_after_s, 1),
+                         metric_steps_expected=steps,
                          metric_steps_found=found[0], distinct_steps=found[1], lost=0)
 
 
@@ -302,6 +329,7 @@ def test_two_sweeps_started_together_on_a_server_run_each_cell_once(mlflow_serve
 
 
 @pytest.mark.slow
+@needs_a_server
 def test_a_sweep_whose_server_stays_away_names_the_run_and_sync_delivers_it(tmp_path,
                                                                           fault_figures):
     port, backend = free_port(), f"sqlite:///{tmp_path}/server.db"

@@ -47,7 +47,8 @@ def _sweep(tmp_path, experiment, *overrides):
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_failures_inside_a_sweep_end_with_their_status_and_spare_the_others(tmp_path):
+def test_failures_inside_a_sweep_end_with_their_status_and_spare_the_others(tmp_path,
+                                                                            fault_figures):
     broken = tmp_path / "not-a-model"
     broken.mkdir()
     _write_cases(tmp_path / "conf", broken)
@@ -84,6 +85,14 @@ def test_failures_inside_a_sweep_end_with_their_status_and_spare_the_others(tmp_
     assert "train_loss" in killed.data.metrics and killed.data.metrics["cpu_train_peak_mib"] > 0
     assert "memory_trace.csv" in {a.path for a in client.list_artifacts(killed.info.run_id)}
     assert runs["4"].data.metrics["rouge1"] >= 0
+    fault_figures.update(fault="cells that raise, run out of memory and are SIGKILLed, in one "
+                               "sweep",
+                         checked="each ends with its status (failed, oom, failed) and reason, "
+                                 "the killed one keeps its metrics and memory trace, the last "
+                                 "finishes ok",
+                         runs_started=4, runs_finished=len(runs),
+                         runs_left_running=sum(run.info.status == "RUNNING"
+                                               for run in runs.values()), lost=0)
 
 
 def test_an_interrupted_sweep_reruns_only_what_did_not_finish(tmp_path):
@@ -116,7 +125,8 @@ def test_an_interrupted_sweep_reruns_only_what_did_not_finish(tmp_path):
     assert all(run.info.status != "RUNNING" for run in runs)
 
 
-def test_a_terminated_run_ends_killed_with_its_memory_trace_and_runs_again(tmp_path):
+def test_a_terminated_run_ends_killed_with_its_memory_trace_and_runs_again(tmp_path,
+                                                                           fault_figures):
     # kill, timeout and schedulers send SIGTERM: handled as Ctrl-C is, not left RUNNING.
     run = subprocess.Popen([sys.executable, "-m", "harness", "train.max_steps=100000",
                             *folder_store_overrides(tmp_path, "terminated")],
@@ -139,6 +149,11 @@ def test_a_terminated_run_ends_killed_with_its_memory_trace_and_runs_again(tmp_p
     # A rerun runs the cell again: it did not finish.
     assert finished_run(client, killed.info.experiment_id,
                                  killed.data.tags["cell"]) is None
+    fault_figures.update(fault="SIGTERM to a single run mid-training",
+                         checked="the run ends KILLED with its reason and memory trace; a rerun "
+                                 "runs the cell again", runs_started=1, runs_left_running=0,
+                         train_steps_kept=len(client.get_metric_history(killed.info.run_id,
+                                                                        "train_loss")), lost=0)
 
 
 HEAD_START = """
