@@ -203,6 +203,12 @@ def test_a_journal_left_by_a_store_that_did_not_answer_is_synced_once(store, tmp
     finally:
         del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
     assert journal.pending(tmp_path / "journal") == [folder]
+    still_away = subprocess.run([sys.executable, "-m", "harness.sync", "--journal-dir",
+                                 str(tmp_path / "journal")], cwd=REPO, text=True,
+                                capture_output=True, timeout=300,
+                                env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    assert still_away.returncode == 1 and f"still kept in {folder}" in still_away.stdout
+    assert journal.pending(tmp_path / "journal") == [folder]  # nothing lost by trying
 
     # `python -m harness.sync` into the store, then the same replay again from a copy made
     # before it (a sync that died before it recorded what it delivered): nothing twice.
@@ -258,9 +264,8 @@ def test_a_tracking_server_that_goes_away_mid_cell_loses_nothing(tmp_path, fault
     with mlflow_serving(*serve, port=port):
         back_after_s = time.monotonic() - went_away
         output, _ = runner.communicate(timeout=600)
-    assert runner.returncode == 0, output[-3000:]
-    assert "the tracking store does not answer" in output and "answers again after" in output
-    with mlflow_serving(*serve, port=port):
+        assert runner.returncode == 0, output[-3000:]
+        assert "the tracking store does not answer" in output and "answers again after" in output
         run = client.get_run(training.info.run_id)
         found = _exactly_once(client, run, "train_loss")
         artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}

@@ -40,6 +40,8 @@ REJECTED = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES
             "INVALID_STATE", "BAD_REQUEST"}
 BACKOFF_S = (1, 2, 4, 8, 15, 30)  # between attempts while the store does not answer
 FSYNC_EVERY_S = 1.0  # to disk itself, at most this often (a message every step costs none)
+# A cell sends a message every step: delivered together, one request a second at most.
+DELIVER_EVERY_S = 1.0
 METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch request
 
 
@@ -160,13 +162,21 @@ class Journal:
 
     def _deliver_until_closed(self) -> None:
         attempt, checked = 0, False  # checked: compare with the store (after a failure)
+        delivered_at = 0.0
         while True:
             with self.lock:
-                while not self.pending() and self.closing is False:
-                    self.lock.wait()
-                if self.closing is None or (self.closing and not self.pending()):
-                    return
+                while self.closing is False:  # running: at most one delivery a DELIVER_EVERY_S
+                    if not self.pending():
+                        self.lock.wait()
+                        continue
+                    wait_s = DELIVER_EVERY_S - (time.monotonic() - delivered_at)
+                    if wait_s <= 0:
+                        break
+                    self.lock.wait(wait_s)
+                if self.closing is None or not self.pending():
+                    return  # told to stop, or closing with everything delivered
                 batch = _next_batch(self.entries, self.delivered)
+            delivered_at = time.monotonic()
             try:
                 deliver(self.client, self.run_id, self.folder, batch, checked)
             except Exception as error:  # noqa: BLE001 - what the store said decides
@@ -182,9 +192,10 @@ class Journal:
                               f"({type(error).__name__}); the cell goes on, its results are "
                               f"journaled in {self.folder}")
                     checked = True
-                    with self.lock:  # wait, unless told to stop
-                        if self.closing is not None:
-                            self.lock.wait(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
+                    retry_at = time.monotonic() + BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                    with self.lock:  # back off (new entries do not cut it short), unless stopped
+                        while self.closing is not None and time.monotonic() < retry_at:
+                            self.lock.wait(retry_at - time.monotonic())
                     attempt += 1
                     continue
             if self.unreachable_since is not None:
