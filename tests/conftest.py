@@ -102,23 +102,28 @@ def mlflow_serving(command: str, backend_store_uri: str, log_path: Path, *option
                                    *options], stdout=log, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{address}/health", timeout=5).ok:
-                    break
-            # Not listening yet, or too busy starting to answer (a loaded 2-core machine): ask
-            # again until the deadline.
-            except (requests.ConnectionError, requests.Timeout):
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow {command} did not start: "
-                                   f"{log_path.read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_until_answering(address, server, lambda: log_path.read_text()[-2000:])
         yield address
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def wait_until_answering(address: str, server: subprocess.Popen, log) -> None:
+    """Until the server at `address` answers /health; RuntimeError with `log()` where it exits
+    first or takes over two minutes."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if requests.get(f"{address}/health", timeout=5).ok:
+                return
+        # Not listening yet, or too busy starting to answer (a loaded 2-core machine): ask
+        # again until the deadline.
+        except (requests.ConnectionError, requests.Timeout):
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the server at {address} did not start: {log()}")
+        time.sleep(0.5)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import os
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
@@ -14,7 +13,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from harness import server
-from tests.conftest import REPO, free_port, run_harness
+from tests.conftest import REPO, free_port, run_harness, wait_until_answering
 
 QUICK = ["model=t5-tiny", "method=lora", "train.max_steps=3", "eval.max_samples=4"]
 
@@ -52,16 +51,7 @@ def test_a_shared_server_refuses_anyone_without_credentials(tmp_path):
     serving = _serve(tmp_path, secrets, port)
     address = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{address}/health", timeout=5).ok:
-                    break
-            except (requests.ConnectionError, requests.Timeout):
-                pass
-            assert serving.poll() is None and time.monotonic() < deadline, \
-                serving.stdout.read()[-3000:]
-            time.sleep(0.5)
+        wait_until_answering(address, serving, lambda: serving.stdout.read()[-3000:])
         password_file = secrets / "admin-password"
         assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
         password = password_file.read_text().strip()
