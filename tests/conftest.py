@@ -1,7 +1,9 @@
 """Shared test helpers: real Hydra composition of conf/, and a real sqlite MLflow store."""
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -92,20 +94,23 @@ def free_port() -> int:
 
 @contextmanager
 def mlflow_serving(command: str, backend_store_uri: str, log_path: Path, *options: str,
-                   port: int | None = None):
+                   port: int | None = None, stop_signal: int = signal.SIGTERM):
     """`mlflow server` or `mlflow ui` on `port` (else a free loopback port), until the block
-    ends; yields its address once it answers /health."""
+    ends; yields its address once it answers /health. Then `stop_signal` goes to it and its
+    workers (SIGKILL: the server dies outright, as in a crash)."""
     port = port or free_port()
     with open(log_path, "a") as log:
         server = subprocess.Popen([sys.executable, "-m", "mlflow", command, "--backend-store-uri",
                                    backend_store_uri, "--host", "127.0.0.1", "--port", str(port),
-                                   *options], stdout=log, stderr=subprocess.STDOUT)
+                                   *options], stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)  # its workers in its process group
     address = f"http://127.0.0.1:{port}"
     try:
         wait_until_answering(address, server, lambda: log_path.read_text()[-2000:])
         yield address
     finally:
-        server.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, stop_signal)
         server.wait(timeout=30)
 
 

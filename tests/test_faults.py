@@ -252,13 +252,13 @@ def test_a_tracking_server_that_goes_away_mid_cell_loses_nothing(tmp_path, fault
     serve = ("server", backend, tmp_path / "server.log", "--artifacts-destination",
              str(tmp_path / "served"), "--workers", "1")
     steps = 300
-    with mlflow_serving(*serve, port=port) as address:
+    with mlflow_serving(*serve, port=port, stop_signal=signal.SIGKILL) as address:
         runner = _harness(tmp_path, *QUICK, f"train.max_steps={steps}", "tracking=server",
                           f"tracking.uri={address}", "tracking.experiment=outage",
                           f"tracking.journal_dir={tmp_path}/journal", f"cache_dir={tmp_path}/c")
         client = MlflowClient(address)
         training = wait_until_training(client, "outage", runner, seed=42)
-    went_away = time.monotonic()  # the server is stopped here; the cell trains on
+    went_away = time.monotonic()  # the server is killed here; the cell trains on
     time.sleep(10)
     assert runner.poll() is None
     with mlflow_serving(*serve, port=port):
@@ -277,7 +277,7 @@ def test_a_tracking_server_that_goes_away_mid_cell_loses_nothing(tmp_path, fault
     assert "rouge1" in run.data.metrics and "cpu_peak_mib" in run.data.metrics
     assert [model.name for model in models] == ["adapter"]
     assert not any((tmp_path / "journal").iterdir())  # all delivered
-    fault_figures.update(fault="tracking server stopped mid-cell, started again on its store",
+    fault_figures.update(fault="tracking server SIGKILLed mid-cell, started again on its store",
                          checked="the cell trains on; every step, artifact, tag and the status "
                                  "arrive once",
                          device=_device(run), outage_s=round(back_after_s, 1),
@@ -341,7 +341,7 @@ def test_a_sweep_whose_server_stays_away_names_the_run_and_sync_delivers_it(tmp_
     serve = ("server", backend, tmp_path / "server.log", "--artifacts-destination",
              str(tmp_path / "served"), "--workers", "1")
     steps, journals = 60, tmp_path / "journal"
-    with mlflow_serving(*serve, port=port) as address:
+    with mlflow_serving(*serve, port=port, stop_signal=signal.SIGKILL) as address:
         sweep = subprocess.Popen(
             [sys.executable, "-m", "harness", "-m", *QUICK, f"train.max_steps={steps}",
              "tracking=server", f"tracking.uri={address}", "tracking.experiment=away",
