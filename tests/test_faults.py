@@ -190,16 +190,20 @@ def test_a_journal_left_by_a_store_that_did_not_answer_is_synced_once(store, tmp
     folder = tmp_path / "journal" / run_id
     written = journal.Journal(folder, away, run_id, experiment_id)
     (tmp_path / "predictions.csv").write_text("dialogue,summary\na,b\n")
+    (tmp_path / "adapter" / "nested").mkdir(parents=True)
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter" / "nested" / "weights.bin").write_bytes(b"\0" * 64)
     for step in range(1, 301):
         written.metrics({"train_loss": 1 / step, "lr": 0.1}, step, 1_700_000_000_000 + step)
     written.params({"data.source_length_resolved": 512})
     written.artifact(tmp_path / "predictions.csv")
+    written.artifact(tmp_path / "adapter", "adapter")  # a folder's files, as log_artifacts does
     written.text("a: 1\n", "config.yaml")
     written.tags({"status": "ok"})
     written.end("FINISHED")
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     try:
-        assert written.start().close(wait_s=2) == 305  # nothing delivered; all kept
+        assert written.start().close(wait_s=2) == 306  # nothing delivered; all kept
     finally:
         del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
     assert journal.pending(tmp_path / "journal") == [folder]
@@ -218,7 +222,7 @@ def test_a_journal_left_by_a_store_that_did_not_answer_is_synced_once(store, tmp
                                  str(tmp_path / "journal"), "--tracking-uri", store["uri"]],
                                 cwd=REPO, text=True, capture_output=True, timeout=300)
         assert synced.returncode == 0, synced.stderr[-3000:]
-        assert f"run {run_id}: 305 journal entries delivered" in synced.stdout
+        assert f"run {run_id}: 306 journal entries delivered" in synced.stdout
         assert not folder.exists()  # delivered, removed
         if attempt == 0:
             shutil.copytree(kept, folder)
@@ -227,7 +231,11 @@ def test_a_journal_left_by_a_store_that_did_not_answer_is_synced_once(store, tmp
     assert len(client.get_metric_history(run_id, "lr")) == 300
     assert run.data.params["data.source_length_resolved"] == "512"
     assert {artifact.path for artifact in client.list_artifacts(run_id)} == {
-        "predictions.csv", "config.yaml"}
+        "predictions.csv", "config.yaml", "adapter"}
+    assert {artifact.path for artifact in client.list_artifacts(run_id, "adapter")} == {
+        "adapter/adapter_config.json", "adapter/nested"}
+    assert [artifact.path for artifact in client.list_artifacts(run_id, "adapter/nested")] == [
+        "adapter/nested/weights.bin"]
     assert (run.info.status, run.data.tags["status"]) == ("FINISHED", "ok")
     again = subprocess.run([sys.executable, "-m", "harness.sync", "--journal-dir",
                             str(tmp_path / "journal")], cwd=REPO, text=True,
@@ -235,7 +243,7 @@ def test_a_journal_left_by_a_store_that_did_not_answer_is_synced_once(store, tmp
     assert "nothing to deliver" in again.stdout
     fault_figures.update(fault="store away until the run ended; `make sync` later, twice",
                          checked="every entry delivered once, the second replay writes nothing",
-                         entries=305, metric_steps_expected=300,
+                         entries=306, metric_steps_expected=300,
                          metric_steps_found=_exactly_once(client, run, "train_loss")[0], lost=0)
 
 
@@ -269,11 +277,14 @@ def test_a_tracking_server_that_goes_away_mid_cell_loses_nothing(tmp_path, fault
         run = client.get_run(training.info.run_id)
         found = _exactly_once(client, run, "train_loss")
         artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
+        adapter_files = {artifact.path for artifact in client.list_artifacts(run.info.run_id,
+                                                                             "adapter")}
         models = client.search_logged_models([run.info.experiment_id])
     assert found == (steps, steps)
     assert (run.info.status, run.data.tags["status"]) == ("FINISHED", "ok")
     assert {"config.yaml", "memory_trace.csv", "memory_trace.png", "predictions.csv",
             "adapter"} <= artifacts
+    assert "adapter/adapter_model.safetensors" in adapter_files
     assert "rouge1" in run.data.metrics and "cpu_peak_mib" in run.data.metrics
     assert [model.name for model in models] == ["adapter"]
     assert not any((tmp_path / "journal").iterdir())  # all delivered
@@ -365,9 +376,11 @@ def test_a_sweep_whose_server_stays_away_names_the_run_and_sync_delivers_it(tmp_
         run = client.get_run(run_id)
         found = _exactly_once(client, run, "train_loss")
         artifacts = {artifact.path for artifact in client.list_artifacts(run_id)}
+        artifacts |= {artifact.path for artifact in client.list_artifacts(run_id, "adapter")}
     assert found == (steps, steps)
     assert (run.info.status, run.data.tags["status"]) == ("FINISHED", "ok")
-    assert {"memory_trace.csv", "predictions.csv", "adapter"} <= artifacts
+    assert {"memory_trace.csv", "predictions.csv", "adapter/adapter_model.safetensors"} <= \
+        artifacts
     assert not journal.pending(journals)
     fault_figures.update(fault="tracking server away from mid-cell until after the sweep; "
                                "`make sync` later",

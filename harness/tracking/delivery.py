@@ -93,13 +93,13 @@ def _new_metrics(client: MlflowClient, run_id: str, metrics: list) -> list:
 
 def _log_artifact(client: MlflowClient, run_id: str, local: Path, folder: str | None,
                   checked: bool) -> None:
-    """A file, or each file of a folder, unless (`checked`) the run has it at that path."""
+    """A file (into `folder`), or, as MlflowClient.log_artifacts does, a folder's files (its
+    contents into `folder`), unless (`checked`) the run has each at its path."""
     if local.is_dir():
         for file in sorted(path for path in local.rglob("*") if path.is_file()):
             inside = file.parent.relative_to(local).as_posix()
-            target = "/".join(part for part in (folder, local.name, inside)
-                              if part and part != ".")
-            _log_artifact(client, run_id, file, target, checked)
+            target = "/".join(part for part in (folder, inside) if part and part != ".")
+            _log_artifact(client, run_id, file, target or None, checked)
         return
     if checked and _stored(client, run_id, "/".join(filter(None, (folder, local.name)))):
         return
