@@ -61,7 +61,9 @@ def run(cfg: DictConfig, checked: checks.Checked | None = None) -> str:
     for variable, value in MLFLOW_HTTP.items():
         os.environ.setdefault(variable, value)
     client, experiment_id = mlflow_store.connect(cfg.tracking)
-    claims.close_stale(client, experiment_id, cfg.runner.stale_after_s, checked.fingerprint)
+    # A sweep's plan closed its experiment's stale runs; again for this cell, just before it.
+    claims.close_stale(client, experiment_id, cfg.runner.stale_after_s,
+                       checked.fingerprint if checked.store_asked else None)
     done = checked.done
     if not checked.store_asked and not cfg.force:
         done = checks.done(runs.finished_run(client, experiment_id, checked.fingerprint,
