@@ -93,9 +93,10 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-# How a collective fails on a rank whose peer died: a consequence, never the cause.
+# How a rank fails once a peer died, a consequence and never the cause: its collective breaks,
+# or the agent, stopping the other ranks, sends it SIGTERM first (torch's SignalException).
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-             "remote process exited", "remote worker")
+             "remote process exited", "remote worker", "SignalException")
 
 
 def _failed(error: ChildFailedError, scratch: Path, world_size: int) -> tuple[str, str]:
