@@ -131,10 +131,10 @@ def wait_until_answering(address: str, server: subprocess.Popen, log) -> None:
         time.sleep(0.5)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def postgres_database():
-    """A new PostgreSQL database for one test (HARNESS_TEST_POSTGRES: an admin URI; .ci/run
-    starts the server), dropped afterwards."""
+    """A new PostgreSQL database for the session's tests (HARNESS_TEST_POSTGRES: an admin URI;
+    .ci/run starts the server), dropped afterwards."""
     admin_uri = os.environ.get("HARNESS_TEST_POSTGRES")
     if not admin_uri:
         if os.environ.get("CI"):
@@ -150,11 +150,13 @@ def postgres_database():
         admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
-@pytest.fixture
-def mlflow_server(postgres_database, tmp_path):
-    """`mlflow server` on a free loopback port, PostgreSQL behind it, artifacts it serves."""
-    with mlflow_serving("server", postgres_database, tmp_path / "server.log",
-                        "--artifacts-destination", str(tmp_path / "served-artifacts"),
+@pytest.fixture(scope="session")
+def mlflow_server(postgres_database, tmp_path_factory):
+    """`mlflow server` on a free loopback port, PostgreSQL behind it, artifacts it serves; one
+    for the session (its tests use experiments of their own)."""
+    folder = tmp_path_factory.mktemp("server")
+    with mlflow_serving("server", postgres_database, folder / "server.log",
+                        "--artifacts-destination", str(folder / "served-artifacts"),
                         "--workers", "1") as address:
         yield address
 

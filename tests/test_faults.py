@@ -12,8 +12,8 @@ import sys
 import threading
 import time
 
-import psutil
 import mlflow
+import psutil
 import pytest
 from mlflow import MlflowClient
 
@@ -50,7 +50,7 @@ def _exactly_once(client, run, name: str) -> tuple[int, int]:
 def test_a_runner_killed_outright_leaves_no_process_and_its_run_is_closed(tmp_path,
                                                                           fault_figures):
     store = folder_store_overrides(tmp_path, "vanished")
-    cell = [*QUICK, "train.max_steps=150"]
+    cell = [*QUICK, "train.max_steps=100"]
     runner = _harness(tmp_path, *cell, *store)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     try:

@@ -11,9 +11,12 @@ import pytest
 import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from omegaconf import OmegaConf
 
 from harness import server
-from tests.conftest import REPO, free_port, run_harness, wait_until_answering
+from harness.core.errors import ConfigError
+from harness.tracking import mlflow_store
+from tests.conftest import REPO, free_port, wait_until_answering
 
 QUICK = ["model=t5-tiny", "method=lora", "train.max_steps=3", "eval.max_samples=4"]
 
@@ -67,13 +70,15 @@ def test_a_shared_server_refuses_anyone_without_credentials(tmp_path):
         with pytest.raises(MlflowException):
             MlflowClient(address).search_experiments()
 
-        # A cell without credentials is refused before it runs; with MLflow's variables it logs.
+        # A runner without credentials is refused before any cell; with MLflow's variables a
+        # cell logs.
+        tracking = OmegaConf.create({"uri": address, "experiment": "shared",
+                                     "artifact_location": None})
+        with pytest.raises(ConfigError, match="refused a client without credentials .*"
+                                              "MLFLOW_TRACKING_USERNAME"):
+            mlflow_store.connect(tracking)
         overrides = ["tracking=server", f"tracking.uri={address}", "tracking.experiment=shared",
                      f"cache_dir={tmp_path}/cache", *QUICK]
-        refused = run_harness(tmp_path, *overrides, timeout=300)
-        assert refused.returncode == 2, refused.stderr[-3000:]
-        assert "refused a client without credentials" in refused.stderr
-        assert "MLFLOW_TRACKING_USERNAME" in refused.stderr
         with_credentials = subprocess.run(
             [sys.executable, "-m", "harness", *overrides], cwd=tmp_path, text=True,
             capture_output=True, timeout=600,

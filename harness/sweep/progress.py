@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import identity
+from harness.config import identity, validation
 from harness.config.grids import BASIC_SWEEPER, cells
 from harness.core.errors import ConfigError, refused
 from harness.core.tables import as_text
@@ -91,6 +91,9 @@ class SweepProgress(Callback):
 
         # Every check once, for every cell: handed to each cell's runner in the sweep's folder.
         try:
+            # What the machine cannot run at all holds for the whole experiment: refused before
+            # its cells are composed (the full grid's take a minute).
+            validation.check_machine(config, torch.cuda.is_available())
             jobs = cells(config)
             checked = checks.on_this_machine(jobs, plan.check(jobs), torch.cuda.is_available())
             found = gpus.describe(gpus.candidates(config.runner.gpus))
