@@ -173,6 +173,15 @@ def fault_figures(request):
             file.write(json.dumps({"test": request.node.name, **found}) + "\n")
 
 
+def run_figures(runs: list, started: int) -> dict:
+    """What a fault case reports of its runs: how many it started, how many ended with a
+    status, how many are left RUNNING, and how many were lost (started, never ended)."""
+    ended = sum(run.info.status != "RUNNING" and "status" in run.data.tags for run in runs)
+    return {"runs_started": started, "runs_finished": ended,
+            "runs_left_running": sum(run.info.status == "RUNNING" for run in runs),
+            "lost": started - ended}
+
+
 @pytest.fixture(scope="session")
 def published_plans(tmp_path_factory):
     """The plans of the experiments with published tables, as `make plan` writes them with an

@@ -18,6 +18,7 @@ from tests.conftest import (
     REPO,
     folder_store_overrides,
     free_port,
+    run_figures,
     run_harness,
     wait_until_training,
 )
@@ -107,8 +108,8 @@ def test_a_rank_killed_ends_the_cell_failed_naming_it_and_no_rank_survives(tmp_p
     assert _survivors(ranks) == []
     fault_figures.update(fault="a rank SIGKILLed mid-training (ddp, 2 ranks)",
                          checked="the cell ends failed naming rank 1; no rank survives",
-                         processes=len(ranks), survivors=0, runs_started=1,
-                         runs_left_running=int(run.info.status == "RUNNING"), lost=0)
+                         processes=len(ranks), survivors=len(_survivors(ranks)),
+                         **run_figures([run], started=1))
 
 
 def test_a_collective_waiting_past_the_timeout_ends_the_cell_failed(tmp_path):
@@ -143,7 +144,7 @@ def test_sigterm_stops_every_rank_and_closes_the_run_killed(tmp_path, fault_figu
     assert _survivors(ranks) == []
     fault_figures.update(fault="SIGTERM to a distributed cell's runner (ddp, 2 ranks)",
                          checked="every rank stops; the run ends KILLED", processes=len(ranks),
-                         survivors=0, runs_started=1, runs_left_running=0, lost=0)
+                         survivors=len(_survivors(ranks)), **run_figures([run], started=1))
 
 
 def test_a_rank_out_of_memory_ends_the_cell_oom_naming_the_rank(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from harness.tracking.runs import finished_run
-from tests.conftest import REPO, folder_store_overrides, wait_until_training
+from tests.conftest import REPO, folder_store_overrides, run_figures, wait_until_training
 
 pytestmark = pytest.mark.slow
 
@@ -90,9 +90,7 @@ def test_failures_inside_a_sweep_end_with_their_status_and_spare_the_others(tmp_
                          checked="each ends with its status (failed, oom, failed) and reason, "
                                  "the killed one keeps its metrics and memory trace, the last "
                                  "finishes ok",
-                         runs_started=4, runs_finished=len(runs),
-                         runs_left_running=sum(run.info.status == "RUNNING"
-                                               for run in runs.values()), lost=0)
+                         **run_figures(list(runs.values()), started=4))
 
 
 def test_an_interrupted_sweep_reruns_only_what_did_not_finish(tmp_path):
@@ -151,9 +149,9 @@ def test_a_terminated_run_ends_killed_with_its_memory_trace_and_runs_again(tmp_p
                                  killed.data.tags["cell"]) is None
     fault_figures.update(fault="SIGTERM to a single run mid-training",
                          checked="the run ends KILLED with its reason and memory trace; a rerun "
-                                 "runs the cell again", runs_started=1, runs_left_running=0,
+                                 "runs the cell again", **run_figures([killed], started=1),
                          train_steps_kept=len(client.get_metric_history(killed.info.run_id,
-                                                                        "train_loss")), lost=0)
+                                                                        "train_loss")))
 
 
 HEAD_START = """
