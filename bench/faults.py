@@ -40,7 +40,7 @@ FAULT_TESTS = [
 ]
 GPU_FAULT_TESTS = [
     "tests/test_faults.py::test_a_runner_killed_outright_leaves_no_process_and_its_run_is_closed",
-    "tests/test_faults.py::test_a_tracking_server_that_goes_away_mid_cell_loses_nothing",
+    "tests/test_faults.py::test_a_tracking_server_that_goes_away_loses_nothing",
 ]
 
 

@@ -367,3 +367,14 @@ def test_a_tracking_server_that_goes_away_loses_nothing(tmp_path, fault_figures)
                          metric_steps_found=sum(count for count, _ in found),
                          distinct_steps=sum(distinct for _, distinct in found),
                          lost=2 * steps - sum(distinct for _, distinct in found))
+
+
+def test_make_faults_names_tests_that_exist():
+    # bench/faults.py picks its cases by test id: a renamed test would leave a case unrun.
+    from bench import faults
+
+    found = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                            "-p", "no:cacheprovider", *faults.FAULT_TESTS,
+                            *faults.GPU_FAULT_TESTS], cwd=REPO, text=True, capture_output=True,
+                           timeout=300)
+    assert found.returncode == 0, found.stdout[-3000:] + found.stderr[-3000:]
