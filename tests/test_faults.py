@@ -3,6 +3,7 @@ a tracking server that goes away mid-cell, two sweeps of one experiment at once 
 PostgreSQL), and the journal replayed later. Each test records what it checked and its figures
 (`fault_figures`); `make faults` runs this file and writes them into reports/faults.md."""
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -324,11 +325,20 @@ def test_a_tracking_server_that_goes_away_loses_nothing(tmp_path, fault_figures)
             cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         client = MlflowClient(address)
         first = wait_until_training(client, "outage", sweep, seed=1)
-    went_away = time.monotonic()
-    time.sleep(3)  # longer than MLflow's own retries, as the runner sets them
-    with mlflow_serving(*serve, port=port, stop_signal=killed):
-        first_outage_s = time.monotonic() - went_away
-        second = wait_until_training(client, "outage", sweep, seed=2)
+    went_away, cell = time.monotonic(), int(first.data.tags["pid"])
+    time.sleep(1)  # the cell trains on, journaling
+    # The server takes longer to start again than a tiny cell takes to end: the cell is held
+    # meanwhile, so that it is still training when the store answers again.
+    os.kill(cell, signal.SIGSTOP)
+    try:
+        time.sleep(2)  # with the 1 s above, longer than MLflow's own retries as the runner sets them
+        with mlflow_serving(*serve, port=port, stop_signal=killed):
+            os.kill(cell, signal.SIGCONT)
+            first_outage_s = time.monotonic() - went_away
+            second = wait_until_training(client, "outage", sweep, seed=2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(cell, signal.SIGCONT)
     output, _ = sweep.communicate(timeout=600)  # the server stays away until the sweep ends
     assert sweep.returncode == 0, output[-3000:]
     assert output.count("the tracking store does not answer") == 2
