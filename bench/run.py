@@ -4,6 +4,8 @@ use, side by side in one run, on one cell, medians over repeats, printed as rati
   sampler overhead   the harness cell with the memory sampler on and off
   harness overhead   the harness cell and a minimal hand-written PyTorch loop
   vs Seq2SeqTrainer  the harness cell and Hugging Face's Seq2SeqTrainer
+  MFU                each of them against this device's peak, and the predicted step time
+                     against the measured
 
 Every run is a fresh process; the baselines (bench/baselines.py) build the same model and data
 with the harness's loaders and are watched by the same sampler. Throughput leaves out the first
@@ -146,7 +148,11 @@ def main(argv: list[str] | None = None) -> None:
                     result = {"samples_per_s": result["samples_per_s"],
                               "peak_mib": result.get(f"{peak_key}_peak_mib"),
                               "sampler_cpu_pct": 100 * result["sampler_cpu_s"] / result["wall_s"]
-                              if "sampler_cpu_s" in result else None}
+                              if "sampler_cpu_s" in result else None,
+                              # MFU = the step's FLOPs at peak over its time; the same for all.
+                              "ideal_step_s": result["mfu"] * result["step_time_mean_s"],
+                              "step_time_mean_s": result["step_time_mean_s"],
+                              "predicted_step_s": result["predicted_step_s"]}
                 runs[name].append(result)
 
     def paired(numerator: str, denominator: str, key: str, invert: bool = False) -> float:
@@ -169,10 +175,22 @@ def main(argv: list[str] | None = None) -> None:
         "harness / Seq2SeqTrainer: peak memory ratio":
             paired("sampler on", "Seq2SeqTrainer", "peak_mib"),
     }
-    write(args, cfg, peak_key, runs, median, ratios)
+    # The same cell, the same FLOPs per step: MFU is the step's time at peak over its time.
+    ideal_s, samples = median["sampler on"]["ideal_step_s"], cfg.train.batch_size
+    speed = {"MFU: harness": ideal_s / median["sampler on"]["step_time_mean_s"],
+             **{f"MFU: {name}": ideal_s / (samples / median[contender]["samples_per_s"])
+                for name, contender in (("Seq2SeqTrainer", "Seq2SeqTrainer"),
+                                        ("hand-written loop", "hand-written"))},
+             "predicted / measured step time (harness)": paired_value(
+                 runs["sampler on"], "predicted_step_s", "step_time_mean_s")}
+    write(args, cfg, peak_key, runs, median, ratios, speed)
 
 
-def write(args, cfg, peak_key, runs, median, ratios) -> None:
+def paired_value(results: list, numerator: str, denominator: str) -> float:
+    return statistics.median(run[numerator] / run[denominator] for run in results)
+
+
+def write(args, cfg, peak_key, runs, median, ratios, speed) -> None:
     facts = machine()
     device = facts["gpu"] or f"cpu-{facts['cores']}-cores"
     slug = args.stem or device.lower().replace(" ", "-")
@@ -194,6 +212,12 @@ def write(args, cfg, peak_key, runs, median, ratios) -> None:
         target, direction = TARGETS[name]
         lines.append(f"| {name} | {ratio:.3f} | {direction} {target} | "
                      f"{verdict(ratio, target, direction)} |")
+    lines += ["", "MFU: the step's FLOPs (counted on the harness's simulated step: the same "
+              "model, batch and lengths for all three) at this device's peak "
+              "(harness/measure/peaks.py), over the median step time; and the time model's "
+              "predicted step (harness/estimate/timing.py) over the harness's measured one.", "",
+              "| figure | value |", "|---|---:|"]
+    lines += [f"| {name} | {value:.3f} |" for name, value in speed.items()]
     lines += ["", "| run | samples/s (median) | peak MiB (median) | samples/s, each repeat |",
               "|---|---:|---:|---|"]
     for name, results in runs.items():
@@ -207,7 +231,7 @@ def write(args, cfg, peak_key, runs, median, ratios) -> None:
     (args.out / f"{slug}.md").write_text(text)
     (args.out / f"{slug}.json").write_text(json.dumps(
         {"machine": facts, "cell": [*CELL, f"train.max_steps={args.steps}"], "runs": runs,
-         "medians": median, "ratios": ratios}, indent=2) + "\n")
+         "medians": median, "ratios": ratios, "speed": speed}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

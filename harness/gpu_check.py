@@ -89,6 +89,10 @@ COLUMNS = {
     "mem_optimizer_mib": "metrics.mem_optimizer_mib",
     **{f"estimate_{part}_mib": f"metrics.estimate_{part}_mib" for part in estimate.PARTS},
     "step_time_p50_s": "metrics.step_time_p50_s", "tokens_per_s": "metrics.tokens_per_s",
+    # The time model (harness/estimate/timing.py) against the measured step, and the MFU.
+    "step_time_mean_s": "metrics.step_time_mean_s", "predicted_step_s": "metrics.predicted_step_s",
+    "train_tflops_per_s": "metrics.train_tflops_per_s", "mfu": "metrics.mfu",
+    "peaks_device": "tags.peaks_device",
     # The inference benchmark (harness/cell/infer.py): as trained, the base alone, merged.
     **{f"infer_ms_p50{suffix}": f"metrics.infer_latency_ms_p50{suffix}"
        for suffix in ("", "_base", "_merged")},
@@ -118,6 +122,8 @@ def runs_table(tracking_uri: str) -> pd.DataFrame:
     # PyTorch (the estimate assumes estimate.CUDA_CONTEXT_MIB).
     table["context_mib"] = measured - pd.to_numeric(table.torch_peak_reserved_mib,
                                                     errors="coerce")
+    table["measured_over_predicted"] = (pd.to_numeric(table.step_time_mean_s, errors="coerce")
+                                        / pd.to_numeric(table.predicted_step_s, errors="coerce"))
     return table.sort_values("cell").reset_index(drop=True)
 
 
@@ -148,6 +154,12 @@ def report(device: str, runs: pd.DataFrame, bench_md: Path | None,
         latency = runs[["cell", "infer_ms_p50", "infer_ms_p50_base", "infer_ms_p50_merged"]]
         lines += ["Inference (greedy generation per example, p50 ms; harness/cell/infer.py): as "
                   "trained, the base alone, and merged.", "", tables.as_text(latency), ""]
+        speed = runs[["cell", "step_time_mean_s", "predicted_step_s",
+                      "measured_over_predicted", "train_tflops_per_s", "mfu"]]
+        lines += ["Time (harness/estimate/timing.py): the mean measured step beside the time "
+                  "model's prediction for this GPU (its datasheet peaks, conf/peaks/), the "
+                  "achieved TFLOP/s and MFU. The measured / predicted ratio is what `make plan` "
+                  "corrects by once these runs are in the store.", "", tables.as_text(speed), ""]
         passed = int(runs.within_15_pct.sum())
         lines.append(f"{passed} of {len(runs)} cells within {TOLERANCE:.0%} of the estimate; "
                      f"median CUDA context {runs.context_mib.median():.0f} MiB (the estimate "

@@ -12,6 +12,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import requests
 import torch
@@ -180,6 +181,21 @@ def run_figures(runs: list, started: int) -> dict:
     return {"runs_started": started, "runs_finished": ended,
             "runs_left_running": sum(run.info.status == "RUNNING" for run in runs),
             "lost": started - ended}
+
+
+@pytest.fixture(scope="session")
+def reference_plan(tmp_path_factory):
+    """`make plan EXP=reference_table`, as a user runs it, in a folder of its own: (stdout, the
+    plan, the file written, the folder, whose cache_dir holds the simulations)."""
+    folder = tmp_path_factory.mktemp("plan")
+    result = subprocess.run([sys.executable, "-m", "harness.plan", "reference_table",
+                             f"cache_dir={folder}/cache", f"tracking.uri=sqlite:///{folder}/m.db"],
+                            cwd=folder, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = folder / "reports" / "reference_table" / "plan.csv"
+    # Its simulations show their progress: how many are done, and the cell.
+    assert "estimating: 100%" in result.stderr and "flan-t5-" in result.stderr
+    return result.stdout, pd.read_csv(written), written, folder
 
 
 @pytest.fixture(scope="session")

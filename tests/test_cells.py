@@ -10,6 +10,8 @@ from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
 from harness.cell import entry
+from harness.config import identity
+from harness.estimate import estimate, work
 from harness.run import runner
 from tests.conftest import compose_cell, requires_cuda, runs_of
 
@@ -129,6 +131,19 @@ def test_a_recipe_cell_logs_its_resolved_lengths_and_its_estimate(store, cell_ov
     assert metrics["estimate_gpu_mib"] == pytest.approx(
         sum(metrics[f"estimate_{part}_mib"] for part in parts), abs=0.01)
     assert metrics["estimate_weights_mib"] == pytest.approx(metrics["mem_params_mib"], rel=1e-6)
+    # Its work: the FLOPs of its step, at this CPU's measured peaks the predicted time beside
+    # the measured, and what it achieved.
+    flops, step_s = metrics["train_flops_per_step"], metrics["step_time_mean_s"]
+    assert flops > 1e6 and metrics["train_tflops_per_s"] == pytest.approx(flops / step_s / 1e12)
+    # Every batch padded to the cuts: the work counted is the cuts'.
+    assert (metrics["train_source_length_mean"], metrics["train_target_length_mean"]) == (
+        cut["source"], cut["target"])
+    assert metrics["predicted_train_time_s"] == pytest.approx(metrics["predicted_step_s"]
+                                                              * metrics["train_steps"])
+    assert 0 < metrics["mfu"] < 2
+    tags = runs[0].data.tags
+    assert tags["peaks_device"].startswith("CPU ") and tags["peaks_from"] == (
+        "measured on this machine")
 
 
 @pytest.mark.parametrize("bound, expected", [([], 64), (["eval.max_samples=10"], 10)])
@@ -153,6 +168,14 @@ def test_a_priced_run_logs_its_cost_and_training_tokens_per_dollar(store, cell_o
     assert metrics["train_tokens_per_usd"] == pytest.approx(metrics["train_tokens"]
                                                             / metrics["cost_usd"])
     assert (tags["cost_usd_per_hour"], tags["cost_price_from"]) == ("3.6", "cost.usd_per_hour")
+    # Each batch padded to its longest: the work is counted at the mean padded lengths, less
+    # than at the cuts.
+    params = runs[0].data.params
+    cuts = {side: int(params[f"data.{side}_max_length_resolved"]) for side in ("source", "target")}
+    assert metrics["train_source_length_mean"] < cuts["source"]
+    at_cuts = work.flops(estimate.step_work(identity.cell_config(compose_cell(
+        *cell_overrides, "cost.usd_per_hour=3.6")), cuts))
+    assert 0 < metrics["train_flops_per_step"] < at_cuts
     # Without a price (no GPU here to look one up by), no cost is made up.
     status, runs = _run(store, cell_overrides, "train.max_steps=2", "eval.max_samples=2",
                         "train.seed=7")

@@ -47,6 +47,9 @@ def test_demo_grid_runs_and_reports_a_row_per_run(tmp_path):
     plan_rows = [line for line in result.stdout[plan_start:summary_start].splitlines()
                  if line.startswith("| ") and "t5-tiny/" in line]
     assert len(plan_rows) == 14 and "| skip " in plan_rows[1]
+    # The demo names no GPU: its cells' FLOPs, but no predicted time or bill, and why.
+    assert "[harness] no predicted time: the plan knows no peaks for a machine without a GPU " \
+           "(set plan_gpu)" in result.stdout[plan_start:summary_start]
     assert "which precision=int8 stores quantized and cannot update" in plan_rows[1]
     summary_rows = [line for line in result.stdout[summary_start:].splitlines()
                     if line.startswith("| t5-tiny/")]
@@ -71,6 +74,10 @@ def test_demo_grid_runs_and_reports_a_row_per_run(tmp_path):
     assert header[:11] == ["model", "method", "precision", "rank", "ROUGE-1", "ROUGE-2",
                            "train time (min)", "cost (USD)", "GPU memory (MiB)",
                            "GPU estimate (MiB)", "CPU memory (MiB)"]
+    # The predicted training time beside the measured, and the MFU, for every run that trained.
+    assert header[11:13] == ["predicted time (min)", "MFU"]
+    assert all(line.split("|")[12].strip() != "—" and float(line.split("|")[13]) > 0
+               for line in rows if "| ok " in line)
     # Every run that trained carries the plan's estimate of its cell, shown beside its memory.
     estimated = [line.split("|")[10].strip() for line in rows if "| ok " in line]
     assert estimated and all(value.isdigit() for value in estimated)

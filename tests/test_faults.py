@@ -331,7 +331,7 @@ def test_a_tracking_server_that_goes_away_loses_nothing(tmp_path, fault_figures)
     # meanwhile, so that it is still training when the store answers again.
     os.kill(cell, signal.SIGSTOP)
     try:
-        time.sleep(2)  # with the 1 s above, longer than MLflow's own retries as the runner sets them
+        time.sleep(2)  # with the 1 s above, longer than MLflow's retries as the runner sets them
         with mlflow_serving(*serve, port=port, stop_signal=killed):
             os.kill(cell, signal.SIGCONT)
             first_outage_s = time.monotonic() - went_away

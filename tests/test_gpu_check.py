@@ -82,6 +82,10 @@ def test_runs_csv_and_the_report_come_from_the_store(tmp_path):
     text = gpu_check.report("a CPU", runs, None)
     assert text.startswith("# GPU check on a CPU") and "t5-tiny/lora_lomo-r16/fp32" in text
     assert "0 of 2 cells within 15%" in text
+    # On this CPU, its measured peaks: the predicted step beside the measured, and the MFU.
+    assert (runs.predicted_step_s > 0).all() and (runs.mfu > 0).all()
+    assert (runs.measured_over_predicted == runs.step_time_mean_s / runs.predicted_step_s).all()
+    assert "the mean measured step beside the time model's prediction" in text
 
 
 @pytest.mark.gpu

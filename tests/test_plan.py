@@ -3,8 +3,6 @@ cells fit a GPU, and the GPU each cell holds while it runs."""
 
 import multiprocessing
 import socket
-import subprocess
-import sys
 import time
 
 import pandas as pd
@@ -106,20 +104,6 @@ MISSES = {
 }
 
 
-@pytest.fixture(scope="module")
-def reference_plan(tmp_path_factory):
-    """`make plan EXP=reference_table`, as a user runs it, in a folder of its own."""
-    folder = tmp_path_factory.mktemp("plan")
-    result = subprocess.run([sys.executable, "-m", "harness.plan", "reference_table",
-                             f"cache_dir={folder}/cache", f"tracking.uri=sqlite:///{folder}/m.db"],
-                            cwd=folder, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    written = folder / "reports" / "reference_table" / "plan.csv"
-    # Its simulations show their progress: how many are done, and the cell.
-    assert "estimating: 100%" in result.stderr and "flan-t5-" in result.stderr
-    return result.stdout, pd.read_csv(written), written
-
-
 @pytest.mark.slow
 def test_a_cell_of_another_setup_stands_beside_no_published_figure(tmp_path):
     # full_grid's cells are the study's model, method and precision, without its recipe.
@@ -141,13 +125,13 @@ def test_a_cell_of_another_setup_stands_beside_no_published_figure(tmp_path):
 def test_the_committed_plan_is_what_make_plan_writes_today(reference_plan):
     # reports/reference_table/plan.csv is what `make plan EXP=reference_table` writes on a machine
     # without a GPU and with an empty store: a change to the plan must update it.
-    *_, written = reference_plan
+    *_, written, _ = reference_plan
     assert written.read_text() == (REPO / "reports" / "reference_table" / "plan.csv").read_text()
 
 
 @pytest.mark.slow
 def test_make_plan_writes_the_plan_of_any_experiment_without_a_gpu(reference_plan):
-    stdout, table, _ = reference_plan
+    stdout, table, _, _ = reference_plan
     assert len(table) == 9 and set(table.plan) == {"run"}
     for column in ("cell", "model", "method", "precision", "gradient_checkpointing",
                    *(f"{part}_mib" for part in estimate.PARTS), "estimate_mib",
@@ -175,7 +159,7 @@ def test_make_plan_writes_the_plan_of_any_experiment_without_a_gpu(reference_pla
                 "xl_lora_int8")])
 def test_each_reference_row_fits_an_a10g_and_is_within_25_percent_of_the_study(reference_plan,
                                                                                row):
-    _, table, _ = reference_plan
+    _, table, _, _ = reference_plan
     model, method, precision = {
         "base_full": ("flan-t5-base", "full", "fp32"), "base_lora": ("flan-t5-base", "lora",
                                                                       "fp32"),
@@ -254,3 +238,6 @@ def test_the_estimate_is_near_what_a_cuda_cell_measures(store, cell_overrides):
     assert run.data.tags["gpu"] == "0"
     metrics = run.data.metrics
     assert 0.85 < metrics["estimate_gpu_mib"] / metrics["gpu_train_peak_mib"] < 1.15, metrics
+    # The GPU's datasheet peaks (conf/peaks/) give its MFU and the predicted step time.
+    assert run.data.tags["peaks_from"] == "conf/peaks/ (datasheet)", run.data.tags
+    assert 0 < metrics["mfu"] < 1 and metrics["predicted_step_s"] > 0

@@ -63,7 +63,8 @@ def _measured(rouge1, gpu, cpu=4000.0, tokens=3000.0, pct=100.0, params=850.0, g
             "train_tokens_per_usd": 2400 * tokens / (0.67 * (gpu or 1000) / 14000),
             "cpu_peak_mib": cpu, "tokens_per_s": tokens, "trainable_pct": pct,
             "total_params": 2.5e8, "mem_params_mib": params, "mem_grads_mib": grads,
-            "mem_optimizer_mib": optimizer, "mem_activations_mib": activations}
+            "mem_optimizer_mib": optimizer, "mem_activations_mib": activations,
+            "predicted_train_time_s": 0.4 * 2400.0, "mfu": 0.1 * tokens / 3000}
 
 
 def _curve(losses, rouges):

@@ -13,8 +13,9 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.cell import evaluate
+from harness.model import families
 from harness.model.tokenizers import IGNORED_LABEL
-from harness.model.training_step import Diverged, forward, synchronize
+from harness.model.training_step import Diverged, forward, optimizer_steps, synchronize
 from harness.strategy import world as ranks
 
 MAX_LOG_PERPLEXITY = 80.0  # exp(80) ~ 5.5e34: a float still, and far beyond any vocabulary
@@ -30,18 +31,25 @@ class TrainResult:
     step_times_s: list = field(default_factory=list)
     step_samples: list = field(default_factory=list)
     step_tokens: list = field(default_factory=list)
+    # The lengths each batch was padded to (families' padded_lengths): what its work was.
+    batch_lengths: list = field(default_factory=list)
     # mem_params_mib, mem_grads_mib, mem_optimizer_mib (empty when no step ran).
     breakdown: dict = field(default_factory=dict)
 
     def throughput(self, skip_steps: int) -> dict:
-        """samples_per_s, tokens_per_s and step time p50 / p90 without the first skip_steps
-        (allocator and kernel warm-up); over every step when there are no more than that."""
+        """samples_per_s, tokens_per_s and step time mean, p50 and p90 without the first
+        skip_steps (allocator and kernel warm-up; over every step when there are no more than
+        that), and the mean lengths the batches were padded to."""
         first = skip_steps if self.steps > skip_steps else 0
         times = np.array(self.step_times_s[first:])
         if not len(times):
             return {}
+        lengths = {side: float(np.mean([batch[side] for batch in self.batch_lengths]))
+                   for side in ("source", "target")} if self.batch_lengths else {}
         return {"samples_per_s": sum(self.step_samples[first:]) / times.sum(),
+                **{f"train_{side}_length_mean": length for side, length in lengths.items()},
                 "tokens_per_s": sum(self.step_tokens[first:]) / times.sum(),
+                "step_time_mean_s": float(times.mean()),
                 "step_time_p50_s": float(np.percentile(times, 50)),
                 "step_time_p90_s": float(np.percentile(times, 90))}
 
@@ -54,12 +62,10 @@ def train(engine, train_loader, validation_loader, cfg, device: torch.device, lo
     eval_perplexity per epoch, and with `validation_rouge` (a function that returns ROUGE scores
     of the validation split) eval_rouge1, eval_rouge2, ... per epoch."""
     train_cfg, precision = cfg.train, cfg.precision.name
+    family = families.of(cfg.model)
     world, causal = engine.world, cfg.model.family == "causal"
     torch.manual_seed(train_cfg.seed)
-    steps_per_epoch = math.ceil(len(train_loader) / train_cfg.grad_accum_steps)
-    total_steps = (train_cfg.max_steps if train_cfg.max_steps is not None
-                   else steps_per_epoch * train_cfg.epochs)
-    epochs = math.ceil(total_steps / steps_per_epoch) if total_steps else 0
+    total_steps, epochs = optimizer_steps(train_cfg, len(train_loader))
     updates = engine.updates(cfg, total_steps)
     model = engine.model
 
@@ -76,6 +82,7 @@ def train(engine, train_loader, validation_loader, cfg, device: torch.device, lo
                 step_samples += len(batch["input_ids"])
                 step_tokens += (int(batch["attention_mask"].sum())
                                 + int((batch["labels"] != IGNORED_LABEL).sum()))
+                result.batch_lengths.append(family.padded_lengths(batch))
                 batch, weight = ranks.split(batch, world, causal)
                 batch = {key: value.to(device) for key, value in batch.items()}
                 loss = forward(engine.trained, batch, precision, device) * weight

@@ -2,6 +2,7 @@
 fixture's generator, and their rendering as id / source / target pairs.
 """
 
+import math
 import os
 from pathlib import Path
 
@@ -46,6 +47,20 @@ def load_text(data_cfg) -> DatasetDict:
         return _load_hub(data_cfg)
     raise ConfigError(f"data={data_cfg.name} has no text and no data.hub_id; expected samsum, "
                       "dolly_ja, twitter_complaints, fixture, instructions or local")
+
+
+def train_rows(data_cfg) -> int | None:
+    """The training examples a cell will see, known before it loads any: the size generated or
+    synthetic data is drawn at, or a hub dataset's expected train split (80 % of it where the
+    hub has no other split: _split_whole); None where nothing says (local files)."""
+    if data_cfg.get("train_size") is not None:
+        return int(data_cfg.train_size)
+    expected = data_cfg.get("expected_sizes")
+    if expected is None or "train" not in expected:
+        return None
+    if not set(SPLITS) <= set(expected):  # datasets' train_test_split rounds the test part up
+        return expected.train - math.ceil(0.2 * expected.train)
+    return int(expected.train)
 
 
 def _load_hub(data_cfg) -> DatasetDict:

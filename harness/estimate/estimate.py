@@ -55,6 +55,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
@@ -68,7 +69,7 @@ from harness.config import identity
 from harness.core.files import write_whole
 from harness.core.options import QUANTIZED
 from harness.core.units import MIB
-from harness.estimate import allocator, sharding, simulate
+from harness.estimate import allocator, sharding, simulate, work
 from harness.measure import accounting
 from harness.model import (
     families,
@@ -103,7 +104,15 @@ def gpu_peak_mib(cell_cfg: dict, lengths: dict, cache_dir: str | None = None) ->
     10 for flan-t5-xl on one core); with `cache_dir` its result is kept there for the next plan
     or run of the same cell, under a key that changes with the harness's code and the library
     versions."""
-    return _shared_out(cell_cfg, _one_rank(cell_cfg, lengths, cache_dir))
+    parts = _one_rank(cell_cfg, lengths, cache_dir)
+    return _shared_out(cell_cfg, {name: value for name, value in parts.items()
+                                  if name != "work"})
+
+
+def step_work(cell_cfg: dict, lengths: dict, cache_dir: str | None = None) -> list:
+    """The ops of one optimizer step of one rank (work.per_step's rows: kind, FLOPs, bytes,
+    launches, count), from the same simulation as gpu_peak_mib (and its cache)."""
+    return _one_rank(cell_cfg, lengths, cache_dir)["work"]
 
 
 def _one_rank(cell_cfg: dict, lengths: dict, cache_dir: str | None) -> dict:
@@ -195,7 +204,7 @@ def _cache_key(spec: str) -> str:
     whose kernels and layers it simulates."""
     code = [Path(module.__file__).read_bytes() for module in (
         allocator, methods, models, simulate, training_step, lomo, families, optimizers,
-        tokenizers, accounting, sharding,
+        tokenizers, accounting, sharding, work,
         sys.modules[__name__])]
     versions = [version(package) for package in LIBRARIES]
     digest = hashlib.sha256(spec.encode())
@@ -231,6 +240,8 @@ def _estimate(spec_json: str) -> tuple:
     parts["largest_trained_weight"] = accounting.largest_trained_mib(model)
     parts.update(_sizes(model))  # what a strategy shares out (harness/estimate/sharding.py)
     parts.update(_optimizer_step(steps))
+    # What one optimizer step computes and moves, op by op (harness/estimate/timing.py).
+    parts["work"] = work.per_step(steps.ops, cfg.train.grad_accum_steps)
     return tuple(parts.items())
 
 
@@ -278,13 +289,15 @@ def _sizes(model) -> dict:
 class Steps(NamedTuple):
     """What simulated_steps saw: the weights' sizes, every later allocation and free in order
     (simulate.Trace's events), which of them were gradients and optimizer state, and the spans
-    of events inside the optimizer's steps ([start, end) indices)."""
+    of events inside the optimizer's steps ([start, end) indices), and the last step's ops
+    (work.Work's)."""
     weights: list
     events: list
     sizes: dict
     gradients: set
     states: set
     optimizer_steps: list = []
+    ops: Counter = Counter()
 
     def bytes_of(self, serials) -> int:
         return sum(self.sizes[serial] for serial in serials)
@@ -296,9 +309,9 @@ def simulated_steps(model, cfg, lengths: dict, device: torch.device,
     traced. On the meta device for the estimate; on the CPU, the same steps for real (the tests
     check that both see the same allocations)."""
     weights = _weight_storages(model)
-    trace = simulate.Trace(existing=weights.values())
+    trace, counted = simulate.Trace(existing=weights.values()), work.Work()
     gradients, states = set(), set()
-    with trace, on_cuda or contextlib.nullcontext():
+    with trace, on_cuda or contextlib.nullcontext(), counted:
         batch = families.of(cfg.model).training_batch(cfg.train.batch_size, lengths, device,
                                                       tokenizers.PAD_ID, tokenizers.EOS_ID + 1)
         # LOMO frees each fused gradient inside backward: note them as they appear (registered
@@ -309,13 +322,21 @@ def simulated_steps(model, cfg, lengths: dict, device: torch.device,
         updates = training_step.Updates(model, cfg, STEPS, device, foreach=True, loss_scaling=False,
                                 paging=False)
         spans = []
-        if updates.optimizer is not None:  # where its step's temporaries live
-            updates.optimizer.register_step_pre_hook(
-                lambda *_: spans.append([len(trace.events), None]))
-            updates.optimizer.register_step_post_hook(
-                lambda *_: spans[-1].__setitem__(1, len(trace.events)))
+
+        def stepping(*_) -> None:  # where the optimizer's temporaries live, and its work
+            spans.append([len(trace.events), None])
+            counted.phase = "update"
+
+        def stepped(*_) -> None:
+            spans[-1][1] = len(trace.events)
+            counted.phase = "pass"
+
+        if updates.optimizer is not None:
+            updates.optimizer.register_step_pre_hook(stepping)
+            updates.optimizer.register_step_post_hook(stepped)
         model.train()
-        for _ in range(STEPS):
+        for step in range(STEPS):
+            counted.recording = step == STEPS - 1  # the work of a step with optimizer state
             updates.backward(training_step.forward(model, batch, "fp32", device), update=True)
             gradients.update(trace.serial_of(p.grad) for p in model.parameters()
                              if p.grad is not None)
@@ -328,7 +349,8 @@ def simulated_steps(model, cfg, lengths: dict, device: torch.device,
         for hook in hooks:
             hook.remove()
     return Steps([storage.nbytes() for storage in weights.values()], trace.events, trace.sizes,
-                 gradients - {None}, states - {None}, [tuple(span) for span in spans])
+                 gradients - {None}, states - {None}, [tuple(span) for span in spans],
+                 counted.ops)
 
 
 def _meta_model(cfg, on_cuda: simulate.AsOnCuda):

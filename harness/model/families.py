@@ -60,6 +60,11 @@ class Seq2Seq:
     def new_tokens(self, output: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
         return output  # the decoder's output is all new
 
+    @staticmethod
+    def padded_lengths(batch: dict) -> dict:
+        """The lengths a training batch was padded to, as training_batch takes them."""
+        return {"source": batch["input_ids"].shape[1], "target": batch["labels"].shape[1]}
+
     def training_batch(self, batch_size: int, lengths: dict, device, pad_id: int,
                        token_id: int) -> dict:
         """The batch the estimate steps on: every side at its cut, its last token padding."""
@@ -109,6 +114,12 @@ class Causal:
 
     def new_tokens(self, output: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
         return output[:, prompt_ids.shape[1]:]  # generate returns the prompt first
+
+    @staticmethod
+    def padded_lengths(batch: dict) -> dict:
+        """One sequence: its work depends on its whole length only, however prompt and response
+        share it (the loss is computed at every position)."""
+        return {"source": batch["input_ids"].shape[1] - 1, "target": 1}
 
     def training_batch(self, batch_size: int, lengths: dict, device, pad_id: int,
                        token_id: int) -> dict:

@@ -2,6 +2,8 @@
 and the update (optimizers, LOMO's fused updates, loss scaling, clipping).
 """
 
+import math
+
 import torch
 from transformers import get_linear_schedule_with_warmup
 
@@ -9,6 +11,16 @@ from harness.core.units import MIB
 from harness.measure import accounting
 from harness.model import lomo, methods, models, optimizers
 from harness.model.models import autocast
+
+
+def optimizer_steps(train_cfg, batches_per_epoch: int) -> tuple[int, int]:
+    """(optimizer steps, epochs begun) of a cell whose loader gives `batches_per_epoch` batches:
+    train.max_steps when set, else train.epochs of them, gradients accumulated over
+    train.grad_accum_steps batches (an epoch's last step takes what is left)."""
+    per_epoch = math.ceil(batches_per_epoch / train_cfg.grad_accum_steps)
+    total = (train_cfg.max_steps if train_cfg.max_steps is not None
+             else per_epoch * train_cfg.epochs)
+    return total, (math.ceil(total / per_epoch) if total and per_epoch else 0)
 
 
 class Diverged(RuntimeError):

@@ -96,8 +96,10 @@ def _results(experiment: str, runs, rows, source: str) -> list[str]:
     note = ("ROUGE is F1 x 100 on the test split; train time is the training loop alone; GPU "
             "memory is the NVML peak of the cell's processes (— without CUDA); GPU estimate is "
             "the plan's estimate of that peak for a CUDA run (`make plan`, docs/estimator.md); "
-            "CPU memory is the peak RSS of the cell's process tree. Several ok runs of one cell "
-            "(seeds, reruns) show as mean ± std; `runs` counts them.")
+            "CPU memory is the peak RSS of the cell's process tree; predicted time is the time "
+            "model's for the device the cell ran on, MFU the step's FLOPs at that device's peak "
+            "over its measured step (docs/estimator.md). Several ok runs of one cell (seeds, "
+            "reruns) show as mean ± std; `runs` counts them.")
     if source == "host":
         note += (" This store has no GPU figures (the cells ran without CUDA): memory ratios "
                  "and charts use host memory above each cell process's baseline (what it held "

@@ -11,6 +11,8 @@ TABLE = {  # report column: (cell column, decimals)
     "ROUGE-1": ("rouge1", 2), "ROUGE-2": ("rouge2", 2), "train time (min)": ("train_time_min", 2),
     "cost (USD)": ("cost_usd", 3), "GPU memory (MiB)": ("gpu_peak_mib", 0),
     "GPU estimate (MiB)": ("estimate_gpu_mib", 0), "CPU memory (MiB)": ("cpu_peak_mib", 0),
+    # The time model's prediction for the device the cell ran on, and what it achieved.
+    "predicted time (min)": ("predicted_train_time_min", 2), "MFU": ("mfu", 3),
 }
 
 

@@ -17,7 +17,8 @@ METRICS = ("rouge1", "rouge2", "train_time_s", "gpu_peak_mib", "estimate_gpu_mib
            "mem_params_mib", "mem_grads_mib", "mem_optimizer_mib", "mem_activations_mib",
            "mem_largest_weight_mib",
            "infer_latency_ms_p50", "infer_latency_ms_p50_base", "infer_latency_ms_p50_merged",
-           "infer_tokens_per_s", "adapter_size_mib", "full_checkpoint_mib")
+           "infer_tokens_per_s", "adapter_size_mib", "full_checkpoint_mib",
+           "predicted_train_time_s", "train_flops_per_step", "train_tflops_per_s", "mfu")
 # Params that make runs the same cell in the report: all but the seed and where a run was logged
 # (or what it was priced at).
 NOT_THE_CELL = ("params.train.seed", "params.tracking.", "params.runner.", "params.sampler.",
@@ -95,8 +96,9 @@ def _row(runs: pd.DataFrame, status: str, reason) -> dict:
         values = pd.to_numeric(runs[f"metrics.{metric}"], errors="coerce").dropna()
         row[metric] = values.mean() if len(values) else float("nan")
         row[f"{metric}_std"] = values.std() if len(values) > 1 else float("nan")
-    row["train_time_min"], row["train_time_min_std"] = (row["train_time_s"] / 60,
-                                                        row["train_time_s_std"] / 60)
+    for time in ("train_time", "predicted_train_time"):
+        row[f"{time}_min"], row[f"{time}_min_std"] = (row[f"{time}_s"] / 60,
+                                                      row[f"{time}_s_std"] / 60)
     return row
 
 

@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 
 from harness.config import cost
 from harness.data import checks, encoding
-from harness.estimate import estimate
-from harness.measure import gpus, traces
+from harness.estimate import estimate, timing, work
+from harness.measure import gpus, peaks, traces
 from harness.model import tokenizers
 from harness.tracking import mlflow_store
 from harness.tracking.journal import Journal
@@ -126,7 +126,8 @@ def record_datasets(record: CellRecord, cfg: DictConfig, cell_cfg: dict) -> None
 
 def record_estimate(record: CellRecord, cfg: DictConfig, cell_cfg: dict) -> None:
     """The plan's estimate of the cell's peak GPU memory beside what it measured, at the lengths
-    the cell resolved: estimate_gpu_mib and its parts (estimate_weights_mib, ...)."""
+    the cell resolved: estimate_gpu_mib and its parts (estimate_weights_mib, ...); and its work
+    (record_work)."""
     lengths = {side: record.params.get(f"data.{key}_resolved")
                for side, key in checks.SIDES.items()}
     if None in lengths.values():  # the cell ended before it loaded its data
@@ -140,6 +141,39 @@ def record_estimate(record: CellRecord, cfg: DictConfig, cell_cfg: dict) -> None
         return
     record.journal.metrics({("estimate_gpu_mib" if name == "total" else f"estimate_{name}_mib"):
                             value for name, value in parts.items()}, 0, _now_ms())
+    with not_recorded(record, "work"):
+        record_work(record, cfg, cell_cfg, lengths)
+
+
+def record_work(record: CellRecord, cfg: DictConfig, cell_cfg: dict, lengths: dict) -> None:
+    """What one optimizer step computes on one rank (train_flops_per_step), at the mean lengths
+    its batches were padded to (the resolved cuts for a cell that did not train: exact for
+    batches padded to them), and on the device the cell ran on (conf/peaks/ for its GPU, this
+    machine's measured peaks for a CPU): the predicted step and training time beside the
+    measured, the achieved TFLOP/s over the timed steps (step_time_mean_s) and MFU, the time the
+    step's FLOPs take at the device's peak for the dtypes they run in over the measured."""
+    padded = {side: record.latest.get(f"train_{side}_length_mean") for side in lengths}
+    if None not in padded.values():  # dynamic padding: shorter batches than the cut
+        lengths = {side: max(1, round(length)) for side, length in padded.items()}
+    work_rows = estimate.step_work(cell_cfg, lengths, cfg.cache_dir)
+    flops = work.flops(work_rows)
+    figures = {"train_flops_per_step": flops}
+    found = gpus.describe([record.gpu]) if record.gpu is not None else []
+    device = (peaks.of_gpu(cfg.peaks, found[0]["name"]) if found
+              else None if record.gpu is not None else peaks.of_cpu())
+    steps, step_s = record.latest.get("train_steps"), record.latest.get("step_time_mean_s")
+    if device is not None:
+        predicted = timing.step_seconds(work_rows, device)["step_s"]
+        figures["predicted_step_s"] = predicted
+        if steps is not None:
+            figures["predicted_train_time_s"] = predicted * steps
+    if step_s:
+        figures["train_tflops_per_s"] = flops / step_s / 1e12
+        if device is not None:
+            figures["mfu"] = timing.ideal_seconds(work_rows, device) / step_s
+    record.journal.metrics(figures, 0, _now_ms())
+    if device is not None:
+        record.journal.tags({"peaks_device": device["name"], "peaks_from": device["source"]})
 
 
 def record_memory(record: CellRecord, scratch: Path, sampler_cfg, title: str,

@@ -16,6 +16,7 @@ the experiment names (plan_gpu). A sweep prints the same plan before its first c
 (harness/sweep/progress.py).
 """
 
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -23,14 +24,15 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
-from harness.config import identity, validation
+from harness.config import cost, identity, validation
 from harness.config.grids import compose_experiment
 from harness.core import reference
 from harness.core.errors import ConfigError, refused
 from harness.core.tables import as_text
-from harness.data import encoding
-from harness.estimate import estimate
-from harness.measure import gpus, traces
+from harness.data import encoding, sources
+from harness.estimate import estimate, timing, work
+from harness.measure import gpus, peaks, traces
+from harness.model import training_step
 from harness.run import checks
 from harness.tracking import claims, mlflow_store, runs
 
@@ -42,7 +44,11 @@ SHOWN = {"#": "#", "cell": "cell", "strategy": "strategy", "gradient_checkpointi
          "allocated_mib": "tensors", "estimate_mib": "GPU estimate (MiB)",
          "host_mib": "host (MiB)",
          "reference": "published", "reference_gpu_mib": "reference (MiB)",
-         "estimate_ratio": "ratio", "fits": "fits", "lomo_claim": "LOMO's claim"}
+         "estimate_ratio": "ratio", "fits": "fits", "lomo_claim": "LOMO's claim",
+         "tflop_per_step": "TFLOP/step", "predicted_step_s": "step (s)", "bound": "bound by",
+         "predicted_train_min": "train (min)", "reference_train_min": "published (min)",
+         "predicted_train_min_uncorrected": "uncorrected (min)", "time_ratio": "time ratio",
+         "predicted_cost_usd": "cost (USD)"}
 
 
 def check(jobs: list[DictConfig], create_experiment: bool = True) -> list[checks.Checked]:
@@ -81,6 +87,7 @@ def plan(jobs: list[DictConfig], found_gpus: list[dict], named_gpu=None,
     if checked is None:
         checked = check(jobs, create_experiment)
     gpu = _gpu_to_compare(found_gpus, named_gpu)
+    corrections = _corrections(jobs[0].tracking, gpu[2]) if gpu else {}
     rows, estimated = [], []
     for number, (job, found) in enumerate(zip(jobs, checked), start=1):
         cell_cfg = identity.cell_config(job)
@@ -106,8 +113,12 @@ def plan(jobs: list[DictConfig], found_gpus: list[dict], named_gpu=None,
         rows.append(row)
     # All at once: the simulations may run side by side.
     all_parts = estimate.gpu_peaks_mib([request for *_, request in estimated])
-    for (row, job, lengths_from, (_, lengths, _)), parts in zip(estimated, all_parts):
-        row.update(_estimate_columns(job, lengths, lengths_from, parts))
+    for (row, job, lengths_from, request), parts in zip(estimated, all_parts):
+        row.update(_estimate_columns(job, request[1], lengths_from, parts))
+        row.update(_time_columns(job, estimate.step_work(*request), gpu and gpu[2],
+                                 corrections.get(job.method.name)))
+        if "predicted_train_min" in row and "reference_train_min" in row:
+            row["time_ratio"] = row["predicted_train_min"] / row["reference_train_min"]
     table = pd.DataFrame(rows)
     table["gpu"] = gpu[0] if gpu else ""
     table["gpu_mib"] = gpu[1] if gpu else None
@@ -135,6 +146,8 @@ def _estimate_columns(job: DictConfig, lengths: dict, lengths_from: str, parts: 
         found.update(reference=f"{published['table']}: other setup",
                      reference_setup="; ".join(other))
         return found
+    if published and pd.notna(published.get("train_time_min")):
+        found["reference_train_min"] = published["train_time_min"]
     study = reference.gpu_mib(*keys) if published else None
     if published:
         found["reference"] = published.get("outcome") if study is None else published["table"]
@@ -147,6 +160,56 @@ def _estimate_columns(job: DictConfig, lengths: dict, lengths_from: str, parts: 
     return found
 
 
+def _corrections(tracking_cfg, gpu_name: str) -> dict:
+    """{method: (measured / predicted step time, runs)} of the ok runs the store holds that
+    trained on this GPU: the median ratio per method."""
+    client, _ = mlflow_store.connect(tracking_cfg, create=False)
+    measured = runs.measured_on(client, gpu_name) if client is not None else pd.DataFrame()
+    if not len(measured):
+        return {}
+    measured["ratio"] = measured["metrics.step_time_mean_s"] / measured["metrics.predicted_step_s"]
+    return {method: (group.ratio.median(), len(group))
+            for method, group in measured.groupby("params.method.name")}
+
+
+def _time_columns(job: DictConfig, work_rows: list, gpu_name: str | None,
+                  correction: tuple[float, int] | None) -> dict:
+    """FLOPs per optimizer step (one rank's); on the GPU compared with, the predicted step time
+    (harness/estimate/timing.py) and what bounds it, corrected by `correction` (_corrections'
+    ratio for the cell's method) with the uncorrected figure beside it; the steps the cell will
+    run, its training time and, at conf/cost/'s price for that GPU, what it costs on all its
+    ranks."""
+    found = {"flops_per_step": work.flops(work_rows)}
+    device = peaks.of_gpu(job.peaks, gpu_name)
+    if device is None:
+        return found
+    predicted = timing.step_seconds(work_rows, device)
+    step_s = predicted["step_s"]
+    found.update(predicted_step_s=step_s,
+                 bound=", ".join(f"{name} {predicted[name] / step_s:.0%}"
+                                 for name in timing.BOUNDS if predicted[name]))
+    if correction is not None:
+        step_s = step_s * correction[0]
+        found.update(predicted_step_s_uncorrected=found["predicted_step_s"],
+                     predicted_step_s=step_s, time_correction=correction[0],
+                     corrected_from=f"{correction[1]} {job.method.name} runs on {gpu_name}")
+    rows = sources.train_rows(job.data)
+    if rows is None and job.train.max_steps is None:
+        return found
+    batches = math.ceil((rows or 0) / job.train.batch_size)
+    steps, _ = training_step.optimizer_steps(job.train, batches)
+    ranks = job.strategy.nproc_per_node * job.strategy.nnodes
+    found.update(train_steps=steps, predicted_train_min=step_s * steps / 60)
+    if correction is not None:
+        found["predicted_train_min_uncorrected"] = found["predicted_step_s_uncorrected"] \
+            * steps / 60
+    price = cost.price(job.cost, gpu_name)
+    if price is not None:
+        found["predicted_cost_usd"] = found["predicted_train_min"] / 60 * ranks * price[0]
+        found["usd_per_gpu_hour"] = price[0]
+    return found
+
+
 def _lomo_claim(parts: dict) -> str:
     """LOMO's own claim on its simulated step: at the peak, no more gradient than its largest
     weight's (the others are freed as soon as each is applied) and no optimizer state."""
@@ -156,13 +219,14 @@ def _lomo_claim(parts: dict) -> str:
             f"(largest weight {largest:.4g}), optimizer state {parts['optimizer']:.4g}")
 
 
-def _gpu_to_compare(found_gpus: list[dict], named_gpu) -> tuple[str, float] | None:
-    """(name, MiB) of the smallest GPU found here, else of the experiment's plan_gpu, else None."""
+def _gpu_to_compare(found_gpus: list[dict], named_gpu) -> tuple[str, float, str] | None:
+    """(label, MiB, NVML's name) of the smallest GPU found here, else of the experiment's
+    plan_gpu, else None."""
     if found_gpus:
         smallest = min(found_gpus, key=lambda gpu: gpu["total_mib"])
-        return f"{smallest['name']} (this machine)", smallest["total_mib"]
+        return f"{smallest['name']} (this machine)", smallest["total_mib"], smallest["name"]
     if named_gpu:
-        return named_gpu.name, named_gpu.memory_mib
+        return named_gpu.name, named_gpu.memory_mib, named_gpu.get("nvml_name", named_gpu.name)
     return None
 
 
@@ -176,11 +240,34 @@ def _fits(needed, gpu, ranks: int = 1) -> str:
     return "yes" if ranks == 1 else f"yes, on {ranks} x"
 
 
+def bill(table: pd.DataFrame) -> str:
+    """The predicted training time and cost of the cells the sweep will run, in one line."""
+    cells = table.drop_duplicates("fingerprint")
+    cells = cells[cells.plan == "run"]
+    if "predicted_train_min" not in cells or cells.predicted_train_min.isna().all():
+        return ("no predicted time: the plan knows no peaks for "
+                + (f"{table.gpu.iloc[0]} (add it to conf/peaks/)" if table.gpu.iloc[0]
+                   else "a machine without a GPU (set plan_gpu)"))
+    known = cells[cells.predicted_train_min.notna()]
+    gpu_hours = (known.predicted_train_min * known.ranks).sum() / 60
+    line = (f"predicted training: {gpu_hours:.1f} GPU-hours on {table.gpu.iloc[0]} for "
+            f"{len(known)} of {len(cells)} cells to run")
+    if "predicted_cost_usd" in known and known.predicted_cost_usd.notna().any():
+        line += (f", {known.predicted_cost_usd.sum():.2f} USD at "
+                 f"{known.usd_per_gpu_hour.iloc[0]:g} USD per GPU-hour (conf/cost/)")
+    corrected = known.get("time_correction", pd.Series(dtype=float)).notna().sum()
+    return line + (f"; {corrected} of them corrected by measured runs on that GPU (column "
+                   "corrected_from)" if corrected else
+                   "; uncorrected: the store holds no measured run on that GPU")
+
+
 def shown(table: pd.DataFrame) -> pd.DataFrame:
     """The plan's columns for the terminal, one row per cell (grid points that differ only in a
     knob their method ignores are one cell), numbered as a sweep counts its cells."""
     cells = table.drop_duplicates("fingerprint").assign(**{"#": lambda frame: range(
         1, len(frame) + 1)})
+    if "flops_per_step" in cells:
+        cells["tflop_per_step"] = cells.flops_per_step / 1e12
     if (cells.get("strategy", pd.Series(["single"])) == "single").all():  # one GPU's plan
         cells = cells.drop(columns=[column for column in ("strategy", "host_mib")
                                     if column in cells])
@@ -205,6 +292,7 @@ def main(argv: list[str]) -> int:
     print(f"[harness] plan of {name}: {len(table)} grid points, {table.fingerprint.nunique()} "
           f"cells; fits: against {compared}")
     print(as_text(shown(table)))
+    print(f"[harness] {bill(table)}")
     print(f"[harness] wrote {out / 'plan.csv'}")
     return 0
 

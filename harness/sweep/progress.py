@@ -114,6 +114,7 @@ class SweepProgress(Callback):
                           ("run", "skip")) + f", {counts.get('done', 0)} done already")
         print(f"[harness] {machine}")
         print(tables.as_text(plan.shown(table)))
+        print(f"[harness] {plan.bill(table)}")
         _save(table, config, "plan.csv")
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:

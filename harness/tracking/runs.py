@@ -43,6 +43,18 @@ def of_experiment(client: MlflowClient, experiment_id: str | None,
     return runs.sort_values(["start_time", "run_id"]).reset_index(drop=True) if len(runs) else runs
 
 
+def measured_on(client: MlflowClient, device: str) -> pd.DataFrame:
+    """The ok runs of every experiment in the store that trained on `device` (tags.peaks_device,
+    the name the run's peaks came under) with a predicted and a measured step time."""
+    experiments = [found.experiment_id for found in client.search_experiments()]
+    if not experiments:
+        return pd.DataFrame(columns=["run_id"])
+    mlflow.set_tracking_uri(client.tracking_uri)
+    return mlflow.search_runs(experiments, f"tags.peaks_device = '{device}' and tags.status = 'ok'"
+                              " and metrics.predicted_step_s > 0 and metrics.step_time_mean_s > 0",
+                              output_format="pandas")
+
+
 def of_cell(runs: pd.DataFrame, fingerprint: str) -> pd.DataFrame:
     """The runs of one cell (tags.cell), newest first."""
     if "tags.cell" not in runs:

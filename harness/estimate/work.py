@@ -1,0 +1,126 @@
+"""What a simulated training step computes and moves, kernel by kernel: the FLOPs, bytes and
+kernel launches of every op it dispatches (harness/estimate/estimate.py runs the step under
+`Work`; harness/estimate/timing.py turns the ops into seconds on a device).
+
+FLOPs are PyTorch's own count: the formulas of `torch.utils.flop_counter` (matmuls, attention
+kernels, convolutions, forward and backward), which `FlopCounterMode` applies, plus one for
+bitsandbytes' LLM.int8 matmul, which PyTorch does not know. Every other op (elementwise, norms,
+softmax, casts, the optimizer's updates) counts no FLOPs: its time is its memory traffic. Since the
+step itself runs, what it recomputes under gradient checkpointing, LOMO's extra pass for the
+gradient norm, LoRA's frozen weights that get no weight gradient, and a sharded strategy's one
+rank's share of the batch are counted as they happen, not assumed.
+
+Bytes are those of the op's tensor arguments and results (a view's own elements, at most its
+storage): what the kernel reads and writes if nothing stays in cache. A view (transpose, reshape,
+expand, detach) launches no kernel and moves nothing; a foreach op launches as many kernels as
+PyTorch's multi_tensor_apply does (it fills a launch with up to 110, 64, 48, 36 or 30 tensors for
+1 to 5 tensor lists, and at most 320 blocks of 65,536 elements).
+"""
+
+import math
+from collections import Counter
+
+import torch
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+# multi_tensor_apply's limits (ATen's MultiTensorApply.cuh): tensors per launch by the number of
+# tensor lists, blocks per launch, elements per block.
+FOREACH_TENSORS = (110, 64, 48, 36, 30)
+FOREACH_BLOCKS, FOREACH_CHUNK = 320, 65536
+# Ops that allocate or describe a tensor without a kernel over its data.
+NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+             "lift_fresh", "detach", "_unsafe_view", "alias", "set_",
+             "_record_function_enter_new", "_record_function_exit"}
+# What a matmul's inputs are stored in, by the peak it runs at (conf/peaks/).
+KINDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+         torch.int8: "int8"}
+
+
+def _int8_scaled_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """bitsandbytes' LLM.int8 matmul: A (..., K) int8 times B (N, K) int8 transposed."""
+    return 2 * math.prod(a_shape[:-1]) * b_shape[0] * a_shape[-1]
+
+
+def flop_formulas() -> dict:
+    """FlopCounterMode's custom_mapping: the formulas PyTorch lacks (bitsandbytes', once it is
+    imported: only quantized cells load it)."""
+    formulas = {}
+    if hasattr(torch.ops, "bitsandbytes") and hasattr(torch.ops.bitsandbytes, "int8_scaled_mm"):
+        formulas[torch.ops.bitsandbytes.int8_scaled_mm] = _int8_scaled_mm_flop
+    return formulas
+
+
+class Work(TorchDispatchMode):
+    """Every op dispatched while `recording`: `ops` counts (kind, flops, bytes, launches, phase)
+    tuples, kind being the matmul inputs' dtype ("" for an op without FLOPs) and phase "update"
+    inside an optimizer's step (set by the caller), else "pass" (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.formulas = {**flop_counter.flop_registry,
+                         **{op: flop_counter.shape_wrapper(formula)
+                            for op, formula in flop_formulas().items()}}
+        self.ops = Counter()
+        self.recording, self.phase = False, "pass"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.recording:
+            self.ops[self._cost(func, args, kwargs, out)] += 1
+        return out
+
+    def _cost(self, func, args, kwargs, out) -> tuple:
+        packet = func._overloadpacket
+        name = packet.__name__
+        inputs = [value for value in tree_flatten((args, kwargs))[0]
+                  if isinstance(value, torch.Tensor)]
+        outputs = [value for value in tree_flatten(out)[0] if isinstance(value, torch.Tensor)]
+        if func.is_view or name in NO_KERNEL:
+            return ("", 0, 0, 0, self.phase)
+        flops = self.formulas[packet](*args, **kwargs, out_val=out) \
+            if packet in self.formulas else 0
+        kind = KINDS.get(inputs[0].dtype, "fp32") if flops and inputs else ""
+        moved = sum(_bytes(tensor) for tensor in inputs + outputs)
+        launches = _foreach_launches(args) if name.startswith("_foreach_") else 1
+        return (kind, int(flops), moved, launches, self.phase)
+
+
+def _bytes(tensor: torch.Tensor) -> int:
+    return min(tensor.numel() * tensor.element_size(), tensor.untyped_storage().nbytes())
+
+
+def _foreach_launches(args) -> int:
+    lists = [value for value in args if isinstance(value, (list, tuple)) and value
+             and isinstance(value[0], torch.Tensor)]
+    if not lists:
+        return 1
+    tensors = len(lists[0])
+    chunks = sum(math.ceil(tensor.numel() / FOREACH_CHUNK) for tensor in lists[0])
+    per_launch = FOREACH_TENSORS[min(len(lists), len(FOREACH_TENSORS)) - 1]
+    return max(1, math.ceil(tensors / per_launch), math.ceil(chunks / FOREACH_BLOCKS))
+
+
+def per_step(ops: Counter, grad_accum_steps: int) -> list:
+    """The ops of one optimizer step, as [kind, flops, bytes, launches, count] rows: the forward
+    and backward `grad_accum_steps` times, the update once."""
+    rows = Counter()
+    for (kind, flops, moved, launches, phase), count in ops.items():
+        if launches:
+            rows[(kind, flops, moved, launches)] += count * (
+                1 if phase == "update" else grad_accum_steps)
+    return [[*key, count] for key, count in sorted(rows.items())]
+
+
+def flops(rows: list) -> int:
+    return sum(row_flops * count for _, row_flops, _, _, count in rows)
+
+
+def flops_by_kind(rows: list) -> dict:
+    found = Counter()
+    for kind, row_flops, _, _, count in rows:
+        if row_flops:
+            found[kind] += row_flops * count
+    return dict(found)

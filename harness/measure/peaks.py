@@ -1,0 +1,92 @@
+"""What a device can do at most: the yardstick of each run's MFU and of the plan's predicted
+step time. A GPU's figures come from conf/peaks/ by the name NVML gives it (datasheet figures);
+this machine's CPU is measured once (a matmul per dtype, a large copy, a tiny op) and cached for
+the user, since a CPU has no datasheet figure a run could reach.
+
+A device is a dict: name, fp32 / bf16 / fp16 / int8 (dense matmul TFLOP/s, TOPS for int8; None
+where it has no units for that dtype), bandwidth_gbs, launch_us, source.
+"""
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from harness.core.files import write_whole
+
+KINDS = ("fp32", "bf16", "fp16", "int8")
+MATMUL_SIZE = 1024  # large enough for the CPU's matmul kernels to reach their pace
+COPY_MIB = 256  # beyond any CPU cache
+BENCH_S = 0.5  # per figure
+BENCH_VERSION = 1  # a change to the benchmark measures anew
+
+
+def of_gpu(peaks_cfg, gpu_name: str | None) -> dict | None:
+    """conf/peaks/'s figures for the GPU NVML calls `gpu_name`; None when it is not listed."""
+    if gpu_name is None or gpu_name not in peaks_cfg.gpus:
+        return None
+    figures = peaks_cfg.gpus[gpu_name]
+    return {"name": gpu_name, **{kind: figures.get(kind) for kind in KINDS},
+            "bandwidth_gbs": float(figures.bandwidth_gbs), "launch_us": float(peaks_cfg.launch_us),
+            "source": "conf/peaks/ (datasheet)"}
+
+
+def of_cpu(cache: Path | None = None) -> dict:
+    """This machine's CPU, measured with as many threads as torch uses, once: cached in `cache`
+    (default: the user's cache folder, since the figures are the machine's, not a project's)."""
+    name = platform.processor() or platform.machine()
+    key = f"cpu-v{BENCH_VERSION}-{torch.__version__}-{torch.get_num_threads()}t"
+    path = (cache or _user_cache()) / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    matmul = {kind: _matmul_tflops(dtype) for kind, dtype in
+              (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    device = {"name": f"CPU {name} ({torch.get_num_threads()} threads)",
+              "fp32": matmul["fp32"], "bf16": matmul["bf16"], "fp16": matmul["bf16"],
+              "int8": matmul["fp32"], "bandwidth_gbs": _copy_gbs(),
+              "launch_us": _launch_us(), "source": "measured on this machine"}
+    write_whole(path, lambda partial: partial.write_text(json.dumps(device)))
+    return device
+
+
+def _user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "harness" / "peaks"
+
+
+def _timed(run, minimum_s: float = BENCH_S) -> float:
+    """Seconds per call of `run`, the best of repeated calls over about `minimum_s`."""
+    run()  # warm-up: the first call allocates and picks kernels
+    best, spent = float("inf"), 0.0
+    while spent < minimum_s:
+        start = time.perf_counter()
+        run()
+        took = time.perf_counter() - start
+        best, spent = min(best, took), spent + took
+    return best
+
+
+def _matmul_tflops(dtype: torch.dtype) -> float:
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE).to(dtype)
+    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE).to(dtype)
+    return 2 * MATMUL_SIZE ** 3 / _timed(lambda: torch.mm(a, b)) / 1e12
+
+
+def _copy_gbs() -> float:
+    source = torch.ones(COPY_MIB * 2 ** 20 // 4)
+    target = torch.empty_like(source)
+    return 2 * source.nbytes / _timed(lambda: target.copy_(source)) / 1e9  # read and write
+
+
+def _launch_us() -> float:
+    """An op on one element: what the host spends on any op beyond its data."""
+    one = torch.ones(1, requires_grad=True)
+    calls = 1000
+
+    def run():
+        for _ in range(calls):
+            one * 2.0
+
+    return _timed(run) / calls * 1e6
