@@ -63,7 +63,7 @@ def train(engine, train_loader, validation_loader, cfg, device: torch.device, lo
     of the validation split) eval_rouge1, eval_rouge2, ... per epoch."""
     train_cfg, precision = cfg.train, cfg.precision.name
     family = families.of(cfg.model)
-    world, causal = engine.world, cfg.model.family == "causal"
+    world, causal = engine.world, family.name == "causal"
     torch.manual_seed(train_cfg.seed)
     total_steps, epochs = optimizer_steps(train_cfg, len(train_loader))
     updates = engine.updates(cfg, total_steps)

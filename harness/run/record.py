@@ -107,12 +107,17 @@ def record_cost(record: CellRecord, cfg: DictConfig) -> None:
     """cost_usd and train_tokens_per_usd at the price of the GPU the cell held (conf/cost/),
     with the price and where it comes from as tags; nothing where no price is known."""
     trained = {key: record.latest.get(key) for key in ("train_time_s", "train_tokens")}
-    found = gpus.describe([record.gpu]) if record.gpu is not None else []
-    rate = cost.price(cfg.cost, found[0]["name"] if found else None)
+    rate = cost.price(cfg.cost, _gpu_name(record))
     if None in trained.values() or rate is None:
         return
     record.journal.metrics(cost.of_run(rate[0], **trained), 0, _now_ms())
     record.journal.tags({"cost_usd_per_hour": f"{rate[0]:g}", "cost_price_from": rate[1]})
+
+
+def _gpu_name(record: CellRecord) -> str | None:
+    """The name NVML gives the GPU the cell held; None without one, or when NVML cannot tell."""
+    found = gpus.describe([record.gpu]) if record.gpu is not None else []
+    return found[0]["name"] if found else None
 
 
 def record_datasets(record: CellRecord, cfg: DictConfig, cell_cfg: dict) -> None:
@@ -158,9 +163,7 @@ def record_work(record: CellRecord, cfg: DictConfig, cell_cfg: dict, lengths: di
     work_rows = estimate.step_work(cell_cfg, lengths, cfg.cache_dir)
     flops = work.flops(work_rows)
     figures = {"train_flops_per_step": flops}
-    found = gpus.describe([record.gpu]) if record.gpu is not None else []
-    device = (peaks.of_gpu(cfg.peaks, found[0]["name"]) if found
-              else None if record.gpu is not None else peaks.of_cpu())
+    device = peaks.of_cpu() if record.gpu is None else peaks.of_gpu(cfg.peaks, _gpu_name(record))
     steps, step_s = record.latest.get("train_steps"), record.latest.get("step_time_mean_s")
     if device is not None:
         predicted = timing.step_seconds(work_rows, device)["step_s"]

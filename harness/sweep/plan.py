@@ -184,14 +184,13 @@ def _time_columns(job: DictConfig, work_rows: list, gpu_name: str | None,
     if device is None:
         return found
     predicted = timing.step_seconds(work_rows, device)
-    step_s = predicted["step_s"]
+    model_s = predicted["step_s"]  # the time model's own
+    step_s = model_s * (correction[0] if correction is not None else 1.0)
     found.update(predicted_step_s=step_s,
-                 bound=", ".join(f"{name} {predicted[name] / step_s:.0%}"
+                 bound=", ".join(f"{name} {predicted[name] / model_s:.0%}"
                                  for name in timing.BOUNDS if predicted[name]))
     if correction is not None:
-        step_s = step_s * correction[0]
-        found.update(predicted_step_s_uncorrected=found["predicted_step_s"],
-                     predicted_step_s=step_s, time_correction=correction[0],
+        found.update(predicted_step_s_uncorrected=model_s, time_correction=correction[0],
                      corrected_from=f"{correction[1]} {job.method.name} runs on {gpu_name}")
     rows = sources.train_rows(job.data)
     if rows is None and job.train.max_steps is None:
@@ -201,8 +200,7 @@ def _time_columns(job: DictConfig, work_rows: list, gpu_name: str | None,
     ranks = job.strategy.nproc_per_node * job.strategy.nnodes
     found.update(train_steps=steps, predicted_train_min=step_s * steps / 60)
     if correction is not None:
-        found["predicted_train_min_uncorrected"] = found["predicted_step_s_uncorrected"] \
-            * steps / 60
+        found["predicted_train_min_uncorrected"] = model_s * steps / 60
     price = cost.price(job.cost, gpu_name)
     if price is not None:
         found["predicted_cost_usd"] = found["predicted_train_min"] / 60 * ranks * price[0]
