@@ -52,13 +52,16 @@ def _exactly_once(client, run, name: str) -> tuple[int, int]:
 def test_a_runner_killed_outright_leaves_no_process_and_its_run_is_closed(tmp_path,
                                                                           fault_figures):
     store = folder_store_overrides(tmp_path, "vanished")
-    cell = [*QUICK, "train.max_steps=100"]
+    # Long enough that the cell still trains when its first steps reach the store (a second
+    # after they are taken): a 100-step tiny cell could end first on a fast machine.
+    cell = [*QUICK, "train.max_steps=400"]
     runner = _harness(tmp_path, *cell, *store)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     try:
         training = wait_until_training(client, "vanished", runner, seed=42)
         started = psutil.Process(runner.pid).children(recursive=True)
-        assert int(training.data.tags["pid"]) in {process.pid for process in started}
+        assert int(training.data.tags["pid"]) in {process.pid for process in started}, (
+            "the cell ended before the test looked: give it more steps")
         killed_at = time.monotonic()
         os.kill(runner.pid, signal.SIGKILL)  # as the OOM killer, or a node's reboot, does
         runner.wait(timeout=30)
