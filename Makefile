@@ -15,7 +15,7 @@ TRACKING_URI ?= sqlite:///mlflow.db
 BACKEND_STORE_URI ?= postgresql://harness:harness@127.0.0.1:5432/harness
 ARTIFACTS ?= mlartifacts
 
-.PHONY: help install test test-fast bench faults demo plan sweep report sync ui server gpu-wheels \
+.PHONY: help install test test-fast bench faults docs demo plan sweep report sync ui server gpu-wheels \
 	gpu-rehearsal gpu-check
 
 # The first target: `make` alone prints this.
@@ -32,6 +32,7 @@ help:
 	@echo "make server             a shared MLflow tracking server (PostgreSQL)"
 	@echo "make bench              the benchmarks, into reports/bench/"
 	@echo "make faults             the fault suite on real processes, into reports/faults.md"
+	@echo "make docs               docs/configuration.md from the schema (harness/config/schema.py)"
 	@echo "make gpu-wheels         .whl/: the wheels the lent GPU machine lacks (docs/gpu-check.md)"
 	@echo "make gpu-rehearsal      the GPU machine's set-up rehearsed here, offline, on the CPU"
 	@echo "make gpu-check          on a CUDA GPU: reference rows, estimates, benchmarks"
@@ -61,6 +62,10 @@ bench: $(INSTALL)
 # The PostgreSQL cases need a server: eval "$$(bash .ci/services.sh)" first (as CI does).
 faults: $(INSTALL)
 	$(PY) bench/faults.py $(ARGS)
+
+# The configuration reference, generated from the schema; tests/test_schema.py checks it is current.
+docs: $(INSTALL)
+	$(PY) -m harness.config.keys --markdown > docs/configuration.md
 
 # The demo grid, then its tiny LLaMA cells (bf16 without master weights), into one experiment.
 # The demo's report ends with the reference table's plan: what flan-t5 needs on the study's A10G

@@ -29,7 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FAULT_TESTS = [
     "tests/test_faults.py",
-    "tests/test_bad_inputs.py::test_hostile_inputs_are_refused_before_any_model_loads",
+    "tests/test_bad_inputs.py::test_every_bad_input_is_refused_cleanly",
+    "tests/test_faults.py::test_a_full_disk_mid_cell_ends_it_failed_and_loses_nothing",
     "tests/test_isolation.py::test_failures_inside_a_sweep_end_with_their_status_and_spare_the_"
     "others",
     "tests/test_isolation.py::test_a_terminated_run_ends_killed_with_its_memory_trace_and_runs_"
@@ -77,7 +78,7 @@ def render(found: list[dict], outcomes: dict, seconds: float, machine: str) -> s
     for test, outcome in outcomes.items():
         entry = by_test.get(test, {})
         numbers = ", ".join(f"{key.replace('_', ' ')}: {value}" for key, value in entry.items()
-                            if key not in ("test", "fault", "checked"))
+                            if key not in ("test", "fault", "checked", "cases"))
         lines.append(f"| {entry.get('fault', test)} | {entry.get('checked', '')} | "
                      f"{numbers or '—'} | {outcome} |")
     lost = sum(entry.get("lost", 0) for entry in found)
@@ -86,7 +87,23 @@ def render(found: list[dict], outcomes: dict, seconds: float, machine: str) -> s
                   f"or cell, "
                   f"{sum(entry.get('runs_left_running', 0) for entry in found)} runs left "
                   "RUNNING.", ""]
+    for entry in found:
+        if "cases" in entry:
+            lines += _bad_inputs(entry)
     return "\n".join(lines)
+
+
+def _bad_inputs(entry: dict) -> list[str]:
+    """The bad-input table: each input as `python -m harness` was given it, and its refusal."""
+    lines = ["## Bad inputs", "",
+             f"{entry['tried']} inputs tried, {entry['refused_cleanly']} refused cleanly (exit "
+             "code 2, one line naming the key or file, under 1,000 characters, no traceback, no "
+             f"run left), {entry['silently_wrong']} silently wrong (accepted and run).", "",
+             "| input | exit code | the refusal (its start) |", "|---|---|---|"]
+    for case in entry["cases"]:
+        message = case["message"].replace("|", "\\|").replace("<", "&lt;")
+        lines.append(f"| {case['input']} | {case['exit code']} | {message} |")
+    return lines + [""]
 
 
 def machine() -> tuple[str, str | None]:

@@ -31,7 +31,10 @@ without_a_gpu = pytest.mark.skipif(bool(gpus.describe(gpus.candidates(None))),
 
 
 def compose_cell(*overrides: str):
-    """The config `python -m harness <overrides>` would run, composed by Hydra."""
+    """The config `python -m harness <overrides>` would run, composed by Hydra (with the schema
+    registered, as the command's imports register it)."""
+    from harness.config import schema  # noqa: F401
+
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
@@ -211,3 +214,30 @@ def published_plans(tmp_path_factory):
                             create_experiment=False)
             for name in ("peft_table", "opencalm", "lomo_table")}
 
+
+
+class Pauses:
+    """The test's side of harness/core/pauses.py: a process started with `environment` waits at
+    each pause point until the test lets it go, so that a test catches it at that moment on any
+    machine, fast or slow."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.environment = {**os.environ, "HARNESS_TEST_PAUSE": str(folder)}
+
+    def reached(self, point: str, process: subprocess.Popen, timeout_s: float = 600) -> int:
+        """The pid of the process that waits at `point`, once one does. AssertionError where
+        `process` ends first, or none gets there within `timeout_s` (a hung process)."""
+        found = self.folder / f"{point}.reached"
+        deadline = time.monotonic() + timeout_s
+        while not found.exists():
+            if process.poll() is not None:
+                raise AssertionError(f"the process ended (code {process.returncode}) before "
+                                     f"pause point {point}")
+            assert time.monotonic() < deadline, f"no process reached {point} in {timeout_s} s"
+            time.sleep(0.05)
+        return int(found.read_text())
+
+    def go(self, point: str) -> None:
+        (self.folder / f"{point}.go").touch()

@@ -166,7 +166,7 @@ def test_lengths_and_padding_are_checked_before_anything_loads(key, value):
     cfg = compose_cell(f"data.{key}={value}")
     with pytest.raises(ConfigError) as error:
         validation.validate(cfg)
-    assert f"data.{key}={value!r}" in str(error.value)
+    assert str(error.value).startswith(f"data.{key}={value}; expected ")
     assert ("p85" in str(error.value)) or ("max_length" in str(error.value))
 
 

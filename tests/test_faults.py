@@ -22,6 +22,7 @@ from harness.measure.nvml import init_nvml, visible_devices
 from harness.tracking import claims, journal, mlflow_store, runs
 from tests.conftest import (
     REPO,
+    Pauses,
     folder_store_overrides,
     free_port,
     mlflow_serving,
@@ -391,3 +392,74 @@ def test_make_faults_names_tests_that_exist():
                             *faults.GPU_FAULT_TESTS], cwd=REPO, text=True, capture_output=True,
                            timeout=300)
     assert found.returncode == 0, found.stdout[-3000:] + found.stderr[-3000:]
+
+
+@contextlib.contextmanager
+def _small_disk(folder, size: str):
+    """A tmpfs of `size` at `folder` while the block runs (True), where this user may mount
+    one; else nothing (False)."""
+    folder.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def _fill(folder) -> None:
+    """Write into `folder` until its disk is full."""
+    with open(folder / "filler", "wb") as filler:
+        with contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\0" * (1 << 20))
+                filler.flush()
+
+
+@pytest.mark.slow
+def test_a_full_disk_mid_cell_ends_it_failed_and_loses_nothing(tmp_path, fault_figures):
+    """The disk that holds the cell's scratch folder, its cache and the run's journal fills up
+    while the cell waits at its evaluation (an explicit pause point): the cell ends failed,
+    saying so and in which phase, the command exits 3, the run is closed, and every step it
+    trained reaches the store. Where no tmpfs can be mounted, the cell's file size limit is set
+    to zero instead (the same failure through EFBIG)."""
+    pauses = Pauses(tmp_path / "pauses")
+    with _small_disk(tmp_path / "disk", "64m") as mounted:
+        disk = tmp_path / "disk"
+        (disk / "tmp").mkdir()
+        cell = subprocess.Popen(
+            [sys.executable, "-m", "harness", *QUICK, "train.max_steps=5",
+             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment=full_disk",
+             f"tracking.journal_dir={disk}/journal", f"cache_dir={disk}/cache"],
+            cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env={**pauses.environment, "TMPDIR": str(disk / "tmp")})
+        try:
+            pauses.go("train")  # the first step need not wait
+            pid = pauses.reached("eval", cell)
+            if mounted:
+                _fill(disk)
+            else:
+                import resource
+
+                resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, 0))
+            pauses.go("eval")
+            output, _ = cell.communicate(timeout=600)
+        finally:
+            cell.kill()
+    assert cell.returncode == 3, output[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = _experiment_runs(client, "full_disk")
+    reason = run.data.tags["status_reason"]
+    assert (run.info.status, run.data.tags["status"]) == ("FAILED", "failed")
+    assert reason.startswith("eval: ") and ("no space left on the device" in reason
+                                           if mounted else "file size limit" in reason), reason
+    assert _exactly_once(client, run, "train_loss") == (5, 5)  # every trained step kept
+    assert "Traceback" not in output.split("[harness]")[-1]
+    fault_figures.update(
+        fault="a full disk mid-cell (" + ("a tmpfs filled" if mounted else
+                                          "the cell's file size limit set to 0") + ")",
+        checked="the cell ends failed with the phase and the cause, exit code 3, the run "
+                "closed, every trained step in the store",
+        **run_figures([run], 1), train_steps_kept=5)

@@ -42,13 +42,16 @@ from tqdm import tqdm
 
 from harness.cell import evaluate, infer
 from harness.cell.train import train
+from harness.core import pauses
+from harness.core.errors import disk_full
 from harness.core.options import ADAPTER_METHODS, FUSED_METHODS
 from harness.core.units import MIB
 from harness.data import checks, encoding, sources
 from harness.measure import accounting
 from harness.model import families, methods, models
 from harness.model.training_step import Diverged, synchronize
-from harness.strategy import launch, nodes, world as ranks
+from harness.strategy import launch, nodes
+from harness.strategy import world as ranks
 from harness.strategy.engines import Engine
 
 
@@ -111,6 +114,8 @@ def _outcome(cell) -> tuple[str, str]:
         last_line = f"{type(error).__name__}: {error}".strip().splitlines()[-1]
         if _out_of_memory(error):
             return "oom", last_line
+        if disk_full(error):
+            return "failed", disk_full(error)
         traceback.print_exc()
         return "failed", last_line
 
@@ -277,6 +282,7 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
 
     if text is not None:
         with log.phase("eval"):
+            pauses.at("eval")  # a test's moment: training is over, generation is next
             eval_start = time.perf_counter()
             with engine.evaluating() as evaluated:
                 scores, references, predictions = _rouge(evaluated, tokenizer, splits["test"],

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.cell import evaluate
+from harness.core import pauses
 from harness.model import families
 from harness.model.tokenizers import IGNORED_LABEL
 from harness.model.training_step import Diverged, forward, optimizer_steps, synchronize
@@ -107,6 +108,8 @@ def train(engine, train_loader, validation_loader, cfg, device: torch.device, lo
                 progress.update()
                 if step % train_cfg.log_every_steps == 0 or step == total_steps:
                     log_metrics({"train_loss": batch_loss.item(), **updates.rates()}, step)
+                if step == 1:
+                    pauses.at("train")  # a test's moment: the cell is training
                 synchronize(device)
                 now = time.perf_counter()
                 result.step_times_s.append(now - step_start)

@@ -11,10 +11,7 @@ STUDY_TOKENS_PER_USD = {"AWS g5.xlarge (one A10G), the study's": 5_000_000,
 
 
 def check(cost_cfg) -> None:
-    if cost_cfg.usd_per_hour is not None and not (
-            isinstance(cost_cfg.usd_per_hour, (int, float)) and cost_cfg.usd_per_hour > 0):
-        raise ConfigError(f"cost.usd_per_hour={cost_cfg.usd_per_hour!r}; expected a positive "
-                          "price in US dollars per GPU-hour, or null")
+    """cost.instance among cost.prices (the price's range is its declaration's)."""
     if cost_cfg.instance is not None and cost_cfg.instance not in cost_cfg.prices:
         raise ConfigError(f"cost.instance={cost_cfg.instance!r}; expected one of "
                           f"{', '.join(cost_cfg.prices)} (conf/cost/default.yaml), or set "

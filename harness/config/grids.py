@@ -11,7 +11,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, open_dict
 
-from harness.core.errors import ConfigError
+from harness.config import keys
+from harness.core.errors import ConfigError, shown
+from harness.core.files import name_problem
 from harness.core.options import CONF_DIR
 
 EXPERIMENTS = CONF_DIR.parent / "experiments"
@@ -20,20 +22,34 @@ EXPERIMENTS = CONF_DIR.parent / "experiments"
 def compose_experiment(name: str, overrides: list[str]) -> list[DictConfig]:
     """Every job of an experiment, composed as `make sweep EXP=name ARGS=...` composes them;
     overrides may sweep (method.r=4,8)."""
-    if not (EXPERIMENTS / f"{name}.yaml").exists():
-        known = sorted(path.stem for path in EXPERIMENTS.glob("*.yaml"))
-        raise ConfigError(f"no experiment {name!r}; expected one of {', '.join(known)} "
+    _check_yaml(experiment_file(name))
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        fixed = [text for text, override in zip(overrides, parsed)
+                 if not override.is_sweep_override()]
+        with initialize_config_dir(config_dir=str(EXPERIMENTS), version_base="1.3"):
+            sweep_config = compose(name, overrides=[*fixed, f"hydra.searchpath=[file://"
+                                                             f"{CONF_DIR}]"],
+                                   return_hydra_config=True)
+            with open_dict(sweep_config):
+                sweep_config.hydra.overrides.task = overrides
+            return cells(sweep_config)
+    except Exception as error:  # noqa: BLE001 - what Hydra refused, said as a refusal
+        refusal = keys.refusal(error)
+        if refusal is None:
+            raise
+        raise refusal from None
+
+
+def experiment_file(name: str) -> Path:
+    """experiments/<name>.yaml; ConfigError where there is none (a name with a path in it
+    included: its report would be written outside reports/)."""
+    path = EXPERIMENTS / f"{name}.yaml"
+    if name_problem(name) is not None or not path.is_file():
+        known = sorted(found.stem for found in EXPERIMENTS.glob("*.yaml"))
+        raise ConfigError(f"no experiment {shown(name)!r}; expected one of {', '.join(known)} "
                           "(experiments/<name>.yaml)")
-    _check_yaml(EXPERIMENTS / f"{name}.yaml")
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    fixed = [text for text, override in zip(overrides, parsed) if not override.is_sweep_override()]
-    with initialize_config_dir(config_dir=str(EXPERIMENTS), version_base="1.3"):
-        sweep_config = compose(name, overrides=[*fixed, f"hydra.searchpath=[file://"
-                                                         f"{CONF_DIR}]"],
-                               return_hydra_config=True)
-        with open_dict(sweep_config):
-            sweep_config.hydra.overrides.task = overrides
-        return cells(sweep_config)
+    return path
 
 
 def _check_yaml(path: Path) -> None:

@@ -45,6 +45,8 @@ SINCE = {
     "eval.loss_max_batches": ("0.2.0", "auto", ABSENT),
     # true: trained weights in float32, as every cell kept them before the key came.
     "precision.master_weights": ("0.2.0", True, ABSENT),
+    # null: a local file's columns read by their own names, as they were before the key came.
+    "data.columns": ("0.3.0", None, ABSENT),
 }
 
 

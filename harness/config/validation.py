@@ -1,38 +1,28 @@
-"""The resolved config of a cell: validation before any work, its identity, and its params.
-
-Hydra already refuses unknown group options (model=..., method=...) and lists the valid ones;
-this module checks what Hydra cannot: values, combinations and user data.
+"""A composed config checked before any work: each key against its declaration
+(harness/config/keys.py), then what no single key's declaration can say, each rule once: the
+combinations of method, precision and strategy, what this machine can run, and the files and
+stores the run will write to.
 """
 
-import difflib
-import functools
 import importlib.util
+import os
+import re
 import tempfile
 import urllib.parse
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from harness.config import cost
-from harness.core.errors import ConfigError
+from harness.config import cost, keys
+from harness.core.errors import ConfigError, shown
 from harness.core.options import (
     ADAPTER_METHODS,
-    ATTENTION,
-    CELL_GROUPS,
-    CONF_DIR,
     DEEPSPEED_STRATEGIES,
-    FAMILIES,
     FUSED_METHODS,
     HALF_PRECISIONS,
-    MODEL_SOURCES,
-    NF4_OPTIONS,
-    OPTIMIZERS,
-    OTHER_GROUPS,
     PAGED_OPTIMIZERS,
     QUANTIZED,
     SHARDED_STRATEGIES,
-    START_METHODS,
-    TOKENIZERS,
 )
 from harness.data import checks
 from harness.measure import gpus
@@ -51,7 +41,7 @@ def invalid_cell_reason(cfg: DictConfig) -> str | None:
     targets = cfg.method.get("target_modules")
     known = cfg.model.get("lora_targets")
     if method in ADAPTER_METHODS and known and not set(targets) <= set(known):
-        return (f"method.target_modules={list(targets)} names modules that model="
+        return (f"method.target_modules={shown(list(targets))} names modules that model="
                 f"{cfg.model.name} ({cfg.model.architecture.model_type}) does not have: its LoRA "
                 f"targets are {', '.join(known)} (default {list(cfg.model.default_lora_targets)})")
     if cfg.model.family == "seq2seq" and cfg.data.get("train_on_inputs"):
@@ -154,82 +144,24 @@ def check_machine(cfg: DictConfig, cuda: bool) -> None:
                           "child cannot use it; use runner.start_method=spawn (or auto)")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError naming the bad value, what was expected and what to do."""
-    _check_known_keys(cfg)
-    source = cfg.model.source
-    if source not in MODEL_SOURCES and not Path(source).is_dir():
-        raise ConfigError(f"model.source={source!r} is neither {' nor '.join(MODEL_SOURCES)} nor "
-                          "an existing folder: use hub, random, or the path of a saved model")
-    if source == "hub" and not cfg.model.hub_id:
+def validate(cfg: DictConfig, sweep: bool = False) -> None:
+    """Raise ConfigError naming the bad value, what was expected and what to do: first every key
+    against its declaration (harness/config/keys.py: types, ranges, choices, unknown keys), then
+    the rules between keys, then the files and stores the run will use. `sweep`: a grid point
+    of a sweep (a LoRA key on a method without adapters is the sweep's rank axis)."""
+    keys.check(cfg, sweep)
+    if cfg.model.source == "hub" and not cfg.model.hub_id:
         raise ConfigError(f"model={cfg.model.name} has model.source=hub but no model.hub_id: "
                           "set model.hub_id, or use model.source=random to build it offline")
-    if cfg.model.tokenizer not in TOKENIZERS:
-        raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r}; expected one of "
-                          f"{', '.join(TOKENIZERS)}")
-    if cfg.model.family not in FAMILIES:
-        raise ConfigError(f"model.family={cfg.model.family!r}; expected seq2seq (encoder-decoder "
-                          "such as T5) or causal (decoder-only such as GPT-NeoX)")
-    if cfg.precision.name == "nf4":
-        for key, choices in NF4_OPTIONS.items():
-            if cfg.precision[key] not in choices:
-                raise ConfigError(f"precision.{key}={cfg.precision[key]!r}; expected one of "
-                                  f"{', '.join(choices)}")
-    if cfg.model.attn_implementation not in ATTENTION:
-        raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation!r}; expected "
-                          "sdpa (PyTorch's fused attention) or eager (matmul and softmax)")
-    if not isinstance(cfg.precision.master_weights, bool):
-        raise ConfigError(f"precision.master_weights={cfg.precision.master_weights!r}; expected "
-                          "true (bf16 / fp16: trained weights kept in float32 under autocast) or "
-                          "false (trained in the half dtype itself, optimizer state included)")
-    if not isinstance(cfg.train.gradient_checkpointing, bool):
-        raise ConfigError(f"train.gradient_checkpointing={cfg.train.gradient_checkpointing!r}; "
-                          "expected true or false")
-    if cfg.method.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"method.optimizer={cfg.method.optimizer!r}; expected one of "
-                          f"{', '.join(OPTIMIZERS)}")
     if cfg.method.name == "lomo" and cfg.method.optimizer != "sgd":
         raise ConfigError(f"method=lomo with method.optimizer={cfg.method.optimizer!r}: LOMO "
                           "updates every weight by SGD inside backward; use method.optimizer=sgd, "
                           "or method=full for AdamW")
-    if cfg.method.name == "lora_lomo":
-        _check_positive(cfg, "method.lr_base")
-    if cfg.method.name in ADAPTER_METHODS:
-        _check_positive(cfg, "method.r", integer=True)
-        _check_positive(cfg, "method.alpha")
-        if not 0 <= cfg.method.dropout < 1:
-            raise ConfigError(f"method.dropout={cfg.method.dropout}; expected 0 <= dropout < 1")
-        if not cfg.method.target_modules:
-            raise ConfigError("method.target_modules is empty; expected module names such as "
-                              "[q,v] (T5 attention: q, k, v, o; feed-forward: wi_0, wi_1, wo; "
-                              "GPT-NeoX and BLOOM: query_key_value, dense, ...)")
-    for key in ("train.batch_size", "train.grad_accum_steps", "train.epochs", "eval.batch_size",
-                "eval.num_beams", "eval.max_new_tokens", "eval.infer_batch_size",
-                "eval.infer_examples", "eval.infer_new_tokens"):
-        _check_positive(cfg, key, integer=True)
-    if not (isinstance(cfg.eval.infer, bool) or cfg.eval.infer == "auto"):
-        raise ConfigError(f"eval.infer={cfg.eval.infer!r}; expected true (the inference "
-                          "benchmark after evaluation), false, or auto (on unless the cell only "
-                          "measures memory on a CPU)")
-    if cfg.eval.loss_max_batches not in ("auto", None):
-        _check_positive(cfg, "eval.loss_max_batches", integer=True)
-    if cfg.eval.max_samples is not None:
-        _check_positive(cfg, "eval.max_samples", integer=True)
-    _check_positive(cfg, "train.lr")
-    for key in ("sampler.interval_ms", "sampler.metric_max_points", "sampler.csv_max_rows"):
-        _check_positive(cfg, key, integer=key != "sampler.interval_ms")
-    if cfg.runner.cpu_memory_limit_mib is not None:
-        _check_positive(cfg, "runner.cpu_memory_limit_mib")
+    if cfg.method.name in ADAPTER_METHODS and not cfg.method.target_modules:
+        raise ConfigError("method.target_modules is empty; expected module names such as "
+                          "[q,v] (T5 attention: q, k, v, o; feed-forward: wi_0, wi_1, wo; "
+                          "GPT-NeoX and BLOOM: query_key_value, dense, ...)")
     cost.check(cfg.cost)
-    if cfg.runner.start_method not in START_METHODS:
-        raise ConfigError(f"runner.start_method={cfg.runner.start_method!r}; expected one of "
-                          f"{', '.join(START_METHODS)} (each cell in a fresh process)")
-    skip = cfg.train.throughput_skip_steps
-    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
-        raise ConfigError(f"train.throughput_skip_steps={skip!r}; expected an integer >= 0")
-    if cfg.train.max_steps is not None and cfg.train.max_steps < 0:
-        raise ConfigError(f"train.max_steps={cfg.train.max_steps}; expected null (train for "
-                          "train.epochs) or a number of optimizer steps >= 0")
     _check_strategy(cfg)
     _check_tracking(cfg)
     _check_writable(cfg.cache_dir, "cache_dir", "the tokenized data, the simulated steps' "
@@ -253,9 +185,6 @@ def _check_writable(folder: str, key: str, holds: str) -> None:
 
 def _check_strategy(cfg: DictConfig) -> None:
     strategy = cfg.strategy
-    for key in ("strategy.nproc_per_node", "strategy.nnodes"):
-        _check_positive(cfg, key, integer=True)
-    _check_positive(cfg, "strategy.timeout_s")
     if strategy.name == "single" and strategy.nproc_per_node * strategy.nnodes != 1:
         raise ConfigError(f"strategy=single runs one process, and strategy.nproc_per_node="
                           f"{strategy.nproc_per_node} / strategy.nnodes={strategy.nnodes} ask for "
@@ -265,9 +194,6 @@ def _check_strategy(cfg: DictConfig) -> None:
                           f"{strategy.nnodes - 1} (strategy.nnodes={strategy.nnodes}), or null "
                           "(from the SLURM job)")
     if strategy.name in DEEPSPEED_STRATEGIES:
-        if strategy.stage not in (2, 3):
-            raise ConfigError(f"strategy.stage={strategy.stage!r}; expected 2 (optimizer state "
-                              "and gradients sharded) or 3 (weights too)")
         if strategy.offload_param and strategy.stage != 3:
             raise ConfigError("strategy.offload_param=true needs strategy.stage=3: only ZeRO-3 "
                               "shards the weights it would keep on the host; use strategy="
@@ -275,57 +201,85 @@ def _check_strategy(cfg: DictConfig) -> None:
 
 
 def _check_tracking(cfg: DictConfig) -> None:
-    """The store's address, and the runner's timings of claims, heartbeats and the journal."""
+    """The store's address and file, where the runs' journal and artifacts go, and the runner's
+    timings of heartbeats: each refused before any run exists, so that none is left RUNNING."""
     uri = cfg.tracking.uri
     parts = urllib.parse.urlsplit(uri)
-    if not (uri.startswith("sqlite:///") and len(uri) > len("sqlite:///")) \
-            and parts.scheme not in ("http", "https"):
-        raise ConfigError(f"tracking.uri={uri!r}; expected sqlite:///<file> (tracking=local) or "
-                          "the http(s):// address of an MLflow server (tracking=server)")
+    shown_uri = masked(uri)
     if parts.password is not None or parts.username is not None:
-        shown = uri.replace(parts.netloc, f"***@{parts.hostname}"
-                                          + (f":{parts.port}" if parts.port else ""))
-        raise ConfigError(f"tracking.uri={shown} has credentials inside it, which every run "
+        raise ConfigError(f"tracking.uri={shown_uri} has credentials inside it, which every run "
                           "would log as a param; give the address alone and the credentials "
                           "in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
-    for key in ("runner.heartbeat_s", "runner.stale_after_s"):
-        _check_positive(cfg, key)
+    if uri.startswith("sqlite:///") and len(uri) > len("sqlite:///"):
+        _check_sqlite_store(Path(uri.removeprefix("sqlite:///")), uri)
+    elif parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"tracking.uri={shown(uri)!r}; expected sqlite:///<file> "
+                          "(tracking=local) or the http(s):// address of an MLflow server "
+                          "(tracking=server)")
     if cfg.runner.stale_after_s <= 2 * cfg.runner.heartbeat_s:
         raise ConfigError(f"runner.stale_after_s={cfg.runner.stale_after_s} is not more than "
                           f"twice runner.heartbeat_s={cfg.runner.heartbeat_s}: live runs on other "
                           "hosts would be closed as vanished; raise stale_after_s")
-    for key in ("runner.claim_settle_s", "tracking.deliver_wait_s"):
-        value = OmegaConf.select(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError(f"{key}={value!r}; expected a number of seconds >= 0")
+    _check_writable(cfg.tracking.journal_dir, "tracking.journal_dir", "each run's journal, "
+                    "written before the store takes it")
+    location = cfg.tracking.artifact_location
+    if location is not None and urllib.parse.urlsplit(location).scheme in ("", "file"):
+        _check_writable(urllib.parse.urlsplit(location).path, "tracking.artifact_location",
+                        "a new experiment's artifacts")
 
 
-def _check_known_keys(cfg: DictConfig) -> None:
-    """Refuse a key that no option of its group has (`+method.rank=4`): nothing would read it,
-    and the cell would run with the default it meant to change."""
-    for group in (*CELL_GROUPS, *OTHER_GROUPS):
-        known = _group_keys(group)
-        for key in cfg[group]:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f"did you mean {group}.{close[0]}? " if close else ""
-                raise ConfigError(f"{group}.{key}: no option of the {group} group has this key, "
-                                  f"so nothing would read it; {hint}the keys of {group} are "
-                                  f"{', '.join(sorted(known))}")
+# The first bytes of every SQLite database file.
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
-@functools.cache
-def _group_keys(group: str) -> set:
-    """Every top-level key of the options of a config group (conf/<group>/*.yaml), and its
-    nested groups (conf/data/template/)."""
-    folder = CONF_DIR / group
-    return ({key for path in folder.glob("*.yaml") for key in OmegaConf.load(path)
-             if key != "defaults"} | {path.name for path in folder.iterdir() if path.is_dir()})
+def _check_sqlite_store(path: Path, uri: str) -> None:
+    """ConfigError where the sqlite store cannot be a database this user writes: a folder, a
+    file of another kind, a file or folder without write permission."""
+    if path.is_dir():
+        raise ConfigError(f"tracking.uri={shown(uri)} names a folder; expected the path of an "
+                          f"sqlite file (it is made if missing): e.g. tracking.uri=sqlite:///"
+                          f"{path / 'mlflow.db'}")
+    if path.exists():
+        try:
+            with open(path, "rb") as file:
+                header = file.read(len(SQLITE_HEADER))
+        except OSError as error:
+            raise ConfigError(f"tracking.uri={shown(uri)} cannot be read ({error.strerror}); "
+                              "expected an sqlite file this user can read and write: fix its "
+                              "permissions or choose another") from None
+        if header and header != SQLITE_HEADER:
+            raise ConfigError(f"tracking.uri={shown(uri)} is not an SQLite database (it starts "
+                              f"with {header[:8]!r}); expected an MLflow sqlite store or a new "
+                              "file: choose another path")
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"tracking.uri={shown(uri)} is read-only for this user; "
+                              "expected an sqlite file it can write: fix its permissions "
+                              f"(chmod u+w {path}) or choose another")
+    _check_writable(str(path.parent), "tracking.uri", "the sqlite store (and its lock file)")
 
 
-def _check_positive(cfg: DictConfig, key: str, integer: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
-    kind = "integer" if integer else "number"
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
-            or value <= 0:
-        raise ConfigError(f"{key}={value!r}; expected a positive {kind}")
+def masked(uri: str) -> str:
+    """`uri` with any user and password in it replaced by ***."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return shown(uri)
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return shown(urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}")))
+
+
+# scheme://user[:password]@host anywhere in a command line argument.
+CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s@]+@")
+
+
+def check_arguments(arguments: list[str]) -> None:
+    """ConfigError for a command-line argument with credentials inside a URI, before Hydra
+    writes the overrides into its output folder (.hydra/) where others may read them."""
+    for argument in arguments:
+        found = CREDENTIALS.search(argument)
+        if found:
+            key, _, value = argument.partition("=")
+            raise ConfigError(f"{key.lstrip('+')}={masked(value)}: an argument holds "
+                              "credentials inside a URI, which would be written to the run's "
+                              "folder and logged; give the address alone and the credentials in "
+                              "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or the "
+                              "store's own variables)")

@@ -2,6 +2,7 @@
 choice a key may take. Imports nothing, so that a config error is refused before torch loads.
 """
 
+import re
 from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the Hydra config groups
@@ -28,3 +29,5 @@ STRATEGIES = ("single", "ddp", "fsdp", "fsdp_offload", "zero2", "zero3", "zero3_
 FSDP_STRATEGIES = ("fsdp", "fsdp_offload")
 DEEPSPEED_STRATEGIES = ("zero2", "zero3", "zero3_offload")
 SHARDED_STRATEGIES = (*FSDP_STRATEGIES, *DEEPSPEED_STRATEGIES)
+# A cut length given as a percentile of the tokenized lengths: p85, p100, p99.5.
+PERCENTILE = re.compile(r"p(\d+(?:\.\d+)?)")

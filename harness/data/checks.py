@@ -2,14 +2,12 @@
 number of tokens or a percentile), the padding, the format, and a local file's columns.
 """
 
-import re
-
 from harness.core.errors import ConfigError
+from harness.core.options import PERCENTILE
 from harness.data.sources import FORMATS, read_local
 
 SIDES = {"source": "source_max_length", "target": "target_max_length"}  # side: its config key
 PADDINGS = ("longest", "max_length")
-PERCENTILE = re.compile(r"p(\d+(?:\.\d+)?)")
 
 
 def has_text(data_cfg) -> bool:

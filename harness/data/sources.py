@@ -4,12 +4,14 @@ fixture's generator, and their rendering as id / source / target pairs.
 
 import math
 import os
+import stat
+import warnings
 from pathlib import Path
 
 import pandas as pd
 from datasets import Dataset, DatasetDict, load_dataset
 
-from harness.core.errors import ConfigError
+from harness.core.errors import ConfigError, shown
 from harness.data import fixture
 
 SPLITS = ("train", "validation", "test")
@@ -18,6 +20,8 @@ FORMATS = {"summary": ("id", "dialogue", "summary"),  # format: the columns its 
            "classification": ()}
 PAIR = ("id", "source", "target")
 LOCAL_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
+LOCAL_FORMATS = ("summary", "instruction")
+MIN_ROWS = 10  # a single file's 80 / 10 / 10 split gives each split a row at least
 # The columns whose texts must not be empty (an instruction's input may be).
 NEEDS_TEXT = {"summary": ("dialogue", "summary"), "instruction": ("instruction", "output")}
 # Longer texts are refused, not tokenized: about 50,000 tokens, a hundred times flan-t5's
@@ -111,18 +115,40 @@ def read_local(data_cfg) -> DatasetDict:
                           "of train / validation / test files>")
     path = Path(data_cfg.path)
     if not path.exists():
-        raise ConfigError(f"data.path={path} does not exist: expected a csv, json or parquet "
-                          "file, or a folder of train / validation / test files")
+        raise ConfigError(f"data.path={shown(path)} does not exist: expected a csv, json or "
+                          "parquet file, or a folder of train / validation / test files")
     if not os.access(path, os.R_OK):
-        raise ConfigError(f"data.path={path} is not readable by this user: expected a file or "
-                          f"folder it can read; fix its permissions (chmod u+r {path})")
+        raise ConfigError(f"data.path={shown(path)} is not readable by this user: expected a file "
+                          f"or folder it can read; fix its permissions (chmod u+r {path})")
     data_format = data_cfg.get("format", "summary")
+    if data_format not in LOCAL_FORMATS:
+        raise ConfigError(f"data.format={data_format} with data=local; expected one of "
+                          f"{', '.join(LOCAL_FORMATS)} (classification reads a hub dataset's "
+                          "text_column and label_column): use data.format=summary or instruction")
+    columns = _columns(data_cfg, data_format)
     if path.is_dir():
         return DatasetDict({split: Dataset.from_pandas(
-            _read_table(_split_file(path, split), data_format), preserve_index=False)
+            _read_table(_split_file(path, split), data_format, columns), preserve_index=False)
             for split in SPLITS})
-    return _split_whole(Dataset.from_pandas(_read_table(path, data_format),
-                                            preserve_index=False), data_cfg.seed)
+    table = _read_table(path, data_format, columns)
+    if len(table) < MIN_ROWS:
+        raise ConfigError(f"data.path={shown(path)} has {len(table)} rows; expected at least "
+                          f"{MIN_ROWS}, as it is split 80 / 10 / 10 into train, validation and "
+                          "test: add rows, or give a folder of train / validation / test files")
+    return _split_whole(Dataset.from_pandas(table, preserve_index=False), data_cfg.seed)
+
+
+def _columns(data_cfg, data_format: str) -> dict:
+    """{the file's column name: the name data.format reads} from data.columns."""
+    mapping = dict(data_cfg.get("columns") or {})
+    wanted = tuple(dict.fromkeys(("id", *FORMATS[data_format])))
+    unknown = [name for name in mapping if name not in wanted]
+    if unknown:
+        raise ConfigError(f"data.columns names {', '.join(map(shown, unknown))}, which "
+                          f"data.format={data_format} does not read; expected keys among "
+                          f"{', '.join(wanted)}, each mapped to a column of the file "
+                          "(data.columns={dialogue: text})")
+    return {str(found): name for name, found in mapping.items()}
 
 
 def _split_whole(whole: Dataset, seed: int) -> DatasetDict:
@@ -137,46 +163,80 @@ def _split_file(folder: Path, split: str) -> Path:
     candidates = [p for p in sorted(folder.iterdir())
                   if p.stem == split and p.suffix in LOCAL_SUFFIXES]
     if len(candidates) != 1:
-        raise ConfigError(f"data.path={folder} must hold exactly one {split} file "
+        raise ConfigError(f"data.path={shown(folder)} must hold exactly one {split} file "
                           f"({split}.csv, {split}.json, {split}.jsonl or {split}.parquet); "
                           f"found {[p.name for p in candidates] or 'none'}")
     return candidates[0]
 
 
-def _read_table(path: Path, data_format: str) -> pd.DataFrame:
+def _read_table(path: Path, data_format: str, renamed: dict) -> pd.DataFrame:
+    """The file's rows, with the columns data.format reads (named as it names them, through
+    data.columns), each checked; never a column chosen by its position."""
     columns = FORMATS[data_format]
     if path.suffix not in LOCAL_SUFFIXES:
-        raise ConfigError(f"{path}: unsupported file type {path.suffix!r}; expected one of "
-                          f"{', '.join(LOCAL_SUFFIXES)}")
+        raise ConfigError(f"{shown(path)}: unsupported file type {path.suffix!r}; expected one "
+                          f"of {', '.join(LOCAL_SUFFIXES)}")
+    kind = _special(path)
+    if kind:  # reading a pipe or a device would wait, or read for ever
+        raise ConfigError(f"{shown(path)} is {kind}; expected a regular file: copy the data "
+                          "into one")
     try:
         if path.suffix == ".csv":
-            table = pd.read_csv(path, dtype=str, keep_default_na=False)
+            # index_col=False: a row with more fields than the header is refused below, not
+            # read with its first field as an index and every column shifted by one.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", pd.errors.ParserWarning)
+                table = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
         elif path.suffix == ".parquet":
             table = pd.read_parquet(path)
         else:
             table = pd.read_json(path, lines=path.suffix == ".jsonl", dtype=False)
     except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); "
+        raise ConfigError(f"{shown(path)}: not UTF-8 text ({error.reason} at byte {error.start}); "
                           f"expected UTF-8: convert it (iconv -f <its encoding> -t UTF-8 "
                           f"{path.name})") from None
     except OSError as error:
-        raise ConfigError(f"{path}: cannot be read ({type(error).__name__}: {error.strerror}); "
-                          "expected a readable file") from None
+        raise ConfigError(f"{shown(path)}: cannot be read ({type(error).__name__}: "
+                          f"{error.strerror}); expected a readable file") from None
     except (pd.errors.EmptyDataError, ValueError) as error:
-        raise ConfigError(f"{path}: cannot be read as {path.suffix[1:]} ({error}); expected "
-                          f"rows with columns {', '.join(columns)}") from error
+        raise ConfigError(f"{shown(path)}: cannot be read as {path.suffix[1:]} "
+                          f"({shown(error)}); expected rows with columns "
+                          f"{', '.join(columns)}") from error
+    if path.suffix == ".csv" and caught:
+        raise ConfigError(f"{shown(path)}: a row has more fields than the header has columns "
+                          f"({len(table.columns)}: {shown(', '.join(map(str, table.columns)))}); "
+                          "expected as many fields in every row: quote fields that hold commas, "
+                          "or name every column in the header")
+    table = table.rename(columns=renamed)
     missing = [column for column in columns if column not in table.columns]
     if missing:
-        raise ConfigError(f"{path}: missing column {', '.join(missing)}; it has "
-                          f"{', '.join(map(str, table.columns)) or 'no columns'}, expected "
-                          f"{', '.join(columns)} (data.format)")
+        raise ConfigError(f"{shown(path)}: missing column {', '.join(missing)}; it has "
+                          f"{shown(', '.join(map(str, table.columns))) or 'no columns'}, expected "
+                          f"{', '.join(columns)} (data.format; data.columns maps other names)")
+    unread = [str(column) for column in table.columns if column not in ("id", *columns)]
+    if unread:
+        raise ConfigError(f"{shown(path)}: column {shown(', '.join(unread))} is read by nothing "
+                          f"(data.format={data_format} reads {', '.join(columns)}"
+                          f"{'' if 'id' in columns else ' and an optional id'}); expected those alone: drop it from the file, or map it to one "
+                          "of them with data.columns (data.columns={dialogue: text})")
     if table.empty:
-        raise ConfigError(f"{path}: the file is empty; expected rows with columns "
+        raise ConfigError(f"{shown(path)}: the file is empty; expected rows with columns "
                           f"{', '.join(columns)}")
     kept = dict.fromkeys(column for column in ("id", *columns) if column in table)
     table = table[list(kept)].astype(str)
     _check_texts(path, table, NEEDS_TEXT.get(data_format, ()))
     return table
+
+
+def _special(path: Path) -> str | None:
+    """What `path` is when it is not a regular file: a named pipe, a device, a socket."""
+    mode = path.stat().st_mode
+    for test, kind in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return None
 
 
 def _check_texts(path: Path, table: pd.DataFrame, needed: tuple) -> None:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from harness.core.errors import ConfigError, refused
+from harness.core.errors import ConfigError, refused, shown
+from harness.core.files import name_problem
 from harness.report import charts, claims, estimates, slides
 from harness.report.findings import (
     findings,
@@ -180,8 +181,13 @@ def main(argv=None) -> int:
                              "(reports/name/plan.csv), as an estimated section at the end; "
                              "may be given more than once")
     args = parser.parse_args(argv)
-    out = Path(args.out or Path("reports") / args.experiment)
     try:
+        problem = name_problem(args.experiment)
+        if problem is not None and args.out is None:  # reports/<name>/ must stay in reports/
+            raise ConfigError(f"--experiment {shown(args.experiment)!r} cannot name a folder "
+                              f"under reports/ ({problem}); expected a name of letters, digits, "
+                              "spaces, '.', '_' or '-': give --out for its report")
+        out = Path(args.out or Path("reports") / args.experiment)
         written = render(args.experiment, args.tracking_uri, out, args.plan)
     except ConfigError as error:
         return refused(error)

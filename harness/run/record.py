@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from harness.config import cost
+from harness.core.errors import disk_full
 from harness.data import checks, encoding
 from harness.estimate import estimate, timing, work
 from harness.measure import gpus, peaks, traces
@@ -25,7 +26,8 @@ from harness.tracking.journal import Journal
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a run ended: its status (ok, oom, diverged, skipped, failed, killed) and why."""
+    """How a run ended: its status (ok, oom, diverged, skipped, failed, killed) and why; a
+    reason starts with the phase it ended in (`train: ...`)."""
 
     status: str
     reason: str = ""
@@ -48,6 +50,7 @@ class CellRecord:
         self.reported = None  # the cell's own Outcome, once it has sent one
         self.ranks = []  # a distributed cell's rank pids in rank order (None: another host's)
         self.on_ranks = None  # called with {rank: pid} of this host's (the sampler watches them)
+        self.cell_ended = False  # the runner records what the cell left (phase "record")
 
     def __call__(self, message: tuple) -> None:
         kind, *body = message
@@ -79,6 +82,10 @@ class CellRecord:
 
     @property
     def phase(self) -> str:
+        """Where the cell is: start (before it loads), load, train, eval, infer, or record (the
+        runner's, once the cell has ended). Every status_reason starts with it."""
+        if self.cell_ended:
+            return "record"
         return self.phases[-1][0] if self.phases else "start"
 
 
@@ -88,10 +95,14 @@ def not_recorded(record: CellRecord, tag: str, words: str = "not recorded"):
     error's last line>", leaving the cell's outcome as it is."""
     try:
         yield
-    except Exception:
-        traceback.print_exc()
+    except Exception as error:
+        full = disk_full(error)  # said in one line: a full disk fails every write alike
+        if full is None:
+            traceback.print_exc()
+        else:
+            print(f"[harness] run {record.run_id}: {tag} {words}: {full}")
         record.journal.set_tag(tag, f"{words}: "
-                               + traceback.format_exc().strip().splitlines()[-1])
+                               + (full or traceback.format_exc().strip().splitlines()[-1]))
 
 
 def tag_oom_limit(record: CellRecord, cfg: DictConfig, outcome: Outcome) -> None:

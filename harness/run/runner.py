@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.cell import entry
 from harness.config import identity
-from harness.core.errors import ConfigError
+from harness.core.errors import ConfigError, disk_full
 from harness.core.options import OTHER_GROUPS
 from harness.measure import gpus, traces
 from harness.run import checks, process, stops
@@ -87,8 +87,15 @@ def run(cfg: DictConfig, checked: checks.Checked | None = None) -> str:
     if run_id is None:
         print(f"[harness] {name}: {holder} (cell {checked.fingerprint}); not run here")
         return "elsewhere"
-    journal = Journal(Path(cfg.tracking.journal_dir) / run_id, client, run_id,
-                      experiment_id).start()
+    try:
+        journal = Journal(Path(cfg.tracking.journal_dir) / run_id, client, run_id,
+                          experiment_id).start()
+    except OSError as error:  # checked writable before; a disk that filled since
+        why = disk_full(error) or f"{type(error).__name__}: {error}"
+        mlflow_store.close(client, run_id, "failed", f"start: its journal cannot be written "
+                                                     f"in {cfg.tracking.journal_dir}: {why}")
+        print(f"[harness] {name}: failed: start: its journal cannot be written: {why}")
+        return "failed"
     if checked.reason:
         print(f"[harness] {name}: skipped: {checked.reason}")
         mlflow_store.end_run(journal, "skipped", checked.reason)
@@ -126,16 +133,15 @@ def _run_and_close(cfg: DictConfig, cell_cfg: dict, name: str, experiment_id: st
             # Ctrl-C, a kill, a time limit: this run is KILLED, every finished one stays as it is.
             stopped = stop
             why = stop.reason if isinstance(stop, stops.Stopped) else "interrupted"
-            outcome = Outcome("killed", f"{why} in phase {record.phase}; a rerun runs this cell "
-                                        "again")
+            outcome = Outcome("killed", f"{record.phase}: {why}; a rerun runs this cell again")
             raise
         except Exception as error:
             if outcome is None:
-                outcome = Outcome("failed", f"the runner failed in phase {record.phase}: "
+                outcome = Outcome("failed", f"{record.phase}: the runner failed: "
                                             f"{type(error).__name__}: {error}")
             raise
         finally:
-            outcome = outcome or Outcome("failed", "the runner was interrupted")
+            outcome = outcome or Outcome("failed", f"{record.phase}: the runner was interrupted")
             if outcome.status == "oom":  # out of memory here; elsewhere it may fit
                 tag_oom_limit(record, cfg, outcome)
             mlflow_store.end_run(record.journal, outcome.status, outcome.reason)
@@ -277,18 +283,19 @@ def _run_in_process(cfg: DictConfig, cell_cfg: dict, scratch: Path, record: Cell
                                        int(time.time() * 1000))
 
     phase, reported = record.phase, record.reported
+    record.cell_ended = True  # what fails from here fails in phase "record"
     if reported is not None:
         if reported.status == "oom":
-            return Outcome("oom", f"out of memory in phase {phase}: {reported.reason}")
+            return Outcome("oom", f"{phase}: out of memory: {reported.reason}")
         if (("killed by SIGKILL" in reported.reason or "without a result" in reported.reason)
                 and process.oom_killed(oom_kills_before)):
             # A distributed cell's rank, killed by the kernel's OOM killer.
-            return Outcome("oom", f"{reported.reason}: the kernel's OOM killer, in phase {phase}")
-        return reported
+            return Outcome("oom", f"{phase}: {reported.reason}: the kernel's OOM killer")
+        return Outcome(reported.status, f"{phase}: {reported.reason}" if reported.reason else "")
     if child.exitcode < 0:
         killer = signal.Signals(-child.exitcode).name
         if process.oom_killed(oom_kills_before):
-            return Outcome("oom", f"killed by the kernel's OOM killer ({killer}) in phase {phase}")
-        return Outcome("failed", f"the cell process was killed by {killer} in phase {phase}")
-    return Outcome("failed", f"the cell process exited with code {child.exitcode} in phase "
-                             f"{phase} without a result")
+            return Outcome("oom", f"{phase}: killed by the kernel's OOM killer ({killer})")
+        return Outcome("failed", f"{phase}: the cell process was killed by {killer}")
+    return Outcome("failed", f"{phase}: the cell process exited with code {child.exitcode} "
+                             "without a result")

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from harness.config import cost, identity, validation
 from harness.config.grids import compose_experiment
-from harness.core import reference
+from harness.core import errors, reference
 from harness.core.errors import ConfigError, refused
 from harness.core.tables import as_text
 from harness.data import encoding, sources
@@ -51,16 +51,42 @@ SHOWN = {"#": "#", "cell": "cell", "strategy": "strategy", "gradient_checkpointi
          "predicted_cost_usd": "cost (USD)"}
 
 
+def _numbers(numbers: list[int]) -> str:
+    """1-3, 7, 9-10."""
+    runs, start = [], numbers[0]
+    for previous, number in zip(numbers, [*numbers[1:], None]):
+        if number != previous + 1:
+            runs.append(f"{start}" if start == previous else f"{start}-{previous}")
+            start = number
+    return ", ".join(runs)
+
+
+def _overrides(jobs: list[DictConfig], number: int) -> str:
+    """What grid point `number` sets that not every grid point sets alike."""
+    common = set.intersection(*(set(job.hydra.overrides.task) for job in jobs))
+    own = [override for override in jobs[number - 1].hydra.overrides.task
+           if override not in common]
+    return errors.shown(" ".join(own)) or "the grid's only point"
+
+
 def check(jobs: list[DictConfig], create_experiment: bool = True) -> list[checks.Checked]:
     """Validate every job (ConfigError naming it, before anything runs) and find, for each, why
     its combination cannot run, the run that finished its cell already (one read of the store)
     and the grid point before it that is the same cell. A sweep's check (`create_experiment`)
     first closes the runs its experiment has left RUNNING by runners that are gone."""
+    refusals = {}  # the refusal: the grid points it refuses
     for number, job in enumerate(jobs, start=1):
         try:
-            validation.validate(job)
+            validation.validate(job, sweep=True)
         except ConfigError as error:
-            raise ConfigError(f"cell {number} ({' '.join(job.hydra.overrides.task)}): {error}")
+            refusals.setdefault(str(error), []).append(number)
+    if refusals:  # every grid point named, nothing run
+        count = sum(map(len, refusals.values()))
+        raise ConfigError(f"{count} of {len(jobs)} grid points are refused, and so the sweep:\n"
+                          + "\n".join(f"- grid point{'s' if len(numbers) > 1 else ''} "
+                                      f"{_numbers(numbers)} ({_overrides(jobs, numbers[0])}"
+                                      f"{', ...' if len(numbers) > 1 else ''}): {message}"
+                                      for message, numbers in refusals.items()), limit=None)
     client, experiment_id = mlflow_store.connect(jobs[0].tracking, create=create_experiment)
     if create_experiment:
         claims.close_stale(client, experiment_id, jobs[0].runner.stale_after_s)

@@ -12,6 +12,7 @@ summary.csv).
 
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pandas as pd
@@ -21,9 +22,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import identity, validation
+from harness.config import identity, keys, validation
 from harness.config.grids import BASIC_SWEEPER, cells
-from harness.core.errors import ConfigError, refused
+from harness.core.errors import EXIT_CODES, exit_code, refused
 from harness.core.tables import as_text
 from harness.run import checks
 
@@ -76,6 +77,7 @@ class SweepProgress(Callback):
         self.total = 0
         self.numbers = {}  # fingerprint: the cell's number in the plan
         self.started = None
+        self.statuses = []  # how this process saw its cells end (the store says it for all)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         folder = Path(OmegaConf.select(config, "hydra.sweep.dir"))
@@ -90,6 +92,8 @@ class SweepProgress(Callback):
         from harness.sweep import plan
 
         # Every check once, for every cell: handed to each cell's runner in the sweep's folder.
+        # Hydra only warns when a callback raises, and would run the cells anyway: whatever
+        # stops the plan stops the sweep here.
         try:
             # What the machine cannot run at all holds for the whole experiment: refused before
             # its cells are composed (the full grid's take a minute).
@@ -98,8 +102,14 @@ class SweepProgress(Callback):
             checked = checks.on_this_machine(jobs, plan.check(jobs), torch.cuda.is_available())
             found = gpus.describe(gpus.candidates(config.runner.gpus))
             table = plan.plan(jobs, found, config.get("plan_gpu"), checked=checked)
-        except ConfigError as error:
-            sys.exit(refused(error))
+        except Exception as error:  # noqa: BLE001 - a refusal, else a bug: no cell runs
+            refusal = keys.refusal(error)
+            if refusal is None:
+                traceback.print_exc()
+                print("[harness] the sweep's plan failed (a bug of the harness, above): no cell "
+                      "ran", file=sys.stderr)
+                sys.exit(EXIT_CODES["bug"])
+            sys.exit(refused(refusal))
         checks.save(folder, checked)
         self.total = len(jobs)
         self.numbers = {fingerprint: number for number, fingerprint in
@@ -129,6 +139,7 @@ class SweepProgress(Callback):
             return
         status = (job_return._return_value if job_return.status == JobStatus.COMPLETED
                   else f"error: {job_return._return_value!r}")
+        self.statuses.append(status if job_return.status == JobStatus.COMPLETED else "failed")
         seconds = time.monotonic() - self.started if self.started else 0.0
         print(f"[harness] cell {self._position(config)} done: {status} ({seconds:.0f} s)",
               flush=True)
@@ -160,6 +171,17 @@ class SweepProgress(Callback):
                   "answers")
         print(f"[harness] browse the runs: make ui; the report: make report "
               f"EXP={config.tracking.experiment}")
+        # The store's statuses, whichever process ran each cell; this process's where the
+        # store does not answer. Non-zero when any cell did not end ok (or skipped).
+        statuses = list(table.status) if table is not None else self.statuses or ["incomplete"]
+        code = exit_code("incomplete" if status in ("not run", "") else status
+                         for status in statuses)
+        if code:
+            print(f"[harness] exit {code}: not every cell ended ok ("
+                  + ", ".join(f"{count} {status or 'running'}" for status, count in
+                              pd.Series(statuses).value_counts().items()) + ")",
+                  file=sys.stderr)
+            sys.exit(code)
 
 
 def _undelivered(sweep_config: DictConfig) -> list[str]:

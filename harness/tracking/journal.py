@@ -26,6 +26,7 @@ from pathlib import Path
 import psutil
 from mlflow import MlflowClient
 
+from harness.core.errors import disk_full
 from harness.core.files import write_whole
 from harness.tracking import delivery
 
@@ -52,6 +53,7 @@ class Journal:
         self.entries = _read(folder)
         self.delivered = _delivered(folder)
         self.file = open(folder / ENTRIES, "a")
+        self.unsaved = None  # the first entry not on disk (a full disk), else None
         self.synced = 0.0
         self.lock = threading.Condition()
         self.unreachable_since = None  # when the store stopped answering, while it does not
@@ -80,8 +82,15 @@ class Journal:
 
     def artifact(self, path: Path | str, folder: str | None = None) -> None:
         """A file or folder, copied into the journal now (`folder`: where in the run's
-        artifacts)."""
-        self._append("artifact", path=self._keep(Path(path)), folder=folder)
+        artifacts); where the disk is full, a tag says it is not recorded."""
+        try:
+            kept = self._keep(Path(path))
+        except OSError as error:
+            if disk_full(error) is None:
+                raise
+            self.set_tag(f"not_recorded_{Path(path).name}", disk_full(error))
+            return
+        self._append("artifact", path=kept, folder=folder)
 
     def text(self, text: str, name: str) -> None:
         self._append("text", text=text, name=name)
@@ -100,13 +109,27 @@ class Journal:
     def _append(self, op: str, **body) -> None:
         with self.lock:
             entry = {"seq": len(self.entries) + 1, "op": op, **body}
+            self._save(entry)
+            self.entries.append(entry)
+            self.lock.notify_all()
+
+    def _save(self, entry: dict) -> None:
+        """The entry on disk; where the disk is full, in memory alone from then on (delivered
+        from there; written out again at close if the disk has room by then)."""
+        if self.unsaved is not None:
+            return
+        try:
             self.file.write(json.dumps(entry) + "\n")
             self.file.flush()  # a runner killed now loses none of it
             if time.monotonic() - self.synced >= FSYNC_EVERY_S:  # nor, soon, a machine that stops
                 os.fsync(self.file.fileno())
                 self.synced = time.monotonic()
-            self.entries.append(entry)
-            self.lock.notify_all()
+        except OSError as error:
+            if disk_full(error) is None:
+                raise
+            self.unsaved = entry["seq"]
+            print(f"[harness] run {self.run_id}: the journal cannot be written ({disk_full(error)}"
+                  f"); entries from {entry['seq']} on are kept in memory and delivered from there")
 
     def _keep(self, path: Path) -> str:
         """Copy `path` into the journal's files; its path there, relative to the journal."""
@@ -144,13 +167,30 @@ class Journal:
             self.lock.notify_all()
         if self.thread is not None:
             self.thread.join(timeout=60)
-        self.file.close()
         left = self.pending()
-        if left:
-            (self.folder / CLOSED).touch()  # for `harness.sync`: nobody delivers it now
-        else:
+        try:
+            if left and self.unsaved is not None:  # the disk may have room again
+                self._rewrite()
+            self.file.close()
+            if left:
+                (self.folder / CLOSED).touch()  # for `harness.sync`: nobody delivers it now
+        except OSError as error:
+            if disk_full(error) is None:
+                raise
+            print(f"[harness] run {self.run_id}: {left} journal entries could neither reach the "
+                  f"store nor be saved ({disk_full(error)}): they are lost")
+        if not left:
             shutil.rmtree(self.folder, ignore_errors=True)
         return left
+
+    def _rewrite(self) -> None:
+        """Every entry into the journal's file again (it lacks those after `unsaved`)."""
+        self.file.close()
+        write_whole(self.folder / ENTRIES, lambda path: path.write_text(
+            "".join(json.dumps(entry) + "\n" for entry in self.entries)))
+        self.file = open(self.folder / ENTRIES, "a")
+        self.unsaved = None
+        print(f"[harness] run {self.run_id}: the journal is saved whole again")
 
     def _deliver_until_closed(self) -> None:
         attempt, checked = 0, False  # checked: compare with the store (after a failure)
@@ -197,7 +237,11 @@ class Journal:
             attempt, checked = 0, False
             with self.lock:
                 self.delivered = batch[-1]["seq"]
-            _save_delivered(self.folder, self.delivered)
+            try:
+                _save_delivered(self.folder, self.delivered)
+            except OSError as error:  # a full disk: a replay compares with the store anyway
+                if disk_full(error) is None:
+                    raise
 
 
 def _read(folder: Path) -> list:

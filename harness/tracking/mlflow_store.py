@@ -13,7 +13,9 @@ import fcntl
 import hashlib
 import json
 import os
+import tempfile
 import time
+import urllib.parse
 from importlib.metadata import version
 from pathlib import Path
 
@@ -61,13 +63,34 @@ def connect(tracking_cfg, create: bool = True) -> tuple[MlflowClient | None, str
                     "of the server's (its admin can create one)") from None
             raise
         experiment = client.get_experiment_by_name(tracking_cfg.experiment)
-        if experiment is not None:
-            return client, experiment.experiment_id
-        if not create:
+        if experiment is None and not create:
             return client, None
-        return client, client.create_experiment(tracking_cfg.experiment,
-                                                artifact_location=tracking_cfg.artifact_location,
-                                                tags=EXPERIMENT_TAGS)
+        if experiment is None:
+            experiment = client.get_experiment(client.create_experiment(
+                tracking_cfg.experiment, artifact_location=tracking_cfg.artifact_location,
+                tags=EXPERIMENT_TAGS))
+        if create:  # its runs will write there: refused now, before any run exists
+            _check_artifact_location(experiment)
+        return client, experiment.experiment_id
+
+
+def _check_artifact_location(experiment) -> None:
+    """ConfigError where the experiment keeps its artifacts in a local folder this user cannot
+    write in (a server's or a cloud's location answers for itself)."""
+    parts = urllib.parse.urlsplit(experiment.artifact_location)
+    if parts.scheme not in ("", "file"):
+        return
+    folder = Path(urllib.parse.unquote(parts.path))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"experiment {experiment.name!r} keeps its artifacts in {folder}, where this user "
+            f"cannot write ({type(error).__name__}: {error.strerror}); run from a folder you can "
+            "write in (a new experiment's artifacts go to ./mlruns), fix the permissions, or "
+            "log to a new experiment with tracking.artifact_location=/a/folder/you/own") from None
 
 
 @contextlib.contextmanager
@@ -98,10 +121,25 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
 
 def start_run(client: MlflowClient, experiment_id: str, name: str, params: dict, tags: dict,
               config_yaml: str) -> str:
-    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    try:
+        run = client.create_run(experiment_id, run_name=name, tags=tags)
+    except MlflowException as error:
+        if error.error_code == "PERMISSION_DENIED" or "403" in str(error):
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME", "anonymous")
+            experiment = client.get_experiment(experiment_id).name
+            raise ConfigError(
+                f"user {user!r} may not write to experiment {experiment!r} on "
+                f"{client.tracking_uri} (the server answered PERMISSION_DENIED): ask its owner or "
+                "the admin for EDIT on it, or log to an experiment of your own "
+                "(tracking.experiment=<a new name>)") from None
+        raise
     run_id = run.info.run_id
-    client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
-    client.log_text(run_id, config_yaml, "config.yaml")
+    try:
+        client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
+        client.log_text(run_id, config_yaml, "config.yaml")
+    except Exception:
+        client.delete_run(run_id)  # a run that could not start is not left RUNNING
+        raise
     return run_id
 
 
