@@ -103,7 +103,7 @@ def test_a_rank_killed_ends_the_cell_failed_naming_it_and_no_rank_survives(tmp_p
     assert run.data.tags["status"] == "failed", output[-3000:]
     # Rank 0 failed too, on the collective rank 1 left: rank 1 is named as the cause (by its
     # signal where the launcher saw it die first).
-    assert re.search(r"^rank 1 (was killed by SIGKILL|ended without a result)",
+    assert re.search(r"^train: rank 1 (was killed by SIGKILL|ended without a result)",
                      run.data.tags["status_reason"]), run.data.tags["status_reason"]
     assert _survivors(ranks) == []
     fault_figures.update(fault="a rank SIGKILLed mid-training (ddp, 2 ranks)",

@@ -112,7 +112,7 @@ def golden_store(tmp_path):
          "method=full updates the base weights, which precision=int8 stores quantized")
     _log(client, experiment, "xl lora", _cell("flan-t5-xl", "lora", "fp32", 8),
          {"total_params": 2.85e9, "cpu_peak_mib": 12000.0}, "oom",
-         "out of memory in phase train: CUDA out of memory")
+         "train: out of memory: CUDA out of memory")
     return uri
 
 
