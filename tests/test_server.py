@@ -159,7 +159,8 @@ def test_the_servers_doors(tmp_path):
         experiment = requests.post(f"{address}/api/2.0/mlflow/experiments/create", auth=admin,
                                    json={"name": "admins"}, timeout=10).json()["experiment_id"]
         requests.post(f"{address}/api/2.0/mlflow/runs/create", auth=admin, timeout=10,
-                      json={"experiment_id": experiment}).raise_for_status()
+                      json={"experiment_id": experiment, "start_time": int(time.time() * 1000)}
+                      ).raise_for_status()
         for path, body in UI_READS:
             body = {key: [experiment] if value == ["{id}"] else value
                     for key, value in body.items()}

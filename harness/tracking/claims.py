@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 import pandas as pd
 import psutil
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from harness.tracking import mlflow_store, runs
 
@@ -40,18 +41,26 @@ def close_stale(client: MlflowClient, experiment_id: str, stale_after_s: float,
                 fingerprint: str | None = None) -> list[str]:
     """Close the experiment's RUNNING runs (of one cell, with `fingerprint`) whose runner is gone;
     the ids closed."""
+    # A harness run has a cell tag; a run someone logged otherwise is not the harness's to close.
     query = "attributes.status = 'RUNNING'" + (f" and tags.cell = '{fingerprint}'"
-                                               if fingerprint else "")
+                                               if fingerprint else " and tags.cell != ''")
     closed = []
     for run in client.search_runs([experiment_id], query, max_results=10000):
         gone = _runner_gone(run, stale_after_s)
         if gone is None:
             continue
         reason, last_seen = gone
-        mlflow_store.close(client, run.info.run_id, "killed",
-                           f"runner vanished: {reason} (last seen "
-                           f"{datetime.fromtimestamp(last_seen, UTC):%Y-%m-%d %H:%M:%S} UTC); "
-                           "a rerun runs this cell again", int(last_seen * 1000))
+        try:
+            mlflow_store.close(client, run.info.run_id, "killed",
+                               f"runner vanished: {reason} (last seen "
+                               f"{datetime.fromtimestamp(last_seen, UTC):%Y-%m-%d %H:%M:%S} "
+                               "UTC); a rerun runs this cell again", int(last_seen * 1000))
+        except MlflowException as error:
+            if error.error_code != "PERMISSION_DENIED":
+                raise
+            print(f"[harness] run {run.info.run_id} ({run.info.run_name}) looks stale (its "
+                  f"{reason}), and this user may not close it: its owner or the admin can")
+            continue
         print(f"[harness] closed run {run.info.run_id} ({run.info.run_name}) as killed: its "
               f"{reason}")
         closed.append(run.info.run_id)
