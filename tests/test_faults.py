@@ -6,6 +6,7 @@ PostgreSQL), and the journal replayed later. Each test records what it checked a
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -84,7 +85,7 @@ def test_a_runner_killed_outright_leaves_no_process_and_its_run_is_closed(tmp_pa
     stale = client.get_run(training.info.run_id)
     assert (stale.data.tags["status"], stale.info.status) == ("killed", "KILLED")
     reason = stale.data.tags["status_reason"]
-    assert reason.startswith(f"runner vanished: runner (pid {runner.pid} on ") and \
+    assert reason.startswith(f"train: runner vanished: runner (pid {runner.pid} on ") and \
         "is not running (last seen " in reason
     assert stale.info.end_time <= int(time.time() * 1000)
     every = _experiment_runs(client, "vanished")
@@ -129,15 +130,21 @@ def test_runs_whose_runner_is_gone_are_closed_and_live_ones_kept(store, fault_fi
     made = {name: client.create_run(experiment_id, run_name=name, tags={"cell": "c",
                                                                          **tags}).info.run_id
             for name, (tags, _) in cases.items()}
+    # A run logged by something else than the harness (no cell tag) is not its to close.
+    foreign = client.create_run(experiment_id, run_name="a colleague's", start_time=1000,
+                                tags={"runner_host": "node-7"}).info.run_id
+    client.set_tag(made["another host, silent"], "phase", "eval")
     closed = claims.close_stale(client, experiment_id, stale_after_s=600)
     assert set(closed) == {made[name] for name, (_, stale) in cases.items() if stale}
+    assert client.get_run(foreign).info.status == "RUNNING"
     for name, (_, stale) in cases.items():
         run = client.get_run(made[name])
         assert run.info.status == ("KILLED" if stale else "RUNNING"), name
         if stale:
             assert run.data.tags["status"] == "killed"
-            assert run.data.tags["status_reason"].startswith("runner vanished: ")
+            assert re.match(r"(start|eval): runner vanished: ", run.data.tags["status_reason"])
     silent = client.get_run(made["another host, silent"])
+    assert silent.data.tags["status_reason"].startswith("eval: runner vanished: ")  # its phase
     assert "sent no heartbeat for 9" in silent.data.tags["status_reason"]
     # Closed as of when it was last seen.
     assert silent.info.end_time == int(cases["another host, silent"][0]["heartbeat"]) * 1000

@@ -56,6 +56,7 @@ class CellRecord:
         kind, *body = message
         if kind == "phase":
             self.phases.append(tuple(body))
+            self.journal.set_tag("phase", body[0])  # where a run whose runner vanished was
         elif kind == "metrics":
             metrics, step, timestamp_ms = body
             self.journal.metrics(metrics, step, timestamp_ms)

@@ -52,7 +52,8 @@ def close_stale(client: MlflowClient, experiment_id: str, stale_after_s: float,
         reason, last_seen = gone
         try:
             mlflow_store.close(client, run.info.run_id, "killed",
-                               f"runner vanished: {reason} (last seen "
+                               f"{run.data.tags.get('phase', 'start')}: runner vanished: {reason} "
+                               "(last seen "
                                f"{datetime.fromtimestamp(last_seen, UTC):%Y-%m-%d %H:%M:%S} "
                                "UTC); a rerun runs this cell again", int(last_seen * 1000))
         except MlflowException as error:
