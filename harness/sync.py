@@ -4,7 +4,8 @@ A run whose tracking store did not answer by the time its cell ended keeps the r
 writes in its journal (tracking.journal_dir, one folder per run; harness/tracking/journal.py).
 This replays every pending journal into the store it was meant for, comparing each entry with
 what the store holds, so that running it twice, or after a run that delivered part, writes
-nothing twice. A journal whose store still does not answer stays, and the exit code is 1.
+nothing twice. A journal whose store still does not answer stays, and the exit code is 6
+(incomplete: docs/exit-codes.md).
 
     python -m harness.sync [--journal-dir .harness/journal] [--tracking-uri URI]
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from harness.core.errors import EXIT_CODES
 from harness.tracking import journal
 
 
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if left:
         print(f"[harness] {left} of {len(pending)} runs still pending: run this again once "
               "their store answers")
-    return 1 if left else 0
+    return EXIT_CODES["incomplete"] if left else 0
 
 
 if __name__ == "__main__":

@@ -23,6 +23,14 @@ from harness.measure import gpus
 
 REPO = Path(__file__).resolve().parents[1]
 
+def pytest_collection_modifyitems(items):
+    """A test that reads the published experiments' plans (`published_plans`: three plans
+    simulated cold, about 50 s) is slow."""
+    for item in items:
+        if "published_plans" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # The committed plans (reports/<name>/plan.csv) fit against their experiment's plan_gpu, as a
 # machine without a GPU writes them; one with a GPU fits against its own.

@@ -297,9 +297,12 @@ def _judge(name: str, code, stderr: str, says: list[str]) -> dict:
             "accepted": code == 0, "missing": [words for words in says if words not in message]}
 
 
-def test_every_bad_input_is_refused_cleanly(tmp_path, monkeypatch, capfd, fault_figures):
+def _refuse(names: list[str], tmp_path, monkeypatch, capfd) -> list[dict]:
+    """Each case given to the command; how each was refused (AssertionError where one was
+    not refused cleanly, or left a run)."""
     judged = []
-    for number, (name, (arguments, says)) in enumerate(CASES.items()):
+    for number, name in enumerate(names):
+        arguments, says = CASES[name]
         folder = tmp_path / f"case{number}"
         folder.mkdir()
         code, stderr = _cli(_store_arguments(folder, arguments(folder)), folder, monkeypatch,
@@ -309,6 +312,26 @@ def test_every_bad_input_is_refused_cleanly(tmp_path, monkeypatch, capfd, fault_
             {"uri": f"sqlite:///{folder}/mlflow.db"}, "default") == [], f"{name} left a run"
     unclean = [case for case in judged if not case["clean"]]
     assert not unclean, json.dumps(unclean, indent=1)[:4000]
+    return judged
+
+
+# One of each kind, for the fast suite; the whole table runs in `make test` (each case costs
+# Hydra two compositions: 40 s in all here).
+OF_EACH_KIND = ["negative clipping norm", "fractional steps", "misplaced +lr",
+                "a rank for full fine-tuning", "infinite rate", "a column nothing reads",
+                "experiment name with a newline", "store is a folder", "journal under a file",
+                "a 70 KB list", "a named pipe as the data", "a model that does not exist",
+                "int8 full fine-tuning", "fewer than 10 rows", "master weights perhaps"]
+
+
+def test_bad_inputs_of_each_kind_are_refused_cleanly(tmp_path, monkeypatch, capfd):
+    assert set(OF_EACH_KIND) <= set(CASES)
+    _refuse(OF_EACH_KIND, tmp_path, monkeypatch, capfd)
+
+
+@pytest.mark.slow
+def test_every_bad_input_is_refused_cleanly(tmp_path, monkeypatch, capfd, fault_figures):
+    judged = _refuse(list(CASES), tmp_path, monkeypatch, capfd)
     assert len(judged) >= 60
     with capfd.disabled():
         print(f"\n[bad inputs] {len(judged)} tried, {len(judged)} refused cleanly, "
@@ -338,6 +361,7 @@ def _harness(cwd, *arguments: str, timeout: int = 300) -> tuple[subprocess.Compl
     return done, time.monotonic() - started
 
 
+@pytest.mark.slow
 def test_refusals_by_the_runner_and_of_the_process(tmp_path):
     """Each as its own process: credentials never reach the disk, a store or artifact folder
     refused before any run exists, in seconds."""

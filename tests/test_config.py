@@ -266,6 +266,7 @@ def grid(name: str, *overrides: str) -> list:
         return grids.cells(cfg)
 
 
+@pytest.mark.slow
 def test_the_full_grid_collapses_ranks_and_skips_what_cannot_run():
     jobs = grid("full_grid")
     assert len(jobs) == 3 * 4 * 4 * 3 * 2  # sizes x precisions x methods x ranks x checkpointing

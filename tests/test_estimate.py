@@ -109,6 +109,7 @@ def test_weights_and_optimizer_state_are_a_real_steps(method, optimizer, precisi
         assert parts["gradients"] <= max(p.numel() for p in trainable) * 4 / MIB
 
 
+@pytest.mark.slow
 def test_the_estimate_orders_methods_precisions_and_checkpointing_as_their_memory_does():
     # (flan-t5-xl's three precisions are rows of the reference plan, tests/test_plan.py.)
     lora = ["model=flan-t5-base", "method=lora", "train.gradient_checkpointing=true"]
@@ -160,6 +161,7 @@ def test_a_plans_estimates_are_simulated_side_by_side_once_each(tmp_path, monkey
     assert len(simulated_here) == 3
 
 
+@pytest.mark.slow
 def test_the_command_line_prints_one_cells_parts_as_json_last(tmp_path):
     result = subprocess.run([sys.executable, "-m", "harness.estimate", "model=t5-mini",
                              "method=lora", "train.gradient_checkpointing=true",

@@ -184,6 +184,7 @@ def _hold(lock_dir, candidates, hold_s, queue, count=1):
         queue.put((gpu, time.time(), "end"))
 
 
+@pytest.mark.slow
 def test_concurrent_cells_never_share_a_gpu_and_wait_for_a_free_one(tmp_path):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -246,3 +247,36 @@ def test_the_estimate_is_near_what_a_cuda_cell_measures(store, cell_overrides):
     # The GPU's datasheet peaks (conf/peaks/) give its MFU and the predicted step time.
     assert run.data.tags["peaks_from"] == "conf/peaks/ (datasheet)", run.data.tags
     assert 0 < metrics["mfu"] < 1 and metrics["predicted_step_s"] > 0
+
+
+def test_a_sweep_whose_plan_fails_runs_no_cell(tmp_path, monkeypatch, capsys):
+    """Hydra only warns when a callback raises, and would run the cells anyway: a plan that
+    fails (here, a bug planted in its composition) ends the sweep with code 1 and its
+    traceback; one that refuses ends it with code 2."""
+    from harness.sweep import progress
+
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(grids.EXPERIMENTS), version_base="1.3"):
+        config = compose("demo", overrides=[f"hydra.searchpath=[file://{REPO / 'conf'}]",
+                                            f"hydra.sweep.dir={tmp_path}/sweep",
+                                            f"tracking.uri=sqlite:///{tmp_path}/m.db"],
+                         return_hydra_config=True)
+
+    def planted(*args):
+        raise RuntimeError("a bug in the plan")
+
+    monkeypatch.setattr(progress, "cells", planted)
+    with pytest.raises(SystemExit) as ended:
+        progress.SweepProgress().on_multirun_start(config)
+    assert ended.value.code == 1
+    assert "a bug in the plan" in capsys.readouterr().err
+
+    def refusing(*args):
+        raise ConfigError("train.lr=-1.0; expected a finite number > 0")
+
+    monkeypatch.setattr(progress, "cells", refusing)
+    with pytest.raises(SystemExit) as ended:
+        progress.SweepProgress().on_multirun_start(config)
+    assert ended.value.code == 2 and "error: train.lr=-1.0" in capsys.readouterr().err
+    assert not (tmp_path / "sweep" / "checks.json").exists()
