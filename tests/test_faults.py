@@ -275,7 +275,9 @@ def _two_sweeps_at_once(tmp_path, *args) -> list[str]:
                                stderr=subprocess.STDOUT) for number in range(2)]
     outputs = [sweep.communicate(timeout=600)[0] for sweep in sweeps]
     for sweep, output in zip(sweeps, outputs):
-        assert sweep.returncode == 0, output[-3000:]
+        # 6 (incomplete): the sweep ended while the other still ran the cell it left to it.
+        assert sweep.returncode in (0, 6), output[-3000:]
+        assert sweep.returncode == 0 or "1 running" in output or "1 claimed" in output, output
     return outputs
 
 

@@ -66,9 +66,14 @@ def connect(tracking_cfg, create: bool = True) -> tuple[MlflowClient | None, str
         if experiment is None and not create:
             return client, None
         if experiment is None:
-            experiment = client.get_experiment(client.create_experiment(
-                tracking_cfg.experiment, artifact_location=tracking_cfg.artifact_location,
-                tags=EXPERIMENT_TAGS))
+            try:
+                experiment = client.get_experiment(client.create_experiment(
+                    tracking_cfg.experiment, artifact_location=tracking_cfg.artifact_location,
+                    tags=EXPERIMENT_TAGS))
+            except MlflowException as error:  # another sweep created it since: a server's race
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment = client.get_experiment_by_name(tracking_cfg.experiment)
         if create:  # its runs will write there: refused now, before any run exists
             _check_artifact_location(experiment)
         return client, experiment.experiment_id

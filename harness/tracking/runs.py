@@ -12,6 +12,7 @@ from harness.core.errors import ConfigError
 
 # A rerun skips cells that ended with one of these; failed and killed cells run again.
 FINISHED = ("ok", "oom", "diverged", "skipped")
+LIVE = ("claimed", "running")  # a run's status while its runner has it
 
 
 def load_runs(experiment: str, tracking_uri: str) -> pd.DataFrame:
@@ -63,9 +64,11 @@ def of_cell(runs: pd.DataFrame, fingerprint: str) -> pd.DataFrame:
 
 
 def newest(runs: pd.DataFrame, fingerprint: str) -> pd.Series | None:
-    """The cell's newest run, or None."""
+    """The cell's newest run that has ended, else its newest (claimed or running), or None: a
+    claim another runner makes after a run finished the cell is not what the cell is."""
     found = of_cell(runs, fingerprint)
-    return found.iloc[0] if len(found) else None
+    ended = found[~found["tags.status"].isin(LIVE)] if "tags.status" in found else found
+    return ended.iloc[0] if len(ended) else found.iloc[0] if len(found) else None
 
 
 def finished(runs: pd.DataFrame, fingerprint: str, limits: dict | None = None) -> pd.Series | None:
