@@ -65,7 +65,10 @@ def train(engine, train_loader, validation_loader, cfg, device: torch.device, lo
     train_cfg, precision = cfg.train, cfg.precision.name
     family = families.of(cfg.model)
     world, causal = engine.world, family.name == "causal"
-    torch.manual_seed(train_cfg.seed)
+    # Dropout's masks: each rank draws its own (the same seed on every rank would drop the same
+    # units of different rows); rank 0's are the single process's. The batches' order has its
+    # own generator, the same on every rank (harness/cell/entry.py).
+    torch.manual_seed(ranks.dropout_seed(train_cfg.seed, world))
     total_steps, epochs = optimizer_steps(train_cfg, len(train_loader))
     updates = engine.updates(cfg, total_steps)
     model = engine.model

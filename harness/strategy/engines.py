@@ -54,14 +54,18 @@ class Engine:
     @contextlib.contextmanager
     def evaluating(self):
         """The model to evaluate and generate with. Every rank runs the same evaluation on the
-        same examples (a sharded model's forward is a collective); FSDP2's root stays gathered
-        throughout, since generation calls the encoder and the head apart from the root's
-        forward."""
+        same examples (a sharded model's forward is a collective). FSDP2's root stays gathered
+        throughout: generation calls the encoder and the head apart from the root's forward, and
+        a root that resharded after its first forward would leave them sharded (T5's generate()
+        failed on "mixed torch.Tensor and DTensor"); its blocks gather and free themselves."""
         if isinstance(self.model, FSDPModule):
+            self.model.set_reshard_after_forward(False, recurse=False)
             self.model.unshard()
             try:
                 yield self.model
             finally:
+                self.model.set_reshard_after_forward(self.strategy.reshard_after_forward,
+                                                     recurse=False)
                 self.model.reshard()
             return
         yield self.model

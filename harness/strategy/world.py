@@ -100,6 +100,18 @@ def global_loss(weighted_loss: torch.Tensor, world: World) -> torch.Tensor:
     return total / world.size
 
 
+def dropout_seed(seed: int, world: World) -> int:
+    """The seed of a rank's random numbers in training (dropout's masks): `seed` on rank 0, as
+    in a single process, and a seed of its own on every other rank. With dropout on, a sharded
+    step is the single-process step in distribution (every row dropped as often, each rank its
+    own masks), not mask for mask; without dropout it is the same step."""
+    return seed + RANK_SEED_STRIDE * world.rank
+
+
+# Far apart enough that rank r's seed is never another cell's seed + r' (seeds are small).
+RANK_SEED_STRIDE = 1_000_003
+
+
 def gather(value, world: World) -> list:
     """`value` of every rank, in rank order (a list of one outside a process group)."""
     if not world.distributed:
