@@ -170,9 +170,12 @@ def _generate_everywhere(cells: list[tuple], tmp_path) -> None:
     cell_cfgs = [_generating(*cell, cache) for cell in cells]
     sharded = launch.run_ranks(OmegaConf.create(cell_cfgs[0]["strategy"]), tmp_path,
                                _predictions_on_ranks, cell_cfgs, start_method="forkserver")[0]
+    singles = {}  # the same cell in one process, once for every strategy that shards it
     for cell, predictions in zip(cells, sharded):
-        single = _predictions(_generating("single", *cell[1:], cache), ranks.SINGLE)
-        assert len(predictions) == 12 and predictions == single, cell
+        if cell[1:] not in singles:
+            singles[cell[1:]] = _predictions(_generating("single", *cell[1:], cache),
+                                             ranks.SINGLE)
+        assert len(predictions) == 12 and predictions == singles[cell[1:]], cell
 
 
 def test_every_strategy_trains_and_generates_what_one_process_does(tmp_path):
