@@ -7,6 +7,7 @@ frozen weights, or bitsandbytes' LLM.int8 / 4-bit NormalFloat base weights. The 
 import contextlib
 import tempfile
 
+import safetensors.torch
 import torch
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig, ByT5Tokenizer
@@ -92,17 +93,33 @@ def _load_quantized(model_cfg, quantization_config: BitsAndBytesConfig, device: 
     options = {"quantization_config": quantization_config, "device_map": {"": device},
                "attn_implementation": model_cfg.attn_implementation}
     if model_cfg.source != "random":
-        return auto_class.from_pretrained(_location(model_cfg), revision=model_cfg.revision,
-                                          **options)
+        return _one_cpu_format(auto_class.from_pretrained(
+            _location(model_cfg), revision=model_cfg.revision, **options))
     # bitsandbytes quantizes while loading saved weights, so random weights are saved first.
     model = random_model(model_cfg)
     with tempfile.TemporaryDirectory(prefix="harness-random-") as folder:
-        model.save_pretrained(folder)
+        # Written by every rank for itself: transformers' save_pretrained writes on rank 0 alone
+        # in a process group.
+        model.config.save_pretrained(folder)
+        safetensors.torch.save_model(model, f"{folder}/model.safetensors", metadata={"format": "pt"})
         del model
         model = auto_class.from_pretrained(folder, **options)
     # Random weights come from no checkpoint (the folder is gone), as when built from a config:
     # nothing for peft to look up when it saves the adapter.
     model.name_or_path = model.config._name_or_path = ""
+    return _one_cpu_format(model)
+
+
+def _one_cpu_format(model):
+    """4-bit layers kept in one storage format on a CPU: bitsandbytes' inference kernel for CPUs
+    with AVX512-BF16 repacks a weight in place the first time it runs in eval mode, which fails
+    on widths not divisible by 32 (tiny test models) and would hand FSDP a weight it did not
+    shard; the training kernel serves evaluation as well."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
     return model
 
 
