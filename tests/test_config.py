@@ -64,15 +64,19 @@ def test_lomo_with_gradient_accumulation_is_an_invalid_cell(method):
     (["strategy=ddp", "strategy.nproc_per_node=3"], "3 ranks (strategy.nproc_per_node=3 x "
                                                     "strategy.nnodes=1) do not divide "
                                                     "train.batch_size=8"),
-    (["strategy=fsdp", "precision=int8"], "precision=int8 weights (packed values with their "
-                                          "scales) cannot be sharded: use strategy=ddp"),
-    (["strategy=zero3", "method=lomo"], "DeepSpeed's engine (strategy=zero3) owns backward"),
-    (["strategy=zero2", "method=lora_lomo"], "use strategy=fsdp"),
+    (["strategy=fsdp", "precision=int8"], "LLM.int8 weights are int8 tensors whose row scales "
+                                          "live beside them"),
+    (["strategy=zero3", "precision=nf4", "precision.quant_storage=uint8"],
+     "FSDP and ZeRO-3 shard floating-point tensors only"),
+    (["strategy=zero2", "precision=nf4"], "DeepSpeed's ZeRO-2 engine handles the frozen "
+                                          "quantized weights"),
+    (["strategy=zero2", "method=lomo"], "ZeRO-2 engine (strategy=zero2) owns the optimizer"),
+    (["strategy=zero2", "method=lora_lomo"], "use strategy=zero3 (LOMO's own setting"),
     (["strategy=fsdp", "method.optimizer=adamw_8bit"], "method.optimizer=adamw_8bit is "
                                                        "bitsandbytes'"),
     (["strategy=fsdp", "precision=fp16"], "GradScaler decides on one rank's shard"),
     (["strategy=zero3", "precision=bf16", "precision.master_weights=false", "method=full"],
-     "DeepSpeed's engine keeps float32 partitions"),
+     "DeepSpeed's optimizer keeps float32 partitions"),
 ])
 def test_combinations_a_strategy_cannot_train_are_invalid_cells(overrides, reason):
     assert reason in validation.invalid_cell_reason(compose_cell(*overrides))
@@ -80,7 +84,12 @@ def test_combinations_a_strategy_cannot_train_are_invalid_cells(overrides, reaso
 
 @pytest.mark.parametrize("overrides", [
     ["strategy=ddp", "precision=int8"],            # every rank holds the quantized base whole
+    ["strategy=fsdp", "precision=nf4"],            # QLoRA: 4-bit values stored in bf16, sharded
+    ["strategy=fsdp_offload", "precision=nf4", "precision.quant_storage=fp32"],
+    ["strategy=zero3", "precision=nf4"],
     ["strategy=fsdp", "method=lomo"],              # reduced shards reach LOMO's hooks
+    ["strategy=zero3", "method=lomo"],             # LOMO's own: partitions updated in hooks
+    ["strategy=zero3", "method=lomo", "precision=fp16", "precision.master_weights=false"],
     ["strategy=fsdp", "method=lomo", "precision=fp16", "precision.master_weights=false"],
     ["strategy=ddp", "precision=fp16", "method=full"],
     ["strategy=zero3_offload", "method=lora", "train.batch_size=3"],  # one rank by default

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from harness.cell import evaluate
 from harness.cell.train import train
+from harness.core.options import shards_weights
 from harness.data import encoding, synthetic
 from harness.model import families, methods, models
 from harness.strategy import launch, world as ranks
@@ -77,7 +78,9 @@ def _compare(strategy: str, methods_and_updates: list, tmp_path) -> None:
     sharded = _sharded_losses([_cell(strategy, method, *overrides)
                                for method, overrides in methods_and_updates], tmp_path)
     for (method, overrides), losses in zip(methods_and_updates, sharded):
-        single = _train_losses(_cell("single", method, *overrides), ranks.SINGLE)
+        single = _train_losses(_cell("single", method, *[override for override in overrides
+                                                         if not override.startswith("strategy")]),
+                               ranks.SINGLE)
         assert len(losses) == STEPS and single[0] != single[-1]  # the weights did move
         assert losses == pytest.approx(single, abs=1e-4), (strategy, method, overrides)
 
@@ -89,10 +92,17 @@ def test_a_sharded_step_equals_the_single_process_step(strategy, tmp_path):
                         for overrides in UPDATES.values()], tmp_path)
 
 
+# ZeRO-3 keeps a weight under stage3_param_persistence_threshold elements whole on every rank
+# (DeepSpeed's default: 100,000, every weight of a tiny model): at 1,000 a tiny T5's 64 x 64
+# weights are partitioned, and LoRA+LOMO's adapters (8 x 64), which AdamW steps, stay whole.
+PARTITIONED = {"zero3": ["strategy.stage3_param_persistence_threshold=1000"]}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
 def test_lomo_under_a_strategy_equals_the_single_process_lomo(strategy, tmp_path):
-    _compare(strategy, [(method, overrides) for method in ("lomo", "lora_lomo")
+    _compare(strategy, [(method, [*overrides, *PARTITIONED.get(strategy, [])])
+                        for method in ("lomo", "lora_lomo")
                         for overrides in LOMO_UPDATES.values()], tmp_path)
 
 
@@ -216,3 +226,73 @@ def test_each_rank_draws_its_own_dropout_masks_and_rank_0_the_single_process_s(t
     for mask in (rank0, rank1):  # each drops a quarter of the units: the same distribution
         assert abs(1 - mask.float().mean().item() - 0.25) < 0.03
     assert abs((rank0 == rank1).float().mean().item() - (0.75**2 + 0.25**2)) < 0.03
+
+
+# -- QLoRA under sharding -----------------------------------------------------------------------
+
+def _qlora(strategy: str, *overrides) -> dict:
+    # ZeRO-3 partitions the tiny 4-bit weights (512 packed float32 elements) below 100 elements.
+    partitioned = ["strategy.stage3_param_persistence_threshold=100"] if strategy == "zero3" \
+        else []
+    return _cell(strategy, "lora", "model=tiny-llama", "precision=nf4",
+                 "precision.compute_dtype=fp32", *UPDATES["sgd_clipped"], *partitioned,
+                 *overrides)
+
+
+def _packed_shares(cell_cfgs: list[dict]) -> list[tuple[int, int]]:
+    """(elements of the 4-bit layers' packed weights this rank holds, elements in all) of each
+    cell, its engine built as the cell builds it."""
+    import bitsandbytes as bnb
+
+    world = ranks.join(timeout_s=300)
+    try:
+        found = []
+        for cell_cfg in cell_cfgs:
+            cfg = OmegaConf.create(cell_cfg)
+            model = methods.prepare(models.load_model(
+                cfg.model, cfg.precision, True, world.device, shards_weights(cfg.strategy)), cfg)
+            engine = Engine(model, cfg, world)
+            engine.updates(cfg, total_steps=1)  # DeepSpeed partitions here
+            weights = [module.weight for module in model.modules()
+                       if isinstance(module, bnb.nn.Linear4bit)]
+            held = sum(weight.to_local().numel() if hasattr(weight, "to_local")
+                       else weight.ds_tensor.numel() if hasattr(weight, "ds_tensor")
+                       else weight.numel() for weight in weights)
+            whole = sum(getattr(weight, "ds_numel", weight.numel()) for weight in weights)
+            found.append((held, whole))
+        return found
+    finally:
+        ranks.leave(world)
+
+
+QLORA_STRATEGIES = ["fsdp", "fsdp_offload", "zero3"]
+
+
+@pytest.mark.slow
+def test_qlora_under_sharding_equals_the_single_process_qlora_and_shards_its_4bit_weights(
+        tmp_path):
+    cells = [_qlora(strategy) for strategy in QLORA_STRATEGIES]
+    for cell in cells:  # the packed values in the compute dtype: a tensor FSDP can cut
+        assert models.quant_storage(OmegaConf.create(cell["precision"]), True) == torch.float32
+    for cell in cells:
+        losses = launch.run_ranks(OmegaConf.create(cell["strategy"]), tmp_path, _on_ranks,
+                                  [cell], start_method="forkserver")[0][0]
+        single = _train_losses(_qlora("single"), ranks.SINGLE)
+        assert len(losses) == STEPS and single[0] != single[-1]
+        assert losses == pytest.approx(single, abs=1e-5), cell["strategy"]["name"]
+    shares = launch.run_ranks(OmegaConf.create(cells[0]["strategy"]), tmp_path, _packed_shares,
+                              cells, start_method="forkserver")[0]
+    for cell, (held, whole) in zip(cells, shares):  # each rank holds half of every 4-bit weight
+        assert held <= whole / 2 + 64, (cell["strategy"]["name"], held, whole)
+
+
+def test_4bit_weights_are_stored_in_a_float_dtype_where_the_strategy_shards_them():
+    nf4 = compose_cell("precision=nf4").precision
+    assert models.quant_storage(nf4, shards_weights=False) == torch.uint8  # as before
+    assert models.quant_storage(nf4, shards_weights=True) == torch.bfloat16  # compute dtype
+    chosen = compose_cell("precision=nf4", "precision.quant_storage=fp16").precision
+    assert models.quant_storage(chosen, shards_weights=True) == torch.float16
+    assert shards_weights(compose_cell("strategy=fsdp").strategy)
+    assert shards_weights(compose_cell("strategy=zero3").strategy)
+    assert not shards_weights(compose_cell("strategy=zero2").strategy)
+    assert not shards_weights(compose_cell("strategy=ddp").strategy)

@@ -44,7 +44,7 @@ from harness.cell import evaluate, infer
 from harness.cell.train import train
 from harness.core import pauses
 from harness.core.errors import disk_full
-from harness.core.options import ADAPTER_METHODS, FUSED_METHODS
+from harness.core.options import ADAPTER_METHODS, FUSED_METHODS, shards_weights
 from harness.core.units import MIB
 from harness.data import checks, encoding, sources
 from harness.measure import accounting
@@ -226,7 +226,8 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
     with log.phase("load"):
         load_start = time.perf_counter()
         tokenizer = models.load_tokenizer(cfg.model)
-        model = models.load_model(cfg.model, cfg.precision, methods.base_frozen(method), device)
+        model = models.load_model(cfg.model, cfg.precision, methods.base_frozen(method), device,
+                                  shards_weights(cfg.strategy))
         model = methods.prepare(model, cfg)
         engine = Engine(model, cfg, log.world)  # wrapped or sharded as cfg.strategy says
         with ranks.main_first(log.world):

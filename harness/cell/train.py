@@ -16,7 +16,13 @@ from harness.cell import evaluate
 from harness.core import pauses
 from harness.model import families
 from harness.model.tokenizers import IGNORED_LABEL
-from harness.model.training_step import Diverged, forward, optimizer_steps, synchronize
+from harness.model.training_step import (
+    Diverged,
+    forward,
+    optimizer_steps,
+    repeatable,
+    synchronize,
+)
 from harness.strategy import world as ranks
 
 MAX_LOG_PERPLEXITY = 80.0  # exp(80) ~ 5.5e34: a float still, and far beyond any vocabulary
@@ -89,14 +95,15 @@ def train(engine, train_loader, validation_loader, cfg, device: torch.device, lo
                 result.batch_lengths.append(family.padded_lengths(batch))
                 batch, weight = ranks.split(batch, world, causal)
                 batch = {key: value.to(device) for key, value in batch.items()}
-                loss = forward(engine.trained, batch, precision, device) * weight
+                loss, again = repeatable(
+                    lambda: forward(engine.trained, batch, precision, device) * weight, device)
                 batch_loss = ranks.global_loss(loss, world)
                 if not torch.isfinite(batch_loss):
                     raise Diverged(f"loss {batch_loss.item()} at step {step} (epoch {epoch}), "
                                    f"precision {precision}")
                 last_micro_step = (not (micro_step + 1) % train_cfg.grad_accum_steps
                                    or micro_step + 1 == len(train_loader))
-                if not updates.backward(loss, update=last_micro_step):
+                if not updates.backward(loss, update=last_micro_step, again=again):
                     continue
                 # Parameters, gradients and optimizer state are all alive here. Record them at
                 # the step that raised the allocator's peak (on CPU, which keeps no peak: the

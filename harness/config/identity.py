@@ -47,6 +47,10 @@ SINCE = {
     "precision.master_weights": ("0.2.0", True, ABSENT),
     # null: a local file's columns read by their own names, as they were before the key came.
     "data.columns": ("0.3.0", None, ABSENT),
+    # auto: uint8 in one process, as before the key came (sharded 4-bit cells are new with it).
+    "precision.quant_storage": ("0.3.0", "auto", ABSENT),
+    # DeepSpeed's own default, which ZeRO-3 cells ran with before the key came.
+    "strategy.stage3_param_persistence_threshold": ("0.3.0", 1.0e5, ABSENT),
 }
 
 

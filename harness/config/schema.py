@@ -29,6 +29,7 @@ from harness.core.options import (
     NF4_OPTIONS,
     OPTIMIZERS,
     PERCENTILE,
+    QUANT_STORAGES,
     START_METHODS,
     TOKENIZERS,
 )
@@ -200,6 +201,11 @@ class Nf4Precision(PrecisionConfig):
     double_quant: Any = flag(True, "quantize the per-block scales too")
     compute_dtype: str = key("bf16", "the dtype each matmul runs in",
                              choices=NF4_OPTIONS["compute_dtype"])
+    quant_storage: str = key("auto", "the dtype the packed 4-bit values are stored as (the bytes "
+                             "are the same): uint8, or a float dtype that FSDP and ZeRO-3 can "
+                             "shard; auto: uint8, and the compute dtype under a strategy that "
+                             "shards the weights (PEFT's FSDP-QLoRA recipe)",
+                             choices=QUANT_STORAGES)
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -396,6 +402,10 @@ class ZeroStrategy(StrategyConfig):
                                              above=0)
     stage3_max_live_parameters: float = key(1.0e9, "stage 3: gathered elements kept before "
                                             "releasing any", above=0)
+    stage3_param_persistence_threshold: float = key(1.0e5, "stage 3: a weight of fewer elements "
+                                                    "is kept whole on every rank, not "
+                                                    "partitioned (DeepSpeed's default)",
+                                                    at_least=0)
 
 
 # -- where and how: tracking, runner, sampler, cost, peaks -------------------------------------
@@ -451,7 +461,10 @@ class CostConfig:
 class PeaksConfig:
     launch_us: float = key(10, "the host's time to dispatch one op and launch its kernel",
                            above=0)
-    gpus: dict[str, Any] = key({}, "per GPU: dense TFLOP/s per dtype and bandwidth in GB/s")
+    gpus: dict[str, Any] = key({}, "per GPU: dense TFLOP/s per dtype, memory bandwidth, and "
+                               "the links to other GPUs (link_gbs) and the host (host_gbs), GB/s")
+    internode_gbs: float = key(12.5, "GB/s between nodes, per direction (100 Gb/s Ethernet or "
+                               "EFA; 400 Gb/s InfiniBand: 50)", above=0)
 
 
 @dataclass

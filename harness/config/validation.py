@@ -23,6 +23,7 @@ from harness.core.options import (
     PAGED_OPTIMIZERS,
     QUANTIZED,
     SHARDED_STRATEGIES,
+    shards_weights,
 )
 from harness.data import checks
 from harness.measure import gpus
@@ -67,24 +68,37 @@ def _strategy_reason(cfg: DictConfig) -> str | None:
                 "number of ranks that divides it, or a batch size they divide")
     if strategy not in SHARDED_STRATEGIES:
         return None
-    if precision in QUANTIZED:
-        return (f"strategy={strategy} shards the weights, and bitsandbytes' precision="
-                f"{precision} weights (packed values with their scales) cannot be sharded: use "
-                "strategy=ddp, where every rank holds the quantized base whole, or precision="
-                "bf16 / fp16 with this strategy")
+    if precision == "int8" and shards_weights(cfg.strategy):
+        return (f"strategy={strategy} shards the weights, and bitsandbytes' LLM.int8 weights are "
+                "int8 tensors whose row scales live beside them (not in the tensor FSDP or "
+                "ZeRO-3 would cut): use precision=nf4 (QLoRA's 4-bit values, stored in a float "
+                "dtype, shard), or strategy=ddp, where every rank holds the int8 base whole")
+    if precision == "nf4" and shards_weights(cfg.strategy) \
+            and cfg.precision.quant_storage == "uint8":
+        return (f"precision.quant_storage=uint8 with strategy={strategy}: FSDP and ZeRO-3 shard "
+                "floating-point tensors only; use precision.quant_storage=auto (the compute "
+                "dtype, as PEFT's FSDP-QLoRA recipe) or bf16 / fp16 / fp32: the bytes are the "
+                "same")
+    if precision in QUANTIZED and not shards_weights(cfg.strategy):
+        return (f"precision={precision} with strategy={strategy}: DeepSpeed's ZeRO-2 engine "
+                "handles the frozen quantized weights it does not shard as its own; use "
+                "strategy=zero3 or fsdp (which shard 4-bit weights), or ddp")
     if cfg.method.optimizer != "adamw" and cfg.method.optimizer != "sgd":
         return (f"method.optimizer={cfg.method.optimizer} is bitsandbytes' and steps whole "
                 f"tensors, which strategy={strategy} shards: use method.optimizer=adamw or sgd, "
                 "or strategy=ddp")
     if strategy in DEEPSPEED_STRATEGIES:
-        if method in FUSED_METHODS:
+        if method in FUSED_METHODS and not shards_weights(cfg.strategy):
             return (f"method={method} updates each weight inside backward, and DeepSpeed's "
-                    f"engine (strategy={strategy}) owns backward and the optimizer step: use "
-                    "strategy=fsdp, whose sharded gradients reach LOMO's hooks once reduced")
-        if not cfg.precision.master_weights:
+                    f"ZeRO-2 engine (strategy={strategy}) owns the optimizer step on the "
+                    "gradients it partitions: use strategy=zero3 (LOMO's own setting: the "
+                    "weights partitioned, each rank updating its partition in the hooks), fsdp "
+                    "or ddp")
+        if not cfg.precision.master_weights and method not in FUSED_METHODS:
             return (f"precision.master_weights=false with strategy={strategy}: DeepSpeed's "
-                    "engine keeps float32 partitions of the weights it trains; use strategy=fsdp "
-                    "for weights trained in the half dtype itself")
+                    "optimizer keeps float32 partitions of the weights it trains; use "
+                    "strategy=fsdp for weights trained in the half dtype itself (or a LOMO "
+                    "method, which steps ZeRO-3's half partitions itself)")
     if precision == "fp16" and method not in FUSED_METHODS:
         return (f"precision=fp16 with strategy={strategy}: GradScaler decides on one rank's "
                 "shard of the gradients whether to skip a step; use precision=bf16 (no loss "

@@ -277,7 +277,11 @@ def _sizes(model) -> dict:
     trained = [p for p in model.parameters() if p.requires_grad]
     largest = max(models.blocks(model), key=lambda block: stored(block.parameters()),
                   default=model)
-    return {"trained_weights": stored(trained),
+    states = {tensor.untyped_storage()._cdata: tensor.untyped_storage().nbytes()
+              for weight in model.parameters()
+              for tensor in accounting.quant_state_tensors(getattr(weight, "quant_state", None))}
+    return {"quantization_state": sum(states.values()) / MIB,  # on every rank: not sharded
+            "trained_weights": stored(trained),
             "trained_weights_fp32": sum(p.numel() for p in trained) * 4 / MIB,
             "largest_block": stored(largest.parameters()),
             "largest_block_trained": stored(p for p in largest.parameters() if p.requires_grad),
@@ -376,6 +380,7 @@ def _quantize(model, precision_cfg) -> None:
     # bitsandbytes caches its double quantization's code map on the device of the first tensor
     # it quantizes: made here on the CPU, a meta copy is not what later real loads get.
     bnb.functional.name2qmap.setdefault("dynamic", bnb.functional.create_dynamic_map())
+    # uint8 storage: a strategy's float storage packs the same bytes (harness/model/models.py).
     settings = models.quantization(precision_cfg)
     AutoHfQuantizer.from_config(settings).preprocess_model(model, device_map={"": META})
     for layer in model.modules():

@@ -31,6 +31,8 @@ def of_gpu(peaks_cfg, gpu_name: str | None) -> dict | None:
     figures = peaks_cfg.gpus[gpu_name]
     return {"name": gpu_name, **{kind: figures.get(kind) for kind in KINDS},
             "bandwidth_gbs": float(figures.bandwidth_gbs), "launch_us": float(peaks_cfg.launch_us),
+            **{link: figures.get(link) for link in ("link_gbs", "host_gbs")},
+            "internode_gbs": peaks_cfg.get("internode_gbs"),
             "source": "conf/peaks/ (datasheet)"}
 
 

@@ -18,6 +18,9 @@ optimizer.
 Under a distributed strategy (harness/strategy/engines.py) each gradient is reduced across ranks
 before it is used: `reduce_gradient` averages a whole gradient in its hook (ddp), or the gradient
 arrives reduced and sharded and `reduce_squared_norm` sums the shards' squared norms (FSDP2).
+Under ZeRO-3 (as the paper's own implementation runs) a weight is a partition on each rank:
+`partition_of` gives it (the rank's slice of the flattened weight, and where the slice starts), and
+the update applies the averaged whole gradient's matching slice to it, nothing else.
 """
 
 import warnings
@@ -48,6 +51,8 @@ class FusedSGD:
         self.grad_scale = 1.0  # the fp16 loss scale the gradients carry
         self.largest_grad_bytes = 0  # the most gradient memory a fused step held at once
         self.reduce_gradient = self.reduce_squared_norm = None  # set under a strategy
+        self.partition_of = None  # ZeRO-3: a weight's partition on this rank (see the module)
+        self.keep_graph = True  # False: the update pass runs forward again (see step())
         self.hooks = [parameter.register_post_accumulate_grad_hook(self._on_gradient)
                       for parameter in self.parameters]
 
@@ -59,8 +64,11 @@ class FusedSGD:
         local = _local(gradient)
         self.largest_grad_bytes = max(self.largest_grad_bytes,
                                       local.numel() * local.element_size())
+        partition = self.partition_of(parameter) if self.partition_of is not None else None
         if self.measuring:
             self.squared_norms.append(self._squared_norm(gradient))
+        elif partition is not None:
+            self._update_partition(parameter, gradient, *partition)
         elif parameter.dtype == torch.float32:
             gradient.mul_(self.clip_coef / self.grad_scale)
             self.optimizers[parameter].step()
@@ -79,9 +87,36 @@ class FusedSGD:
             nesterov=False, maximize=False, foreach=False)
         parameter.copy_(weight)
 
-    def step(self, loss: torch.Tensor, grad_scale: float = 1.0) -> bool:
+    def _update_partition(self, parameter: torch.Tensor, gradient: torch.Tensor,
+                          partition: torch.Tensor, start: int) -> None:
+        """SGD on this rank's partition of a ZeRO-3 weight from the matching slice of its whole
+        (averaged) gradient, in float32 as a half weight's update is."""
+        size = min(partition.numel(), gradient.numel() - start)
+        whole = parameter.numel() == gradient.numel()  # ZeRO-3 keeps it whole (persistent)
+        if whole:  # the whole weight updated, and this rank's partition of it kept in step
+            if parameter.dtype == torch.float32:
+                gradient.mul_(self.clip_coef / self.grad_scale)
+                self.optimizers[parameter].step()
+            else:
+                self._update_in_float32(parameter, gradient)
+            if size > 0:
+                partition.narrow(0, 0, size).copy_(parameter.reshape(-1).narrow(0, start, size))
+            return
+        if size <= 0:  # a partition of padding alone
+            return
+        group = self.optimizers[parameter].param_groups[0]
+        weight = partition.narrow(0, 0, size).float()
+        sliced = gradient.reshape(-1).narrow(0, start, size).float()
+        sgd([weight], [sliced.mul_(self.clip_coef / self.grad_scale)], [None],
+            weight_decay=group["weight_decay"], momentum=0.0, lr=group["lr"], dampening=0.0,
+            nesterov=False, maximize=False, foreach=False)
+        partition.narrow(0, 0, size).copy_(weight)
+
+    def step(self, loss: torch.Tensor, grad_scale: float = 1.0, again=None) -> bool:
         """Backward with the fused updates; False (nothing updated) when a gradient was not
-        finite, which only the norm pass can see before it is too late."""
+        finite, which only the norm pass can see before it is too late. `again`: the same loss
+        computed again (the same random numbers), for the update pass where the norm pass could
+        not keep the graph (ZeRO-3 releases the weights the graph saved: `keep_graph` False)."""
         self.grad_scale = grad_scale
         self.clip_coef = 1.0
         if self.max_grad_norm is not None or grad_scale != 1.0:
@@ -90,6 +125,8 @@ class FusedSGD:
                 return False
             if self.max_grad_norm is not None:
                 self.clip_coef = min(1.0, self.max_grad_norm / (float(total_norm) + 1e-6))
+            if not self.keep_graph:
+                loss = again()
         (loss * grad_scale).backward()
         for parameter in self.unfused:
             if parameter.grad is not None:
@@ -107,7 +144,7 @@ class FusedSGD:
     def _norm_pass(self, loss: torch.Tensor) -> torch.Tensor:
         self.measuring, self.squared_norms = True, []
         try:
-            (loss * self.grad_scale).backward(retain_graph=True)
+            (loss * self.grad_scale).backward(retain_graph=self.keep_graph)
         finally:
             self.measuring = False
         for parameter in self.unfused:  # measured, then cleared for the update pass

@@ -29,7 +29,8 @@ def load_tokenizer(model_cfg):
     return tokenizer
 
 
-def load_model(model_cfg, precision, base_frozen: bool, device: torch.device):
+def load_model(model_cfg, precision, base_frozen: bool, device: torch.device,
+               shards_weights: bool = False):
     """The model on `device`, its weights stored as the precision (its name or its config) says.
 
     fp32: float32. bf16 / fp16: frozen weights in the half dtype; weights that train stay float32
@@ -38,10 +39,12 @@ def load_model(model_cfg, precision, base_frozen: bool, device: torch.device):
     int8: LLM.int8 base weights; nf4: 4-bit NormalFloat base weights (QLoRA), both through
     bitsandbytes, the layers it leaves unquantized in float32. In fp16 and int8, transformers
     keeps T5's wo in float32 (T5's _keep_in_fp32_modules); random weights are stored the same way.
+    `shards_weights`: the cell's strategy shards the weights (its 4-bit values are then stored in
+    a float dtype it can cut, precision.quant_storage=auto).
     """
     precision_cfg = precision_config(precision)
     if precision_cfg.name in QUANTIZED:
-        return _load_quantized(model_cfg, quantization(precision_cfg), device)
+        return _load_quantized(model_cfg, quantization(precision_cfg, shards_weights), device)
     dtype = stored_dtype(precision_cfg, base_frozen)
     if model_cfg.source == "random":
         with torch.device(device):  # built in place, in its dtype: no float32 copy on the GPU
@@ -74,18 +77,30 @@ def trained_in_half(precision) -> bool:
     return precision_cfg.name in HALF_DTYPES and not precision_cfg.master_weights
 
 
-def quantization(precision_cfg) -> BitsAndBytesConfig:
+def quantization(precision_cfg, shards_weights: bool = False) -> BitsAndBytesConfig:
     """bitsandbytes' settings for a quantized precision: LLM.int8 with its outlier threshold, or
-    4-bit NormalFloat with QLoRA's double quantization and compute dtype."""
+    4-bit NormalFloat with QLoRA's double quantization, compute dtype and storage dtype."""
     if precision_cfg.name == "int8":
         return BitsAndBytesConfig(load_in_8bit=True,
                                   llm_int8_threshold=precision_cfg.llm_int8_threshold)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=precision_cfg.quant_type,
                               bnb_4bit_use_double_quant=precision_cfg.double_quant,
-                              bnb_4bit_compute_dtype=COMPUTE_DTYPES[precision_cfg.compute_dtype])
+                              bnb_4bit_compute_dtype=COMPUTE_DTYPES[precision_cfg.compute_dtype],
+                              bnb_4bit_quant_storage=quant_storage(precision_cfg, shards_weights))
 
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+STORAGE_DTYPES = {**COMPUTE_DTYPES, "uint8": torch.uint8}
+
+
+def quant_storage(precision_cfg, shards_weights: bool) -> torch.dtype:
+    """The dtype 4-bit values are packed in: as precision.quant_storage says; auto: uint8, or the
+    compute dtype where the strategy shards the weights (FSDP and ZeRO-3 cut float tensors only;
+    the packed bytes are the same whatever their dtype)."""
+    chosen = precision_cfg.get("quant_storage", "auto")
+    if chosen == "auto":
+        chosen = precision_cfg.compute_dtype if shards_weights else "uint8"
+    return STORAGE_DTYPES[chosen]
 
 
 def _load_quantized(model_cfg, quantization_config: BitsAndBytesConfig, device: torch.device):

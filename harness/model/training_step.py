@@ -2,6 +2,7 @@
 and the update (optimizers, LOMO's fused updates, loss scaling, clipping).
 """
 
+import contextlib
 import math
 
 import torch
@@ -71,15 +72,19 @@ class Updates:
         self.scaler = torch.amp.GradScaler(device.type, enabled=scaling and not own_scale)
         self.own_scale = lomo.LossScale(enabled=scaling and own_scale)
         self.skipped = False  # whether the last update was skipped (fp16 overflow)
+        # Around the optimizer's step of the weights it steps (a strategy's: ZeRO-3 gathers them).
+        self.stepping = lambda weights: contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor, update: bool) -> bool:
+    def backward(self, loss: torch.Tensor, update: bool, again=None) -> bool:
         """Backward of one micro-batch; with `update` (its last), the update too. False while
-        gradients accumulate."""
+        gradients accumulate. `again`: the loss computed again, where a fused update cannot
+        backward twice through one graph (lomo.FusedSGD.step)."""
         if self.fused is not None:  # the fused weights are updated during this backward
-            finite = self.fused.step(loss, self.own_scale.scale)
+            finite = self.fused.step(loss, self.own_scale.scale, again)
             self.own_scale.update(finite)
             if self.optimizer is not None and finite:
-                self.optimizer.step()
+                with self.stepping(self.stepped):  # ZeRO-3: its weights gathered for the step
+                    self.optimizer.step()
             self.skipped = not finite
             return True
         if self.own_scale.enabled:
@@ -151,3 +156,17 @@ def forward(model, batch: dict, precision: str, device: torch.device) -> torch.T
     (and activation checkpointing cannot keep one)."""
     with autocast(device, precision):
         return model(**batch, use_cache=False).loss
+
+
+def repeatable(compute, device: torch.device):
+    """compute(), and a function that computes it again with the same random numbers (dropout's
+    masks): (result, again)."""
+    states = [torch.get_rng_state(), torch.cuda.get_rng_state(device)
+              if device.type == "cuda" else None]
+
+    def again():
+        torch.set_rng_state(states[0])
+        if states[1] is not None:
+            torch.cuda.set_rng_state(states[1], device)
+        return compute()
+    return compute(), again

@@ -5,8 +5,11 @@ forward, how a loss becomes updated weights, and how the model is evaluated and 
 LOMO under ddp runs without DDP's wrapper: DDP reduces gradients in buckets after backward, too
 late for an update fused into backward, so each fused weight's gradient is all-reduced in its own
 hook. FSDP2 calls the post-accumulate-grad hooks of a sharded weight once its gradient is
-reduce-scattered, so the fused update applies to each rank's shard as it stands. DeepSpeed owns
-backward and the optimizer step, so it hosts no fused update (refused before the cell runs).
+reduce-scattered, so the fused update applies to each rank's shard as it stands. Under ZeRO-3,
+LOMO runs as its authors' implementation does: DeepSpeed's engine without an optimizer partitions
+the weights and gathers each for its forward and backward; each weight's whole gradient is
+all-reduced in its hook and the rank's own partition updated from its slice. ZeRO-2's engine
+owns the optimizer step, and hosts no fused update (refused before the cell runs).
 """
 
 import contextlib
@@ -40,6 +43,14 @@ class Engine:
             shard(model, cfg.strategy, world)
 
     def updates(self, cfg, total_steps: int):
+        if self.strategy.name in DEEPSPEED_STRATEGIES and cfg.method.name in FUSED_METHODS:
+            self.partitions = _partitioned(self.model, cfg, self.world)
+            updates = Updates(self.model, cfg, total_steps, self.world.device)
+            updates.fused.reduce_gradient = _averaged(self.world)
+            updates.fused.partition_of = _partition_of
+            updates.fused.keep_graph = False  # ZeRO-3 releases what the graph saved
+            updates.stepping = _gathered  # LoRA+LOMO's adapters, for AdamW's step
+            return updates
         if self.strategy.name in DEEPSPEED_STRATEGIES:
             updates = DeepSpeedUpdates(self.model, cfg, total_steps, self.world)
             self.trained = updates.engine
@@ -109,6 +120,50 @@ def _averaged(world: World):
     return reduce
 
 
+def _partitioned(model, cfg, world: World):
+    """The model's weights partitioned by ZeRO-3's parameter manager (DeepSpeedZeRoOffload, what
+    DeepSpeed's engine runs without an optimizer), which gathers each for its forward and
+    backward and releases it after; LOMO updates the partitions in its hooks, and AdamW steps
+    LoRA+LOMO's (small) adapters gathered whole. The engine itself is not used: its backward
+    expects its own optimizer to reduce the gradients."""
+    import deepspeed
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from deepspeed.utils.timer import NoopTimer
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # DeepSpeed's view of our group
+    strategy = cfg.strategy
+    config = deepspeed_config(cfg, world)
+    config.pop("gradient_clipping")  # LOMO clips by the global norm of its own norm pass
+    offload = DeepSpeedConfig(config).zero_config.offload_param
+    manager = DeepSpeedZeRoOffload(
+        model, timers=NoopTimer(), ds_config=config,
+        prefetch_bucket_size=int(strategy.stage3_prefetch_bucket_size),
+        max_live_parameters=int(strategy.stage3_max_live_parameters),
+        param_persistence_threshold=int(strategy.stage3_param_persistence_threshold),
+        offload_param_config=offload)
+    return manager
+
+
+def _partition_of(parameter) -> tuple[torch.Tensor, int] | None:
+    """A ZeRO-3 weight's partition on this rank and where it starts in the flattened weight;
+    None for a weight ZeRO-3 does not manage. A weight it keeps whole on every rank (persistent)
+    has its partition too, which ZeRO-3 gathers it from again: both are updated."""
+    partition = getattr(parameter, "ds_tensor", None)
+    if partition is None:
+        return None
+    rank = dist.get_rank(group=getattr(parameter, "ds_process_group", None))
+    return partition, partition.numel() * rank
+
+
+def _gathered(weights):
+    """ZeRO-3 weights whole on every rank for the block (their averaged gradients are whole),
+    their partitions taken from rank 0's afterwards (every rank stepped them alike)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
+
+
 def _summed(squared_norm: torch.Tensor) -> None:
     if dist.get_backend() == "nccl" and squared_norm.device.type == "cpu":  # offloaded shards
         on_gpu = squared_norm.cuda()
@@ -137,7 +192,7 @@ class DeepSpeedUpdates:
                 inner, train_cfg.warmup_steps, total_steps))
         self.fused, self.skipped = None, False
 
-    def backward(self, loss: torch.Tensor, update: bool) -> bool:
+    def backward(self, loss: torch.Tensor, update: bool, again=None) -> bool:
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed steps at the accumulation boundary only
         return update
@@ -162,7 +217,8 @@ def deepspeed_config(cfg, world: World) -> dict:
     zero = {"stage": strategy.stage, "reduce_bucket_size": int(strategy.reduce_bucket_size),
             "allgather_bucket_size": int(strategy.allgather_bucket_size),
             "stage3_prefetch_bucket_size": int(strategy.stage3_prefetch_bucket_size),
-            "stage3_max_live_parameters": int(strategy.stage3_max_live_parameters)}
+            "stage3_max_live_parameters": int(strategy.stage3_max_live_parameters),
+            "stage3_param_persistence_threshold": int(strategy.stage3_param_persistence_threshold)}
     pinned = torch.cuda.is_available()
     if strategy.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pinned}

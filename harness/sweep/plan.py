@@ -30,7 +30,7 @@ from harness.core import errors, reference
 from harness.core.errors import ConfigError, refused
 from harness.core.tables import as_text
 from harness.data import encoding, sources
-from harness.estimate import estimate, timing, work
+from harness.estimate import communication, estimate, timing, work
 from harness.measure import gpus, peaks, traces
 from harness.model import training_step
 from harness.run import checks
@@ -46,7 +46,7 @@ SHOWN = {"#": "#", "cell": "cell", "strategy": "strategy", "gradient_checkpointi
          "reference": "published", "reference_gpu_mib": "reference (MiB)",
          "estimate_ratio": "ratio", "fits": "fits", "lomo_claim": "LOMO's claim",
          "tflop_per_step": "TFLOP/step", "predicted_step_s": "step (s)", "bound": "bound by",
-         "predicted_train_min": "train (min)", "reference_train_min": "published (min)",
+         "comm_exposed_s": "transfers (s)", "predicted_train_min": "train (min)", "reference_train_min": "published (min)",
          "predicted_train_min_uncorrected": "uncorrected (min)", "time_ratio": "time ratio",
          "predicted_cost_usd": "cost (USD)"}
 
@@ -141,7 +141,7 @@ def plan(jobs: list[DictConfig], found_gpus: list[dict], named_gpu=None,
     all_parts = estimate.gpu_peaks_mib([request for *_, request in estimated])
     for (row, job, lengths_from, request), parts in zip(estimated, all_parts):
         row.update(_estimate_columns(job, request[1], lengths_from, parts))
-        row.update(_time_columns(job, estimate.step_work(*request), gpu and gpu[2],
+        row.update(_time_columns(job, estimate.step_work(*request), parts, gpu and gpu[2],
                                  corrections.get(job.method.name)))
         if "predicted_train_min" in row and "reference_train_min" in row:
             row["time_ratio"] = row["predicted_train_min"] / row["reference_train_min"]
@@ -198,13 +198,14 @@ def _corrections(tracking_cfg, gpu_name: str) -> dict:
             for method, group in measured.groupby("params.method.name")}
 
 
-def _time_columns(job: DictConfig, work_rows: list, gpu_name: str | None,
+def _time_columns(job: DictConfig, work_rows: list, parts: dict, gpu_name: str | None,
                   correction: tuple[float, int] | None) -> dict:
     """FLOPs per optimizer step (one rank's); on the GPU compared with, the predicted step time
     (harness/estimate/timing.py) and what bounds it, corrected by `correction` (_corrections'
-    ratio for the cell's method) with the uncorrected figure beside it; the steps the cell will
-    run, its training time and, at conf/cost/'s price for that GPU, what it costs on all its
-    ranks."""
+    ratio for the cell's method) with the uncorrected figure beside it, plus what the strategy's
+    transfers add where compute does not hide them (harness/estimate/communication.py); the
+    steps the cell will run, its training time and, at conf/cost/'s price for that GPU, what it
+    costs on all its ranks."""
     found = {"flops_per_step": work.flops(work_rows)}
     device = peaks.of_gpu(job.peaks, gpu_name)
     if device is None:
@@ -212,9 +213,18 @@ def _time_columns(job: DictConfig, work_rows: list, gpu_name: str | None,
     predicted = timing.step_seconds(work_rows, device)
     model_s = predicted["step_s"]  # the time model's own
     step_s = model_s * (correction[0] if correction is not None else 1.0)
+    moved = communication.seconds(parts, identity.cell_config(job)["strategy"], job.method.name,
+                                  job.train.max_grad_norm is not None, device, step_s)
+    if moved:
+        found.update(comm_gb_per_step=moved["comm_bytes"] / 1e9, comm_s=moved["comm_s"],
+                     comm_exposed_s=moved["exposed_s"])
+        model_s += moved["exposed_s"]
+        step_s += moved["exposed_s"]
     found.update(predicted_step_s=step_s,
                  bound=", ".join(f"{name} {predicted[name] / model_s:.0%}"
-                                 for name in timing.BOUNDS if predicted[name]))
+                                 for name in timing.BOUNDS if predicted[name])
+                 + (f", transfers {moved['exposed_s'] / model_s:.0%}"
+                    if moved and moved["exposed_s"] else ""))
     if correction is not None:
         found.update(predicted_step_s_uncorrected=model_s, time_correction=correction[0],
                      corrected_from=f"{correction[1]} {job.method.name} runs on {gpu_name}")
