@@ -28,6 +28,7 @@ def _strategy(*overrides) -> dict:
     (["strategy=zero2"], "full", 1000.0, 0.0),                    # reduce-scatter + all-gather
     (["strategy=zero3"], "full", 1500.0, 0.0),
     (["strategy=zero3_offload", "strategy.nproc_per_node=2"], "full", 1500.0, 1500.0),
+    (["strategy=zero3_offload"], "full", 0.0, 3000.0),           # one rank: the host link alone
 ])
 def test_the_bytes_each_strategy_moves_per_step(overrides, method, gpu_mib, host_mib):
     moved = communication.bytes_per_step(PARTS, _strategy(*overrides), method, clipped=True)
@@ -74,7 +75,8 @@ def test_the_plan_prices_one_gpu_two_and_one_with_offload(tmp_path):
     table = plan.plan(jobs, [], h100, create_experiment=False).set_index("strategy")
     one, two, offload = (table.loc[name] for name in ("single", "ddp-x2", "zero3_offload-x1"))
     assert one.comm_gb_per_step == 0 and two.comm_gb_per_step > 0
-    assert offload.comm_exposed_s == pytest.approx(offload.comm_s)  # host copies wait
+    # One GPU with offload moves its weights over the host link, and waits for them.
+    assert offload.comm_exposed_s == pytest.approx(offload.comm_s) and offload.comm_s > 0
     for row in (one, two, offload):  # every row a time and a price on the GPU compared with
         assert row.predicted_step_s > 0 and row.predicted_cost_usd > 0
     # Two GPUs cost both GPUs' hours; the transfers are in the step's time and its bound.

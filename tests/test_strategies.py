@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from harness.cell import evaluate
 from harness.cell.train import train
-from harness.core.options import shards_weights
+from harness.strategy.registry import shards_weights
 from harness.data import encoding, synthetic
 from harness.model import families, methods, models
 from harness.strategy import launch, world as ranks

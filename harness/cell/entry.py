@@ -44,13 +44,13 @@ from harness.cell import evaluate, infer
 from harness.cell.train import train
 from harness.core import pauses
 from harness.core.errors import disk_full
-from harness.core.options import ADAPTER_METHODS, FUSED_METHODS, shards_weights
+from harness.core.options import ADAPTER_METHODS, FUSED_METHODS
 from harness.core.units import MIB
 from harness.data import checks, encoding, sources
 from harness.measure import accounting
 from harness.model import families, methods, models
 from harness.model.training_step import Diverged, synchronize
-from harness.strategy import launch, nodes
+from harness.strategy import launch, nodes, registry
 from harness.strategy import world as ranks
 from harness.strategy.engines import Engine
 
@@ -227,7 +227,7 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
         load_start = time.perf_counter()
         tokenizer = models.load_tokenizer(cfg.model)
         model = models.load_model(cfg.model, cfg.precision, methods.base_frozen(method), device,
-                                  shards_weights(cfg.strategy))
+                                  registry.shards_weights(cfg.strategy))
         model = methods.prepare(model, cfg)
         engine = Engine(model, cfg, log.world)  # wrapped or sharded as cfg.strategy says
         with ranks.main_first(log.world):

@@ -17,16 +17,14 @@ from harness.config import cost, keys
 from harness.core.errors import ConfigError, shown
 from harness.core.options import (
     ADAPTER_METHODS,
-    DEEPSPEED_STRATEGIES,
     FUSED_METHODS,
     HALF_PRECISIONS,
     PAGED_OPTIMIZERS,
     QUANTIZED,
-    SHARDED_STRATEGIES,
-    shards_weights,
 )
 from harness.data import checks
 from harness.measure import gpus
+from harness.strategy import registry
 
 
 def invalid_cell_reason(cfg: DictConfig) -> str | None:
@@ -58,52 +56,15 @@ def invalid_cell_reason(cfg: DictConfig) -> str | None:
 
 
 def _strategy_reason(cfg: DictConfig) -> str | None:
-    """Why the cell's strategy cannot train it, or None."""
-    strategy, method, precision = cfg.strategy.name, cfg.method.name, cfg.precision.name
+    """Why the cell's strategy cannot train it, or None: the ranks must share the global batch,
+    and the rest is the engine's own rules (harness/strategy/<engine>/plan.py)."""
     world = cfg.strategy.nproc_per_node * cfg.strategy.nnodes
     if cfg.train.batch_size % world:
         return (f"{world} ranks (strategy.nproc_per_node={cfg.strategy.nproc_per_node} x "
                 f"strategy.nnodes={cfg.strategy.nnodes}) do not divide train.batch_size="
                 f"{cfg.train.batch_size}, the global batch each step splits between them: use a "
                 "number of ranks that divides it, or a batch size they divide")
-    if strategy not in SHARDED_STRATEGIES:
-        return None
-    if precision == "int8" and shards_weights(cfg.strategy):
-        return (f"strategy={strategy} shards the weights, and bitsandbytes' LLM.int8 weights are "
-                "int8 tensors whose row scales live beside them (not in the tensor FSDP or "
-                "ZeRO-3 would cut): use precision=nf4 (QLoRA's 4-bit values, stored in a float "
-                "dtype, shard), or strategy=ddp, where every rank holds the int8 base whole")
-    if precision == "nf4" and shards_weights(cfg.strategy) \
-            and cfg.precision.quant_storage == "uint8":
-        return (f"precision.quant_storage=uint8 with strategy={strategy}: FSDP and ZeRO-3 shard "
-                "floating-point tensors only; use precision.quant_storage=auto (the compute "
-                "dtype, as PEFT's FSDP-QLoRA recipe) or bf16 / fp16 / fp32: the bytes are the "
-                "same")
-    if precision in QUANTIZED and not shards_weights(cfg.strategy):
-        return (f"precision={precision} with strategy={strategy}: DeepSpeed's ZeRO-2 engine "
-                "handles the frozen quantized weights it does not shard as its own; use "
-                "strategy=zero3 or fsdp (which shard 4-bit weights), or ddp")
-    if cfg.method.optimizer != "adamw" and cfg.method.optimizer != "sgd":
-        return (f"method.optimizer={cfg.method.optimizer} is bitsandbytes' and steps whole "
-                f"tensors, which strategy={strategy} shards: use method.optimizer=adamw or sgd, "
-                "or strategy=ddp")
-    if strategy in DEEPSPEED_STRATEGIES:
-        if method in FUSED_METHODS and not shards_weights(cfg.strategy):
-            return (f"method={method} updates each weight inside backward, and DeepSpeed's "
-                    f"ZeRO-2 engine (strategy={strategy}) owns the optimizer step on the "
-                    "gradients it partitions: use strategy=zero3 (LOMO's own setting: the "
-                    "weights partitioned, each rank updating its partition in the hooks), fsdp "
-                    "or ddp")
-        if not cfg.precision.master_weights and method not in FUSED_METHODS:
-            return (f"precision.master_weights=false with strategy={strategy}: DeepSpeed's "
-                    "optimizer keeps float32 partitions of the weights it trains; use "
-                    "strategy=fsdp for weights trained in the half dtype itself (or a LOMO "
-                    "method, which steps ZeRO-3's half partitions itself)")
-    if precision == "fp16" and method not in FUSED_METHODS:
-        return (f"precision=fp16 with strategy={strategy}: GradScaler decides on one rank's "
-                "shard of the gradients whether to skip a step; use precision=bf16 (no loss "
-                "scale), strategy=ddp, or a LOMO method, whose loss scale sees the global norm")
-    return None
+    return registry.plan(cfg.strategy.name).reason(cfg)
 
 
 def _master_weights_reason(cfg: DictConfig) -> str | None:
@@ -129,9 +90,10 @@ def _master_weights_reason(cfg: DictConfig) -> str | None:
 
 def machine_reason(cfg: DictConfig, cuda: bool) -> str | None:
     """Why this machine cannot run the cell, or None (the plan still estimates it for a GPU)."""
-    if cfg.strategy.name in DEEPSPEED_STRATEGIES and importlib.util.find_spec("deepspeed") is None:
-        return (f"strategy={cfg.strategy.name} runs DeepSpeed's ZeRO engine, which is not "
-                "installed here: pip install deepspeed (or make install), or use strategy=fsdp")
+    package = getattr(registry.plan(cfg.strategy.name), "REQUIRES", None)
+    if package is not None and importlib.util.find_spec(package) is None:
+        return (f"strategy={cfg.strategy.name} runs {package}'s engine, which is not installed "
+                f"here: pip install {package} (or make install), or use strategy=fsdp")
     claimable = gpus.candidates(cfg.runner.gpus) if cuda else []
     if cuda and cfg.strategy.name != "single" and cfg.strategy.nproc_per_node > len(claimable):
         return (f"strategy.nproc_per_node={cfg.strategy.nproc_per_node} ranks need as many GPUs, "
@@ -199,19 +161,11 @@ def _check_writable(folder: str, key: str, holds: str) -> None:
 
 def _check_strategy(cfg: DictConfig) -> None:
     strategy = cfg.strategy
-    if strategy.name == "single" and strategy.nproc_per_node * strategy.nnodes != 1:
-        raise ConfigError(f"strategy=single runs one process, and strategy.nproc_per_node="
-                          f"{strategy.nproc_per_node} / strategy.nnodes={strategy.nnodes} ask for "
-                          "more: choose strategy=ddp, fsdp, zero2 or zero3 to run ranks")
     if strategy.node_rank is not None and not 0 <= strategy.node_rank < strategy.nnodes:
         raise ConfigError(f"strategy.node_rank={strategy.node_rank}; expected 0 to "
                           f"{strategy.nnodes - 1} (strategy.nnodes={strategy.nnodes}), or null "
                           "(from the SLURM job)")
-    if strategy.name in DEEPSPEED_STRATEGIES:
-        if strategy.offload_param and strategy.stage != 3:
-            raise ConfigError("strategy.offload_param=true needs strategy.stage=3: only ZeRO-3 "
-                              "shards the weights it would keep on the host; use strategy="
-                              "zero3_offload, or strategy.offload_optimizer=true alone")
+    registry.plan(strategy.name).check(strategy)
 
 
 def _check_tracking(cfg: DictConfig) -> None:

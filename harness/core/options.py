@@ -24,18 +24,6 @@ START_METHODS = ("auto", "forkserver", "spawn")
 # The groups that define what a cell computes; tracking, runner and sampler say where and how.
 CELL_GROUPS = ("model", "method", "precision", "data", "train", "eval", "strategy")
 OTHER_GROUPS = ("tracking", "runner", "sampler", "cost")
-# conf/strategy/: one process, or ranks under torch's elastic launcher (harness/strategy/).
-STRATEGIES = ("single", "ddp", "fsdp", "fsdp_offload", "zero2", "zero3", "zero3_offload")
-FSDP_STRATEGIES = ("fsdp", "fsdp_offload")
-DEEPSPEED_STRATEGIES = ("zero2", "zero3", "zero3_offload")
-SHARDED_STRATEGIES = (*FSDP_STRATEGIES, *DEEPSPEED_STRATEGIES)
+QUANT_STORAGES = ("auto", "uint8", "bf16", "fp16", "fp32")  # 4-bit weights' packed dtype
 # A cut length given as a percentile of the tokenized lengths: p85, p100, p99.5.
 PERCENTILE = re.compile(r"p(\d+(?:\.\d+)?)")
-QUANT_STORAGES = ("auto", "uint8", "bf16", "fp16", "fp32")  # 4-bit weights' packed dtype
-
-
-def shards_weights(strategy) -> bool:
-    """Whether the strategy shards the weights themselves (FSDP, ZeRO stage 3), not only their
-    gradients and optimizer state: a quantized weight must then be a tensor it can cut."""
-    return strategy["name"] in FSDP_STRATEGIES or (strategy["name"] in DEEPSPEED_STRATEGIES
-                                                   and strategy.get("stage") == 3)

@@ -112,6 +112,14 @@ def dropout_seed(seed: int, world: World) -> int:
 RANK_SEED_STRIDE = 1_000_003
 
 
+def averaging(world: World):
+    """A function that averages a gradient across the ranks in place (a LOMO hook's)."""
+    def reduce(gradient: torch.Tensor) -> None:
+        dist.all_reduce(gradient)
+        gradient.div_(world.size)
+    return reduce
+
+
 def gather(value, world: World) -> list:
     """`value` of every rank, in rank order (a list of one outside a process group)."""
     if not world.distributed:

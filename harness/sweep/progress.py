@@ -174,7 +174,9 @@ class SweepProgress(Callback):
         # The store's statuses, whichever process ran each cell; this process's where the
         # store does not answer. Non-zero when any cell did not end ok (or skipped).
         statuses = list(table.status) if table is not None else self.statuses or ["incomplete"]
-        code = exit_code("incomplete" if status in ("not run", "") else status
+        from harness.tracking.runs import LIVE
+
+        code = exit_code("incomplete" if status in ("not run", "", *LIVE) else status
                          for status in statuses)
         if code:
             print(f"[harness] exit {code}: not every cell ended ok ("
