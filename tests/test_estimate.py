@@ -274,3 +274,28 @@ def test_zero_model_states_match_deepspeeds_own_estimate():
             # Float32 partitions of weights and gradients: 2 bytes more of each per weight than
             # DeepSpeed's 16-bit ones, less the 16-bit gradient it keeps as well.
             assert states == pytest.approx(theirs + 2 * params / ranks, rel=1e-3)
+
+
+def _stored(model) -> dict:
+    """{name: (dtype, numel)} of every parameter and buffer: what the weights hold as stored."""
+    return {name: (str(tensor.dtype), tensor.numel())
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model=t5-tiny", "precision=nf4"],
+    ["model=tiny-llama", "precision=nf4", "precision.unquantized_dtype=bf16"],
+    ["model=t5-tiny", "precision=int8", "precision.unquantized_dtype=bf16"],
+    ["model=tiny-llama", "precision=int8"],
+], ids=["t5-nf4-auto", "llama-nf4-bf16", "t5-int8-bf16", "llama-int8-auto"])
+def test_a_quantized_estimate_stores_what_a_real_load_does(overrides):
+    """The layers bitsandbytes leaves unquantized (embeddings, norms, the head) in the dtype a
+    real load through transformers gives them (precision.unquantized_dtype; auto: the
+    checkpoint's, float32 for random weights), and every 4-bit and 8-bit layer as it packs it."""
+    cfg = compose_cell(*overrides, "method=lora")
+    real = _stored(methods.prepare(models.load_model(cfg.model, cfg.precision, True, CPU), cfg))
+    simulated = _stored(estimate._meta_model(cfg, simulate.AsOnCuda(None)))
+    assert simulated == real
+    chosen = cfg.precision.unquantized_dtype
+    norms = {dtype for name, (dtype, _) in real.items() if "norm" in name}
+    assert norms == {"torch.float32" if chosen == "auto" else "torch.bfloat16"}

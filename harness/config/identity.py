@@ -49,6 +49,8 @@ SINCE = {
     "data.columns": ("0.3.0", None, ABSENT),
     # auto: uint8 in one process, as before the key came (sharded 4-bit cells are new with it).
     "precision.quant_storage": ("0.3.0", "auto", ABSENT),
+    # auto: the checkpoint's dtype, what transformers loaded before the key came.
+    "precision.unquantized_dtype": ("0.3.0", "auto", ABSENT),
     # DeepSpeed's own default, which ZeRO-3 cells ran with before the key came.
     "strategy.stage3_param_persistence_threshold": ("0.3.0", 1.0e5, ABSENT),
 }

@@ -187,14 +187,24 @@ class PrecisionConfig:
 
 
 @dataclass
-class Int8Precision(PrecisionConfig):
+class Quantized:
+    unquantized_dtype: str = key("auto", "the dtype the layers bitsandbytes leaves unquantized "
+                                 "(embeddings, norms, the head) train in: auto, peft's k-bit "
+                                 "preparation (loaded in the checkpoint's dtype, cast to float32 "
+                                 "for training, as the study's recipe); or fp32, bf16, fp16, "
+                                 "loaded and kept in it (QLoRA recipes that shard: bf16)",
+                                 choices=("auto", "fp32", "bf16", "fp16"))
+
+
+@dataclass
+class Int8Precision(PrecisionConfig, Quantized):
     name: str = named("int8")
     llm_int8_threshold: float = key(6.0, "LLM.int8's outlier threshold: activations above it "
                                     "run in 16 bits", at_least=0)
 
 
 @dataclass
-class Nf4Precision(PrecisionConfig):
+class Nf4Precision(PrecisionConfig, Quantized):
     name: str = named("nf4")
     quant_type: str = key("nf4", "nf4 (4-bit NormalFloat, QLoRA's) or fp4",
                           choices=NF4_OPTIONS["quant_type"])

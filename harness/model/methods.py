@@ -31,10 +31,14 @@ def apply(model, method_cfg, precision, family=families.FAMILIES["seq2seq"]):
     if method_cfg.name in ("full", "lomo"):
         model.requires_grad_(True)
         return model
-    if models.precision_config(precision).name in QUANTIZED:
-        # Casts layer norms to float32 and lets gradients flow from the frozen quantized
-        # embeddings.
+    precision_cfg = models.precision_config(precision)
+    if precision_cfg.name in QUANTIZED and \
+            precision_cfg.get("unquantized_dtype", "auto") in ("auto", "fp32"):
+        # peft's k-bit preparation (the study's recipe): the base frozen, the layers bitsandbytes
+        # left unquantized cast to float32.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    elif precision_cfg.name in QUANTIZED:  # precision.unquantized_dtype chosen: kept in it
+        model.requires_grad_(False)
     lora = LoraConfig(task_type=family.task_type, r=method_cfg.r, lora_alpha=method_cfg.alpha,
                       lora_dropout=method_cfg.dropout,
                       target_modules=list(method_cfg.target_modules))

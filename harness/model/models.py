@@ -44,7 +44,9 @@ def load_model(model_cfg, precision, base_frozen: bool, device: torch.device,
     """
     precision_cfg = precision_config(precision)
     if precision_cfg.name in QUANTIZED:
-        return _load_quantized(model_cfg, quantization(precision_cfg, shards_weights), device)
+        return _load_quantized(model_cfg, quantization(precision_cfg, shards_weights), device,
+                               UNQUANTIZED.get(precision_cfg.get("unquantized_dtype", "auto"),
+                                               "auto"))
     dtype = stored_dtype(precision_cfg, base_frozen)
     if model_cfg.source == "random":
         with torch.device(device):  # built in place, in its dtype: no float32 copy on the GPU
@@ -62,9 +64,12 @@ def precision_config(precision):
 
 
 def stored_dtype(precision, base_frozen: bool) -> torch.dtype:
-    """The dtype the model's weights are stored in (quantized layers aside: float32): half for a
-    frozen base, and for every weight without master weights."""
+    """The dtype the model's weights are stored in: half for a frozen base, and for every weight
+    without master weights; under int8 / nf4, that of the layers left unquantized
+    (precision.unquantized_dtype; auto: float32, which peft's k-bit preparation casts them to)."""
     precision_cfg = precision_config(precision)
+    if precision_cfg.name in QUANTIZED:
+        return UNQUANTIZED.get(precision_cfg.get("unquantized_dtype", "auto"), torch.float32)
     if precision_cfg.name in HALF_DTYPES and (base_frozen or trained_in_half(precision_cfg)):
         return HALF_DTYPES[precision_cfg.name]
     return torch.float32
@@ -90,6 +95,7 @@ def quantization(precision_cfg, shards_weights: bool = False) -> BitsAndBytesCon
 
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+UNQUANTIZED = COMPUTE_DTYPES  # precision.unquantized_dtype (auto: not in it)
 STORAGE_DTYPES = {**COMPUTE_DTYPES, "uint8": torch.uint8}
 
 
@@ -103,10 +109,12 @@ def quant_storage(precision_cfg, shards_weights: bool) -> torch.dtype:
     return STORAGE_DTYPES[chosen]
 
 
-def _load_quantized(model_cfg, quantization_config: BitsAndBytesConfig, device: torch.device):
+def _load_quantized(model_cfg, quantization_config: BitsAndBytesConfig, device: torch.device,
+                    dtype="auto"):
+    """`dtype`: the layers left unquantized, or auto (the checkpoint's)."""
     auto_class = families.of(model_cfg).auto_class
     options = {"quantization_config": quantization_config, "device_map": {"": device},
-               "attn_implementation": model_cfg.attn_implementation}
+               "attn_implementation": model_cfg.attn_implementation, "dtype": dtype}
     if model_cfg.source != "random":
         return _one_cpu_format(auto_class.from_pretrained(
             _location(model_cfg), revision=model_cfg.revision, **options))
