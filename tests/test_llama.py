@@ -27,7 +27,8 @@ from tests.conftest import (
 PUBLISHED_PARAMETERS = {
     "llama-7b": 6_738_415_616, "llama-13b": 13_015_864_320, "llama-30b": 32_528_943_616,
     "llama-65b": 65_285_660_672, "llama-3.1-8b": 8_030_261_248, "mistral-7b": 7_248_023_552,
-    "qwen2.5-7b": 7_615_616_512}
+    "qwen2.5-7b": 7_615_616_512, "llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320,
+    "llama-2-70b": 68_976_648_192, "llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824}
 
 
 @pytest.mark.parametrize("name", PUBLISHED_PARAMETERS)
