@@ -174,6 +174,8 @@ def test_the_command_line_prints_one_cells_parts_as_json_last(tmp_path):
                           # what a strategy shares out (harness/estimate/sharding.py)
                           "trained_weights", "trained_weights_fp32", "largest_block",
                           "largest_block_trained", "largest_layer", "step_temporaries",
+                          # the quantized layers' scales, kept whole on every rank
+                          "quantization_state",
                           "activations_outside_step"}
     assert parts["host"] == 0  # one process keeps nothing on the host
     assert parts["total"] == pytest.approx(sum(parts[name] for name in estimate.PARTS), abs=0.5)

@@ -164,8 +164,11 @@ import psutil
 from harness.run import process
 process.head_start(sys.argv[1])
 assert "torch" not in sys.modules
-servers = [child.pid for child in psutil.Process().children()
-           if "multiprocessing.forkserver" in " ".join(child.cmdline())]
+# The server's pid, as multiprocessing records it: a child's command line can still be this
+# process's own for a moment between fork and exec on a busy machine.
+from multiprocessing import forkserver
+server = forkserver._forkserver._forkserver_pid
+servers = [child.pid for child in psutil.Process().children() if child.pid == server]
 import torch
 cell = process.context(sys.argv[1], torch.cuda.is_available()).Process(
     target=time.sleep, args=(2,))
