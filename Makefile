@@ -1,5 +1,5 @@
-# make install | test | test-fast | bench | demo | plan EXP=name | sweep EXP=name | report EXP=name
-# | sync | faults | ui | server | gpu-wheels | gpu-rehearsal | gpu-check
+# make install | test | test-fast | bench | demo | plan EXP=name | validity | sweep EXP=name
+# | report EXP=name | sync | faults | ui | server | gpu-wheels | gpu-rehearsal | gpu-check
 PYTHON ?= python3
 VENV := .venv
 PY ?= $(VENV)/bin/python
@@ -15,7 +15,7 @@ TRACKING_URI ?= sqlite:///mlflow.db
 BACKEND_STORE_URI ?= postgresql://harness:harness@127.0.0.1:5432/harness
 ARTIFACTS ?= mlartifacts
 
-.PHONY: help install test test-fast bench faults docs demo plan sweep report sync ui server gpu-wheels \
+.PHONY: help install test test-fast bench faults docs demo plan validity sweep report sync ui server gpu-wheels \
 	gpu-rehearsal gpu-check
 
 # The first target: `make` alone prints this.
@@ -25,6 +25,7 @@ help:
 	@echo "make test-fast          the suite without the slow tests"
 	@echo "make demo               the CPU demo grid, then its report in reports/demo/"
 	@echo "make plan EXP=name      an experiment's plan and GPU memory estimates, nothing run"
+	@echo "make validity           every published figure beside its estimate: reports/validity.md"
 	@echo "make sweep EXP=name     run an experiment (ARGS=\"key=value ...\" to adjust)"
 	@echo "make report EXP=name    reports/name/: tables, recommendation, charts, slides"
 	@echo "make sync               deliver what runs journaled while their store did not answer"
@@ -80,6 +81,11 @@ demo: $(INSTALL)
 # The plan of an experiment, without a GPU and without running anything: reports/$(EXP)/plan.csv.
 plan: $(INSTALL)
 	$(PY) -m harness.plan $(EXP) $(ARGS)
+
+# Every published figure beside its estimate (harness/core/reference.yaml, the experiments' plans,
+# cached): reports/validity.md, .csv and .png. docs/validity.md.
+validity: $(INSTALL)
+	$(PY) -m harness.validity $(ARGS)
 
 sweep: $(INSTALL)
 	$(PY) -m harness -cd experiments -cn $(EXP) $(ARGS)

@@ -190,6 +190,38 @@ def test_synthetic_lengths_have_samsums_published_percentiles():
                for labels in splits["train"]["labels"])
 
 
+PERCENTILES = "{source: {p50: 40, p90: 100, p100: 128}, target: {p10: 2, p50: 3, p100: 8}}"
+
+
+def test_synthetic_lengths_follow_a_source_s_percentiles_and_batches_pad_to_their_longest(
+        tmp_path):
+    # A source's distribution (peft's tweets, alpaca's instructions) instead of SAMSum's shape.
+    cfg = compose_cell("data=synthetic", f"data.length_percentiles={PERCENTILES}",
+                       "data.train_size=2000", "data.test_size=2000",
+                       "data.source_max_length=p100", "data.target_max_length=p100").data
+    drawn = synthetic.synthetic_lengths(cfg)
+    assert [length_policy.cut(spec, drawn["source"]) for spec in ("p50", "p90", "p100")] == \
+        pytest.approx([40, 100, 128], abs=3)
+    assert length_policy.cut("p100", drawn["target"]) == 8 and drawn["source"].min() >= 2
+    # The plan reads its cuts from these draws; batches are padded to their longest.
+    assert encoding.planned_lengths(cfg, compose_cell().model, str(tmp_path)) == (
+        {"source": 128, "target": 8}, "synthetic draws")
+    small = compose_cell("data=synthetic", f"data.length_percentiles={PERCENTILES}",
+                         "data.train_size=32", "data.validation_size=4", "data.test_size=4",
+                         "data.padding=longest").data
+    assert len({len(ids) for ids in synthetic.synthetic(small, 384)["train"]["input_ids"]}) > 1
+
+
+@pytest.mark.parametrize("value", [
+    "{source: {p50: 40, p90: 10, p100: 128}, target: {p100: 8}}",  # falling
+    "{source: {p50: 40}, target: {p100: 8}}",                      # no longest
+    "{source: {x50: 40, p100: 99}, target: {p100: 8}}",            # not a percentile
+    "{source: {p100: 99}}"])                                        # no target
+def test_length_percentiles_that_are_not_a_distribution_are_refused(value):
+    with pytest.raises(ConfigError, match=r"^data.length_percentiles=.*; expected "):
+        validation.validate(compose_cell("data=synthetic", f"data.length_percentiles={value}"))
+
+
 def test_the_plan_knows_lengths_before_any_data_is_loaded(tmp_path):
     numbers = compose_cell()
     assert encoding.planned_lengths(numbers.data, numbers.model, str(tmp_path)) == (

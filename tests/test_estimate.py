@@ -138,6 +138,7 @@ def test_estimates_are_cached_on_disk_by_cell_and_code(tmp_path, monkeypatch):
     assert estimate.gpu_peak_mib(cell, LENGTHS, str(tmp_path)) == first
 
 
+@pytest.mark.slow  # starts worker processes
 def test_a_plans_estimates_are_simulated_side_by_side_once_each(tmp_path, monkeypatch):
     # Four requests, three cells, each simulated once in a worker process (this process's
     # _estimate is not theirs); every result as gpu_peak_mib gives it alone.

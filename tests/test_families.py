@@ -193,7 +193,7 @@ def test_new_cells_train_end_to_end(store, cell_overrides, overrides):
 
 
 @without_a_gpu
-@pytest.mark.parametrize("name", ["peft_table", "opencalm"])
+@pytest.mark.parametrize("name", ["peft_table", "opencalm", "lomo_table"])
 def test_the_committed_plans_are_what_make_plan_writes_today(published_plans, name):
     # reports/<name>/plan.csv as `make plan EXP=<name>` writes it with an empty cache and store.
     assert published_plans[name].to_csv(index=False) == \

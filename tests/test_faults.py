@@ -194,6 +194,7 @@ def test_two_runners_claiming_one_cell_at_once_leave_one_run(store, fault_figure
                          claims=4, runs=len(cell_runs), winners=len(won))
 
 
+@pytest.mark.slow  # starts `harness.sync` twice
 def test_a_journal_left_by_a_store_that_did_not_answer_is_synced_once(store, tmp_path,
                                                                       fault_figures):
     # A run whose store went away: its journal keeps what it could not deliver.

@@ -15,6 +15,7 @@ from harness.run import runner
 from tests.conftest import REPO, compose_cell, requires_cuda
 
 
+@pytest.mark.slow  # starts the command
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_without_cuda_it_refuses_at_once_and_writes_nothing(tmp_path):
     result = subprocess.run([sys.executable, "-m", "harness.gpu_check"], cwd=tmp_path,

@@ -41,10 +41,10 @@ _log.started = []
 # The study's setup (its recipes at batch 8) as a run's params record it.
 STUDY = {"full": {"data.source_max_length": "p100", "data.target_max_length": "p100",
                   "data.padding": "max_length", "train.batch_size": 8,
-                  "train.gradient_checkpointing": False},
+                  "train.gradient_checkpointing": False, "model.attn_implementation": "eager"},
          "lora": {"data.source_max_length": "p85", "data.target_max_length": "p90",
                   "data.padding": "max_length", "train.batch_size": 8,
-                  "train.gradient_checkpointing": True}}
+                  "train.gradient_checkpointing": True, "model.attn_implementation": "eager"}}
 
 
 def _cell(model, method, precision, rank=None, optimizer="adamw", seed=42, setup=None):
@@ -300,7 +300,8 @@ def test_published_tables_are_compared_like_with_like(tmp_path):
     # Each in its table's setup (harness/core/reference.yaml).
     peft_setup = {"data.source_max_length": 128, "data.target_max_length": 8,
                   "data.padding": "longest", "train.batch_size": 8,
-                  "train.gradient_checkpointing": False}
+                  "train.gradient_checkpointing": False, "model.attn_implementation": "eager",
+                  "train.optimizer_impl": "for_loop"}
     opencalm_setup = {**peft_setup, "data.target_max_length": 128, "train.batch_size": 4,
                       "train.gradient_checkpointing": True}
     _log(client, experiment, "mt0 lora", _cell("mt0-xxl", "lora", "fp32", 8, setup=peft_setup),

@@ -31,8 +31,8 @@ def _counted_on_cpu(cfg) -> int:
     model = _on_cpu(cfg)
     batch = families.of(cfg.model).training_batch(cfg.train.batch_size, LENGTHS, CPU,
                                                   tokenizers.PAD_ID, tokenizers.EOS_ID + 1)
-    updates = training_step.Updates(model, cfg, 2, CPU, foreach=True, loss_scaling=False,
-                                    paging=False)
+    updates = training_step.Updates(model, cfg, 2, CPU, implementation="foreach",
+                                    loss_scaling=False, paging=False)
     model.train()
     updates.backward(training_step.forward(model, batch, "fp32", CPU), update=True)
     updates.next_step()

@@ -308,7 +308,7 @@ def _rouge(model, tokenizer, tokens, references, cfg, device):
     tokens, references = (_first(split, cfg.eval.max_samples) for split in (tokens, references))
     loader = DataLoader(tokens, batch_size=cfg.eval.batch_size,
                         collate_fn=family.generation_collate(tokenizer))
-    predictions = evaluate.generate(model, tokenizer, loader, cfg.eval, cfg.precision.name,
+    predictions = evaluate.generate(model, tokenizer, loader, cfg.eval, cfg.precision,
                                     device, family)
     return (evaluate.rouge(predictions, references["target"], cfg.data.get("rouge_unit", "words")),
             references, predictions)

@@ -13,7 +13,7 @@ ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
 @torch.no_grad()
-def loss(model, loader, precision: str, device: torch.device) -> float:
+def loss(model, loader, precision, device: torch.device) -> float:
     """Mean cross-entropy per target token over the whole split (its exp: the perplexity)."""
     model.eval()
     total, count = 0.0, 0
@@ -28,7 +28,7 @@ def loss(model, loader, precision: str, device: torch.device) -> float:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, loader, eval_cfg, precision: str, device: torch.device,
+def generate(model, tokenizer, loader, eval_cfg, precision, device: torch.device,
              family=families.FAMILIES["seq2seq"]) -> list:
     """Greedy (num_beams=1) or beam-search summaries or responses, the new tokens decoded to
     text, in loader order."""

@@ -40,7 +40,7 @@ def benchmark(model, tokenizer, split, cfg, device: torch.device, family, log) -
 
     def measure(generator, variant: str) -> dict:
         return latency(generator, loader, cfg.eval.infer_new_tokens, tokenizer.pad_token_id,
-                       cfg.precision.name, device, f"inference ({variant})")
+                       cfg.precision, device, f"inference ({variant})")
 
     log(measure(model, "as trained"))
     if not hasattr(model, "merge_and_unload"):  # no adapter: the model is its own base
@@ -60,7 +60,7 @@ def benchmark(model, tokenizer, split, cfg, device: torch.device, family, log) -
 
 
 @torch.no_grad()
-def latency(model, loader, new_tokens: int, pad_id: int, precision: str,
+def latency(model, loader, new_tokens: int, pad_id: int, precision,
             device: torch.device, progress: str = "inference") -> dict:
     """infer_latency_ms_p50 / _p90 and infer_tokens_per_s of greedy generation over `loader`,
     its first batch run once untimed first; a progress bar named `progress` over the batches."""

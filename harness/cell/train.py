@@ -68,7 +68,7 @@ def train(engine, train_loader, validation_loader, cfg, device: torch.device, lo
     int)` receives train_loss (the global batch's) and lr per step, eval_loss and
     eval_perplexity per epoch, and with `validation_rouge` (a function that returns ROUGE scores
     of the validation split) eval_rouge1, eval_rouge2, ... per epoch."""
-    train_cfg, precision = cfg.train, cfg.precision.name
+    train_cfg, precision = cfg.train, cfg.precision
     family = families.of(cfg.model)
     world, causal = engine.world, family.name == "causal"
     # Dropout's masks: each rank draws its own (the same seed on every rank would drop the same
@@ -100,7 +100,7 @@ def train(engine, train_loader, validation_loader, cfg, device: torch.device, lo
                 batch_loss = ranks.global_loss(loss, world)
                 if not torch.isfinite(batch_loss):
                     raise Diverged(f"loss {batch_loss.item()} at step {step} (epoch {epoch}), "
-                                   f"precision {precision}")
+                                   f"precision {precision.name}")
                 last_micro_step = (not (micro_step + 1) % train_cfg.grad_accum_steps
                                    or micro_step + 1 == len(train_loader))
                 if not updates.backward(loss, update=last_micro_step, again=again):

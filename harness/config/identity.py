@@ -53,6 +53,10 @@ SINCE = {
     "precision.unquantized_dtype": ("0.3.0", "auto", ABSENT),
     # DeepSpeed's own default, which ZeRO-3 cells ran with before the key came.
     "strategy.stage3_param_persistence_threshold": ("0.3.0", 1.0e5, ABSENT),
+    # true: autocast for bf16 / fp16, as every half cell computed before the key came.
+    "precision.autocast": ("0.3.0", True, ABSENT),
+    # auto: torch's own choice, what every optimizer ran before the key came.
+    "train.optimizer_impl": ("0.3.0", "auto", ABSENT),
 }
 
 
@@ -110,7 +114,8 @@ def run_name(cell_cfg: dict) -> str:
     """A short readable name for the MLflow UI: model / method[-r] / precision[ / strategy]."""
     method, precision = cell_cfg["method"], cell_cfg["precision"]
     name = label(cell_cfg["model"]["name"], method["name"], method["optimizer"], method.get("r"),
-                 precision_label(precision["name"], precision.get("master_weights", True)))
+                 precision_label(precision["name"], precision.get("master_weights", True),
+                                 precision.get("autocast", True)))
     strategy = cell_cfg.get("strategy", {"name": "single"})
     if strategy["name"] == "single":
         return name
@@ -126,9 +131,12 @@ def strategy_label(strategy: dict) -> str:
     return f"{strategy['name']}-{world}"
 
 
-def precision_label(name: str, master_weights: bool = True) -> str:
-    """bf16, or bf16-pure: trained in bfloat16 itself, without float32 master weights."""
-    return name if master_weights else f"{name}-pure"
+def precision_label(name: str, master_weights: bool = True, autocast: bool = True) -> str:
+    """bf16; bf16-pure: trained in bfloat16 itself, without float32 master weights;
+    bf16-noautocast: a bfloat16 base and float32 adapters without autocast (peft's scripts)."""
+    if not master_weights:
+        return f"{name}-pure"
+    return name if autocast else f"{name}-noautocast"
 
 
 def label(model: str, method: str, optimizer: str, rank: int | None, precision: str) -> str:

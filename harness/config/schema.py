@@ -27,6 +27,7 @@ from harness.core.options import (
     FAMILIES,
     MODEL_SOURCES,
     NF4_OPTIONS,
+    OPTIMIZER_IMPLEMENTATIONS,
     OPTIMIZERS,
     PERCENTILE,
     QUANT_STORAGES,
@@ -184,6 +185,9 @@ class PrecisionConfig:
     name: str = named("fp32", "bf16", "fp16")
     master_weights: Any = flag(True, "bf16 / fp16: trained weights kept in float32 under "
                                "autocast (true) or trained in the half dtype itself (false)")
+    autocast: Any = flag(True, "bf16 / fp16: compute under autocast (true); false: no autocast, "
+                         "peft's own scripts' style for adapters: a half base, float32 adapters, "
+                         "each adapter's input cast to float32 by peft")
 
 
 @dataclass
@@ -286,6 +290,31 @@ class InstructionsData(Lengths, Drawn, Text, Instructions):
     name: str = named("instructions")
 
 
+def _length_percentiles(value) -> str | None:
+    """What is wrong with data.length_percentiles, or None: per side (source, target), lengths
+    of at least 2 at percentiles p0-p100, not falling as the percentile rises."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or set(value) != {"source", "target"}:
+        return "a mapping with a source and a target"
+    for side, points in value.items():
+        if not isinstance(points, Mapping):
+            return f"{side}: percentiles named p0-p100"
+        try:
+            pairs = sorted((float(str(name).removeprefix("p")), length)
+                           for name, length in points.items())
+        except (AttributeError, ValueError):
+            return f"{side}: percentiles named p0-p100"
+        if not pairs or any(not 0 <= at <= 100 for at, _ in pairs):
+            return f"{side}: percentiles named p0-p100"
+        lengths = [length for _, length in pairs]
+        if any(not isinstance(length, int) or length < 2 for length in lengths):
+            return f"{side}: lengths as whole numbers of tokens, at least 2"
+        if lengths != sorted(lengths) or pairs[-1][0] != 100:
+            return f"{side}: lengths that rise with the percentile, up to p100 (the longest)"
+    return None
+
+
 @dataclass
 class SyntheticData(Lengths, Drawn):
     name: str = named("synthetic")
@@ -294,6 +323,12 @@ class SyntheticData(Lengths, Drawn):
     length_sigma: float = key(0.6, "the log-normal lengths' sigma", above=0)
     longest_source: int = key(512, "the longest source drawn", at_least=2)
     longest_target: int = key(95, "the longest target drawn", at_least=2)
+    length_percentiles: Any = key(None, "a source's length distribution instead of the "
+                                  "log-normal: {source: {p50: 120, p90: 300, p100: 512}, target: "
+                                  "{...}}, lengths drawn between the percentiles given (p0: 2 "
+                                  "unless given); null: the log-normal above",
+                                  expect="null, or percentiles (p0-p100) of source and target "
+                                         "lengths, rising", check=_length_percentiles)
     eval_max_samples: int = key(64, "eval.max_samples' default for this data", at_least=1)
 
 
@@ -341,6 +376,10 @@ class TrainConfig:
     lr: float = key("${method.lr}", "the learning rate (the method's unless set)", above=0)
     weight_decay: float = key(0.0, "AdamW's decoupled weight decay", at_least=0)
     warmup_steps: int = key(0, "linear warm-up steps", at_least=0)
+    optimizer_impl: str = key("auto", "how torch's AdamW or SGD runs its update: auto (torch "
+                              "picks: foreach on a GPU), foreach (whole-model temporaries), "
+                              "for_loop (tensor by tensor) or fused (no temporaries)",
+                              choices=OPTIMIZER_IMPLEMENTATIONS)
     max_grad_norm: Optional[float] = key(1.0, "gradient clipping's global norm; null: no "
                                          "clipping", above=0)
     gradient_checkpointing: Any = flag(False, "each block keeps only its inputs and recomputes "

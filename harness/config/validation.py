@@ -34,7 +34,7 @@ def invalid_cell_reason(cfg: DictConfig) -> str | None:
         return (f"method={method} updates the base weights, which precision={precision} stores "
                 f"quantized and cannot update: use method=lora with {precision}, or "
                 "precision=fp32 / bf16 / fp16 with this method")
-    master_reason = _master_weights_reason(cfg)
+    master_reason = _master_weights_reason(cfg) or _autocast_reason(cfg)
     if master_reason:
         return master_reason
     targets = cfg.method.get("target_modules")
@@ -47,6 +47,11 @@ def invalid_cell_reason(cfg: DictConfig) -> str | None:
         return (f"data.train_on_inputs=true is for causal models, whose labels are the prompt and "
                 f"the response; model={cfg.model.name} is seq2seq, whose labels are the target "
                 "alone: set data.train_on_inputs=false, or use a causal model")
+    if cfg.train.optimizer_impl != "auto" and cfg.method.optimizer not in ("adamw", "sgd"):
+        return (f"train.optimizer_impl={cfg.train.optimizer_impl} picks how torch's AdamW or SGD "
+                f"runs its update; method.optimizer={cfg.method.optimizer} is bitsandbytes', "
+                "which has one implementation: set train.optimizer_impl=auto, or "
+                "method.optimizer=adamw")
     if method in FUSED_METHODS and cfg.train.grad_accum_steps != 1:
         return (f"method={method} updates each base weight inside backward and frees its "
                 "gradient, so gradients cannot accumulate over micro-batches "
@@ -85,6 +90,27 @@ def _master_weights_reason(cfg: DictConfig) -> str | None:
                 "6e-8 vanish: its first step divides 0 by 0 and the weights become NaN; use "
                 "precision=bf16 (torchtune's pure half precision), method.optimizer=adamw_8bit "
                 "(bitsandbytes computes the update in float32), or master_weights=true")
+    return None
+
+
+def _autocast_reason(cfg: DictConfig) -> str | None:
+    """Why precision.autocast=false cannot run this cell, or None: it is the style of a half
+    base under float32 adapters, with nothing else to compute in half."""
+    precision = cfg.precision
+    if precision.get("autocast", True):
+        return None
+    if precision.name not in HALF_PRECISIONS:
+        return (f"precision.autocast=false with precision={precision.name}: only bf16 and fp16 "
+                "compute under autocast; leave precision.autocast=true")
+    if cfg.method.name not in ADAPTER_METHODS:
+        return (f"precision.autocast=false is a half base under float32 adapters (peft's own "
+                f"scripts); method={cfg.method.name} trains float32 weights, which would then "
+                f"compute in float32 (precision=fp32): use method=lora, or "
+                "precision.autocast=true")
+    if not precision.master_weights:
+        return ("precision.autocast=false keeps the adapters in float32 beside a half base; "
+                "with precision.master_weights=false they are half too and nothing is left to "
+                "cast: drop one of the two")
     return None
 
 

@@ -15,6 +15,10 @@ TOKENIZERS = ("auto", "byte", "hub")
 # a config error is refused before torch loads).
 OPTIMIZERS = ("adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 PAGED_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit")
+# How torch's AdamW and SGD run their update: auto (torch picks: foreach on a GPU), foreach (one
+# kernel per op over every tensor, whole-model temporaries), for_loop (tensor by tensor), fused
+# (one kernel per tensor, no temporaries).
+OPTIMIZER_IMPLEMENTATIONS = ("auto", "foreach", "for_loop", "fused")
 HALF_PRECISIONS = ("bf16", "fp16")  # precision.master_weights=false trains in these
 QUANTIZED = ("int8", "nf4")  # bitsandbytes base weights (harness/model/models.py)
 FAMILIES = ("seq2seq", "causal")

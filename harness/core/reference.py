@@ -18,13 +18,41 @@ MEASURES = {"nvml": "total", "allocated": "allocated"}
 # the row's setup (its table's, a recipe's of conf/recipe/, the row's own; the LoRA rank where
 # the source states one, and only for a cell that has a rank).
 SETUP_KEYS = ("data.source_max_length", "data.target_max_length", "data.padding",
-              "train.batch_size", "train.gradient_checkpointing", "method.r")
+              "train.batch_size", "train.gradient_checkpointing", "method.r",
+              "model.attn_implementation", "train.optimizer_impl")
+# What each table declares of its source's software (reference.yaml's header says what each
+# means); `make validity` shows them beside the figures.
+DECLARED = ("experiment", "unit", "versions", "software", "unreproduced")
+SOFTWARE = ("attention", "padding", "checkpointing", "optimizer", "precision_style", "allocator")
+# Which way a choice left over leaves the estimate against the figure (none: no difference
+# expected, declared all the same).
+DIRECTIONS = ("high", "low", "either", "none")
+
+
+def tables() -> list[dict]:
+    """The tables as reference.yaml writes them, each checked to declare its source's setup."""
+    found = yaml.safe_load(PATH.read_text())["tables"]
+    for table in found:
+        missing = [key for key in DECLARED if key not in table]
+        missing += [f"software.{key}" for key in SOFTWARE if key not in table.get("software", {})]
+        missing += [f"unreproduced: {left.get('choice', left)}" for left in
+                    table.get("unreproduced", [])
+                    if left.get("estimate") not in DIRECTIONS or not left.get("settles")]
+        if missing:
+            raise ValueError(f"{PATH}: table {table['name']} does not declare "
+                             f"{', '.join(missing)} (the header says what each holds)")
+    return found
+
+
+def considered() -> list[dict]:
+    """The sources looked at and left out (reference.yaml's `considered`): name, source, and
+    what they do not state."""
+    return yaml.safe_load(PATH.read_text()).get("considered", [])
 
 
 def load() -> pd.DataFrame:
     """One row per published row, with its table's name, source, measure and setup (a dict of
     SETUP_KEYS: the value as str() writes it, as MLflow's params hold it)."""
-    tables = yaml.safe_load(PATH.read_text())["tables"]
     return pd.DataFrame([{"strategy": "single",  # a row that names none ran in one process
                           **{key: value for key, value in row.items()
                              if key not in ("setup", "recipe")},
@@ -32,7 +60,7 @@ def load() -> pd.DataFrame:
                           "measure": table["measure"],
                           "setup": {**table.get("setup", {}), **_recipe(row.get("recipe")),
                                     **row.get("setup", {})}}
-                         for table in tables for row in table["rows"]])
+                         for table in tables() for row in table["rows"]])
 
 
 @functools.cache

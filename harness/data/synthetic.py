@@ -13,16 +13,30 @@ from harness.model.tokenizers import EOS_ID, PAD_ID
 
 def _synthetic_draws(data_cfg, split: str):
     """The split's random generator, and its source and target lengths drawn from it first:
-    log-normal around the medians, clipped to [2, data.longest_source / longest_target]."""
+    between the percentiles of data.length_percentiles where given (a source's distribution),
+    else log-normal around the medians, clipped to [2, data.longest_source / longest_target]."""
     size = data_cfg[f"{split}_size"]
     rng = np.random.default_rng(data_cfg.seed * 1000 + SPLITS.index(split))
+    percentiles = data_cfg.get("length_percentiles")
 
-    def lengths(median, longest):
+    def lengths(side, median, longest):
+        if percentiles:
+            return _between_percentiles(rng, percentiles[side], size)
         drawn = median * np.exp(data_cfg.length_sigma * rng.standard_normal(size))
         return np.clip(np.rint(drawn), 2, longest).astype(int)
 
-    return (rng, lengths(data_cfg.source_length_median, data_cfg.longest_source),
-            lengths(data_cfg.target_length_median, data_cfg.longest_target))
+    return (rng, lengths("source", data_cfg.source_length_median, data_cfg.longest_source),
+            lengths("target", data_cfg.target_length_median, data_cfg.longest_target))
+
+
+def _between_percentiles(rng, points: dict, size: int) -> np.ndarray:
+    """`size` lengths whose percentiles are `points` ({p50: 120, ..., p100: 512}): the inverse
+    of the piecewise-linear distribution through them (p0: 2 unless given)."""
+    known = sorted((float(str(name).removeprefix("p")), length) for name, length in points.items())
+    if known[0][0] > 0:
+        known.insert(0, (0.0, 2))
+    at, lengths = zip(*known)
+    return np.rint(np.interp(rng.uniform(0, 100, size), at, lengths)).astype(int)
 
 
 def synthetic_lengths(data_cfg) -> dict:

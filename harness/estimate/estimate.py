@@ -190,6 +190,8 @@ def _spec(cell_cfg: dict, lengths: dict) -> str:
     train = {key: train_cfg[key] for key in ("batch_size", "grad_accum_steps", "max_grad_norm",
                                              "weight_decay", "gradient_checkpointing")}
     train["batch_size"] = max(1, train["batch_size"] // ranks)
+    if train_cfg.get("optimizer_impl", "auto") != "auto":  # auto keeps the keys cached before it
+        train["optimizer_impl"] = train_cfg["optimizer_impl"]
     return json.dumps({"model": cell_cfg["model"], "method": cell_cfg["method"],
                        "precision": cell_cfg["precision"], "lengths": lengths,
                        "train": train}, sort_keys=True)
@@ -216,8 +218,10 @@ def _cache_key(spec: str) -> str:
 @lru_cache(maxsize=64)
 def _estimate(spec_json: str) -> tuple:
     spec = json.loads(spec_json)
-    cfg = OmegaConf.create({**spec, "train": {**spec["train"], "lr": 1e-3, "warmup_steps": 0}})
-    on_cuda = simulate.AsOnCuda(models.HALF_DTYPES.get(cfg.precision.name))
+    cfg = OmegaConf.create({**spec, "train": {"optimizer_impl": "auto", **spec["train"],
+                                              "lr": 1e-3, "warmup_steps": 0}})
+    on_cuda = simulate.AsOnCuda(models.HALF_DTYPES.get(cfg.precision.name)
+                                if models.compute_autocast(cfg.precision) else None)
     model = _meta_model(cfg, on_cuda)
     steps = simulated_steps(model, cfg, spec["lengths"], META, on_cuda)
 
@@ -323,8 +327,10 @@ def simulated_steps(model, cfg, lengths: dict, device: torch.device,
         hooks = [weight.register_post_accumulate_grad_hook(
             lambda weight: gradients.add(trace.serial_of(weight.grad)))
             for weight in methods.fused_parameters(model, cfg.method.name)]
-        updates = training_step.Updates(model, cfg, STEPS, device, foreach=True, loss_scaling=False,
-                                paging=False)
+        simulated = {"auto": "foreach", "fused": "for_loop"}.get(cfg.train.optimizer_impl,
+                                                                 cfg.train.optimizer_impl)
+        updates = training_step.Updates(model, cfg, STEPS, device, implementation=simulated,
+                                        loss_scaling=False, paging=False)
         spans = []
 
         def stepping(*_) -> None:  # where the optimizer's temporaries live, and its work

@@ -194,11 +194,19 @@ def checkpoint_activations(model, **checkpoint_options) -> None:
         activation_checkpointing_kwargs={"use_reentrant": False, **checkpoint_options})
 
 
-def autocast(device: torch.device, precision: str):
-    """Half-precision compute for bf16 / fp16 (training and evaluation alike); none otherwise."""
-    if precision not in HALF_DTYPES:
+def autocast(device: torch.device, precision):
+    """Half-precision compute for bf16 / fp16 (training and evaluation alike); none for the other
+    precisions, or with precision.autocast=false (a half base and float32 adapters, whose inputs
+    peft casts itself). `precision`: its config, or its name (autocast where it is half)."""
+    name = precision if isinstance(precision, str) else precision.name
+    if name not in HALF_DTYPES or not compute_autocast(precision):
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=HALF_DTYPES[precision])
+    return torch.autocast(device.type, dtype=HALF_DTYPES[name])
+
+
+def compute_autocast(precision) -> bool:
+    """Whether a half precision computes under autocast (precision.autocast, default true)."""
+    return isinstance(precision, str) or precision.get("autocast", True)
 
 
 def blocks(model) -> list:

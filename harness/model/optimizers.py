@@ -14,15 +14,23 @@ from harness.core.options import PAGED_OPTIMIZERS
 BITSANDBYTES = {"adamw_8bit": 8, "paged_adamw_8bit": 8, "paged_adamw_32bit": 32}
 
 
-def build(name: str, parameters: list, lr: float, weight_decay: float, foreach=None,
-          paging: bool = True) -> torch.optim.Optimizer:
-    """The optimizer `name` over `parameters`. `foreach` picks torch's multi-tensor kernels;
-    `paging=False` keeps a paged optimizer's state in ordinary device memory (the estimate: on
-    the GPU a paged state is resident unless memory runs short)."""
+# train.optimizer_impl as torch.optim's arguments (auto: torch's own choice).
+IMPLEMENTATIONS = {"auto": {}, "foreach": {"foreach": True}, "for_loop": {"foreach": False},
+                   "fused": {"fused": True}}
+
+
+def build(name: str, parameters: list, lr: float, weight_decay: float,
+          implementation: str = "auto", paging: bool = True) -> torch.optim.Optimizer:
+    """The optimizer `name` over `parameters`. `implementation` (train.optimizer_impl) says how
+    torch's AdamW or SGD runs its update; `paging=False` keeps a paged optimizer's state in
+    ordinary device memory (the estimate: on the GPU a paged state is resident unless memory
+    runs short)."""
     if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, foreach=foreach)
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay,
+                                 **IMPLEMENTATIONS[implementation])
     if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, weight_decay=weight_decay, foreach=foreach)
+        return torch.optim.SGD(parameters, lr=lr, weight_decay=weight_decay,
+                               **IMPLEMENTATIONS[implementation])
     import bitsandbytes as bnb  # only these optimizers need it
 
     return bnb.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay,

@@ -39,11 +39,13 @@ class Updates:
     after backward, LOMO's FusedSGD updates its weights inside backward;
     with the linear schedule, gradient clipping, gradient accumulation and fp16's loss scaling.
     The training loop uses it, and so does the memory estimate (harness/estimate/estimate.py),
-    which runs it on the meta device with `foreach=True` (what torch.optim picks on CUDA), no loss
+    which runs it on the meta device with `implementation` foreach where train.optimizer_impl
+    is auto (what torch.optim picks on CUDA) and for_loop where it is fused (meta tensors have no
+    fused kernel; its temporaries are a tensor's at most, the fused kernel's none), no loss
     scale (GradScaler reads its overflow flag back from the device, which meta tensors cannot do)
     and no paging."""
 
-    def __init__(self, model, cfg, total_steps: int, device: torch.device, foreach=None,
+    def __init__(self, model, cfg, total_steps: int, device: torch.device, implementation=None,
                  loss_scaling: bool = True, paging: bool = True):
         train_cfg = cfg.train
         self.accumulation, self.max_grad_norm = train_cfg.grad_accum_steps, train_cfg.max_grad_norm
@@ -53,7 +55,9 @@ class Updates:
         self.optimizer = self.scheduler = self.fused = None
         if self.stepped:
             self.optimizer = optimizers.build(cfg.method.optimizer, self.stepped, train_cfg.lr,
-                                              train_cfg.weight_decay, foreach, paging)
+                                              train_cfg.weight_decay,
+                                              implementation or train_cfg.optimizer_impl,
+                                              paging)
             self.scheduler = get_linear_schedule_with_warmup(self.optimizer,
                                                              train_cfg.warmup_steps, total_steps)
         if fused_weights:
@@ -151,7 +155,7 @@ class Updates:
             self.fused.remove()  # generation and later code must see ordinary parameters
 
 
-def forward(model, batch: dict, precision: str, device: torch.device) -> torch.Tensor:
+def forward(model, batch: dict, precision, device: torch.device) -> torch.Tensor:
     """The training loss of one batch. No key/value cache: training never decodes step by step
     (and activation checkpointing cannot keep one)."""
     with autocast(device, precision):

@@ -72,7 +72,8 @@ def _row(runs: pd.DataFrame, status: str, reason) -> dict:
     rank = pd.to_numeric(first["params.method.r"], errors="coerce")
     # bf16-pure for a cell without float32 master weights (a run logged before the key: with).
     precision = identity.precision_label(first["params.precision.name"],
-                                         first["params.precision.master_weights"] != "False")
+                                         first["params.precision.master_weights"] != "False",
+                                         first.get("params.precision.autocast") != "False")
     # A run logged before the strategy axis ran in one process.
     strategy = ({"name": "single"} if pd.isna(first["params.strategy.name"]) else
                 {"name": first["params.strategy.name"],

@@ -163,7 +163,8 @@ def _estimate_columns(job: DictConfig, lengths: dict, lengths_from: str, parts: 
     if job.method.name == "lomo":
         found["lomo_claim"] = _lomo_claim(parts)
     keys = (job.model.name, identity.method_label(job.method.name, job.method.optimizer),
-            identity.precision_label(job.precision.name, job.precision.master_weights),
+            identity.precision_label(job.precision.name, job.precision.master_weights,
+                                     job.precision.get("autocast", True)),
             job.strategy.name)
     published = reference.row(*keys)
     other = published and reference.differences(

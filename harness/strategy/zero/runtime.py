@@ -107,7 +107,7 @@ class DeepSpeedUpdates:
         train_cfg = cfg.train
         trained = [p for p in model.parameters() if p.requires_grad]
         optimizer = optimizers.build(cfg.method.optimizer, trained, train_cfg.lr,
-                                     train_cfg.weight_decay)
+                                     train_cfg.weight_decay, train_cfg.optimizer_impl)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, world),
             lr_scheduler=lambda inner: get_linear_schedule_with_warmup(
