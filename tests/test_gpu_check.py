@@ -101,3 +101,25 @@ def test_gpu_check_measures_a_row_and_its_estimate_holds(tmp_path):
     runs = pd.read_csv(folder / "runs.csv")
     row = runs[runs.cell == "flan-t5-base/lora-r16/fp32"].iloc[0]
     assert row.status == "ok" and row.within_15_pct, row.to_dict()
+
+
+def test_the_report_sets_published_rows_measured_here_beside_their_figures():
+    # make validity's GPU side: what a lent GPU measured of the reference rows (a runs.csv as
+    # runs_table writes it; here two rows of the study, one of peft's and one of no table).
+    runs = pd.DataFrame({
+        "cell": ["flan-t5-base/full/fp32", "flan-t5-base/lora-r16/fp32", "t0-3b/lora-r8/fp32",
+                 "t5-tiny/lora-r8/fp32"],
+        "strategy": [None, "single", "single", None],
+        "gpu_train_peak_mib": [14000.0, 3000.0, 16000.0, 500.0],
+        "torch_peak_allocated_mib": [12000.0, 1500.0, 14000.0, 100.0],
+        "estimate_mib": [14690.0, 2012.0, 19852.0, 600.0],
+        "estimate_allocator_mib": [1000.0] * 4, "estimate_cuda_context_mib": [500.0] * 4})
+    found = gpu_check.published_beside(runs)
+    assert list(found.cell) == ["flan-t5-base/full/fp32", "flan-t5-base/lora-r16/fp32",
+                                "t0-3b/lora-r8/fp32"]
+    assert list(found.published_mib) == [14830.0, 3298.0, 14400.0]
+    assert list(found.measure) == ["nvml", "nvml", "allocated"]  # peft's: torch's tensors
+    assert list(found.measured_over_published) == [14000.0 / 14830.0, 3000.0 / 3298.0,
+                                                   14000.0 / 14400.0]
+    assert list(found.estimate_over_published) == [14690.0 / 14830.0, 2012.0 / 3298.0,
+                                                   (19852.0 - 1500.0) / 14400.0]
