@@ -15,7 +15,7 @@ TRACKING_URI ?= sqlite:///mlflow.db
 BACKEND_STORE_URI ?= postgresql://harness:harness@127.0.0.1:5432/harness
 ARTIFACTS ?= mlartifacts
 
-.PHONY: help install test test-fast bench faults docs demo plan validity sweep report sync ui server gpu-wheels \
+.PHONY: help install test test-fast bench calibrate faults docs demo plan validity sweep report sync ui server gpu-wheels \
 	gpu-rehearsal gpu-check
 
 # The first target: `make` alone prints this.
@@ -32,6 +32,7 @@ help:
 	@echo "make ui                 the MLflow UI on http://127.0.0.1:$(PORT)"
 	@echo "make server             a shared MLflow tracking server (PostgreSQL)"
 	@echo "make bench              the benchmarks, into reports/bench/"
+	@echo "make calibrate          measure this device's operations for the time model"
 	@echo "make faults             the fault suite on real processes, into reports/faults.md"
 	@echo "make docs               docs/configuration.md from the schema (harness/config/schema.py)"
 	@echo "make gpu-wheels         .whl/: the wheels the lent GPU machine lacks (docs/gpu-check.md)"
@@ -58,6 +59,12 @@ test-fast: $(INSTALL)
 # Results land in reports/bench/<device>.md and .json.
 bench: $(INSTALL)
 	$(PY) bench/run.py $(ARGS)
+	$(PY) bench/time_model.py
+
+# What this device's operations achieve, for the time model (harness/measure/calibration.py),
+# cached per device and library versions; run again after an upgrade or on another machine.
+calibrate: $(INSTALL)
+	$(PY) -m harness.measure.calibration $(ARGS)
 
 # Runners killed, a tracking server gone mid-cell, sweeps at once, bad inputs: reports/faults.md.
 # The PostgreSQL cases need a server: eval "$$(bash .ci/services.sh)" first (as CI does).

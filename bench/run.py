@@ -55,18 +55,23 @@ TARGETS = {
 }
 
 
-def compose_cell(overrides: list[str]):
-    """The benchmark cell, with these overrides, as Hydra composes it from conf/."""
+def compose_cell(overrides: list[str], base: list[str] = CELL):
+    """The benchmark cell (`base`), with these overrides, as Hydra composes it from conf/."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=[*CELL, *overrides])
+        return compose("config", overrides=[*base, *overrides])
 
 
-def harness_cell(overrides: list[str], store: Path, experiment: str) -> dict:
+def stored(overrides: list[str], store: Path, experiment: str) -> list[str]:
+    """The overrides with a store, experiment, artifact folder and cache under `store`."""
+    return [*overrides, f"tracking.uri=sqlite:///{store}/mlflow.db",
+            f"tracking.experiment={experiment}", f"tracking.artifact_location={store}/artifacts",
+            f"cache_dir={store}/cache"]
+
+
+def harness_cell(overrides: list[str], store: Path, experiment: str,
+                 base: list[str] = CELL) -> dict:
     """Run the cell through the runner; its metrics, plus wall_s, the runner's whole time."""
-    cfg = compose_cell([*overrides, f"tracking.uri=sqlite:///{store}/mlflow.db",
-                        f"tracking.experiment={experiment}",
-                        f"tracking.artifact_location={store}/artifacts",
-                        f"cache_dir={store}/cache"])
+    cfg = compose_cell(stored(overrides, store, experiment), base)
     start = time.perf_counter()
     status = runner.run(cfg)
     wall_s = time.perf_counter() - start

@@ -194,6 +194,8 @@ def install_and_run(machine: dict, work: Path) -> None:
     runs = (out / "runs.csv").read_text()
     if "t5-tiny/lora-r16/fp32" not in runs or ",ok," not in runs:
         raise SystemExit(f"error: the rehearsal's cell did not end ok:\n{runs}")
+    if not list((out / "calibration").glob("calibration-*.json")):
+        raise SystemExit(f"error: the calibrate part wrote nothing under {out}/calibration")
     print(f"[rehearsal] {command}: the cell ended ok; {out}/report.md")
 
 

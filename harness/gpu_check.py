@@ -7,6 +7,8 @@ On the GPU it runs (parts, each optional, in this order):
 - preflight: where every library comes from and at which version (packages.txt), and an import
   of every module of the harness and of bench/, so that a missing or mismatched wheel shows in
   seconds, before any cell;
+- calibrate: what the time model's operations achieve on this GPU (make calibrate; its figures in
+  calibration/), so that the cells' predicted step times are priced by them;
 - cells: experiments/gpu_check.yaml, one cell per option of experiments/check_row/: the
   reference table's rows on their recipes plus LoRA+LOMO for each size, then 4-bit QLoRA,
   bitsandbytes' 8-bit and paged AdamW, and an OpenCALM-7B LoRA cell, with random weights and
@@ -50,19 +52,19 @@ from harness.sweep import plan
 from harness.tracking.runs import of_experiment
 
 EXPERIMENT = "gpu_check"
-PARTS = ("preflight", "cells", "faults", "tests", "bench")
+PARTS = ("preflight", "calibrate", "cells", "faults", "tests", "bench")
 # The whole check in four device calls of a few minutes each (docs/gpu-check.md): the small
 # cells first, then flan-t5-xl's, then the 7B causal cell, the GPU tests and the benchmarks, then
 # the strategies.
 CALLS = {
-    "1": ("preflight,cells,faults", "base_full,base_lora,base_lora_lomo,base_full_adamw_8bit,"
+    "1": ("preflight,calibrate,cells,faults", "base_full,base_lora,base_lora_lomo,base_full_adamw_8bit,"
                              "base_full_paged_adamw_8bit,base_full_paged_adamw_32bit,large_lora,"
                              "large_lora_lomo"),
-    "2": ("preflight,cells", "xl_lora,xl_lora_fp16,xl_lora_int8,xl_lora_lomo,xl_lora_nf4"),
-    "3": ("preflight,cells,tests,bench", "opencalm_7b_lora_bf16"),
+    "2": ("preflight,calibrate,cells", "xl_lora,xl_lora_fp16,xl_lora_int8,xl_lora_lomo,xl_lora_nf4"),
+    "3": ("preflight,calibrate,cells,tests,bench", "opencalm_7b_lora_bf16"),
     # The strategies on one GPU: DDP, FSDP2, ZeRO-3 and ZeRO-3 with offload; LOMO under ZeRO-3;
     # QLoRA under FSDP2 and ZeRO-3.
-    "4": ("preflight,cells", ",".join([*(f"base_{method}_{strategy}" for method in ("full", "lora")
+    "4": ("preflight,calibrate,cells", ",".join([*(f"base_{method}_{strategy}" for method in ("full", "lora")
                                         for strategy in ("ddp", "fsdp", "zero3",
                                                          "zero3_offload")), "base_lomo_zero3",
                                        "xl_lora_nf4_fsdp", "xl_lora_nf4_zero3"])),
@@ -259,6 +261,15 @@ def run_part(part: str, out: Path, cell_overrides: list[str]) -> int:
     """One part; its exit status (0: done). `cell_overrides` pick the rows and the store."""
     if part == "preflight":
         return 1 if preflight(out) else 0
+    if part == "calibrate":
+        # The time model's rates on this GPU: in the user's cache for the cells that follow, and
+        # in the report's folder. A rehearsal on a CPU keeps the machine's cache as it was.
+        import torch
+
+        caches = [["--cache", str(out / "calibration")]] + ([[]] if torch.cuda.is_available()
+                                                            else [])
+        return max(subprocess.run([sys.executable, "-m", "harness.measure.calibration",
+                                   *cache]).returncode for cache in caches)
     if part == "cells":
         return subprocess.run([sys.executable, "-m", "harness", "-cd", str(grids.EXPERIMENTS),
                                "-cn", EXPERIMENT, *cell_overrides]).returncode

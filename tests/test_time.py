@@ -7,9 +7,9 @@ import torch
 from mlflow import MlflowClient
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness.config import grids
+from harness.config import grids, identity
 from harness.estimate import estimate, simulate, timing, work
-from harness.measure import peaks
+from harness.measure import calibration, peaks
 from harness.model import families, tokenizers, training_step
 from harness.sweep import plan
 from tests.conftest import compose_cell
@@ -115,6 +115,66 @@ def test_each_kernel_takes_the_longest_of_compute_memory_and_launch():
     assert timing.ideal_seconds(rows, A10G) == pytest.approx(found["compute"])
 
 
+# A calibration as make calibrate writes it: matmuls of 2e3 and 2e9 FLOPs, elementwise ops of 1 kB
+# and 1 GB, 5 us of host time per op.
+CALIBRATION = {"matmul": {"fp32": [[2e3, 10e-6], [2e9, 0.02]], "bf16": [[2e3, 10e-6],
+                                                                      [2e9, 0.04]]},
+               "memory": [[1e3, 5e-6], [1e9, 0.1]], "random": [[1e3, 10e-6], [1e9, 0.5]],
+               "op_us": 5.0, "synchronous": True}
+
+
+def test_a_calibrated_device_prices_each_op_by_what_an_op_of_its_size_achieved():
+    # Exact at the points measured, log-log between them, the smallest's time below them, linear
+    # in size beyond the largest.
+    curve = CALIBRATION["memory"]
+    assert timing._interpolated(curve, 1e3) == 5e-6 and timing._interpolated(curve, 10) == 5e-6
+    assert timing._interpolated(curve, 1e6) == pytest.approx((5e-6 * 0.1) ** 0.5)
+    assert timing._interpolated(curve, 2e9) == pytest.approx(0.2)
+    device = {**A10G, "calibration": CALIBRATION}
+    # A large matmul by its dtype's curve; its bytes cost less than its FLOPs.
+    matmul = [["bf16", 2e9, 1e6, 1, 3]]
+    assert timing.step_seconds(matmul, device) == pytest.approx(
+        {"step_s": 0.12, "compute": 0.12, "memory": 0.0, "launch": 0.0})
+    # A skinny matmul (LoRA's) moves more than its FLOPs take: priced by its bytes.
+    skinny = [["fp32", 2e3, 1e9, 1, 1]]
+    assert timing.step_seconds(skinny, device)["memory"] == pytest.approx(0.1)
+    # Dropout's random numbers by what drawing them cost.
+    assert timing.step_seconds([["random", 0, 2e9, 1, 1]], device)["memory"] == pytest.approx(1.0)
+    # On a CPU ops run one after another: a foreach op's further launches add the host's time.
+    foreach = [["", 0, 1e3, 11, 2]]
+    assert timing.step_seconds(foreach, device) == pytest.approx(
+        {"step_s": 2 * (5e-6 + 10 * 5e-6), "compute": 0.0, "memory": 2 * 5e-6,
+         "launch": 2 * 10 * 5e-6})
+    # On a GPU the host's dispatch overlaps the kernels: the longer of the two.
+    overlapped = {**A10G, "calibration": {**CALIBRATION, "synchronous": False}}
+    assert timing.step_seconds(foreach, overlapped) == pytest.approx(
+        {"step_s": 2 * 11 * 5e-6, "compute": 0.0, "memory": 0.0, "launch": 2 * 11 * 5e-6})
+
+
+def test_make_calibrate_measures_curves_once_and_the_cpu_device_carries_them(tmp_path):
+    cpu = torch.device("cpu")
+    assert calibration.load(cpu, tmp_path) is None
+    uncalibrated = peaks.of_cpu(tmp_path)
+    assert "calibration" not in uncalibrated
+    found = calibration.calibrate(cpu, tmp_path, sizes=(16, 64, 256),
+                                  memory_bytes=(4096, 2**20, 2**24), figure_s=0.02)
+    assert [flops for flops, _ in found["matmul"]["fp32"]] == [2 * 16**3, 2 * 64**3, 2 * 256**3]
+    assert all(seconds > 0 for points in (*found["matmul"].values(), found["memory"])
+               for _, seconds in points)
+    # A larger op takes longer at the large end of each curve; an op costs the host something.
+    assert found["matmul"]["fp32"][-1][1] > found["matmul"]["fp32"][0][1]
+    assert found["memory"][-1][1] > found["memory"][0][1] and 0 < found["op_us"] < 1e4
+    assert found["random"][-1][1] > found["random"][0][1]
+    assert found["synchronous"] and calibration.load(cpu, tmp_path) == found
+    calibrated = peaks.of_cpu(tmp_path)
+    assert calibrated["calibration"] == found and calibrated["source"].endswith(
+        "calibrated (make calibrate)")
+    rows = [["fp32", 2 * 64**3, 3 * 64**2 * 4, 1, 10]]
+    assert timing.step_seconds(rows, calibrated)["step_s"] == pytest.approx(
+        10 * max(found["matmul"]["fp32"][1][1],
+                 timing._interpolated(found["memory"], 3 * 64**2 * 4)))
+
+
 def test_a_gpu_s_peaks_come_from_conf_and_a_cpu_s_are_measured_once(tmp_path):
     cfg = compose_cell()
     a10g = peaks.of_gpu(cfg.peaks, "NVIDIA A10G")
@@ -189,3 +249,19 @@ def test_the_steps_a_cell_will_run_are_the_loop_s():
     capped = compose_cell("train.max_steps=5")
     assert training_step.optimizer_steps(capped.train, 10) == (5, 1)
 
+
+
+def test_a_cpu_s_step_is_the_ops_a_cpu_runs_with_the_same_flops():
+    # On a CPU torch's AdamW runs tensor by tensor, attention takes the CPU's fused kernel (the
+    # math path where T5's trained position bias needs a gradient, whose backward counts its own
+    # matmuls); the FLOPs are the same to the attention path's.
+    for model in ("t5-mini", "tiny-llama"):
+        cell = identity.cell_config(compose_cell(f"model={model}", "method=full"))
+        cuda, cpu = (estimate.step_work(cell, LENGTHS, device_type=kind)
+                     for kind in ("cuda", "cpu"))
+        assert work.flops(cpu) == pytest.approx(work.flops(cuda), rel=0.02)
+        assert sum(row[3] * row[4] for row in cpu) > sum(row[3] * row[4] for row in cuda)
+    # LoRA's dropout draws random numbers: its ops are of their own kind.
+    lora = identity.cell_config(compose_cell("model=t5-mini", "method=lora",
+                                             "method.dropout=0.1"))
+    assert any(row[0] == "random" for row in estimate.step_work(lora, LENGTHS))

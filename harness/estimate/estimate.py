@@ -109,15 +109,19 @@ def gpu_peak_mib(cell_cfg: dict, lengths: dict, cache_dir: str | None = None) ->
                                   if name != "work"})
 
 
-def step_work(cell_cfg: dict, lengths: dict, cache_dir: str | None = None) -> list:
+def step_work(cell_cfg: dict, lengths: dict, cache_dir: str | None = None,
+              device_type: str = "cuda") -> list:
     """The ops of one optimizer step of one rank (work.per_step's rows: kind, FLOPs, bytes,
-    launches, count), from the same simulation as gpu_peak_mib (and its cache)."""
-    return _one_rank(cell_cfg, lengths, cache_dir)["work"]
+    launches, count), from the same simulation as gpu_peak_mib (and its cache). With
+    device_type "cpu", the ops a CPU runs for the same step: attention by its math path (the
+    score matrix materialised) and torch's optimizers tensor by tensor, as they run there."""
+    return _one_rank(cell_cfg, lengths, cache_dir, device_type)["work"]
 
 
-def _one_rank(cell_cfg: dict, lengths: dict, cache_dir: str | None) -> dict:
+def _one_rank(cell_cfg: dict, lengths: dict, cache_dir: str | None,
+              device_type: str = "cuda") -> dict:
     """The simulated step of one rank, holding the whole model (cached)."""
-    spec = _spec(cell_cfg, lengths)
+    spec = _spec(cell_cfg, lengths, device_type)
     if cache_dir is None:
         return dict(_estimate(spec))
     path = _cache_path(spec, cache_dir)
@@ -182,9 +186,10 @@ def _usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def _spec(cell_cfg: dict, lengths: dict) -> str:
+def _spec(cell_cfg: dict, lengths: dict, device_type: str = "cuda") -> str:
     """Only what the estimate reads: the key of both caches (a grid repeats architectures). The
-    batch is one rank's share of the global batch."""
+    batch is one rank's share of the global batch; a CPU's step (device_type "cpu") is a spec of
+    its own."""
     train_cfg = cell_cfg["train"]
     ranks = sharding.world_size(cell_cfg["strategy"]) if "strategy" in cell_cfg else 1
     train = {key: train_cfg[key] for key in ("batch_size", "grad_accum_steps", "max_grad_norm",
@@ -192,9 +197,11 @@ def _spec(cell_cfg: dict, lengths: dict) -> str:
     train["batch_size"] = max(1, train["batch_size"] // ranks)
     if train_cfg.get("optimizer_impl", "auto") != "auto":  # auto keeps the keys cached before it
         train["optimizer_impl"] = train_cfg["optimizer_impl"]
-    return json.dumps({"model": cell_cfg["model"], "method": cell_cfg["method"],
-                       "precision": cell_cfg["precision"], "lengths": lengths,
-                       "train": train}, sort_keys=True)
+    found = {"model": cell_cfg["model"], "method": cell_cfg["method"],
+             "precision": cell_cfg["precision"], "lengths": lengths, "train": train}
+    if device_type != "cuda":  # cuda keeps the keys cached before the device came
+        found["device"] = device_type
+    return json.dumps(found, sort_keys=True)
 
 
 def _cache_path(spec: str, cache_dir: str) -> Path:
@@ -220,8 +227,10 @@ def _estimate(spec_json: str) -> tuple:
     spec = json.loads(spec_json)
     cfg = OmegaConf.create({**spec, "train": {"optimizer_impl": "auto", **spec["train"],
                                               "lr": 1e-3, "warmup_steps": 0}})
+    on_cpu = spec.get("device") == "cpu"
     on_cuda = simulate.AsOnCuda(models.HALF_DTYPES.get(cfg.precision.name)
-                                if models.compute_autocast(cfg.precision) else None)
+                                if models.compute_autocast(cfg.precision) else None,
+                                fused_attention=not on_cpu)
     model = _meta_model(cfg, on_cuda)
     steps = simulated_steps(model, cfg, spec["lengths"], META, on_cuda)
 
@@ -327,8 +336,11 @@ def simulated_steps(model, cfg, lengths: dict, device: torch.device,
         hooks = [weight.register_post_accumulate_grad_hook(
             lambda weight: gradients.add(trace.serial_of(weight.grad)))
             for weight in methods.fused_parameters(model, cfg.method.name)]
-        simulated = {"auto": "foreach", "fused": "for_loop"}.get(cfg.train.optimizer_impl,
-                                                                 cfg.train.optimizer_impl)
+        # auto: what torch.optim picks, foreach on CUDA and tensor by tensor on a CPU.
+        on_cpu = on_cuda is not None and on_cuda.on_cpu
+        simulated = {"auto": "for_loop" if on_cpu else "foreach",
+                     "fused": "for_loop"}.get(cfg.train.optimizer_impl,
+                                              cfg.train.optimizer_impl)
         updates = training_step.Updates(model, cfg, STEPS, device, implementation=simulated,
                                         loss_scaling=False, paging=False)
         spans = []

@@ -97,14 +97,19 @@ class AsOnCuda(TorchFunctionMode):
     """What CUDA does that meta tensors do not: autocast's casts to `half` (None: no autocast)
     and the memory-efficient attention kernel; and `if torch.isfinite(x):` is true."""
 
-    def __init__(self, half: torch.dtype | None):
+    def __init__(self, half: torch.dtype | None, fused_attention: bool = True):
         super().__init__()
         self.half = half
+        # False: a CPU's step, whose attention takes the math path (PyTorch's own decomposition
+        # on meta tensors: the score matrix materialised).
+        self.on_cpu = not fused_attention
         self.finite_checks = {}  # id: weak reference (a WeakSet would compare tensors with ==)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
+            if self.on_cpu:
+                return self._cpu_attention(func, *args, **kwargs)
             return self._attention(*args, **kwargs)
         if func is torch.isfinite:
             result = func(*args, **kwargs)
@@ -136,6 +141,25 @@ class AsOnCuda(TorchFunctionMode):
                                                                          attn_mask))
         out, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(
             query, key, value, attn_mask, needs_grad, dropout_p, is_causal, scale=scale)
+        return out
+
+
+    def _cpu_attention(self, func, query, key, value, attn_mask=None, dropout_p=0.0,
+                       is_causal=False, scale=None, enable_gqa=False):
+        """As a CPU runs it: its fused kernel, but where the mask needs a gradient (T5's trained
+        position bias) or the heads are grouped, the math path (meta tensors take it: the score
+        matrix materialised)."""
+        if self.half is not None:
+            query, key, value, attn_mask = _cast((query, key, value, attn_mask), torch.float32,
+                                                 self.half)
+        if enable_gqa or (attn_mask is not None and attn_mask.requires_grad):
+            return func(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                        is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype,
+                                    device=query.device).masked_fill(~attn_mask, float("-inf"))
+        out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
         return out
 
 

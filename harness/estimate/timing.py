@@ -14,7 +14,19 @@ set: a step of large matmuls is compute-bound, one of many small elementwise ker
 (normalisation, dropout, LoRA's adapters, the optimizer's updates) memory- or launch-bound. No
 kernel reaches its peak, and data loading and the loss's `.item()` are left out, so a measured step
 is slower: harness/sweep/plan.py corrects by what measured runs on the same GPU took.
+
+Calibrated (`make calibrate` measured the device: harness/measure/calibration.py), each op is
+priced by what an op of its size achieved there instead: a matmul by the measured seconds of a
+matmul of as many FLOPs in its dtype, any op by the measured seconds of an elementwise op that
+moves as many bytes (a dropout's by a dropout's: drawing random numbers costs more), whichever is
+longer, interpolated between the sizes measured (log-log) and
+scaled linearly beyond the largest. Both figures include the host's dispatch of one op; a foreach
+op's further launches add the host's time per op. On a CPU ops run one after another, so the
+step is their sum; on a GPU the host's dispatch overlaps the kernels, each op taking the longer.
 """
+
+import bisect
+import math
 
 from harness.estimate import work
 
@@ -23,7 +35,10 @@ BOUNDS = ("compute", "memory", "launch")
 
 def step_seconds(rows: list, device: dict) -> dict:
     """{"step_s": seconds, "compute" / "memory" / "launch": the seconds of the kernels each bound}
-    for the ops `rows` (work.per_step's) on `device` (peaks.of_gpu's or peaks.of_cpu's)."""
+    for the ops `rows` (work.per_step's) on `device` (peaks.of_gpu's or peaks.of_cpu's; with
+    its "calibration", priced by it)."""
+    if device.get("calibration"):
+        return _calibrated_seconds(rows, device["calibration"])
     bound = dict.fromkeys(BOUNDS, 0.0)
     for kind, flops, moved, launches, count in rows:
         times = {"compute": flops / (_peak(device, kind) * 1e12) if flops else 0.0,
@@ -32,6 +47,40 @@ def step_seconds(rows: list, device: dict) -> dict:
         longest = max(BOUNDS, key=times.get)
         bound[longest] += times[longest] * count
     return {"step_s": sum(bound.values()), **bound}
+
+
+def _calibrated_seconds(rows: list, calibration: dict) -> dict:
+    bound = dict.fromkeys(BOUNDS, 0.0)
+    host_s = calibration["op_us"] * 1e-6
+    for kind, flops, moved, launches, count in rows:
+        curve = calibration["matmul"].get(kind) or calibration["matmul"]["fp32"]
+        by_bytes = calibration["random"] if kind == "random" else calibration["memory"]
+        times = {"compute": _interpolated(curve, flops) if flops else 0.0,
+                 "memory": _interpolated(by_bytes, moved)}
+        longest = max(times, key=times.get)
+        more_launches = (launches - 1) * host_s
+        if calibration.get("synchronous"):
+            bound[longest] += times[longest] * count
+            bound["launch"] += more_launches * count
+        elif more_launches + host_s > times[longest]:
+            bound["launch"] += (more_launches + host_s) * count
+        else:
+            bound[longest] += times[longest] * count
+    return {"step_s": sum(bound.values()), **bound}
+
+
+def _interpolated(points: list, size: float) -> float:
+    """Seconds for an op of `size` (FLOPs or bytes) from measured [size, seconds] points: log-log
+    between them, the smallest's time below them, linear in size beyond the largest."""
+    sizes = [point[0] for point in points]
+    if size <= sizes[0]:
+        return points[0][1]
+    if size >= sizes[-1]:
+        return points[-1][1] * size / sizes[-1]
+    at = bisect.bisect_right(sizes, size)
+    (low, low_s), (high, high_s) = points[at - 1], points[at]
+    share = math.log(size / low) / math.log(high / low)
+    return math.exp(math.log(low_s) + share * math.log(high_s / low_s))
 
 
 def ideal_seconds(rows: list, device: dict) -> float:

@@ -33,6 +33,10 @@ FOREACH_BLOCKS, FOREACH_CHUNK = 320, 65536
 NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
              "lift_fresh", "detach", "_unsafe_view", "alias", "set_",
              "_record_function_enter_new", "_record_function_exit"}
+# Ops that draw random numbers (dropout's masks): kind "random", priced by what drawing costs where
+# a calibration measured it (harness/measure/calibration.py), by their bytes where not.
+RANDOM = {"native_dropout", "bernoulli", "bernoulli_", "rand", "rand_like", "randn",
+          "randn_like", "normal", "normal_", "uniform_"}
 # What a matmul's inputs are stored in, by the peak it runs at (conf/peaks/).
 KINDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
          torch.int8: "int8"}
@@ -43,10 +47,23 @@ def _int8_scaled_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> i
     return 2 * math.prod(a_shape[:-1]) * b_shape[0] * a_shape[-1]
 
 
+def _cpu_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    """A CPU's fused attention: as many FLOPs as the other fused kernels'."""
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args,
+                                 out_shape=None, **kwargs):
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape,
+                                                 value_shape)
+
+
 def flop_formulas() -> dict:
-    """FlopCounterMode's custom_mapping: the formulas PyTorch lacks (bitsandbytes', once it is
-    imported: only quantized cells load it)."""
-    formulas = {}
+    """FlopCounterMode's custom_mapping: the formulas PyTorch lacks (a CPU's fused attention;
+    bitsandbytes', once it is imported: only quantized cells load it)."""
+    formulas = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flop,
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                    _cpu_attention_backward_flop}
     if hasattr(torch.ops, "bitsandbytes") and hasattr(torch.ops.bitsandbytes, "int8_scaled_mm"):
         formulas[torch.ops.bitsandbytes.int8_scaled_mm] = _int8_scaled_mm_flop
     return formulas
@@ -54,7 +71,8 @@ def flop_formulas() -> dict:
 
 class Work(TorchDispatchMode):
     """Every op dispatched while `recording`: `ops` counts (kind, flops, bytes, launches, phase)
-    tuples, kind being the matmul inputs' dtype ("" for an op without FLOPs) and phase "update"
+    tuples, kind being the matmul inputs' dtype ("random" for an op that draws random numbers,
+    "" for any other op without FLOPs) and phase "update"
     inside an optimizer's step (set by the caller), else "pass" (forward and backward)."""
 
     def __init__(self):
@@ -82,7 +100,8 @@ class Work(TorchDispatchMode):
             return ("", 0, 0, 0, self.phase)
         flops = self.formulas[packet](*args, **kwargs, out_val=out) \
             if packet in self.formulas else 0
-        kind = KINDS.get(inputs[0].dtype, "fp32") if flops and inputs else ""
+        kind = KINDS.get(inputs[0].dtype, "fp32") if flops and inputs else \
+            "random" if name in RANDOM else ""
         moved = sum(_bytes(tensor) for tensor in inputs + outputs)
         launches = _foreach_launches(args) if name.startswith("_foreach_") else 1
         return (kind, int(flops), moved, launches, self.phase)

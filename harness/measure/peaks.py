@@ -8,7 +8,6 @@ where it has no units for that dtype), bandwidth_gbs, launch_us, source.
 """
 
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from harness.core.files import write_whole
+from harness.measure import calibration
 
 KINDS = ("fp32", "bf16", "fp16", "int8")
 MATMUL_SIZE = 1024  # large enough for the CPU's matmul kernels to reach their pace
@@ -29,11 +29,17 @@ def of_gpu(peaks_cfg, gpu_name: str | None) -> dict | None:
     if gpu_name is None or gpu_name not in peaks_cfg.gpus:
         return None
     figures = peaks_cfg.gpus[gpu_name]
-    return {"name": gpu_name, **{kind: figures.get(kind) for kind in KINDS},
-            "bandwidth_gbs": float(figures.bandwidth_gbs), "launch_us": float(peaks_cfg.launch_us),
-            **{link: figures.get(link) for link in ("link_gbs", "host_gbs")},
-            "internode_gbs": peaks_cfg.get("internode_gbs"),
-            "source": "conf/peaks/ (datasheet)"}
+    device = {"name": gpu_name, **{kind: figures.get(kind) for kind in KINDS},
+              "bandwidth_gbs": float(figures.bandwidth_gbs),
+              "launch_us": float(peaks_cfg.launch_us),
+              **{link: figures.get(link) for link in ("link_gbs", "host_gbs")},
+              "internode_gbs": peaks_cfg.get("internode_gbs"),
+              "source": "conf/peaks/ (datasheet)"}
+    # Measured on a GPU of this name on this machine (make calibrate there): priced by it.
+    found = calibration.load(gpu_name)
+    if found is None:
+        return device
+    return {**device, "calibration": found, "source": "conf/peaks/; calibrated (make calibrate)"}
 
 
 def of_cpu(cache: Path | None = None) -> dict:
@@ -41,9 +47,9 @@ def of_cpu(cache: Path | None = None) -> dict:
     (default: the user's cache folder, since the figures are the machine's, not a project's)."""
     name = platform.processor() or platform.machine()
     key = f"cpu-v{BENCH_VERSION}-{torch.__version__}-{torch.get_num_threads()}t"
-    path = (cache or _user_cache()) / f"{key}.json"
+    path = (cache or calibration.user_cache()) / f"{key}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        return _calibrated(json.loads(path.read_text()), cache)
     matmul = {kind: _matmul_tflops(dtype) for kind, dtype in
               (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     device = {"name": f"CPU {name} ({torch.get_num_threads()} threads)",
@@ -51,11 +57,17 @@ def of_cpu(cache: Path | None = None) -> dict:
               "int8": matmul["fp32"], "bandwidth_gbs": _copy_gbs(),
               "launch_us": _launch_us(), "source": "measured on this machine"}
     write_whole(path, lambda partial: partial.write_text(json.dumps(device)))
-    return device
+    return _calibrated(device, cache)
 
 
-def _user_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "harness" / "peaks"
+def _calibrated(device: dict, cache: Path | None) -> dict:
+    """The device with this machine's calibration where `make calibrate` measured one (the time
+    model then prices each op by it; harness/measure/calibration.py)."""
+    found = calibration.load(torch.device("cpu"), cache)
+    if found is None:
+        return device
+    return {**device, "calibration": found,
+            "source": f"{device['source']}; calibrated (make calibrate)"}
 
 
 def _timed(run, minimum_s: float = BENCH_S) -> float:

@@ -172,10 +172,14 @@ def record_work(record: CellRecord, cfg: DictConfig, cell_cfg: dict, lengths: di
     padded = {side: record.latest.get(f"train_{side}_length_mean") for side in lengths}
     if None not in padded.values():  # dynamic padding: shorter batches than the cut
         lengths = {side: max(1, round(length)) for side, length in padded.items()}
-    work_rows = estimate.step_work(cell_cfg, lengths, cfg.cache_dir)
+    device = peaks.of_cpu() if record.gpu is None else peaks.of_gpu(cfg.peaks, _gpu_name(record))
+    # A calibrated CPU prices the ops a CPU runs (attention's math path, the optimizer tensor by
+    # tensor); otherwise the step simulated as on CUDA, whose FLOPs are the same.
+    on_cpu = record.gpu is None and device is not None and "calibration" in device
+    work_rows = estimate.step_work(cell_cfg, lengths, cfg.cache_dir,
+                                   "cpu" if on_cpu else "cuda")
     flops = work.flops(work_rows)
     figures = {"train_flops_per_step": flops}
-    device = peaks.of_cpu() if record.gpu is None else peaks.of_gpu(cfg.peaks, _gpu_name(record))
     steps, step_s = record.latest.get("train_steps"), record.latest.get("step_time_mean_s")
     if device is not None:
         predicted = timing.step_seconds(work_rows, device)["step_s"]

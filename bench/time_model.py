@@ -1,0 +1,121 @@
+"""`make bench`'s time-prediction table: the time model against the step times it predicts.
+
+Cells of different shape (seq2seq and causal; full, LoRA, LOMO; checkpointing on and off; two
+batch sizes) run through the runner on this machine, on synthetic data of one fixed length (every
+batch the same shape), for --steps steps. Each row sets the measured mean step
+(step_time_mean_s, without the first train.throughput_skip_steps) beside the time model's
+prediction for the same step: calibrated (`make calibrate`, harness/measure/calibration.py) where
+this machine has a calibration, and the peaks-only model (harness/measure/peaks.py) beside it.
+Goal: every calibrated ratio within 0.85-1.15. Results: reports/bench/time-<device>.md and .json.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.run import REPO, compose_cell, harness_cell, machine, stored  # noqa: E402
+from harness.config import identity  # noqa: E402
+from harness.estimate import estimate, timing  # noqa: E402
+from harness.measure import peaks  # noqa: E402
+
+# Synthetic data of one length, as the sampler benchmark's cell.
+FIXED = ["data=synthetic", "data.length_sigma=0", "data.source_length_median=128",
+         "data.target_length_median=28", "data.train_size=1600", "data.validation_size=8",
+         "data.test_size=8", "train.lr=1e-4", "force=true", "eval.infer=false"]
+CELLS = {
+    "t5-mini full, batch 8": ["model=t5-mini", "method=full", "train.batch_size=8"],
+    "t5-mini full, batch 32": ["model=t5-mini", "method=full", "train.batch_size=32"],
+    "t5-mini full, checkpointing": ["model=t5-mini", "method=full", "train.batch_size=8",
+                                    "train.gradient_checkpointing=true"],
+    "t5-mini LoRA, batch 8": ["model=t5-mini", "method=lora", "train.batch_size=8"],
+    "t5-mini LOMO, batch 8": ["model=t5-mini", "method=lomo", "train.batch_size=8"],
+    "tiny-llama full, batch 8": ["model=tiny-llama", "method=full", "train.batch_size=8"],
+    "tiny-llama LOMO, batch 8": ["model=tiny-llama", "method=lomo", "train.batch_size=8"],
+}
+GOAL = (0.85, 1.15)
+
+
+def predicted_step_s(cfg, device: dict) -> float:
+    """The time model's step for the cell, at the lengths its batches were padded to (one): a
+    calibrated device prices the ops a CPU runs, the peaks the step as simulated for CUDA (as a
+    run logs them)."""
+    lengths = {"source": cfg.data.source_length_median, "target": cfg.data.target_length_median}
+    lengths = {side: round(length) for side, length in lengths.items()}
+    rows = estimate.step_work(identity.cell_config(cfg), lengths, cfg.cache_dir,
+                              "cpu" if "calibration" in device else "cuda")
+    return timing.step_seconds(rows, device)["step_s"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench")
+    arguments = parser.parse_args(argv)
+    device = peaks.of_cpu() if not torch.cuda.is_available() else None
+    if device is None:
+        print("[bench] the time table runs on a CPU here; on a GPU make gpu-check reports it")
+        return 0
+    uncalibrated = {key: value for key, value in device.items() if key != "calibration"}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="harness-time-") as folder:
+        store = Path(folder)
+        for number, (name, overrides) in enumerate(CELLS.items()):
+            cell = [*FIXED, *overrides, f"train.max_steps={arguments.steps}"]
+            experiment = f"time-{number}"
+            measured = []
+            for repeat in range(arguments.repeats):
+                print(f"[bench] {name} ({repeat + 1} of {arguments.repeats})", flush=True)
+                measured.append(harness_cell(cell, store, experiment, base=[])
+                                ["step_time_mean_s"])
+            cfg = compose_cell(stored(cell, store, experiment), base=[])
+            step_s = statistics.median(measured)
+            calibrated = predicted_step_s(cfg, device) if "calibration" in device else None
+            peaks_only = predicted_step_s(cfg, uncalibrated)
+            rows.append({"cell": name, "measured_step_s": step_s,
+                         "predicted_step_s": calibrated, "ratio": calibrated and calibrated
+                         / step_s, "peaks_only_step_s": peaks_only,
+                         "peaks_only_ratio": peaks_only / step_s})
+    write(arguments, device, rows)
+    return 0
+
+
+def write(arguments, device: dict, rows: list[dict]) -> None:
+    facts = machine()
+    slug = f"time-{facts['gpu'] or 'cpu-' + str(facts['cores']) + '-cores'}".lower()
+    calibrated = "calibration" in device
+    met = sum(GOAL[0] <= row["ratio"] <= GOAL[1] for row in rows if row["ratio"])
+    lines = [f"# The time model on {device['name']}", "",
+             f"`make bench` on {facts['date']}: {facts['cpu']}, {facts['cores']} cores; torch "
+             f"{facts['torch']}. Each cell: `{' '.join(FIXED)}` plus its own, "
+             f"{arguments.steps} steps, the median of {arguments.repeats} run(s). Measured: the "
+             "mean step without the first steps (step_time_mean_s). Predicted: the time model "
+             "for the same step, " + ("calibrated on this machine (make calibrate)"
+                                      if calibrated else "uncalibrated (run make calibrate)")
+             + ", and from the device's peaks alone.", "",
+             (f"{met} of {len(rows)} calibrated ratios within {GOAL[0]}-{GOAL[1]}."
+              if calibrated else "No calibration on this machine: run `make calibrate`."), "",
+             "| cell | measured step (s) | predicted (s) | predicted / measured | peaks only (s) "
+             "| peaks only / measured |", "|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        predicted = "" if row["predicted_step_s"] is None else f"{row['predicted_step_s']:.4f}"
+        ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        lines.append(f"| {row['cell']} | {row['measured_step_s']:.4f} | {predicted} | {ratio} | "
+                     f"{row['peaks_only_step_s']:.4f} | {row['peaks_only_ratio']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    arguments.out.mkdir(parents=True, exist_ok=True)
+    (arguments.out / f"{slug}.md").write_text(text)
+    (arguments.out / f"{slug}.json").write_text(json.dumps(
+        {"machine": facts, "device": {key: value for key, value in device.items()},
+         "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

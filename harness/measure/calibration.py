@@ -1,0 +1,152 @@
+"""What this device's operations achieve, measured: the time model's calibration (`make
+calibrate`; harness/estimate/timing.py uses it where it exists, the device's peaks where not).
+
+A peak (harness/measure/peaks.py: a 1024^3 matmul, a 256 MiB copy) is what the largest operations
+reach. A training step's operations are smaller, and their pace depends on their size: a
+64 x 512 x 512 matmul runs far below the peak, an elementwise op on a tensor that fits in cache
+runs above the copy's bandwidth, and the smallest ops cost only the host's time to dispatch them
+(Python, the dispatcher, autograd's bookkeeping). So calibration measures curves, as Habitat
+(USENIX ATC '21) measures operations:
+
+  matmul   seconds per matmul by its FLOPs, per dtype (fp32, bf16), square sizes 16 to 1024;
+  memory   seconds per elementwise op (an add into a third tensor) by the bytes it moves,
+           1 KiB to 256 MiB;
+  random   seconds per dropout (random numbers drawn for a mask) by the bytes it moves;
+  op_us    the host's time for an op on one element, with autograd recording.
+
+Each is the best of repeated runs (a machine's other load only slows it down). The figures are
+cached per device, torch version and thread count in the user's cache folder (they are the
+machine's, not a project's); `make calibrate` measures anew. About 30 s on two CPU cores.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from harness.core.files import write_whole
+
+VERSION = 1  # a change to what is measured measures anew
+MATMUL_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+MEMORY_BYTES = tuple(4 ** power * 1024 for power in range(0, 10))  # 1 KiB x 4^k up to 256 MiB
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FIGURE_S = 0.25  # per figure: enough repeats for a best time
+
+
+def path(device: torch.device | str, cache: Path | None = None) -> Path:
+    """Where a device's calibration lies (the device, or its name as NVML or this module gives
+    it): keyed by its name, torch's version and threads."""
+    name = device if isinstance(device, str) else _device_name(device)
+    key = "-".join(["calibration", f"v{VERSION}", name, torch.__version__,
+                    f"{torch.get_num_threads()}t"])
+    safe = "".join(char if char.isalnum() or char in ".-_" else "_" for char in key)
+    return (cache or user_cache()) / f"{safe}.json"
+
+
+def user_cache() -> Path:
+    """The user's cache folder for what is measured of this machine."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "harness" / "peaks"
+
+
+def load(device: torch.device | str, cache: Path | None = None) -> dict | None:
+    """The calibration measured on this device (or one of this name) before, or None (then the
+    time model uses the device's peaks)."""
+    found = path(device, cache)
+    return json.loads(found.read_text()) if found.exists() else None
+
+
+def measure(device: torch.device, sizes=MATMUL_SIZES, memory_bytes=MEMORY_BYTES,
+            figure_s: float = FIGURE_S) -> dict:
+    """The curves of this device (see the module's docstring)."""
+    matmul = {}
+    for kind, dtype in DTYPES.items():
+        matmul[kind] = []
+        for size in sizes:
+            a = torch.randn(size, size, device=device).to(dtype)
+            b = torch.randn(size, size, device=device).to(dtype)
+            matmul[kind].append([2 * size ** 3, _timed(lambda: torch.mm(a, b), device, figure_s)])
+    memory = []
+    for moved in memory_bytes:
+        elements = max(1, moved // 12)  # two float32 inputs read, one written
+        a, b = (torch.ones(elements, device=device) for _ in range(2))
+        out = torch.empty_like(a)
+        memory.append([12 * elements, _timed(lambda: torch.add(a, b, out=out), device, figure_s)])
+    random = []
+    for moved in memory_bytes:
+        elements = max(1, moved // 9)  # float32 in and out, a boolean mask
+        x = torch.ones(elements, device=device)
+        random.append([9 * elements,
+                       _timed(lambda: torch.native_dropout(x, 0.1, True), device, figure_s)])
+    one = torch.ones(1, device=device, requires_grad=True)
+    return {"device": _device_name(device), "matmul": matmul, "memory": memory, "random": random,
+            "op_us": _timed(lambda: one * 2.0, device, figure_s, calls=200) * 1e6,
+            "synchronous": device.type == "cpu", "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "version": VERSION}
+
+
+def calibrate(device: torch.device, cache: Path | None = None, **measuring) -> dict:
+    """Measure this device and cache what was measured."""
+    found = measure(device, **measuring)
+    target = path(device, cache)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_whole(target, lambda partial: partial.write_text(json.dumps(found)))
+    return found
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}"
+
+
+def _timed(run, device: torch.device, minimum_s: float, calls: int = 10) -> float:
+    """Seconds per call of `run`: the best over about `minimum_s` of `calls` calls back to back
+    (as a step issues its ops: on a GPU the host queues the next while one runs), divided."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    run()  # warm-up: the first call allocates and picks kernels
+    synchronize()
+    best, spent = float("inf"), 0.0
+    while spent < minimum_s:
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        synchronize()
+        took = time.perf_counter() - start
+        best, spent = min(best, took / calls), spent + took
+    return best
+
+
+def _size(moved: int) -> str:
+    return f"{moved / 2**20:.0f} MiB" if moved >= 2**20 else f"{moved / 2**10:.0f} KiB"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.measure.calibration",
+                                     description="Measure what this device's operations "
+                                                 "achieve, for the time model (make calibrate).")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="where to keep it (default: the user's cache folder)")
+    arguments = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    found = calibrate(device, arguments.cache)
+    print(f"[harness] calibrated {found['device']} ({found['threads']} threads, torch "
+          f"{found['torch']}): host {found['op_us']:.1f} us per op")
+    for kind, points in found["matmul"].items():
+        rates = ", ".join(f"{round((flops / 2) ** (1 / 3))}^3 {flops / seconds / 1e9:.0f}"
+                          for flops, seconds in points)
+        print(f"[harness] matmul {kind} (GFLOP/s): {rates}")
+    print("[harness] elementwise (GB/s): " + ", ".join(
+        f"{_size(moved)} {moved / seconds / 1e9:.1f}" for moved, seconds in found["memory"]))
+    print("[harness] dropout (GB/s): " + ", ".join(
+        f"{_size(moved)} {moved / seconds / 1e9:.1f}" for moved, seconds in found["random"]))
+    print(f"[harness] wrote {path(device, arguments.cache)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
