@@ -393,6 +393,7 @@ def test_a_tracking_server_that_goes_away_loses_nothing(tmp_path, fault_figures)
                          lost=2 * steps - sum(distinct for _, distinct in found))
 
 
+@pytest.mark.slow  # starts pytest to collect the suite
 def test_make_faults_names_tests_that_exist():
     # bench/faults.py picks its cases by test id: a renamed test would leave a case unrun.
     from bench import faults

@@ -111,11 +111,16 @@ def test_the_checkpointed_cells_are_within_25_percent_of_the_papers_tensors(lomo
 
 def test_lomo_s_claim_holds_on_every_lomo_cell(lomo_plan):
     lomo = lomo_plan.xs("llama-7b/lomo/fp16-pure", level="cell")
-    # The largest weight is the 32,000 x 4,096 embedding: 250 MiB in fp16.
-    assert (lomo.gradients_mib == 32000 * 4096 * 2 / 2**20).all()
+    # The largest weight is the 32,000 x 4,096 embedding: 250 MiB in fp16. At most one weight's
+    # gradient is alive at the peak: the embedding's without checkpointing; with it (and the
+    # paper's eager attention) the peak falls in a block's recomputation, where a projection's
+    # (86 MiB) is.
+    largest = 32000 * 4096 * 2 / 2**20
+    assert lomo.gradients_mib.tolist() == [largest, 4096 * 11008 * 2 / 2**20]
     assert (lomo.optimizer_mib == 0).all()
-    assert all(claim.startswith("holds: gradients 250 MiB (largest weight 250)")
-               for claim in lomo.lomo_claim)
+    assert [claim.split(",")[0] for claim in lomo.lomo_claim] == [
+        "holds: gradients 250 MiB (largest weight 250)", "holds: gradients 86 MiB (largest "
+                                                         "weight 250)"]
     assert lomo_plan.lomo_claim.isna().sum() == 4  # the claim is LOMO's alone
 
 

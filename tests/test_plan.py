@@ -205,6 +205,7 @@ def test_concurrent_cells_never_share_a_gpu_and_wait_for_a_free_one(tmp_path):
     assert {gpu for gpu, _, _ in events} == {"0", "1"}  # the third cell waited for one
 
 
+@pytest.mark.slow  # starts processes that wait on GPU locks
 def test_a_distributed_cell_holds_all_its_gpus_or_none_while_it_waits(tmp_path):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()

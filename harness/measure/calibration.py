@@ -14,7 +14,9 @@ runs above the copy's bandwidth, and the smallest ops cost only the host's time 
   random   seconds per dropout (random numbers drawn for a mask) by the bytes it moves;
   op_us    the host's time for an op on one element, with autograd recording.
 
-Each is the best of repeated runs (a machine's other load only slows it down). The figures are
+Each is the best of repeated passes (a machine's other load only slows it down) over operands
+that cycle through more memory than the caches hold: in a step, the ops between two uses of a
+tensor evict it, so a figure taken on operands kept hot would be faster than any step's op. The figures are
 cached per device, torch version and thread count in the user's cache folder (they are the
 machine's, not a project's); `make calibrate` measures anew. About 30 s on two CPU cores.
 """
@@ -36,6 +38,8 @@ MATMUL_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 MEMORY_BYTES = tuple(4 ** power * 1024 for power in range(0, 10))  # 1 KiB x 4^k up to 256 MiB
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FIGURE_S = 0.25  # per figure: enough repeats for a best time
+# Operands cycled through per figure, in all: beyond a server CPU's last-level cache.
+WORKING_SET, MAX_COPIES = 96 * 2**20, 64
 
 
 def path(device: torch.device | str, cache: Path | None = None) -> Path:
@@ -67,24 +71,27 @@ def measure(device: torch.device, sizes=MATMUL_SIZES, memory_bytes=MEMORY_BYTES,
     for kind, dtype in DTYPES.items():
         matmul[kind] = []
         for size in sizes:
-            a = torch.randn(size, size, device=device).to(dtype)
-            b = torch.randn(size, size, device=device).to(dtype)
-            matmul[kind].append([2 * size ** 3, _timed(lambda: torch.mm(a, b), device, figure_s)])
+            pairs = [[torch.randn(size, size, device=device).to(dtype) for _ in range(2)]
+                     for _ in range(_copies(2 * size * size * dtype.itemsize))]
+            matmul[kind].append([2 * size ** 3, _timed(
+                [lambda a=a, b=b: torch.mm(a, b) for a, b in pairs], device, figure_s)])
     memory = []
     for moved in memory_bytes:
         elements = max(1, moved // 12)  # two float32 inputs read, one written
-        a, b = (torch.ones(elements, device=device) for _ in range(2))
-        out = torch.empty_like(a)
-        memory.append([12 * elements, _timed(lambda: torch.add(a, b, out=out), device, figure_s)])
+        sets = [[torch.ones(elements, device=device) for _ in range(3)]
+                for _ in range(_copies(12 * elements))]
+        memory.append([12 * elements, _timed(
+            [lambda a=a, b=b, out=out: torch.add(a, b, out=out) for a, b, out in sets], device,
+            figure_s)])
     random = []
     for moved in memory_bytes:
         elements = max(1, moved // 9)  # float32 in and out, a boolean mask
-        x = torch.ones(elements, device=device)
-        random.append([9 * elements,
-                       _timed(lambda: torch.native_dropout(x, 0.1, True), device, figure_s)])
+        inputs = [torch.ones(elements, device=device) for _ in range(_copies(9 * elements))]
+        random.append([9 * elements, _timed(
+            [lambda x=x: torch.native_dropout(x, 0.1, True) for x in inputs], device, figure_s)])
     one = torch.ones(1, device=device, requires_grad=True)
     return {"device": _device_name(device), "matmul": matmul, "memory": memory, "random": random,
-            "op_us": _timed(lambda: one * 2.0, device, figure_s, calls=200) * 1e6,
+            "op_us": _timed([lambda: one * 2.0] * 200, device, figure_s) * 1e6,
             "synchronous": device.type == "cpu", "torch": torch.__version__,
             "threads": torch.get_num_threads(), "version": VERSION}
 
@@ -104,20 +111,27 @@ def _device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}"
 
 
-def _timed(run, device: torch.device, minimum_s: float, calls: int = 10) -> float:
-    """Seconds per call of `run`: the best over about `minimum_s` of `calls` calls back to back
-    (as a step issues its ops: on a GPU the host queues the next while one runs), divided."""
+def _copies(nbytes: int) -> int:
+    """How many sets of operands to cycle through so that each call finds its own out of the
+    cache, as a step's ops find theirs (the ops between evict them): WORKING_SET in all."""
+    return max(1, min(MAX_COPIES, -(-WORKING_SET // nbytes)))
+
+
+def _timed(runs: list, device: torch.device, minimum_s: float) -> float:
+    """Seconds per call: the best over about `minimum_s` of a pass through `runs` back to back
+    (each on operands of its own; on a GPU the host queues the next while one runs), divided."""
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    run()  # warm-up: the first call allocates and picks kernels
+    for run in runs[:2]:  # warm-up: the first calls allocate and pick kernels
+        run()
     synchronize()
     best, spent = float("inf"), 0.0
     while spent < minimum_s:
         start = time.perf_counter()
-        for _ in range(calls):
+        for run in runs:
             run()
         synchronize()
         took = time.perf_counter() - start
-        best, spent = min(best, took / calls), spent + took
+        best, spent = min(best, took / len(runs)), spent + took
     return best
 
 
