@@ -143,7 +143,8 @@ def test_a_recipe_cell_logs_its_resolved_lengths_and_its_estimate(store, cell_ov
                                                               * metrics["train_steps"])
     assert 0 < metrics["mfu"] < 2
     tags = runs[0].data.tags
-    assert tags["peaks_device"].startswith("CPU ") and tags["peaks_from"] == (
+    # (A machine where `make calibrate` ran says so after it: "; calibrated (make calibrate)".)
+    assert tags["peaks_device"].startswith("CPU ") and tags["peaks_from"].startswith(
         "measured on this machine")
 
 
