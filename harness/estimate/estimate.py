@@ -326,7 +326,8 @@ def simulated_steps(model, cfg, lengths: dict, device: torch.device,
     traced. On the meta device for the estimate; on the CPU, the same steps for real (the tests
     check that both see the same allocations)."""
     weights = _weight_storages(model)
-    trace, counted = simulate.Trace(existing=weights.values()), work.Work()
+    on_cpu = on_cuda is not None and on_cuda.on_cpu  # a CPU's step: estimate.step_work
+    trace, counted = simulate.Trace(existing=weights.values()), work.Work(random_apart=on_cpu)
     gradients, states = set(), set()
     with trace, on_cuda or contextlib.nullcontext(), counted:
         batch = families.of(cfg.model).training_batch(cfg.train.batch_size, lengths, device,
@@ -337,7 +338,6 @@ def simulated_steps(model, cfg, lengths: dict, device: torch.device,
             lambda weight: gradients.add(trace.serial_of(weight.grad)))
             for weight in methods.fused_parameters(model, cfg.method.name)]
         # auto: what torch.optim picks, foreach on CUDA and tensor by tensor on a CPU.
-        on_cpu = on_cuda is not None and on_cuda.on_cpu
         simulated = {"auto": "for_loop" if on_cpu else "foreach",
                      "fused": "for_loop"}.get(cfg.train.optimizer_impl,
                                               cfg.train.optimizer_impl)

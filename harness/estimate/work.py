@@ -72,11 +72,14 @@ def flop_formulas() -> dict:
 class Work(TorchDispatchMode):
     """Every op dispatched while `recording`: `ops` counts (kind, flops, bytes, launches, phase)
     tuples, kind being the matmul inputs' dtype ("random" for an op that draws random numbers,
-    "" for any other op without FLOPs) and phase "update"
+    with `random_apart`; "" for any other op without FLOPs) and phase "update"
     inside an optimizer's step (set by the caller), else "pass" (forward and backward)."""
 
-    def __init__(self):
+    def __init__(self, random_apart: bool = False):
         super().__init__()
+        # A CPU's step (estimate.step_work(device_type="cpu")) keeps the ops that draw random
+        # numbers apart, for the calibration's dropout curve; a GPU's rows stay as they were.
+        self.random_apart = random_apart
         self.formulas = {**flop_counter.flop_registry,
                          **{op: flop_counter.shape_wrapper(formula)
                             for op, formula in flop_formulas().items()}}
@@ -101,7 +104,7 @@ class Work(TorchDispatchMode):
         flops = self.formulas[packet](*args, **kwargs, out_val=out) \
             if packet in self.formulas else 0
         kind = KINDS.get(inputs[0].dtype, "fp32") if flops and inputs else \
-            "random" if name in RANDOM else ""
+            "random" if self.random_apart and name in RANDOM else ""
         moved = sum(_bytes(tensor) for tensor in inputs + outputs)
         launches = _foreach_launches(args) if name.startswith("_foreach_") else 1
         return (kind, int(flops), moved, launches, self.phase)
