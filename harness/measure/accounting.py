@@ -55,3 +55,12 @@ def largest_trained_mib(model) -> float:
     one weight's is alive at once."""
     return max((p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
                default=0) / MIB
+
+
+def lomo_claim(parts: dict) -> str:
+    """LOMO's own claim on its simulated step: at the peak, no more gradient than its largest
+    weight's (the others are freed as soon as each is applied) and no optimizer state."""
+    largest = parts["largest_trained_weight"]
+    holds = parts["gradients"] <= largest + 1e-6 and parts["optimizer"] == 0
+    return (f"{'holds' if holds else 'does not hold'}: gradients {parts['gradients']:.4g} MiB "
+            f"(largest weight {largest:.4g}), optimizer state {parts['optimizer']:.4g}")

@@ -31,7 +31,7 @@ from harness.core.errors import ConfigError, refused
 from harness.core.tables import as_text
 from harness.data import encoding, sources
 from harness.estimate import communication, estimate, timing, work
-from harness.measure import gpus, peaks, traces
+from harness.measure import accounting, gpus, peaks, traces
 from harness.model import training_step
 from harness.run import checks
 from harness.tracking import claims, mlflow_store, runs
@@ -161,7 +161,7 @@ def _estimate_columns(job: DictConfig, lengths: dict, lengths_from: str, parts: 
              "estimate_mib": parts["total"], "allocated_mib": parts["allocated"],
              "host_mib": parts["host"]}
     if job.method.name == "lomo":
-        found["lomo_claim"] = _lomo_claim(parts)
+        found["lomo_claim"] = accounting.lomo_claim(parts)
     keys = (job.model.name, identity.method_label(job.method.name, job.method.optimizer),
             identity.precision_label(job.precision.name, job.precision.master_weights,
                                      job.precision.get("autocast", True)),
@@ -243,15 +243,6 @@ def _time_columns(job: DictConfig, work_rows: list, parts: dict, gpu_name: str |
         found["predicted_cost_usd"] = found["predicted_train_min"] / 60 * ranks * price[0]
         found["usd_per_gpu_hour"] = price[0]
     return found
-
-
-def _lomo_claim(parts: dict) -> str:
-    """LOMO's own claim on its simulated step: at the peak, no more gradient than its largest
-    weight's (the others are freed as soon as each is applied) and no optimizer state."""
-    largest = parts["largest_trained_weight"]
-    holds = parts["gradients"] <= largest + 1e-6 and parts["optimizer"] == 0
-    return (f"{'holds' if holds else 'does not hold'}: gradients {parts['gradients']:.4g} MiB "
-            f"(largest weight {largest:.4g}), optimizer state {parts['optimizer']:.4g}")
 
 
 def _gpu_to_compare(found_gpus: list[dict], named_gpu) -> tuple[str, float, str] | None:
