@@ -129,10 +129,7 @@ class AsOnCuda(TorchFunctionMode):
         if self.half is not None:  # autocast runs attention in half, mask included
             query, key, value, attn_mask = _cast((query, key, value, attn_mask), torch.float32,
                                                  self.half)
-        if attn_mask is not None and attn_mask.dtype == torch.bool:
-            # As PyTorch does first: a boolean mask becomes an additive float one.
-            attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype,
-                                    device=query.device).masked_fill(~attn_mask, float("-inf"))
+        attn_mask = _additive(attn_mask, query)
         if attn_mask is not None:
             attn_mask = _aligned(attn_mask).expand(query.shape[0], query.shape[1],
                                                    query.shape[2], key.shape[2])
@@ -155,12 +152,18 @@ class AsOnCuda(TorchFunctionMode):
         if enable_gqa or (attn_mask is not None and attn_mask.requires_grad):
             return func(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                         is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-        if attn_mask is not None and attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype,
-                                    device=query.device).masked_fill(~attn_mask, float("-inf"))
+        attn_mask = _additive(attn_mask, query)
         out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
         return out
+
+
+def _additive(mask, query: torch.Tensor):
+    """As PyTorch does first: a boolean mask becomes an additive float one (others as they are)."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=query.dtype,
+                       device=query.device).masked_fill(~mask, float("-inf"))
 
 
 def _cast(tree, source: torch.dtype, target: torch.dtype):
