@@ -42,13 +42,15 @@ GOAL = (0.85, 1.15)
 
 
 def predicted_step_s(cfg, device: dict) -> float:
-    """The time model's step for the cell, at the lengths its batches were padded to (one): a
-    calibrated device prices the ops a CPU runs, the peaks the step as simulated for CUDA (as a
-    run logs them)."""
+    """The time model's step for the cell, at the lengths its batches were padded to (one): on a
+    calibrated device, the ops a CPU runs, each measured here (harness/measure/op_times.py); the
+    peaks price the step as simulated for CUDA (as a run logs them)."""
     lengths = {"source": cfg.data.source_length_median, "target": cfg.data.target_length_median}
     lengths = {side: round(length) for side, length in lengths.items()}
-    rows = estimate.step_work(identity.cell_config(cfg), lengths, cfg.cache_dir,
-                              "cpu" if "calibration" in device else "cuda")
+    if "calibration" in device:
+        return timing.on_this_cpu(identity.cell_config(cfg), lengths, cfg.cache_dir,
+                                  device)["step_s"]
+    rows = estimate.step_work(identity.cell_config(cfg), lengths, cfg.cache_dir)
     return timing.step_seconds(rows, device)["step_s"]
 
 

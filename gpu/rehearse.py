@@ -206,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
     args = parser.parse_args(argv)
     machine = wheelhouse.machine_packages()
-    if not all((args.wheels / name).exists() for name in (wheelhouse.MANIFEST,
-                                                         wheelhouse.REQUIREMENTS)) and wheelhouse.main(
-            ["--out", str(args.wheels)]):
+    wheels_made = all((args.wheels / name).exists()
+                      for name in (wheelhouse.MANIFEST, wheelhouse.REQUIREMENTS))
+    if not wheels_made and wheelhouse.main(["--out", str(args.wheels)]):
         return 1
     with tempfile.TemporaryDirectory(prefix="gpu-rehearsal-") as temporary:
         work = args.keep or Path(temporary)

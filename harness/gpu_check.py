@@ -58,17 +58,18 @@ PARTS = ("preflight", "calibrate", "cells", "faults", "tests", "bench")
 # cells first, then flan-t5-xl's, then the 7B causal cell, the GPU tests and the benchmarks, then
 # the strategies.
 CALLS = {
-    "1": ("preflight,calibrate,cells,faults", "base_full,base_lora,base_lora_lomo,base_full_adamw_8bit,"
-                             "base_full_paged_adamw_8bit,base_full_paged_adamw_32bit,large_lora,"
-                             "large_lora_lomo"),
-    "2": ("preflight,calibrate,cells", "xl_lora,xl_lora_fp16,xl_lora_int8,xl_lora_lomo,xl_lora_nf4"),
+    "1": ("preflight,calibrate,cells,faults",
+          "base_full,base_lora,base_lora_lomo,base_full_adamw_8bit,base_full_paged_adamw_8bit,"
+          "base_full_paged_adamw_32bit,large_lora,large_lora_lomo"),
+    "2": ("preflight,calibrate,cells",
+          "xl_lora,xl_lora_fp16,xl_lora_int8,xl_lora_lomo,xl_lora_nf4"),
     "3": ("preflight,calibrate,cells,tests,bench", "opencalm_7b_lora_bf16"),
     # The strategies on one GPU: DDP, FSDP2, ZeRO-3 and ZeRO-3 with offload; LOMO under ZeRO-3;
     # QLoRA under FSDP2 and ZeRO-3.
-    "4": ("preflight,calibrate,cells", ",".join([*(f"base_{method}_{strategy}" for method in ("full", "lora")
-                                        for strategy in ("ddp", "fsdp", "zero3",
-                                                         "zero3_offload")), "base_lomo_zero3",
-                                       "xl_lora_nf4_fsdp", "xl_lora_nf4_zero3"])),
+    "4": ("preflight,calibrate,cells",
+          ",".join([*(f"base_{method}_{strategy}" for method in ("full", "lora")
+                      for strategy in ("ddp", "fsdp", "zero3", "zero3_offload")),
+                    "base_lomo_zero3", "xl_lora_nf4_fsdp", "xl_lora_nf4_zero3"])),
 }
 # The test modules with gpu-marked tests (the others import what only CI installs: playwright).
 GPU_TESTS = ["tests/test_cells.py", "tests/test_gpu_check.py", "tests/test_memory.py",

@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 
 from mlflow import MlflowClient
-from playwright.sync_api import TimeoutError as PlaywrightTimeout, expect, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from playwright.sync_api import expect, sync_playwright
 
 from tests.conftest import mlflow_serving
 

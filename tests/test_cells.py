@@ -10,7 +10,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
-from harness.cell import entry
+from harness.cell import recipe
 from harness.config import identity
 from harness.estimate import estimate, work
 from harness.run import runner
@@ -263,7 +263,7 @@ def test_the_inference_benchmark_and_eval_loss_run_whole_where_they_measure_some
         overrides, on_cpu, on_gpu):
     cfg = compose_cell(*overrides)
     for device, expected in ((torch.device("cpu"), on_cpu), (torch.device("cuda"), on_gpu)):
-        resolved = entry.resolved_eval(cfg, device)
+        resolved = recipe.resolved_eval(cfg, device)
         assert (resolved["infer"], resolved["loss_max_batches"]) == expected, device
 
 

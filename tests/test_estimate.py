@@ -11,7 +11,7 @@ import torch
 
 from harness.config import identity
 from harness.core.units import MIB
-from harness.estimate import estimate, simulate
+from harness.estimate import estimate, simulate, steps
 from harness.measure import accounting
 from harness.model import methods, models
 from tests.conftest import REPO, compose_cell
@@ -40,9 +40,9 @@ def _on_cpu(cfg):
 
 
 def _both(cfg) -> tuple:
-    on_meta = estimate.simulated_steps(estimate._meta_model(cfg, simulate.AsOnCuda(None)), cfg,
-                                       LENGTHS, estimate.META, simulate.AsOnCuda(None))
-    return on_meta, estimate.simulated_steps(_on_cpu(cfg), cfg, LENGTHS, CPU)
+    on_meta = steps.simulated_steps(steps.meta_model(cfg, simulate.AsOnCuda(None)), cfg,
+                                       LENGTHS, steps.META, simulate.AsOnCuda(None))
+    return on_meta, steps.simulated_steps(_on_cpu(cfg), cfg, LENGTHS, CPU)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -72,9 +72,29 @@ def test_the_simulated_steps_are_the_steps_run_for_real(overrides):
     assert on_meta.bytes_of(on_meta.states) == on_cpu.bytes_of(on_cpu.states)
 
 
+@pytest.mark.parametrize("overrides", [
+    ["method=lora", "train.gradient_checkpointing=true"], ["method=lomo", "precision=bf16"],
+    ["method=lora", "precision=int8"], ["method=full", "precision=fp16"],
+    ["model=tiny-llama", "method=lora_lomo"]], ids=lambda overrides: " ".join(overrides))
+def test_outputs_made_from_their_shapes_change_nothing(overrides):
+    # harness/estimate/meta_outputs.py makes an op's outputs from what it returned before on the
+    # same shapes: the simulated steps allocate, free and count the same, to the byte.
+    cfg = _cell(*overrides)
+    on_cuda = simulate.AsOnCuda(torch.float16 if "fp16" in " ".join(overrides) else None)
+    found = [steps.simulated_steps(steps.meta_model(cfg, on_cuda), cfg, LENGTHS,
+                                      steps.META, on_cuda, reuse_outputs=reuse)
+             for reuse in (False, True, True)]  # the second reuse: every op seen before
+    assert simulate.Trace.SHARED.seen
+    for reused in found[1:]:
+        assert reused.events == found[0].events
+        assert reused.ops == found[0].ops
+        assert (reused.gradients, reused.states, reused.optimizer_steps) == (
+            found[0].gradients, found[0].states, found[0].optimizer_steps)
+
+
 def test_checkpointing_keeps_far_less_for_backward():
     # On real tensors: a step's peak beyond the weights and the adapters' state.
-    peaks = {flag: simulate.peak(estimate.simulated_steps(
+    peaks = {flag: simulate.peak(steps.simulated_steps(
         _on_cpu(cfg := _cell("method=lora", f"train.gradient_checkpointing={flag}")),
         cfg, {"source": 64, "target": 16}, CPU).events)[0] for flag in ("false", "true")}
     assert peaks["true"] < 0.5 * peaks["false"]
@@ -140,22 +160,33 @@ def test_estimates_are_cached_on_disk_by_cell_and_code(tmp_path, monkeypatch):
 
 @pytest.mark.slow  # starts worker processes
 def test_a_plans_estimates_are_simulated_side_by_side_once_each(tmp_path, monkeypatch):
-    # Four requests, three cells, each simulated once in a worker process (this process's
-    # _estimate is not theirs); every result as gpu_peak_mib gives it alone.
+    # Four requests, three cells, each simulated once in a worker process, forked from the first
+    # cell on (what is appended to simulated_here there is not seen here); every result as
+    # gpu_peak_mib gives it alone.
     cells = [identity.cell_config(_cell(f"method={method}")) for method in ("lora", "full", "lomo")]
     alone = [estimate.gpu_peak_mib(cell, LENGTHS) for cell in cells]
     simulated_here = []
     real_estimate = estimate._estimate
-    monkeypatch.setattr(estimate, "_estimate",
-                        lambda spec: simulated_here.append(spec) or real_estimate(spec))
-    monkeypatch.setattr(estimate, "WORKER_START_S", -1.0)  # workers from the first cell on
+
+    def simulated(spec):
+        # An op large enough for an OpenMP parallel region, which this process entered too:
+        # a forked worker that did not keep to one thread would hang here.
+        torch.ones(2**22).mul_(2)
+        simulated_here.append(spec)
+        return real_estimate(spec)
+
+    torch.ones(2**22).mul_(2)
+    monkeypatch.setattr(estimate, "_estimate", simulated)
+    assert estimate._start_method() == "fork"  # no CUDA here
     requests = [(cell, LENGTHS, str(tmp_path)) for cell in [*cells, cells[0]]]
     assert estimate.gpu_peaks_mib(requests) == [*alone, alone[0]]
     assert simulated_here == []
     assert len(list((tmp_path / "estimates").glob("*.json"))) == 3
     # All cached now: nothing is simulated again, here or elsewhere.
     assert estimate.gpu_peaks_mib(requests) == [*alone, alone[0]] and simulated_here == []
-    # Below the time a worker takes to start, they are simulated here, one by one.
+    # Where workers are spawned (CUDA initialised here), the cells are simulated here, one by
+    # one, until that has taken longer than a spawned worker takes to start.
+    monkeypatch.setattr(estimate, "_start_method", lambda: "spawn")
     monkeypatch.setattr(estimate, "WORKER_START_S", 3600.0)
     here = tmp_path / "here"
     assert estimate.gpu_peaks_mib([(cell, LENGTHS, str(here)) for cell in cells]) == alone
@@ -297,7 +328,7 @@ def test_a_quantized_estimate_stores_what_a_real_load_does(overrides):
     checkpoint's, float32 for random weights), and every 4-bit and 8-bit layer as it packs it."""
     cfg = compose_cell(*overrides, "method=lora")
     real = _stored(methods.prepare(models.load_model(cfg.model, cfg.precision, True, CPU), cfg))
-    simulated = _stored(estimate._meta_model(cfg, simulate.AsOnCuda(None)))
+    simulated = _stored(steps.meta_model(cfg, simulate.AsOnCuda(None)))
     assert simulated == real
     chosen = cfg.precision.unquantized_dtype
     norms = {dtype for name, (dtype, _) in real.items() if "norm" in name}

@@ -152,7 +152,8 @@ def test_paged_optimizers_need_cuda_and_options_are_checked():
     cfg = compose_cell("method.optimizer=paged_adamw_8bit")
     assert "no CUDA device" in validation.machine_reason(cfg, cuda=False)
     assert validation.machine_reason(cfg, cuda=True) is None
-    with pytest.raises(ConfigError, match="precision.compute_dtype=int4; expected one of bf16, fp16, fp32"):
+    with pytest.raises(ConfigError,
+                       match="precision.compute_dtype=int4; expected one of bf16, fp16, fp32"):
         validation.validate(compose_cell("precision=nf4", "precision.compute_dtype=int4"))
     with pytest.raises(ConfigError, match="method.optimizer=adam8; expected one of adamw"):
         validation.validate(compose_cell("method.optimizer=adam8"))

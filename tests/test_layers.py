@@ -2,8 +2,10 @@
 folders below it (pyproject's import-linter `layers` contract), and no import cycle anywhere,
 function-level imports included."""
 
+import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import grimp
@@ -38,3 +40,21 @@ def test_the_folders_packages_hold_no_code_of_their_own():
     for init in HARNESS.glob("*/__init__.py"):
         assert init.read_text() == "", init
     assert (HARNESS / "__init__.py").read_text().startswith("from harness import quiet")
+
+
+def test_ci_runs_the_lowest_python_the_project_declares():
+    # pyproject's requires-python is what the code needs (datetime.UTC: 3.11); CI tests that
+    # version, so that code needing a later one fails there.
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    lowest = tuple(int(part) for part in declared.removeprefix(">=").split("."))
+    assert sys.version_info[:2] >= lowest
+    if os.environ.get("CI"):
+        assert sys.version_info[:2] == lowest, f"CI runs {sys.version}; declared: {declared}"
+
+
+def test_every_module_is_short_enough_to_read_alone():
+    # One module per concept, each readable top to bottom (docs/layout.md): at most 330 lines.
+    longer = {str(path.relative_to(REPO)): lines for path in sorted(
+        [*HARNESS.rglob("*.py"), *(REPO / "bench").glob("*.py"), *(REPO / "gpu").glob("*.py")])
+        if (lines := len(path.read_text().splitlines())) > 330}
+    assert longer == {}

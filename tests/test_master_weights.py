@@ -125,7 +125,8 @@ def test_master_weights_off_is_refused_with_the_reason_where_it_means_nothing(ov
 
 
 def test_master_weights_is_a_boolean_logged_named_and_fingerprinted():
-    with pytest.raises(validation.ConfigError, match="precision.master_weights=no; expected true or false"):
+    with pytest.raises(validation.ConfigError,
+                       match="precision.master_weights=no; expected true or false"):
         validation.validate(compose_cell("precision=bf16", "precision.master_weights=no"))
     mixed, pure = (identity.cell_config(compose_cell("model=tiny-llama", "method=lomo",
                                                      "precision=bf16",

@@ -254,9 +254,9 @@ def test_a_sweep_whose_plan_fails_runs_no_cell(tmp_path, monkeypatch, capsys):
     """Hydra only warns when a callback raises, and would run the cells anyway: a plan that
     fails (here, a bug planted in its composition) ends the sweep with code 1 and its
     traceback; one that refuses ends it with code 2."""
-    from harness.sweep import progress
-
     from hydra import compose, initialize_config_dir
+
+    from harness.sweep import progress
 
     with initialize_config_dir(config_dir=str(grids.EXPERIMENTS), version_base="1.3"):
         config = compose("demo", overrides=[f"hydra.searchpath=[file://{REPO / 'conf'}]",

@@ -10,7 +10,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from harness.report import claims, findings as report_findings, report
+from harness.report import claims, report
+from harness.report import findings as report_findings
 from harness.report.findings import recommendation
 from harness.report.runs import cells
 from harness.tracking.runs import load_runs

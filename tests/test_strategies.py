@@ -14,11 +14,12 @@ from torch.utils.data import DataLoader
 
 from harness.cell import evaluate
 from harness.cell.train import train
-from harness.strategy.registry import shards_weights
 from harness.data import encoding, synthetic
 from harness.model import families, methods, models
-from harness.strategy import launch, world as ranks
+from harness.strategy import launch
+from harness.strategy import world as ranks
 from harness.strategy.engines import Engine
+from harness.strategy.registry import shards_weights
 from tests.conftest import compose_cell
 
 STEPS = 3

@@ -2,14 +2,17 @@
 on a real step, the time model's three bounds, the device peaks, the plan's predicted time and
 bill, and its correction by measured runs in a real store."""
 
+import json
+
 import pytest
 import torch
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from harness.config import grids, identity
-from harness.estimate import estimate, simulate, timing, work
-from harness.measure import calibration, peaks
+from harness.estimate import estimate, host_time, simulate, steps, timing, work
+from harness.measure import calibration, op_times, peaks
 from harness.model import families, tokenizers, training_step
 from harness.sweep import plan
 from tests.conftest import compose_cell
@@ -21,9 +24,9 @@ A10G = {"name": "A10G", "fp32": 35.0, "bf16": 70.0, "fp16": 70.0, "int8": 140.0,
 
 def _simulated(cfg) -> list:
     on_cuda = simulate.AsOnCuda(None)
-    steps = estimate.simulated_steps(estimate._meta_model(cfg, on_cuda), cfg, LENGTHS,
-                                     estimate.META, on_cuda)
-    return work.per_step(steps.ops, cfg.train.grad_accum_steps)
+    traced = steps.simulated_steps(steps.meta_model(cfg, on_cuda), cfg, LENGTHS, steps.META,
+                                   on_cuda)
+    return work.per_step(traced.ops, cfg.train.grad_accum_steps)
 
 
 def _counted_on_cpu(cfg) -> int:
@@ -268,3 +271,67 @@ def test_a_cpu_s_step_is_the_ops_a_cpu_runs_with_the_same_flops():
     assert any(row[0] == "random" for row in estimate.step_work(lora, LENGTHS,
                                                                  device_type="cpu"))
     assert not any(row[0] == "random" for row in estimate.step_work(lora, LENGTHS))
+
+
+def test_each_op_a_cpu_s_step_calls_is_measured_again_on_real_tensors(tmp_path, monkeypatch):
+    # The simulated step's calls, made again on tensors of their shapes: every one of t5-tiny's
+    # and tiny-llama's (LoRA: dropout's random numbers too), cached once measured.
+    for model in ("t5-tiny", "tiny-llama"):
+        cell = identity.cell_config(compose_cell(f"model={model}", "method=lora",
+                                                 "method.dropout=0.1"))
+        calls = estimate.step_calls(cell, LENGTHS)
+        names = {json.loads(called)[0] for called, _ in calls}
+        # Matmuls, dropout's random numbers, clipping's norms tensor by tensor (as on a CPU).
+        assert {"aten::mm.default", "aten::bernoulli_.float",
+                "aten::linalg_vector_norm.default"} <= names
+        measured = op_times.seconds([called for called, _ in calls], CPU, tmp_path)
+        assert all(seconds is not None and 0 < seconds < 0.1 for seconds in measured.values())
+        monkeypatch.setattr(op_times, "measure", lambda *_: pytest.fail("measured again"))
+        assert op_times.seconds([called for called, _ in calls], CPU, tmp_path) == measured
+        monkeypatch.undo()
+
+
+def test_a_call_is_made_again_as_it_was_made():
+    # A view's offset and strides, an index tensor, a dtype argument: the call made again gets
+    # arguments of the same description.
+    weight = torch.randn(10, 4)
+    view = torch.randn(6, 8)[1:, ::2]
+    called = work.signature(torch.ops.aten.embedding.default, (weight, torch.tensor([[1, 2]])),
+                            {})
+    name, args, _ = json.loads(called)
+    built = op_times._built(args, CPU)
+    assert name == "aten::embedding.default" and built[0].shape == (10, 4)
+    assert built[1].dtype == torch.int64 and int(built[1].sum()) == 0  # a valid index
+    again = op_times._built(json.loads(work.signature(torch.ops.aten.sum.dim_IntList,
+                                                       (view, [1]), {"dtype": torch.float64}))[1:],
+                            CPU)
+    assert (again[0][0].shape, again[0][0].stride(), again[0][0].storage_offset()) == (
+        view.shape, view.stride(), view.storage_offset())
+    assert again[1] == {"dtype": torch.float64}
+    assert op_times.measure(called, CPU) > 0
+    # What cannot be made again is priced by the host's time per op instead.
+    unknown = work.signature(torch.ops.aten.add.Tensor, (torch.ones(2), object()), {})
+    assert op_times.measure(unknown, CPU) is None
+
+
+def test_a_replayed_step_sums_its_calls_as_measured():
+    calls = [["a", 10], ["b", 2], ["c", 4]]
+    found = timing.replayed_seconds(calls, {"a": 1e-3, "b": 5e-3, "c": None},
+                                    {"op_us": 50.0})
+    assert found == pytest.approx({"step_s": 10e-3 + 10e-3 + 4 * 50e-6, "host": 0.0,
+                                   "replayed": 12 / 16})
+    # The time outside the ops, per call.
+    assert timing.replayed_seconds(calls, {"a": 1e-3, "b": 5e-3, "c": None}, {"op_us": 50.0},
+                                   2e-6)["step_s"] == pytest.approx(found["step_s"] + 16 * 2e-6)
+
+
+def test_a_cells_step_on_this_cpu_adds_its_own_time_outside_the_ops(tmp_path, monkeypatch):
+    # The cell's own model and loop at one example of a few tokens: what its step spends beyond
+    # its ops, per call (Python, autograd), is a few microseconds; the prediction adds it to the
+    # ops measured one by one.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cell = identity.cell_config(compose_cell("model=t5-tiny", "method=full"))
+    per_call = host_time.seconds_per_call(OmegaConf.create(cell))
+    assert 1e-7 < per_call < 1e-4
+    found = timing.on_this_cpu(cell, LENGTHS, None, {"calibration": {"op_us": 3.0}})
+    assert found["replayed"] == 1.0 and 0 < found["host"] < found["step_s"]

@@ -73,7 +73,7 @@ def train(engine, train_loader, validation_loader, cfg, device: torch.device, lo
     world, causal = engine.world, family.name == "causal"
     # Dropout's masks: each rank draws its own (the same seed on every rank would drop the same
     # units of different rows); rank 0's are the single process's. The batches' order has its
-    # own generator, the same on every rank (harness/cell/entry.py).
+    # own generator, the same on every rank (harness/cell/recipe.py).
     torch.manual_seed(ranks.dropout_seed(train_cfg.seed, world))
     total_steps, epochs = optimizer_steps(train_cfg, len(train_loader))
     updates = engine.updates(cfg, total_steps)
@@ -96,7 +96,8 @@ def train(engine, train_loader, validation_loader, cfg, device: torch.device, lo
                 batch, weight = ranks.split(batch, world, causal)
                 batch = {key: value.to(device) for key, value in batch.items()}
                 loss, again = repeatable(
-                    lambda: forward(engine.trained, batch, precision, device) * weight, device)
+                    lambda batch=batch, weight=weight:
+                    forward(engine.trained, batch, precision, device) * weight, device)
                 batch_loss = ranks.global_loss(loss, world)
                 if not torch.isfinite(batch_loss):
                     raise Diverged(f"loss {batch_loss.item()} at step {step} (epoch {epoch}), "

@@ -217,7 +217,8 @@ def _read_table(path: Path, data_format: str, renamed: dict) -> pd.DataFrame:
     if unread:
         raise ConfigError(f"{shown(path)}: column {shown(', '.join(unread))} is read by nothing "
                           f"(data.format={data_format} reads {', '.join(columns)}"
-                          f"{'' if 'id' in columns else ' and an optional id'}); expected those alone: drop it from the file, or map it to one "
+                          f"{'' if 'id' in columns else ' and an optional id'}); expected "
+                          "those alone: drop it from the file, or map it to one "
                           "of them with data.columns (data.columns={dialogue: text})")
     if table.empty:
         raise ConfigError(f"{shown(path)}: the file is empty; expected rows with columns "

@@ -47,7 +47,6 @@ none), evaluation and generation (smaller than training for these cells), the lo
 numbers), and other processes on the GPU. The study's own figures may include some of these.
 """
 
-import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -55,11 +54,9 @@ import os
 import signal
 import sys
 import time
-from collections import Counter
 from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from omegaconf import OmegaConf
@@ -67,9 +64,8 @@ from tqdm.auto import tqdm
 
 from harness.config import identity
 from harness.core.files import write_whole
-from harness.core.options import QUANTIZED
 from harness.core.units import MIB
-from harness.estimate import allocator, sharding, simulate, work
+from harness.estimate import allocator, meta_outputs, sharding, simulate, steps, work
 from harness.measure import accounting
 from harness.model import (
     families,
@@ -89,11 +85,10 @@ CUDA_CONTEXT_MIB = 500
 # documented default CUBLAS_WORKSPACE_CONFIG=:4096:2:16:8 (Hopper GPUs get more).
 CUBLAS_WORKSPACE_BYTES = 2 * 4096 * 1024 + 8 * 16 * 1024
 PARTS = ("weights", "gradients", "optimizer", "activations", "allocator", "cuda_context")
-META = torch.device("meta")
-STEPS = 2  # the second step runs with the optimizer state the first one created
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
-# A worker process takes about this long to import torch, transformers and peft: a plan's
-# simulations go side by side once those done one by one have taken longer.
+# A spawned worker takes about this long to import torch, transformers and peft: a plan's
+# simulations go side by side once those done one by one have taken longer (a forked one starts
+# at once).
 WORKER_START_S = 3.0
 
 
@@ -116,6 +111,12 @@ def step_work(cell_cfg: dict, lengths: dict, cache_dir: str | None = None,
     device_type "cpu", the ops a CPU runs for the same step: attention by its math path (the
     score matrix materialised) and torch's optimizers tensor by tensor, as they run there."""
     return _one_rank(cell_cfg, lengths, cache_dir, device_type)["work"]
+
+
+def step_calls(cell_cfg: dict, lengths: dict, cache_dir: str | None = None) -> list:
+    """The op calls of one optimizer step on a CPU, as [signature, count] rows (work.signature's),
+    from the same simulation as step_work(device_type="cpu")."""
+    return _one_rank(cell_cfg, lengths, cache_dir, "cpu")["calls"]
 
 
 def _one_rank(cell_cfg: dict, lengths: dict, cache_dir: str | None,
@@ -142,8 +143,8 @@ def _shared_out(cell_cfg: dict, parts: dict) -> dict:
 def gpu_peaks_mib(requests: list[tuple[dict, dict, str]]) -> list[dict]:
     """gpu_peak_mib of each (cell, lengths, cache_dir), as a plan needs them. The cells not in
     the cache yet are simulated once each: here, one after the other, until that has taken longer
-    than a worker takes to start; then the rest side by side, a process per CPU core (a
-    simulation uses one core: meta tensors compute nothing)."""
+    than a worker takes to start (at once where workers are forked); then the rest side by side,
+    a process per CPU core (a simulation uses one core: meta tensors compute nothing)."""
     pending = {}
     for cell_cfg, lengths, cache_dir in requests:
         path = cache_dir and _cache_path(_spec(cell_cfg, lengths), cache_dir)
@@ -151,17 +152,17 @@ def gpu_peaks_mib(requests: list[tuple[dict, dict, str]]) -> list[dict]:
             pending.setdefault(path, (cell_cfg, lengths, cache_dir))
     pending = list(pending.values())
     started, cores = time.monotonic(), _usable_cores()
+    start_method = _start_method()
+    head_start_s = WORKER_START_S if start_method == "spawn" else 0.0
     # A simulation takes seconds: say how many are done and which cell is being simulated.
     with tqdm(total=len(pending), desc="estimating", unit="cell", disable=not pending) as bar:
         for index, request in enumerate(pending):
             left = len(pending) - index
-            if left > 1 and cores > 1 and time.monotonic() - started > WORKER_START_S:
-                # spawn: a plan may run in a process that has initialised CUDA (a sweep's
-                # callback). The workers ignore Ctrl-C: it stops the plan, whose pool then ends
-                # them.
-                with multiprocessing.get_context("spawn").Pool(
-                        min(left, cores), initializer=signal.signal,
-                        initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+            if left > 1 and cores > 1 and time.monotonic() - started >= head_start_s:
+                # Forked, the workers start at once, with torch imported and the ops' outputs
+                # seen so far (simulate.Trace.SHARED).
+                with multiprocessing.get_context(start_method).Pool(
+                        min(left, cores), initializer=_worker_started) as pool:
                     bar.set_postfix_str(f"{min(left, cores)} side by side")
                     for name in pool.imap_unordered(_simulated, pending[index:]):
                         bar.set_postfix_str(f"{min(left, cores)} side by side; done: {name}")
@@ -171,6 +172,19 @@ def gpu_peaks_mib(requests: list[tuple[dict, dict, str]]) -> list[dict]:
             gpu_peak_mib(*request)
             bar.update()
     return [gpu_peak_mib(*request) for request in requests]  # from the cache, shared out
+
+
+def _start_method() -> str:
+    """fork, unless this process has initialised CUDA, which a forked child cannot use."""
+    return "spawn" if torch.cuda.is_initialized() else "fork"
+
+
+def _worker_started() -> None:
+    """A worker ignores Ctrl-C (it stops the plan, whose pool then ends the workers) and runs
+    one thread: a forked child that enters an OpenMP parallel region its parent used hangs (as
+    torch's DataLoader workers, it keeps to one; a simulation uses one core anyway)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
 
 
 def _simulated(request: tuple) -> str:
@@ -209,17 +223,22 @@ def _cache_path(spec: str, cache_dir: str) -> Path:
 
 
 def _cache_key(spec: str) -> str:
-    """The spec, the source of the code the estimate runs, and the versions of the libraries
-    whose kernels and layers it simulates."""
-    code = [Path(module.__file__).read_bytes() for module in (
-        allocator, methods, models, simulate, training_step, lomo, families, optimizers,
-        tokenizers, accounting, sharding, work,
-        sys.modules[__name__])]
-    versions = [version(package) for package in LIBRARIES]
-    digest = hashlib.sha256(spec.encode())
-    for part in [*code, *(text.encode() for text in versions)]:
-        digest.update(part)
-    return digest.hexdigest()[:20]
+    return hashlib.sha256(spec.encode() + _code_digest()).hexdigest()[:20]
+
+
+@lru_cache(maxsize=1)
+def _code_digest() -> bytes:
+    """The source of the code the estimate runs and the versions of the libraries whose kernels
+    and layers it simulates, as this process loaded them (read once: a file edited while a plan
+    runs does not change its keys midway; forked workers inherit them)."""
+    digest = hashlib.sha256()
+    for module in (allocator, meta_outputs, methods, models, simulate, steps, training_step,
+                   lomo, families, optimizers, tokenizers, accounting, sharding, work,
+                   sys.modules[__name__]):
+        digest.update(Path(module.__file__).read_bytes())
+    for package in LIBRARIES:
+        digest.update(version(package).encode())
+    return digest.digest()
 
 
 @lru_cache(maxsize=64)
@@ -231,19 +250,20 @@ def _estimate(spec_json: str) -> tuple:
     on_cuda = simulate.AsOnCuda(models.HALF_DTYPES.get(cfg.precision.name)
                                 if models.compute_autocast(cfg.precision) else None,
                                 fused_attention=not on_cpu)
-    model = _meta_model(cfg, on_cuda)
-    steps = simulated_steps(model, cfg, spec["lengths"], META, on_cuda)
+    model = steps.meta_model(cfg, on_cuda)
+    traced = steps.simulated_steps(model, cfg, spec["lengths"], steps.META, on_cuda)
 
-    peak, at = simulate.peak(steps.events)
-    alive = simulate.alive_at(steps.events, at)
-    parts = {"weights": sum(steps.weights), "gradients": steps.bytes_of(alive & steps.gradients),
-             "optimizer": steps.bytes_of(alive & steps.states)}
+    peak, at = simulate.peak(traced.events)
+    alive = simulate.alive_at(traced.events, at)
+    parts = {"weights": sum(traced.weights),
+             "gradients": traced.bytes_of(alive & traced.gradients),
+             "optimizer": traced.bytes_of(alive & traced.states)}
     parts["activations"] = peak - parts["gradients"] - parts["optimizer"]
     # The weights were allocated first, one tensor each, when the model was loaded; cuBLAS takes
     # a workspace from the allocator for each thread that runs matmuls (the loop's, autograd's).
-    loading = [(("weight", index), size) for index, size in enumerate(steps.weights)]
+    loading = [(("weight", index), size) for index, size in enumerate(traced.weights)]
     workspaces = [(("cublas", thread), CUBLAS_WORKSPACE_BYTES) for thread in ("loop", "backward")]
-    parts["allocator"] = (allocator.replay(loading + workspaces + steps.events)
+    parts["allocator"] = (allocator.replay(loading + workspaces + traced.events)
                           - parts["weights"] - peak)
     parts = {name: value / MIB for name, value in parts.items()}
     parts["cuda_context"] = CUDA_CONTEXT_MIB
@@ -251,177 +271,10 @@ def _estimate(spec_json: str) -> tuple:
     parts["allocated"] = parts["total"] - parts["allocator"] - parts["cuda_context"]
     # LOMO's claim is checked against it: at most this one weight's gradient alive at once.
     parts["largest_trained_weight"] = accounting.largest_trained_mib(model)
-    parts.update(_sizes(model))  # what a strategy shares out (harness/estimate/sharding.py)
-    parts.update(_optimizer_step(steps))
+    parts.update(steps.sizes(model))  # what a strategy shares out (harness/estimate/sharding.py)
+    parts.update(steps.optimizer_step(traced))
     # What one optimizer step computes and moves, op by op (harness/estimate/timing.py).
-    parts["work"] = work.per_step(steps.ops, cfg.train.grad_accum_steps)
+    parts["work"] = work.per_step(traced.ops, cfg.train.grad_accum_steps)
+    if on_cpu:  # each op as called, for the ops' times measured here (harness/measure/op_times.py)
+        parts["calls"] = work.calls_per_step(traced.calls, cfg.train.grad_accum_steps)
     return tuple(parts.items())
-
-
-def _optimizer_step(steps: "Steps") -> dict:
-    """MiB of: the most the optimizer's step allocates beyond what was alive when it began (its
-    temporaries: foreach AdamW's whole-model intermediates), and the activations part at the
-    peak outside the step. A sharded optimizer steps its shard: harness/estimate/sharding.py
-    shares these temporaries out."""
-    inside = {index for start, end in steps.optimizer_steps for index in range(start, end)}
-    alive = top_outside = temporaries = 0
-    at_outside, at_start = 0, 0
-    for index, (_, size) in enumerate(steps.events):
-        if any(start == index for start, _ in steps.optimizer_steps):
-            at_start = alive
-        alive += size
-        if index in inside:
-            temporaries = max(temporaries, alive - at_start)
-        elif alive > top_outside:
-            top_outside, at_outside = alive, index
-    held = simulate.alive_at(steps.events, at_outside)
-    outside = (top_outside - steps.bytes_of(held & steps.gradients)
-               - steps.bytes_of(held & steps.states))
-    return {"step_temporaries": temporaries / MIB, "activations_outside_step": outside / MIB}
-
-
-def _sizes(model) -> dict:
-    """MiB of: the trained weights as stored and in float32 (DeepSpeed's partitions); the largest
-    transformer block (what FSDP2 gathers at once) and its trained part; the largest layer's own
-    weights (what ZeRO-3 gathers at once)."""
-    def stored(parameters) -> float:
-        return sum(p.numel() * p.element_size() for p in parameters) / MIB
-
-    trained = [p for p in model.parameters() if p.requires_grad]
-    largest = max(models.blocks(model), key=lambda block: stored(block.parameters()),
-                  default=model)
-    states = {tensor.untyped_storage()._cdata: tensor.untyped_storage().nbytes()
-              for weight in model.parameters()
-              for tensor in accounting.quant_state_tensors(getattr(weight, "quant_state", None))}
-    return {"quantization_state": sum(states.values()) / MIB,  # on every rank: not sharded
-            "trained_weights": stored(trained),
-            "trained_weights_fp32": sum(p.numel() for p in trained) * 4 / MIB,
-            "largest_block": stored(largest.parameters()),
-            "largest_block_trained": stored(p for p in largest.parameters() if p.requires_grad),
-            "largest_layer": max((stored(module.parameters(recurse=False))
-                                  for module in model.modules()), default=0.0)}
-
-
-
-class Steps(NamedTuple):
-    """What simulated_steps saw: the weights' sizes, every later allocation and free in order
-    (simulate.Trace's events), which of them were gradients and optimizer state, and the spans
-    of events inside the optimizer's steps ([start, end) indices), and the last step's ops
-    (work.Work's)."""
-    weights: list
-    events: list
-    sizes: dict
-    gradients: set
-    states: set
-    optimizer_steps: list = []
-    ops: Counter = Counter()
-
-    def bytes_of(self, serials) -> int:
-        return sum(self.sizes[serial] for serial in serials)
-
-
-def simulated_steps(model, cfg, lengths: dict, device: torch.device,
-                    on_cuda: simulate.AsOnCuda | None = None) -> Steps:
-    """STEPS training steps of the cell's own code on a batch padded to `lengths`, every tensor
-    traced. On the meta device for the estimate; on the CPU, the same steps for real (the tests
-    check that both see the same allocations)."""
-    weights = _weight_storages(model)
-    on_cpu = on_cuda is not None and on_cuda.on_cpu  # a CPU's step: estimate.step_work
-    trace, counted = simulate.Trace(existing=weights.values()), work.Work(random_apart=on_cpu)
-    gradients, states = set(), set()
-    with trace, on_cuda or contextlib.nullcontext(), counted:
-        batch = families.of(cfg.model).training_batch(cfg.train.batch_size, lengths, device,
-                                                      tokenizers.PAD_ID, tokenizers.EOS_ID + 1)
-        # LOMO frees each fused gradient inside backward: note them as they appear (registered
-        # first, so that these hooks run before the updates' own).
-        hooks = [weight.register_post_accumulate_grad_hook(
-            lambda weight: gradients.add(trace.serial_of(weight.grad)))
-            for weight in methods.fused_parameters(model, cfg.method.name)]
-        # auto: what torch.optim picks, foreach on CUDA and tensor by tensor on a CPU.
-        simulated = {"auto": "for_loop" if on_cpu else "foreach",
-                     "fused": "for_loop"}.get(cfg.train.optimizer_impl,
-                                              cfg.train.optimizer_impl)
-        updates = training_step.Updates(model, cfg, STEPS, device, implementation=simulated,
-                                        loss_scaling=False, paging=False)
-        spans = []
-
-        def stepping(*_) -> None:  # where the optimizer's temporaries live, and its work
-            spans.append([len(trace.events), None])
-            counted.phase = "update"
-
-        def stepped(*_) -> None:
-            spans[-1][1] = len(trace.events)
-            counted.phase = "pass"
-
-        if updates.optimizer is not None:
-            updates.optimizer.register_step_pre_hook(stepping)
-            updates.optimizer.register_step_post_hook(stepped)
-        model.train()
-        for step in range(STEPS):
-            counted.recording = step == STEPS - 1  # the work of a step with optimizer state
-            updates.backward(training_step.forward(model, batch, "fp32", device), update=True)
-            gradients.update(trace.serial_of(p.grad) for p in model.parameters()
-                             if p.grad is not None)
-            if updates.optimizer is not None:
-                states.update(trace.serial_of(value)
-                              for state in updates.optimizer.state.values()
-                              for value in state.values() if isinstance(value, torch.Tensor))
-            updates.next_step()
-        updates.close()
-        for hook in hooks:
-            hook.remove()
-    return Steps([storage.nbytes() for storage in weights.values()], trace.events, trace.sizes,
-                 gradients - {None}, states - {None}, [tuple(span) for span in spans],
-                 counted.ops)
-
-
-def _meta_model(cfg, on_cuda: simulate.AsOnCuda):
-    """The cell's model on the meta device, stored and prepared as harness/cell/entry.py does. A
-    checkpointed block is recomputed inside backward, where the forward's function modes are not
-    active: it gets `on_cuda` of its own, as on CUDA checkpointing re-enters autocast."""
-    with torch.device(META):
-        model = models.random_model(cfg.model, models.stored_dtype(
-            cfg.precision, methods.base_frozen(cfg.method.name)))
-    if cfg.precision.name in QUANTIZED:
-        _quantize(model, cfg.precision)
-    return methods.prepare(model, cfg, context_fn=lambda: (contextlib.nullcontext(), on_cuda))
-
-
-def _quantize(model, precision_cfg) -> None:
-    """bitsandbytes layers where from_pretrained puts them (transformers' own bitsandbytes
-    quantizer chooses): LLM.int8, an int8 weight and a float32 scale per row; 4-bit, the weight
-    quantized by bitsandbytes' own quantize_4bit (whose meta version gives the packed weight and
-    its scales)."""
-    import bitsandbytes as bnb  # imported here: only quantized cells need it
-    from transformers.quantizers import AutoHfQuantizer
-
-    # bitsandbytes caches its double quantization's code map on the device of the first tensor
-    # it quantizes: made here on the CPU, a meta copy is not what later real loads get.
-    bnb.functional.name2qmap.setdefault("dynamic", bnb.functional.create_dynamic_map())
-    # uint8 storage: a strategy's float storage packs the same bytes (harness/model/models.py).
-    settings = models.quantization(precision_cfg)
-    AutoHfQuantizer.from_config(settings).preprocess_model(model, device_map={"": META})
-    for layer in model.modules():
-        if isinstance(layer, bnb.nn.Linear8bitLt):
-            layer.weight.CB = layer.weight.data
-            layer.weight.SCB = torch.empty(layer.out_features, device=META)
-            # Outlier columns depend on the data, which meta tensors do not have: none here.
-            layer.state.threshold = 0.0
-        elif isinstance(layer, bnb.nn.Linear4bit):
-            full = torch.empty(layer.out_features, layer.in_features, device=META)
-            packed, state = bnb.functional.quantize_4bit(
-                full, blocksize=layer.weight.blocksize,
-                compress_statistics=settings.bnb_4bit_use_double_quant,
-                quant_type=settings.bnb_4bit_quant_type)
-            layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state,
-                                             blocksize=layer.weight.blocksize,
-                                             compress_statistics=state.nested,
-                                             quant_type=state.quant_type, bnb_quantized=True,
-                                             module=layer)
-
-
-def _weight_storages(model) -> dict:
-    """Every storage the model holds before training, once each: weights, buffers, the int8
-    layers' row scales and the 4-bit layers' block scales."""
-    tensors = [*accounting.weight_tensors(model), *model.buffers()]
-    return {tensor.untyped_storage()._cdata: tensor.untyped_storage() for tensor in tensors}

@@ -16,10 +16,12 @@ second and no memory. Two things differ from a CUDA run and are made to match it
   (Without a mask, in half precision, CUDA may pick flash attention, which keeps the same.)
 
 `Trace` records every storage an op creates (not the weights and buffers that existed before)
-and when it is freed. Reads of values (`.item()`, `if tensor:`), which meta tensors do not have,
-get the answers of an ordinary training step: numbers are 1 (a step count, a norm), a check of
-`isfinite` is true (no overflow), and any other truth value is false, so that a padding mask
-counts as holding padding and the attention mask is built, as for the padded batches of the run.
+and when it is freed; the outputs of an op it has seen on the same shapes it makes without the
+op's meta kernel (harness/estimate/meta_outputs.py: the same tensors, sooner). Reads of values
+(`.item()`, `if tensor:`), which meta tensors do not have, get the answers of an ordinary
+training step: numbers are 1 (a step count, a norm), a check of `isfinite` is true (no
+overflow), and any other truth value is false, so that a padding mask counts as holding padding
+and the attention mask is built, as for the padded batches of the run.
 """
 
 import weakref
@@ -29,6 +31,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
+
+from harness.estimate.meta_outputs import MetaOutputs
 
 # PyTorch's AMP "Autocast Op Reference", CUDA: the functions (of those transformer models call)
 # that autocast runs in the lower precision, and those it runs in float32.
@@ -49,10 +53,15 @@ MASK_ALIGNMENT = 16
 class Trace(TorchDispatchMode):
     """Every storage allocated inside the block, but the `existing` storages (the weights):
     `events` is a list of (serial, bytes) in order, bytes < 0 for a free. `serial_of(tensor)`
-    names a live one."""
+    names a live one. With `reuse_outputs`, ops on meta tensors go through the process's
+    MetaOutputs (shared by every simulation in it: the blocks of all cells repeat shapes)."""
 
-    def __init__(self, existing=()):
+    SHARED = MetaOutputs()
+
+    def __init__(self, existing=(), reuse_outputs: bool = True):
         super().__init__()
+        self.call = self.SHARED if reuse_outputs else (
+            lambda func, args, kwargs: func(*args, **kwargs))
         self.events = []
         self.live = {}  # storage address: serial
         self.sizes = {}
@@ -61,7 +70,7 @@ class Trace(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
             return self._scalar(args[0])
-        out = func(*args, **(kwargs or {}))
+        out = self.call(func, args, kwargs or {})
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor):
                 self._track(tensor)

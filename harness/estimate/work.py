@@ -17,6 +17,7 @@ PyTorch's multi_tensor_apply does (it fills a launch with up to 110, 64, 48, 36 
 1 to 5 tensor lists, and at most 320 blocks of 65,536 elements).
 """
 
+import json
 import math
 from collections import Counter
 
@@ -37,6 +38,10 @@ NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_str
 # a calibration measured it (harness/measure/calibration.py), by their bytes where not.
 RANDOM = {"native_dropout", "bernoulli", "bernoulli_", "rand", "rand_like", "randn",
           "randn_like", "normal", "normal_", "uniform_"}
+# Profiler markers, and a value read back: no kernel to replay (their host time is another op's).
+UNTIMED = {torch.ops.profiler._record_function_enter_new.default,
+           torch.ops.profiler._record_function_exit._RecordFunction,
+           torch.ops.aten._local_scalar_dense.default}
 # What a matmul's inputs are stored in, by the peak it runs at (conf/peaks/).
 KINDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
          torch.int8: "int8"}
@@ -73,13 +78,17 @@ class Work(TorchDispatchMode):
     """Every op dispatched while `recording`: `ops` counts (kind, flops, bytes, launches, phase)
     tuples, kind being the matmul inputs' dtype ("random" for an op that draws random numbers,
     with `random_apart`; "" for any other op without FLOPs) and phase "update"
-    inside an optimizer's step (set by the caller), else "pass" (forward and backward)."""
+    inside an optimizer's step (set by the caller), else "pass" (forward and backward). With
+    `signatures`, `calls` counts (signature, phase): each op as it was called, to be replayed on
+    real tensors (harness/measure/op_times.py)."""
 
-    def __init__(self, random_apart: bool = False):
+    def __init__(self, random_apart: bool = False, signatures: bool = False):
         super().__init__()
         # A CPU's step (estimate.step_work(device_type="cpu")) keeps the ops that draw random
-        # numbers apart, for the calibration's dropout curve; a GPU's rows stay as they were.
-        self.random_apart = random_apart
+        # numbers apart, for the calibration's dropout curve, and their signatures; a GPU's
+        # rows stay as they were.
+        self.random_apart, self.signatures = random_apart, signatures
+        self.calls = Counter()
         self.formulas = {**flop_counter.flop_registry,
                          **{op: flop_counter.shape_wrapper(formula)
                             for op, formula in flop_formulas().items()}}
@@ -91,6 +100,8 @@ class Work(TorchDispatchMode):
         out = func(*args, **kwargs)
         if self.recording:
             self.ops[self._cost(func, args, kwargs, out)] += 1
+            if self.signatures and func not in UNTIMED:
+                self.calls[(signature(func, args, kwargs), self.phase)] += 1
         return out
 
     def _cost(self, func, args, kwargs, out) -> tuple:
@@ -108,6 +119,35 @@ class Work(TorchDispatchMode):
         moved = sum(_bytes(tensor) for tensor in inputs + outputs)
         launches = _foreach_launches(args) if name.startswith("_foreach_") else 1
         return (kind, int(flops), moved, launches, self.phase)
+
+
+def signature(func, args: tuple, kwargs: dict) -> str:
+    """The op ("aten::mm.default") and its arguments as JSON: a tensor as ["tensor", shape,
+    stride, offset, dtype, its storage's elements], a dtype, memory format or layout as
+    ["dtype", its name in torch], a device as
+    ["device"], any other value as itself; what cannot be said so as ["unknown", its type] (the
+    op is then not replayed)."""
+    name = f"{func.namespace}::{func._overloadpacket.__name__}.{func._overloadname}"
+    return json.dumps([name, _described(list(args)), _described(kwargs)])
+
+
+def _described(value):
+    if isinstance(value, torch.Tensor):
+        return ["tensor", list(value.shape), list(value.stride()), value.storage_offset(),
+                str(value.dtype).removeprefix("torch."),
+                value.untyped_storage().nbytes() // value.element_size()]
+    if isinstance(value, (list, tuple)):
+        return [_described(item) for item in value]
+    if isinstance(value, dict):
+        return {name: _described(item) for name, item in value.items()}
+    if isinstance(value, (torch.dtype, torch.memory_format, torch.layout)):
+        # torch's own name for it: torch.float32, torch.contiguous_format, torch.strided
+        return ["dtype", str(value).removeprefix("torch.")]
+    if isinstance(value, torch.device):
+        return ["device"]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return ["unknown", type(value).__name__]
 
 
 def _bytes(tensor: torch.Tensor) -> int:
@@ -134,6 +174,14 @@ def per_step(ops: Counter, grad_accum_steps: int) -> list:
             rows[(kind, flops, moved, launches)] += count * (
                 1 if phase == "update" else grad_accum_steps)
     return [[*key, count] for key, count in sorted(rows.items())]
+
+
+def calls_per_step(calls: Counter, grad_accum_steps: int) -> list:
+    """The op calls of one optimizer step, as [signature, count] rows (see per_step)."""
+    found = Counter()
+    for (called, phase), count in calls.items():
+        found[called] += count * (1 if phase == "update" else grad_accum_steps)
+    return [[called, count] for called, count in sorted(found.items())]
 
 
 def flops(rows: list) -> int:

@@ -16,9 +16,10 @@ runs above the copy's bandwidth, and the smallest ops cost only the host's time 
 
 Each is the best of repeated passes (a machine's other load only slows it down) over operands
 that cycle through more memory than the caches hold: in a step, the ops between two uses of a
-tensor evict it, so a figure taken on operands kept hot would be faster than any step's op. The figures are
-cached per device, torch version and thread count in the user's cache folder (they are the
-machine's, not a project's); `make calibrate` measures anew. About 30 s on two CPU cores.
+tensor evict it, so a figure taken on operands kept hot would be faster than any step's op.
+The figures are cached per device, torch version and thread count in the user's cache folder
+(they are the machine's, not a project's); `make calibrate` measures anew. About 30 s on two CPU
+cores.
 """
 
 import argparse

@@ -124,7 +124,8 @@ def _load_quantized(model_cfg, quantization_config: BitsAndBytesConfig, device: 
         # Written by every rank for itself: transformers' save_pretrained writes on rank 0 alone
         # in a process group.
         model.config.save_pretrained(folder)
-        safetensors.torch.save_model(model, f"{folder}/model.safetensors", metadata={"format": "pt"})
+        safetensors.torch.save_model(model, f"{folder}/model.safetensors",
+                                     metadata={"format": "pt"})
         del model
         model = auto_class.from_pretrained(folder, **options)
     # Random weights come from no checkpoint (the folder is gone), as when built from a config:

@@ -51,7 +51,7 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
                       for name in ("cpu_peak_mib", "cpu_baseline_mib"))
     runs["metrics.cpu_cell_peak_mib"] = peak - baseline.fillna(0.0)
     rows = []
-    for key, group in runs.groupby("key", sort=False):
+    for _, group in runs.groupby("key", sort=False):
         ok = group[group.status == "ok"]
         if len(ok):
             rows.append(_row(ok, "ok", ""))

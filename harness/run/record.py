@@ -182,7 +182,9 @@ def record_work(record: CellRecord, cfg: DictConfig, cell_cfg: dict, lengths: di
     figures = {"train_flops_per_step": flops}
     steps, step_s = record.latest.get("train_steps"), record.latest.get("step_time_mean_s")
     if device is not None:
-        predicted = timing.step_seconds(work_rows, device)["step_s"]
+        # A calibrated CPU: each of the step's ops measured here (harness/measure/op_times.py).
+        predicted = (timing.on_this_cpu(cell_cfg, lengths, cfg.cache_dir, device) if on_cpu
+                     else timing.step_seconds(work_rows, device))["step_s"]
         figures["predicted_step_s"] = predicted
         if steps is not None:
             figures["predicted_train_time_s"] = predicted * steps

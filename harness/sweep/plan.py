@@ -46,7 +46,8 @@ SHOWN = {"#": "#", "cell": "cell", "strategy": "strategy", "gradient_checkpointi
          "reference": "published", "reference_gpu_mib": "reference (MiB)",
          "estimate_ratio": "ratio", "fits": "fits", "lomo_claim": "LOMO's claim",
          "tflop_per_step": "TFLOP/step", "predicted_step_s": "step (s)", "bound": "bound by",
-         "comm_exposed_s": "transfers (s)", "predicted_train_min": "train (min)", "reference_train_min": "published (min)",
+         "comm_exposed_s": "transfers (s)", "predicted_train_min": "train (min)",
+         "reference_train_min": "published (min)",
          "predicted_train_min_uncorrected": "uncorrected (min)", "time_ratio": "time ratio",
          "predicted_cost_usd": "cost (USD)"}
 
