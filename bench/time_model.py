@@ -2,10 +2,12 @@
 
 Cells of different shape (seq2seq and causal; full, LoRA, LOMO; checkpointing on and off; two
 batch sizes) run through the runner on this machine, on synthetic data of one fixed length (every
-batch the same shape), for --steps steps. Each row sets the measured mean step
-(step_time_mean_s, without the first train.throughput_skip_steps) beside the time model's
-prediction for the same step: calibrated (`make calibrate`, harness/measure/calibration.py) where
-this machine has a calibration, and the peaks-only model (harness/measure/peaks.py) beside it.
+batch the same shape), for --steps steps. Each row sets the measured median step
+(step_time_p50_s, without the first train.throughput_skip_steps: what a step takes when nothing
+else on the machine takes its cores; the mean beside it) beside the time model's
+prediction for the same step: on a calibrated machine (`make calibrate`), each op the simulated
+step calls measured here and the cell's own time outside its ops (harness/estimate/timing.py's
+on_this_cpu), and the peaks-only model (harness/measure/peaks.py) beside it.
 Goal: every calibrated ratio within 0.85-1.15. Results: reports/bench/time-<device>.md and .json.
 """
 
@@ -74,13 +76,14 @@ def main(argv: list[str] | None = None) -> int:
             measured = []
             for repeat in range(arguments.repeats):
                 print(f"[bench] {name} ({repeat + 1} of {arguments.repeats})", flush=True)
-                measured.append(harness_cell(cell, store, experiment, base=[])
-                                ["step_time_mean_s"])
+                metrics = harness_cell(cell, store, experiment, base=[])
+                measured.append((metrics["step_time_p50_s"], metrics["step_time_mean_s"]))
             cfg = compose_cell(stored(cell, store, experiment), base=[])
-            step_s = statistics.median(measured)
+            step_s = statistics.median(p50 for p50, _ in measured)
+            mean_s = statistics.median(mean for _, mean in measured)
             calibrated = predicted_step_s(cfg, device) if "calibration" in device else None
             peaks_only = predicted_step_s(cfg, uncalibrated)
-            rows.append({"cell": name, "measured_step_s": step_s,
+            rows.append({"cell": name, "measured_step_s": step_s, "measured_mean_s": mean_s,
                          "predicted_step_s": calibrated, "ratio": calibrated and calibrated
                          / step_s, "peaks_only_step_s": peaks_only,
                          "peaks_only_ratio": peaks_only / step_s})
@@ -97,18 +100,22 @@ def write(arguments, device: dict, rows: list[dict]) -> None:
              f"`make bench` on {facts['date']}: {facts['cpu']}, {facts['cores']} cores; torch "
              f"{facts['torch']}. Each cell: `{' '.join(FIXED)}` plus its own, "
              f"{arguments.steps} steps, the median of {arguments.repeats} run(s). Measured: the "
-             "mean step without the first steps (step_time_mean_s). Predicted: the time model "
-             "for the same step, " + ("calibrated on this machine (make calibrate)"
+             "median step without the first steps (step_time_p50_s; the mean beside it). "
+             "Predicted: the time model "
+             "for the same step, " + ("each of its ops measured on this machine and the cell's "
+                                      "own time outside its ops per call (make calibrate; "
+                                      "harness/estimate/timing.py's on_this_cpu)"
                                       if calibrated else "uncalibrated (run make calibrate)")
              + ", and from the device's peaks alone.", "",
              (f"{met} of {len(rows)} calibrated ratios within {GOAL[0]}-{GOAL[1]}."
               if calibrated else "No calibration on this machine: run `make calibrate`."), "",
-             "| cell | measured step (s) | predicted (s) | predicted / measured | peaks only (s) "
-             "| peaks only / measured |", "|---|---:|---:|---:|---:|---:|"]
+             "| cell | measured step (s) | mean step (s) | predicted (s) | predicted / measured "
+             "| peaks only (s) | peaks only / measured |", "|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         predicted = "" if row["predicted_step_s"] is None else f"{row['predicted_step_s']:.4f}"
         ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
-        lines.append(f"| {row['cell']} | {row['measured_step_s']:.4f} | {predicted} | {ratio} | "
+        lines.append(f"| {row['cell']} | {row['measured_step_s']:.4f} | "
+                     f"{row['measured_mean_s']:.4f} | {predicted} | {ratio} | "
                      f"{row['peaks_only_step_s']:.4f} | {row['peaks_only_ratio']:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
