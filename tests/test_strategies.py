@@ -189,6 +189,7 @@ def _generate_everywhere(cells: list[tuple], tmp_path) -> None:
         assert len(predictions) == 12 and predictions == singles[cell[1:]], cell
 
 
+@pytest.mark.slow  # starts each strategy's ranks
 def test_every_strategy_trains_and_generates_what_one_process_does(tmp_path):
     # Full fine-tuning of a seq2seq model: under fsdp its generation once failed on a root that
     # resharded after its first forward (the encoder then ran on shards).
@@ -217,6 +218,7 @@ def _dropout_masks(p: float) -> list:
         ranks.leave(world)
 
 
+@pytest.mark.slow  # starts two ranks
 def test_each_rank_draws_its_own_dropout_masks_and_rank_0_the_single_process_s(tmp_path):
     masks = launch.run_ranks(compose_cell("strategy=ddp").strategy, tmp_path, _dropout_masks,
                              0.25, start_method="forkserver")[0]
