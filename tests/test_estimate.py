@@ -150,6 +150,24 @@ def test_the_estimate_orders_methods_precisions_and_checkpointing_as_their_memor
     assert checkpointed["activations"] < plain["activations"] / 4
 
 
+def test_cells_that_differ_only_in_what_the_step_does_not_read_share_one_simulation():
+    # The key of the simulation's caches (estimate._spec): what changes the simulated step.
+    def key(*overrides):
+        return estimate._spec(identity.cell_config(_cell("method=lora", *overrides)), LENGTHS)
+
+    same = key()
+    for unread in ("train.seed=7", "train.epochs=9", "train.lr=0.5", "train.max_steps=3",
+                   "eval.num_beams=4", "tracking.experiment=other", "data.train_size=64"):
+        assert key(unread) == same, unread
+    for read in ("train.batch_size=4", "train.gradient_checkpointing=true", "method.r=16",
+                 "precision=bf16", "train.max_grad_norm=0.5", "train.optimizer_impl=for_loop",
+                 "model=tiny-llama"):
+        assert key(read) != same, read
+    # One rank's share of the batch: two ranks at 16 are one process at 8.
+    assert key("strategy=ddp", "strategy.nproc_per_node=2", "train.batch_size=16") == key(
+        "train.batch_size=8")
+
+
 def test_estimates_are_cached_on_disk_by_cell_and_code(tmp_path, monkeypatch):
     cell = identity.cell_config(_cell("method=lora"))
     first = estimate.gpu_peak_mib(cell, LENGTHS, str(tmp_path))
