@@ -1,12 +1,10 @@
 """Config composition and validation: everything is refused before anything is loaded."""
 
-import contextlib
 import copy
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
-from omegaconf import OmegaConf
 
 from harness.config import grids, identity, validation
 from harness.core.errors import ConfigError
@@ -277,18 +275,6 @@ def grid(name: str, *overrides: str) -> list:
         cfg = compose(name, overrides=[*overrides, f"hydra.searchpath=[file://{REPO / 'conf'}]"],
                       return_hydra_config=True)
         return grids.cells(cfg)
-
-
-def test_jobs_sharing_loaded_config_files_compose_as_hydra_composes_each(monkeypatch):
-    # grids.configs_loaded_once (one cache of loaded files for a grid's jobs) changes nothing:
-    # the same configs as Hydra composing each job on its own, group choices and values swept.
-    sweep = ["model=t5-tiny,t5-mini", "method=full,lora", "method.r=4,8", "precision=fp32"]
-    shared = [OmegaConf.to_container(job) for job in grids.compose_experiment("demo", sweep)]
-    monkeypatch.setattr(grids, "configs_loaded_once", contextlib.nullcontext)
-    assert shared == [OmegaConf.to_container(job)
-                      for job in grids.compose_experiment("demo", sweep)]
-    assert len({(job["model"]["name"], job["method"]["name"], job["method"]["r"])
-                for job in shared}) == 2 * 2 * 2
 
 
 @pytest.mark.slow

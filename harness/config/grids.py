@@ -2,12 +2,10 @@
 basic sweeper expands it, before anything runs.
 """
 
-import contextlib
 from pathlib import Path
 
 import yaml
 from hydra import compose, initialize_config_dir
-from hydra._internal.config_repository import CachingConfigRepository
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -82,27 +80,4 @@ def cells(sweep_config: DictConfig) -> list[DictConfig]:
     arguments += list(sweep_config.hydra.overrides.task)
     overrides = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
     jobs = BasicSweeper.split_arguments(overrides, max_batch_size=None)[0]
-    with configs_loaded_once():
-        return [loader.load_sweep_config(sweep_config, job) for job in jobs]
-
-
-@contextlib.contextmanager
-def configs_loaded_once():
-    """Inside, Hydra's compositions share the config files they load. Hydra loads every file of
-    the defaults list anew for each job (a CachingConfigRepository per composition, which then
-    serves the same loaded file to each use inside it); a grid's jobs read the same files, so
-    they share one such cache: full_grid's 288 jobs compose in 29 s instead of 47 on two cores,
-    to identical configs (tests/test_grids.py)."""
-    shared = {}
-    own_cache = CachingConfigRepository.__init__
-
-    def sharing(repository, delegate) -> None:
-        own_cache(repository, delegate)
-        sources = tuple((source.provider, source.path) for source in delegate.get_sources())
-        repository.cache = shared.setdefault(sources, {})
-
-    CachingConfigRepository.__init__ = sharing
-    try:
-        yield
-    finally:
-        CachingConfigRepository.__init__ = own_cache
+    return [loader.load_sweep_config(sweep_config, job) for job in jobs]
