@@ -73,26 +73,26 @@ def measure(device: torch.device, sizes=MATMUL_SIZES, memory_bytes=MEMORY_BYTES,
         matmul[kind] = []
         for size in sizes:
             pairs = [[torch.randn(size, size, device=device).to(dtype) for _ in range(2)]
-                     for _ in range(_copies(2 * size * size * dtype.itemsize))]
-            matmul[kind].append([2 * size ** 3, _timed(
+                     for _ in range(copies(2 * size * size * dtype.itemsize))]
+            matmul[kind].append([2 * size ** 3, timed(
                 [lambda a=a, b=b: torch.mm(a, b) for a, b in pairs], device, figure_s)])
     memory = []
     for moved in memory_bytes:
         elements = max(1, moved // 12)  # two float32 inputs read, one written
         sets = [[torch.ones(elements, device=device) for _ in range(3)]
-                for _ in range(_copies(12 * elements))]
-        memory.append([12 * elements, _timed(
+                for _ in range(copies(12 * elements))]
+        memory.append([12 * elements, timed(
             [lambda a=a, b=b, out=out: torch.add(a, b, out=out) for a, b, out in sets], device,
             figure_s)])
     random = []
     for moved in memory_bytes:
         elements = max(1, moved // 9)  # float32 in and out, a boolean mask
-        inputs = [torch.ones(elements, device=device) for _ in range(_copies(9 * elements))]
-        random.append([9 * elements, _timed(
+        inputs = [torch.ones(elements, device=device) for _ in range(copies(9 * elements))]
+        random.append([9 * elements, timed(
             [lambda x=x: torch.native_dropout(x, 0.1, True) for x in inputs], device, figure_s)])
     one = torch.ones(1, device=device, requires_grad=True)
     return {"device": _device_name(device), "matmul": matmul, "memory": memory, "random": random,
-            "op_us": _timed([lambda: one * 2.0] * 200, device, figure_s) * 1e6,
+            "op_us": timed([lambda: one * 2.0] * 200, device, figure_s) * 1e6,
             "synchronous": device.type == "cpu", "torch": torch.__version__,
             "threads": torch.get_num_threads(), "version": VERSION}
 
@@ -112,27 +112,28 @@ def _device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}"
 
 
-def _copies(nbytes: int) -> int:
+def copies(nbytes: int) -> int:
     """How many sets of operands to cycle through so that each call finds its own out of the
     cache, as a step's ops find theirs (the ops between evict them): WORKING_SET in all."""
     return max(1, min(MAX_COPIES, -(-WORKING_SET // nbytes)))
 
 
-def _timed(runs: list, device: torch.device, minimum_s: float) -> float:
-    """Seconds per call: the best over about `minimum_s` of a pass through `runs` back to back
-    (each on operands of its own; on a GPU the host queues the next while one runs), divided."""
+def timed(runs: list, device: torch.device, minimum_s: float, passes: int = 1) -> float:
+    """Seconds per call: the best over about `minimum_s` (and at least `passes` passes) of a pass
+    through `runs` back to back (each on operands of its own; on a GPU the host queues the next
+    while one runs), divided."""
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for run in runs[:2]:  # warm-up: the first calls allocate and pick kernels
         run()
     synchronize()
-    best, spent = float("inf"), 0.0
-    while spent < minimum_s:
+    best, spent, done = float("inf"), 0.0, 0
+    while spent < minimum_s or done < passes:
         start = time.perf_counter()
         for run in runs:
             run()
         synchronize()
         took = time.perf_counter() - start
-        best, spent = min(best, took / len(runs)), spent + took
+        best, spent, done = min(best, took / len(runs)), spent + took, done + 1
     return best
 
 

@@ -10,15 +10,15 @@ false. Its time is the best over a few passes through copies of its arguments th
 the caches hold, as in a step, where the ops between two uses of a tensor evict it (harness/
 measure/calibration.py measures its curves the same way). The time includes the dispatcher's, as
 the step's ops do; what a step spends outside its ops (Python, autograd's graph, module hooks) is
-left out, which the tests found is a few percent on a CPU.
+left out: harness/estimate/host_time.py measures it.
 
 A call that cannot be made again (an argument that is not a tensor, a number or a list of them)
-is priced by the calibration's curves instead. The figures are cached per device, torch version
-and thread count beside the calibration: a cell measured once is predicted at once after.
+costs the host's time per op instead (harness/estimate/timing.py). The figures are cached per
+device, torch version and thread count beside the calibration: a cell measured once is predicted
+at once after.
 """
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -51,23 +51,11 @@ def measure(signature: str, device: torch.device) -> float | None:
     name, args, kwargs = json.loads(signature)
     try:
         func = _op(name)
-        bytes_per_call = _bytes(args) + _bytes(kwargs)
-        copies = max(1, min(calibration.MAX_COPIES, calibration.WORKING_SET
-                            // max(1, bytes_per_call)))
+        copies = calibration.copies(max(1, _bytes(args) + _bytes(kwargs)))
         calls = [(_built(args, device), _built(kwargs, device)) for _ in range(copies)]
-        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         with torch.no_grad():
-            func(*calls[0][0], **calls[0][1])  # the first call allocates and picks kernels
-            synchronize()
-            best, passes, spent = float("inf"), 0, 0.0
-            while passes < PASSES or spent < PASS_S:
-                start = time.perf_counter()
-                for call_args, call_kwargs in calls:
-                    func(*call_args, **call_kwargs)
-                synchronize()
-                took = time.perf_counter() - start
-                best, passes, spent = min(best, took / len(calls)), passes + 1, spent + took
-        return best
+            return calibration.timed([lambda call=call: func(*call[0], **call[1])
+                                      for call in calls], device, PASS_S, PASSES)
     except (RuntimeError, TypeError, ValueError, AttributeError, IndexError, _Unbuildable):
         return None
 
