@@ -19,6 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
+from harness.core import pauses
 from harness.measure import gpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,18 +84,20 @@ def runs_of(store, experiment: str):
     return [] if found is None else client.search_runs([found.experiment_id])
 
 
-def wait_until_training(client, experiment, sweep, seed, timeout_s=300):
-    """The run of the cell with this train.seed, once it has logged a training step."""
+def held_run(client, experiment, seed, timeout_s=120):
+    """The run of the cell with this train.seed while the cell is held at a pause point (tests'
+    `Pauses`), once what it logged before the point is in the store: its pid tag and train_loss
+    (the runner's journal delivers them within a second or so, the cell being held meanwhile)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and sweep.poll() is None:
+    while True:
         found = client.get_experiment_by_name(experiment)
         runs = [] if found is None else client.search_runs(
             [found.experiment_id], f"params.`train.seed` = '{seed}' and "
                                    "attributes.status = 'RUNNING'")
         if runs and "train_loss" in runs[0].data.metrics and "pid" in runs[0].data.tags:
             return runs[0]
-        time.sleep(0.3)
-    raise AssertionError(f"the cell of seed {seed} never started training")
+        assert time.monotonic() < deadline, f"the held cell of seed {seed} has no run in the store"
+        time.sleep(0.2)
 
 
 def free_port() -> int:
@@ -226,26 +229,44 @@ def published_plans(tmp_path_factory):
 
 class Pauses:
     """The test's side of harness/core/pauses.py: a process started with `environment` waits at
-    each pause point until the test lets it go, so that a test catches it at that moment on any
-    machine, fast or slow."""
+    each point of `hold` until the test lets it go, so that a test catches a cell at that moment
+    on any machine, fast or slow. The other points are let go from the start."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, hold: tuple[str, ...] = pauses.POINTS):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        self.environment = {**os.environ, "HARNESS_TEST_PAUSE": str(folder)}
+        self.environment = {**os.environ, pauses.ENVIRONMENT: str(folder)}
+        self.seen: set[Path] = set()
+        for point in set(pauses.POINTS) - set(hold):
+            self.go(point)
 
-    def reached(self, point: str, process: subprocess.Popen, timeout_s: float = 600) -> int:
-        """The pid of the process that waits at `point`, once one does. AssertionError where
-        `process` ends first, or none gets there within `timeout_s` (a hung process)."""
-        found = self.folder / f"{point}.reached"
-        deadline = time.monotonic() + timeout_s
-        while not found.exists():
+    def caught(self, point: str, process: subprocess.Popen, seed: int | None = None,
+               ranks: int = 1, timeout_s: float = 600) -> list[dict]:
+        """Who waits at `point` (pid, seed, rank; one per rank, in rank order) of the cell whose
+        train.seed is `seed` (any cell's where None), once all `ranks` do. A process of another
+        cell that waits there is let go. AssertionError where `process` ends first, or none gets
+        there within `timeout_s` (a hung process)."""
+        held, deadline = [], time.monotonic() + timeout_s
+        while len(held) < ranks:
+            for record in sorted(self.folder.glob(f"{point}.*.reached")):
+                if record in self.seen:
+                    continue
+                self.seen.add(record)
+                who = json.loads(record.read_text())
+                if seed is None or who["seed"] == seed:
+                    held.append(who)
+                else:
+                    self.go(point, who["pid"])
+            if len(held) == ranks:
+                break
             if process.poll() is not None:
                 raise AssertionError(f"the process ended (code {process.returncode}) before "
                                      f"pause point {point}")
             assert time.monotonic() < deadline, f"no process reached {point} in {timeout_s} s"
-            time.sleep(0.05)
-        return int(found.read_text())
+            time.sleep(pauses.LOOK_EVERY_S)
+        return sorted(held, key=lambda who: who["rank"])
 
-    def go(self, point: str) -> None:
-        (self.folder / f"{point}.go").touch()
+    def go(self, point: str, pid: int | None = None) -> None:
+        """Let the process `pid` go on from `point`, or every process where None (from now on,
+        none waits there)."""
+        (self.folder / (f"{point}.go" if pid is None else f"{point}.{pid}.go")).touch()

@@ -23,6 +23,11 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 # For every wait, the page's and expect()'s alike (expect() keeps its own 5 s default otherwise):
 # on a loaded CI machine the first runs search can take longer than that.
 TIMEOUT_MS = 60_000
+# MLflow 3.17 keeps the sidebar's GenAI / Model training choice in the browser (GenAI until a user
+# picks the other) and shows a run's page in it whatever the experiment's kind (mlflow#24498):
+# the pages are seen as by a user who picked Model training once.
+MODEL_TRAINING = ("window.localStorage.setItem('mlflow.workflowType_v1', "
+                  "JSON.stringify('machine_learning'))")
 
 
 def mlflow_ui(tracking_uri: str, log_path: Path):
@@ -43,6 +48,7 @@ def browse(address: str, tracking_uri: str, experiment: str, table_png: Path,
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1500, "height": 900})
+        page.add_init_script(MODEL_TRAINING)
         page.set_default_timeout(TIMEOUT_MS)
         page.goto(f"{address}/#/experiments/{found.experiment_id}/runs"
                   "?workflowType=machine_learning")
@@ -82,9 +88,11 @@ def browse(address: str, tracking_uri: str, experiment: str, table_png: Path,
         plot = page.get_by_role("img", name="memory_trace.png")
         expect(plot).to_be_visible(timeout=TIMEOUT_MS)
         seen["plot_size"] = plot.evaluate("image => [image.naturalWidth, image.naturalHeight]")
+        seen["genai_view"] = page.get_by_text("Evaluation runs").count() > 0
         if run_png is not None:
             _close_assistant(page)
-            page.screenshot(path=str(run_png))
+            # The artifact's path is this machine's: masked.
+            page.screenshot(path=str(run_png), mask=[page.get_by_text("Path:", exact=False)])
         browser.close()
     return seen
 

@@ -16,11 +16,11 @@ from mlflow import MlflowClient
 
 from tests.conftest import (
     REPO,
+    Pauses,
     folder_store_overrides,
     free_port,
     run_figures,
     run_harness,
-    wait_until_training,
 )
 
 pytestmark = pytest.mark.slow
@@ -38,18 +38,23 @@ def _only_run(folder, experiment: str):
     return run
 
 
-def _start(folder, experiment: str, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "harness", "strategy=ddp", "train.max_steps=100000",
+def _held(folder, experiment: str, *overrides: str):
+    """A ddp cell of two ranks, started, and its rank processes in rank order once both wait at
+    the pause point after the first step (every process its launcher started follows them)."""
+    pauses = Pauses(folder / "pauses", hold=("train",))
+    cell = subprocess.Popen(
+        [sys.executable, "-m", "harness", "strategy=ddp", "train.max_steps=5",
          "eval.max_samples=4", *overrides, *folder_store_overrides(folder, experiment)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _ranks_of(run) -> list[psutil.Process]:
-    """The cell's rank processes in rank order (its rank_pids tag), then every process its
-    launcher (the run's pid) started."""
-    ranks = [psutil.Process(int(pid)) for pid in run.data.tags["rank_pids"].split(",")]  # here
-    return ranks + psutil.Process(int(run.data.tags["pid"])).children(recursive=True)
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=pauses.environment)
+    try:
+        held = pauses.caught("train", cell, ranks=2)
+        launcher = psutil.Process(held[0]["pid"]).parent()
+        ranks = [psutil.Process(who["pid"]) for who in held]
+        return cell, pauses, ranks + launcher.children(recursive=True)
+    except BaseException:
+        cell.kill()
+        raise
 
 
 def _survivors(processes: list[psutil.Process]) -> list[int]:
@@ -91,15 +96,14 @@ def test_an_fsdp_cell_trains_on_two_ranks_and_its_run_shows_both(tmp_path):
 
 def test_a_rank_killed_ends_the_cell_failed_naming_it_and_no_rank_survives(tmp_path,
                                                                            fault_figures):
-    cell = _start(tmp_path, "killed_rank")
+    cell, pauses, ranks = _held(tmp_path, "killed_rank")
     try:
-        training = wait_until_training(_client(tmp_path), "killed_rank", cell, seed=42)
-        ranks = _ranks_of(training)
         ranks[1].send_signal(signal.SIGKILL)
+        pauses.go("train")  # rank 0's next collective finds rank 1 gone
         output, _ = cell.communicate(timeout=180)
     finally:
         cell.kill()
-    run = _client(tmp_path).get_run(training.info.run_id)
+    run = _only_run(tmp_path, "killed_rank")
     assert run.data.tags["status"] == "failed", output[-3000:]
     # Rank 0 failed too, on the collective rank 1 left: rank 1 is named as the cause (by its
     # signal where the launcher saw it die first).
@@ -113,16 +117,15 @@ def test_a_rank_killed_ends_the_cell_failed_naming_it_and_no_rank_survives(tmp_p
 
 
 def test_a_collective_waiting_past_the_timeout_ends_the_cell_failed(tmp_path):
-    cell = _start(tmp_path, "hung_rank", "strategy.timeout_s=10")
+    cell, pauses, ranks = _held(tmp_path, "hung_rank", "strategy.timeout_s=10")
     try:
-        training = wait_until_training(_client(tmp_path), "hung_rank", cell, seed=42)
-        ranks = _ranks_of(training)
         ranks[1].suspend()  # rank 0's next collective waits for it in vain
+        pauses.go("train")
         started = time.monotonic()
         output, _ = cell.communicate(timeout=240)
     finally:
         cell.kill()
-    run = _client(tmp_path).get_run(training.info.run_id)
+    run = _only_run(tmp_path, "hung_rank")
     assert run.data.tags["status"] == "failed", output[-3000:]
     assert "rank 0" in run.data.tags["status_reason"]
     assert time.monotonic() - started < 120
@@ -130,16 +133,14 @@ def test_a_collective_waiting_past_the_timeout_ends_the_cell_failed(tmp_path):
 
 
 def test_sigterm_stops_every_rank_and_closes_the_run_killed(tmp_path, fault_figures):
-    cell = _start(tmp_path, "terminated")
+    cell, _, ranks = _held(tmp_path, "terminated")
     try:
-        training = wait_until_training(_client(tmp_path), "terminated", cell, seed=42)
-        ranks = _ranks_of(training)
-        assert len(training.data.tags["rank_pids"].split(",")) == 2
-        cell.send_signal(signal.SIGTERM)
+        cell.send_signal(signal.SIGTERM)  # while both ranks wait after their first step
         output, _ = cell.communicate(timeout=180)
     finally:
         cell.kill()
-    run = _client(tmp_path).get_run(training.info.run_id)
+    run = _only_run(tmp_path, "terminated")
+    assert run.data.tags["rank_pids"] == ",".join(str(rank.pid) for rank in ranks[:2])
     assert (run.data.tags["status"], run.info.status) == ("killed", "KILLED"), output[-3000:]
     assert _survivors(ranks) == []
     fault_figures.update(fault="SIGTERM to a distributed cell's runner (ddp, 2 ranks)",

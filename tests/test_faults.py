@@ -26,17 +26,18 @@ from tests.conftest import (
     Pauses,
     folder_store_overrides,
     free_port,
+    held_run,
     mlflow_serving,
     run_figures,
-    wait_until_training,
 )
 
 QUICK = ["model=t5-tiny", "method=lora", "eval.max_samples=4"]
 
 
-def _harness(tmp_path, *args) -> subprocess.Popen:
+def _harness(tmp_path, *args, pauses: Pauses | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=pauses and pauses.environment)
 
 
 def _experiment_runs(client, name) -> list:
@@ -54,16 +55,16 @@ def _exactly_once(client, run, name: str) -> tuple[int, int]:
 def test_a_runner_killed_outright_leaves_no_process_and_its_run_is_closed(tmp_path,
                                                                           fault_figures):
     store = folder_store_overrides(tmp_path, "vanished")
-    # Long enough that the cell still trains when its first steps reach the store (a second
-    # after they are taken): a 100-step tiny cell could end first on a fast machine.
-    cell = [*QUICK, "train.max_steps=400"]
-    runner = _harness(tmp_path, *cell, *store)
+    cell = [*QUICK, "train.max_steps=5"]
+    pauses = Pauses(tmp_path / "pauses", hold=("train",))
+    runner = _harness(tmp_path, *cell, *store, pauses=pauses)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     try:
-        training = wait_until_training(client, "vanished", runner, seed=42)
+        [held] = pauses.caught("train", runner)  # the cell waits there after its first step
+        training = held_run(client, "vanished", seed=42)
         started = psutil.Process(runner.pid).children(recursive=True)
-        assert int(training.data.tags["pid"]) in {process.pid for process in started}, (
-            "the cell ended before the test looked: give it more steps")
+        assert held["pid"] == int(training.data.tags["pid"])
+        assert held["pid"] in {process.pid for process in started}
         killed_at = time.monotonic()
         os.kill(runner.pid, signal.SIGKILL)  # as the OOM killer, or a node's reboot, does
         runner.wait(timeout=30)
@@ -328,32 +329,42 @@ def test_a_tracking_server_that_goes_away_loses_nothing(tmp_path, fault_figures)
     port, backend, journals = free_port(), f"sqlite:///{tmp_path}/server.db", tmp_path / "journal"
     serve = ("server", backend, tmp_path / "server.log", "--artifacts-destination",
              str(tmp_path / "served"), "--workers", "1")
-    steps, killed = 200, signal.SIGKILL
-    with mlflow_serving(*serve, port=port, stop_signal=killed) as address:
-        sweep = subprocess.Popen(
-            [sys.executable, "-m", "harness", "-m", *QUICK, f"train.max_steps={steps}",
-             "train.seed=1,2", "tracking=server", f"tracking.uri={address}",
-             "tracking.experiment=outage", f"tracking.journal_dir={journals}",
-             "tracking.deliver_wait_s=3", f"cache_dir={tmp_path}/c",
-             f"hydra.sweep.dir={tmp_path}/sweep"],
-            cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        client = MlflowClient(address)
-        first = wait_until_training(client, "outage", sweep, seed=1)
-    went_away, cell = time.monotonic(), int(first.data.tags["pid"])
-    time.sleep(1)  # the cell trains on, journaling
-    # The server takes longer to start again than a tiny cell takes to end: the cell is held
-    # meanwhile, so that it is still training when the store answers again.
-    os.kill(cell, signal.SIGSTOP)
+    steps, killed = 20, signal.SIGKILL
+    pauses = Pauses(tmp_path / "pauses")  # each cell waits after its first step and before ROUGE
+    sweep = None
     try:
-        time.sleep(2)  # with the 1 s above, longer than MLflow's retries as the runner sets them
+        with mlflow_serving(*serve, port=port, stop_signal=killed) as address:
+            sweep = subprocess.Popen(
+                [sys.executable, "-m", "harness", "-m", *QUICK, f"train.max_steps={steps}",
+                 "train.seed=1,2", "tracking=server", f"tracking.uri={address}",
+                 "tracking.experiment=outage", f"tracking.journal_dir={journals}",
+                 "tracking.deliver_wait_s=3", f"cache_dir={tmp_path}/c",
+                 f"hydra.sweep.dir={tmp_path}/sweep"],
+                cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                env=pauses.environment)
+            said = _Output(sweep)
+            client = MlflowClient(address)
+            [cell] = pauses.caught("train", sweep, seed=1)
+            first = held_run(client, "outage", seed=1)
+        went_away = time.monotonic()
+        pauses.go("train", cell["pid"])  # it trains on while the server is away, journaling
+        pauses.caught("eval", sweep, seed=1)
+        said.wait_for("the tracking store does not answer")
         with mlflow_serving(*serve, port=port, stop_signal=killed):
-            os.kill(cell, signal.SIGCONT)
+            # Cell 1 is still held: its journal catches up while the cell is alive.
+            said.wait_for(f"run {first.info.run_id}: the tracking store answers again after")
             first_outage_s = time.monotonic() - went_away
-            second = wait_until_training(client, "outage", sweep, seed=2)
+            pauses.go("eval", cell["pid"])
+            pauses.caught("train", sweep, seed=2)
+            second = held_run(client, "outage", seed=2)
+        pauses.go("train")  # cell 2 trains on; the server stays away until the sweep ends
+        pauses.caught("eval", sweep, seed=2)
+        said.wait_for("the tracking store does not answer", times=2)
+        pauses.go("eval")
+        output = said.all(timeout_s=600)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(cell, signal.SIGCONT)
-    output, _ = sweep.communicate(timeout=600)  # the server stays away until the sweep ends
+        if sweep is not None:
+            sweep.kill()
     assert sweep.returncode == 0, output[-3000:]
     assert output.count("the tracking store does not answer") == 2
     assert f"run {first.info.run_id}: the tracking store answers again after" in output
@@ -405,6 +416,29 @@ def test_make_faults_names_tests_that_exist():
     assert found.returncode == 0, found.stdout[-3000:] + found.stderr[-3000:]
 
 
+class _Output:
+    """A process's output, read as it comes, so that a test can wait for what it says."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process, self.lines = process, []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(process.stdout),
+                                       daemon=True)
+        self.reader.start()
+
+    def wait_for(self, text: str, times: int = 1, timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while "".join(self.lines).count(text) < times:
+            assert self.reader.is_alive(), f"the process ended without saying {text!r}"
+            assert time.monotonic() < deadline, f"not said in {timeout_s} s: {text!r}"
+            time.sleep(0.1)
+
+    def all(self, timeout_s: float) -> str:
+        """Everything it said, once it has ended."""
+        self.process.wait(timeout=timeout_s)
+        self.reader.join(timeout=30)
+        return "".join(self.lines)
+
+
 @contextlib.contextmanager
 def _small_disk(folder, size: str):
     """A tmpfs of `size` at `folder` while the block runs (True), where this user may mount
@@ -436,7 +470,7 @@ def test_a_full_disk_mid_cell_ends_it_failed_and_loses_nothing(tmp_path, fault_f
     saying so and in which phase, the command exits 3, the run is closed, and every step it
     trained reaches the store. Where no tmpfs can be mounted, the cell's file size limit is set
     to zero instead (the same failure through EFBIG)."""
-    pauses = Pauses(tmp_path / "pauses")
+    pauses = Pauses(tmp_path / "pauses", hold=("eval",))
     with _small_disk(tmp_path / "disk", "64m") as mounted:
         disk = tmp_path / "disk"
         (disk / "tmp").mkdir()
@@ -447,8 +481,8 @@ def test_a_full_disk_mid_cell_ends_it_failed_and_loses_nothing(tmp_path, fault_f
             cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env={**pauses.environment, "TMPDIR": str(disk / "tmp")})
         try:
-            pauses.go("train")  # the first step need not wait
-            pid = pauses.reached("eval", cell)
+            [held] = pauses.caught("eval", cell)
+            pid = held["pid"]
             if mounted:
                 _fill(disk)
             else:

@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from harness.tracking.runs import finished_run
-from tests.conftest import REPO, folder_store_overrides, run_figures, wait_until_training
+from tests.conftest import REPO, Pauses, folder_store_overrides, held_run, run_figures
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +26,8 @@ CASES = {
     # Batches of 400 fixture dialogues need a few GiB more address space than loading does.
     "over_limit": "runner:\n  cpu_memory_limit_mib: 4000\ntrain:\n  batch_size: 400\n"
                   "  seed: 2\n  max_steps: 3\n",
-    # Trains for long enough to be killed from outside while it trains.
-    "killed": "train:\n  max_steps: 100000\n  seed: 3\n",
+    # Killed from outside while it waits at the pause point after its first step.
+    "killed": "train:\n  max_steps: 5\n  seed: 3\n",
     "ok": "train:\n  seed: 4\n  max_steps: 3\n",
 }
 
@@ -40,11 +40,12 @@ def _write_cases(folder, broken):
                                             + body.format(broken=broken))
 
 
-def _sweep(tmp_path, experiment, *overrides):
+def _sweep(tmp_path, experiment, *overrides, pauses: Pauses | None = None):
     return subprocess.Popen(
         [sys.executable, "-m", "harness", "-m", *overrides, "eval.max_samples=4",
          *folder_store_overrides(tmp_path, experiment)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=pauses and pauses.environment)
 
 
 def test_failures_inside_a_sweep_end_with_their_status_and_spare_the_others(tmp_path,
@@ -52,12 +53,15 @@ def test_failures_inside_a_sweep_end_with_their_status_and_spare_the_others(tmp_
     broken = tmp_path / "not-a-model"
     broken.mkdir()
     _write_cases(tmp_path / "conf", broken)
+    pauses = Pauses(tmp_path / "pauses", hold=("train",))
     sweep = _sweep(tmp_path, "isolation", f"hydra.searchpath=[file://{tmp_path}/conf]",
-                   "+case=raises,over_limit,killed,ok")
+                   "+case=raises,over_limit,killed,ok", pauses=pauses)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     try:
-        long_cell = wait_until_training(client, "isolation", sweep, seed=3)
-        os.kill(int(long_cell.data.tags["pid"]), signal.SIGKILL)
+        [held] = pauses.caught("train", sweep, seed=3)
+        held_run(client, "isolation", seed=3)  # what it logged is in the store
+        os.kill(held["pid"], signal.SIGKILL)
+        pauses.go("train")  # the cell after it
         output, _ = sweep.communicate(timeout=600)
     finally:
         sweep.kill()
@@ -96,14 +100,14 @@ def test_failures_inside_a_sweep_end_with_their_status_and_spare_the_others(tmp_
 
 
 def test_an_interrupted_sweep_reruns_only_what_did_not_finish(tmp_path):
-    # Long enough that cell 2 still trains when its first steps reach the store (a second after
-    # they are taken): 100 tiny steps once ended first on a fast machine.
-    grid = ["train.seed=1,2", "train.max_steps=300"]
+    grid = ["train.seed=1,2", "train.max_steps=5"]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    sweep = _sweep(tmp_path, "resume", *grid)
+    pauses = Pauses(tmp_path / "pauses", hold=("train",))
+    sweep = _sweep(tmp_path, "resume", *grid, pauses=pauses)
     try:
-        interrupted = wait_until_training(client, "resume", sweep, seed=2)
-        sweep.send_signal(signal.SIGINT)  # Ctrl-C
+        pauses.caught("train", sweep, seed=2)  # cell 1 is let go and finishes
+        interrupted = held_run(client, "resume", seed=2)
+        sweep.send_signal(signal.SIGINT)  # Ctrl-C while cell 2 trains
         sweep.communicate(timeout=120)
     finally:
         sweep.kill()
@@ -112,8 +116,7 @@ def test_an_interrupted_sweep_reruns_only_what_did_not_finish(tmp_path):
     assert (first["1"].data.tags["status"], first["1"].info.status) == ("ok", "FINISHED")
     killed = client.get_run(interrupted.info.run_id)
     assert (killed.data.tags["status"], killed.info.status) == ("killed", "KILLED")
-    # Interrupted while it trains, or in the short eval pass at an epoch's end (every 50 steps).
-    assert re.match(r"(train|eval): interrupted\b", killed.data.tags["status_reason"])
+    assert re.match(r"train: interrupted\b", killed.data.tags["status_reason"])
     assert "train_loss" in killed.data.metrics  # what it had logged stays
 
     rerun = _sweep(tmp_path, "resume", *grid)
@@ -130,12 +133,15 @@ def test_an_interrupted_sweep_reruns_only_what_did_not_finish(tmp_path):
 def test_a_terminated_run_ends_killed_with_its_memory_trace_and_runs_again(tmp_path,
                                                                            fault_figures):
     # kill, timeout and schedulers send SIGTERM: handled as Ctrl-C is, not left RUNNING.
-    run = subprocess.Popen([sys.executable, "-m", "harness", "train.max_steps=100000",
+    pauses = Pauses(tmp_path / "pauses", hold=("train",))
+    run = subprocess.Popen([sys.executable, "-m", "harness", "train.max_steps=5",
                             *folder_store_overrides(tmp_path, "terminated")],
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=pauses.environment)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     try:
-        training = wait_until_training(client, "terminated", run, seed=42)
+        pauses.caught("train", run)
+        training = held_run(client, "terminated", seed=42)
         run.send_signal(signal.SIGTERM)
         output, _ = run.communicate(timeout=120)
     finally:

@@ -21,12 +21,14 @@ from tests.test_config import grid
 
 
 def test_the_plan_says_what_runs_what_is_skipped_and_what_does_not_fit(tmp_path):
-    jobs = grid("demo", "model=t5-mini", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+    jobs = grid("demo", "model=t5-tiny", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
                 f"cache_dir={tmp_path}/cache")
-    needed = [estimate.gpu_peak_mib(identity.cell_config(job), {"source": 384, "target": 96})
-              ["total"] for job in jobs if not validation.invalid_cell_reason(job)]
+    # Without a GPU nor one the experiment names: nothing about fitting.
+    unnamed = plan.plan(jobs, [])
+    assert set(unnamed.fits) == {""}
+    needed = unnamed.estimate_mib.dropna()
     # A GPU between the smallest and the largest estimate: some cells fit, some do not.
-    gpu = {"gpu": "0", "name": "small GPU", "total_mib": (min(needed) + max(needed)) / 2}
+    gpu = {"gpu": "0", "name": "small GPU", "total_mib": (needed.min() + needed.max()) / 2}
     table = plan.plan(jobs, [gpu])
     assert len(table) == 20 and table.fingerprint.nunique() == 14
     skipped = table[table.plan == "skip"]
@@ -39,10 +41,9 @@ def test_the_plan_says_what_runs_what_is_skipped_and_what_does_not_fit(tmp_path)
     assert set(table.gpu) == {"small GPU (this machine)"}
     parts = [f"{part}_mib" for part in estimate.PARTS]
     assert (runnable[parts].sum(axis=1) - runnable.estimate_mib).abs().max() < 1e-6
-    # Without a GPU, against the one the experiment names, else nothing about fitting.
+    # Without a GPU, against the one the experiment names.
     named = plan.plan(jobs, [], OmegaConf.create({"name": "A10G", "memory_mib": 23028}))
     assert set(named[named.plan == "run"].fits) == {"yes"} and set(named.gpu) == {"A10G"}
-    assert set(plan.plan(jobs, []).fits) == {""}
 
 
 def test_a_cell_that_cannot_be_valid_stops_the_plan_before_anything_runs(tmp_path):

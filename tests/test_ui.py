@@ -41,6 +41,7 @@ def test_the_ui_shows_a_row_per_cell_and_each_runs_metrics_and_memory_plot(chrom
     assert seen["why"]  # the skipped cell's reason, on its page
     assert seen["why_in_table"]  # and in the runs table's Description column
     assert {"rouge1", "train_loss", "cpu_peak_mib"} <= set(seen["metrics"])
+    assert not seen["genai_view"]  # a model-training run, not GenAI evaluation runs
     width, height = seen["plot_size"]
     assert width > 300 and height > 150  # the memory plot itself, decoded by the browser
     assert (tmp_path / "table.png").stat().st_size > 10_000

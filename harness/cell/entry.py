@@ -23,8 +23,9 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from harness.cell import recipe
-from harness.cell.to_runner import ToRunner
+from harness.cell.to_runner import Ranks, ToRunner
 from harness.core.errors import disk_full
+from harness.core.outcome import Outcome
 from harness.core.units import MIB
 from harness.model.training_step import Diverged
 from harness.strategy import launch, nodes
@@ -54,10 +55,10 @@ def main(cell_cfg: dict, cache_dir: str, scratch: str, cpu_memory_limit_mib, con
         streams = nodes.node_rank(cfg.strategy) == 0
         outcome = launch.launch(cfg.strategy, Path(scratch), rank_main, cell_cfg, cache_dir,
                                 scratch, connection if streams else None)
-    connection.send(("result", *outcome))
+    connection.send(outcome)
 
 
-def rank_main(cell_cfg: dict, cache_dir: str, scratch: str, connection) -> tuple[str, str]:
+def rank_main(cell_cfg: dict, cache_dir: str, scratch: str, connection) -> Outcome:
     """One rank of a distributed cell: join the ranks, run the cell (the first local rank of the
     node that owns the run streaming to its runner; `connection` is None on another node), and
     return its outcome; a rank that did not end ok reports it and fails, so that the launcher
@@ -70,30 +71,30 @@ def rank_main(cell_cfg: dict, cache_dir: str, scratch: str, connection) -> tuple
         tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
     log = ToRunner(connection if streams else None, Path(scratch), world)
     # Which process is which rank, on which host: the runner samples those on its own.
-    log.send("ranks", ranks.gather((socket.gethostname(), os.getpid()), world))
+    log.send(Ranks(ranks.gather((socket.gethostname(), os.getpid()), world)))
     outcome = _outcome(lambda: recipe.run(cfg, cache_dir, log))
-    if outcome[0] != "ok":
-        launch.report(Path(scratch), world.rank, *outcome)
+    if outcome.status != "ok":
+        launch.report(Path(scratch), world.rank, outcome)
         sys.exit(1)
     ranks.leave(world)
     return outcome
 
 
-def _outcome(cell) -> tuple[str, str]:
-    """How `cell()` ended: ("ok", ""), or diverged, oom or failed with the reason."""
+def _outcome(cell) -> Outcome:
+    """How `cell()` ended: ok, or diverged, oom or failed with the reason."""
     try:
         cell()
-        return "ok", ""
+        return Outcome("ok")
     except Diverged as error:
-        return "diverged", str(error)
+        return Outcome("diverged", str(error))
     except Exception as error:
         last_line = f"{type(error).__name__}: {error}".strip().splitlines()[-1]
         if _out_of_memory(error):
-            return "oom", last_line
+            return Outcome("oom", last_line)
         if disk_full(error):
-            return "failed", disk_full(error)
+            return Outcome("failed", disk_full(error))
         traceback.print_exc()
-        return "failed", last_line
+        return Outcome("failed", last_line)
 
 
 # How running out of host memory (or of runner.cpu_memory_limit_mib's address space) reads when it

@@ -117,7 +117,7 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
 
     if text is not None:
         with log.phase("eval"):
-            pauses.at("eval")  # a test's moment: training is over, generation is next
+            pauses.at("eval", cfg.train.seed, log.world.rank)  # a test's moment: ROUGE is next
             eval_start = time.perf_counter()
             with engine.evaluating() as evaluated:
                 scores, references, predictions = _rouge(evaluated, tokenizer, splits["test"],

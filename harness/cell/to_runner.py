@@ -1,31 +1,73 @@
 """What a cell tells its runner, as it happens: the runner owns the MLflow run and records each
-message at once, so that nothing finished is lost if the cell dies. The messages, tuples over the
-pipe the runner gave the cell:
+message at once (harness/run/record.py), so that nothing finished is lost if the cell dies. The
+messages are the records below, sent over the pipe the runner gave the cell, and last the cell's
+Outcome (ok, diverged, oom or failed; harness/core/outcome.py).
 
-  ("phase", name, unix time)               load, train, eval, infer start (splits the memory
-                                           trace)
-  ("metrics", {name: value}, step, unix ms)
-  ("tag", name, value)
-  ("params", {name: value})                params known only once the cell has loaded its data
-  ("datasets", {split: rows})              the splits it loaded (the run's dataset inputs)
-  ("artifact", local path, artifact folder) a file or folder the cell wrote under its scratch
-  ("ranks", [(host, pid), ...])            a distributed cell's processes, rank by rank (the
-                                           runner samples their memory)
-  ("result", status, reason)               last: ok, diverged, oom or failed
-
-Under a distributed strategy rank 0 streams everything but the result (harness/cell/entry.py
+Under a distributed strategy rank 0 streams everything but the outcome (harness/cell/entry.py
 sends it), with the figures every rank measures on its own (allocator peaks, host memory, the
 breakdown) gathered as `<name>_rank<n>` beside their maximum under `<name>`.
 """
 
 import contextlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from harness.core.units import MIB
 from harness.strategy import world as ranks
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A phase starts: load, train, eval or infer (it splits the memory trace)."""
+
+    name: str
+    started: float  # unix time
+
+
+@dataclass(frozen=True)
+class Metrics:
+    values: dict[str, float]
+    step: int
+    timestamp_ms: int  # unix time
+
+
+@dataclass(frozen=True)
+class Tag:
+    name: str
+    value: str
+
+
+@dataclass(frozen=True)
+class Params:
+    """Params known only once the cell has loaded its data (the resolved lengths)."""
+
+    values: dict
+
+
+@dataclass(frozen=True)
+class Datasets:
+    """The rows of each split the cell loaded (the run's dataset inputs)."""
+
+    rows: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A file or folder the cell wrote under its scratch folder, for the run's `folder`."""
+
+    path: str
+    folder: str | None
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """A distributed cell's processes, (host, pid) rank by rank: the runner samples their
+    memory and tags them (rank_pids)."""
+
+    processes: list[tuple[str, int]]
 
 
 class ToRunner:
@@ -39,13 +81,13 @@ class ToRunner:
         self.device = world.device
         self.peaks = {}
 
-    def send(self, *message) -> None:
+    def send(self, message) -> None:
         if self.connection is not None:
             self.connection.send(message)
 
     def __call__(self, metrics: dict, step: int = 0) -> None:
-        self.send("metrics", {key: float(value) for key, value in metrics.items()}, step,
-                  int(time.time() * 1000))
+        self.send(Metrics({key: float(value) for key, value in metrics.items()}, step,
+                          int(time.time() * 1000)))
 
     def per_rank(self, metrics: dict) -> None:
         """Figures every rank measures for itself: with several ranks, each as
@@ -60,20 +102,20 @@ class ToRunner:
         self({key: max(figures[key] for figures in gathered) for key in metrics})
 
     def tag(self, name: str, value: str) -> None:
-        self.send("tag", name, value)
+        self.send(Tag(name, value))
 
     def params(self, params: dict) -> None:
-        self.send("params", params)
+        self.send(Params(params))
 
     def datasets(self, rows: dict) -> None:
-        self.send("datasets", rows)
+        self.send(Datasets(rows))
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
-        self.send("artifact", str(path), folder)
+        self.send(Artifact(str(path), folder))
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        self.send("phase", name, time.time())
+        self.send(Phase(name, time.time()))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         yield

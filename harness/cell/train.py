@@ -120,7 +120,7 @@ def train(engine, train_loader, validation_loader, cfg, device: torch.device, lo
                 if step % train_cfg.log_every_steps == 0 or step == total_steps:
                     log_metrics({"train_loss": batch_loss.item(), **updates.rates()}, step)
                 if step == 1:
-                    pauses.at("train")  # a test's moment: the cell is training
+                    pauses.at("train", train_cfg.seed, world.rank)  # a test's moment: it trains
                 synchronize(device)
                 now = time.perf_counter()
                 result.step_times_s.append(now - step_start)

@@ -25,6 +25,7 @@ from harness.core.options import (
 from harness.data import checks
 from harness.measure import gpus
 from harness.strategy import registry
+from harness.strategy.sizes import world_size
 
 
 def invalid_cell_reason(cfg: DictConfig) -> str | None:
@@ -63,7 +64,7 @@ def invalid_cell_reason(cfg: DictConfig) -> str | None:
 def _strategy_reason(cfg: DictConfig) -> str | None:
     """Why the cell's strategy cannot train it, or None: the ranks must share the global batch,
     and the rest is the engine's own rules (harness/strategy/<engine>/plan.py)."""
-    world = cfg.strategy.nproc_per_node * cfg.strategy.nnodes
+    world = world_size(cfg.strategy)
     if cfg.train.batch_size % world:
         return (f"{world} ranks (strategy.nproc_per_node={cfg.strategy.nproc_per_node} x "
                 f"strategy.nnodes={cfg.strategy.nnodes}) do not divide train.batch_size="

@@ -10,17 +10,17 @@ import os
 import sys
 import traceback
 
-# What `python -m harness` exits with, by how its cell ended; a sweep exits with its most
-# severe cell's (EXIT_SEVERITY). docs/exit-codes.md says the same to users.
+from harness.core.outcome import STATUSES
+
+# What `python -m harness` exits with, by how its cell ended (harness/core/outcome.py's
+# STATUSES) or why none ran; a sweep exits with its most severe cell's (EXIT_SEVERITY).
+# docs/exit-codes.md says the same to users.
 EXIT_CODES = {
-    "ok": 0,          # trained, evaluated, recorded (a sweep: every cell ok or skipped)
-    "skipped": 0,     # a sweep's grid point that cannot run, recorded with the reason
+    **{status: meaning.exit_code for status, meaning in STATUSES.items()
+       if meaning.exit_code is not None},
     "duplicate": 0,   # a sweep's grid point that another grid point runs
     "bug": 1,         # the harness itself failed: Python's own code, with the traceback
     "refused": 2,     # bad input, refused before any run was created
-    "failed": 3,      # the cell failed (the reason starts with its phase)
-    "oom": 4,         # out of GPU or host memory
-    "diverged": 5,    # a non-finite loss
     "incomplete": 6,  # no finished run: another runner holds the cell, or it never ran
 }
 # A signal that stopped the run (Ctrl-C, a kill, a time limit) exits 128 + its number, as a

@@ -8,6 +8,7 @@ import pandas as pd
 from harness.config import identity
 from harness.core import reference
 from harness.report import charts
+from harness.strategy.sizes import world_size
 
 # Averaged over the ok runs of a cell; their spread is shown as ± std.
 METRICS = ("rouge1", "rouge2", "train_time_s", "gpu_peak_mib", "estimate_gpu_mib",
@@ -86,7 +87,7 @@ def _row(runs: pd.DataFrame, status: str, reason) -> dict:
         label = f"{label}/{identity.strategy_label(strategy)}"
     row = {"model": first["params.model.name"], "method": method, "precision": precision,
            "rank": rank, "strategy": strategy["name"],
-           "ranks": strategy.get("nproc_per_node", 1) * strategy.get("nnodes", 1),
+           "ranks": world_size(strategy),
            "label": label,
            "runs": len(runs), "status": status, "reason": "" if pd.isna(reason) else reason,
            "run_ids": list(runs["run_id"]),

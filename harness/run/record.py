@@ -9,31 +9,29 @@ import json
 import socket
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from harness.cell.to_runner import (
+    Artifact,
+    Datasets,
+    Metrics,
+    Params,
+    Phase,
+    Ranks,
+    Tag,
+)
 from harness.config import cost
 from harness.core.errors import disk_full
+from harness.core.outcome import Outcome
 from harness.data import checks, encoding
 from harness.estimate import estimate, timing, work
 from harness.measure import gpus, peaks, traces
 from harness.model import tokenizers
 from harness.tracking import mlflow_store
 from harness.tracking.journal import Journal
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a run ended: its status (ok, oom, diverged, skipped, failed, killed) and why; a
-    reason starts with the phase it ended in (`train: ...`)."""
-
-    status: str
-    reason: str = ""
-
-    def __str__(self) -> str:
-        return self.status + (f": {self.reason}" if self.reason else "")
 
 
 class CellRecord:
@@ -52,34 +50,36 @@ class CellRecord:
         self.on_ranks = None  # called with {rank: pid} of this host's (the sampler watches them)
         self.cell_ended = False  # the runner records what the cell left (phase "record")
 
-    def __call__(self, message: tuple) -> None:
-        kind, *body = message
-        if kind == "phase":
-            self.phases.append(tuple(body))
-            self.journal.set_tag("phase", body[0])  # where a run whose runner vanished was
-        elif kind == "metrics":
-            metrics, step, timestamp_ms = body
-            self.journal.metrics(metrics, step, timestamp_ms)
-            self.latest.update(metrics)
-        elif kind == "tag":
-            self.journal.set_tag(*body)
-        elif kind == "datasets":
-            self.datasets = body[0]
-        elif kind == "params":
-            self.params.update(body[0])
-            self.journal.params(body[0])
-        elif kind == "artifact":
-            self.journal.artifact(*body)
-        elif kind == "ranks":  # (host, pid) of each rank, for whoever must find one
-            here = socket.gethostname()
-            self.ranks = [pid if host == here else None for host, pid in body[0]]
-            self.journal.set_tag("rank_pids", ",".join(
-                f"{pid}" if host == here else f"{host}:{pid}" for host, pid in body[0]))
-            if self.on_ranks is not None:  # the sampler watches this host's
-                self.on_ranks({rank: pid for rank, pid in enumerate(self.ranks)
-                               if pid is not None})
-        elif kind == "result":
-            self.reported = Outcome(*body)
+    def __call__(self, message) -> None:
+        """Record one of harness/cell/to_runner.py's messages."""
+        match message:
+            case Phase(name, started):
+                self.phases.append((name, started))
+                self.journal.set_tag("phase", name)  # where a run whose runner vanished was
+            case Metrics(values, step, timestamp_ms):
+                self.journal.metrics(values, step, timestamp_ms)
+                self.latest.update(values)
+            case Tag(name, value):
+                self.journal.set_tag(name, value)
+            case Datasets(rows):
+                self.datasets = rows
+            case Params(values):
+                self.params.update(values)
+                self.journal.params(values)
+            case Artifact(path, folder):
+                self.journal.artifact(path, folder)
+            case Ranks(processes):  # for whoever must find a rank
+                here = socket.gethostname()
+                self.ranks = [pid if host == here else None for host, pid in processes]
+                self.journal.set_tag("rank_pids", ",".join(
+                    f"{pid}" if host == here else f"{host}:{pid}" for host, pid in processes))
+                if self.on_ranks is not None:  # the sampler watches this host's
+                    self.on_ranks({rank: pid for rank, pid in enumerate(self.ranks)
+                                   if pid is not None})
+            case Outcome():
+                self.reported = message
+            case _:
+                raise TypeError(f"not a message of harness/cell/to_runner.py: {message!r}")
 
     @property
     def phase(self) -> str:

@@ -195,8 +195,8 @@ def _another_node(cfg: DictConfig, cell_cfg: dict, name: str) -> str:
             with stops.stop_signals(), process.visible_gpu(gpu):
                 child.start()
                 send.close()
-                process.follow(receive, child, lambda message: message[0] == "result"
-                               and ended.append(Outcome(*message[1:])))
+                process.follow(receive, child, lambda message: isinstance(message, Outcome)
+                               and ended.append(message))
         finally:
             process.stop(child)
     outcome = ended[0] if ended else Outcome("failed", f"node {node}'s launcher exited with code "

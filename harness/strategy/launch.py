@@ -11,7 +11,9 @@ called without an active exception" after finishing correctly.
 """
 
 import ctypes
+import dataclasses
 import json
+import multiprocessing.forkserver
 import os
 import signal
 import uuid
@@ -22,7 +24,9 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from harness.core.outcome import Outcome
 from harness.strategy import nodes
+from harness.strategy.sizes import world_size
 
 RANKS_FOLDER = "ranks"  # under the cell's scratch folder: rank-<n>.json, the launcher's logs
 # A cell's status when its ranks' outcomes differ: the most telling first.
@@ -30,17 +34,16 @@ SEVERITY = {"oom": 0, "diverged": 1, "failed": 2, "ok": 3}
 PR_SET_PDEATHSIG = 1
 
 
-def launch(strategy_cfg, scratch: Path, entrypoint, *args) -> tuple[str, str]:
-    """Run `entrypoint(*args)`, which returns a rank's (status, reason), on every rank of this
-    node; the cell's (status, reason)."""
+def launch(strategy_cfg, scratch: Path, entrypoint, *args) -> Outcome:
+    """Run `entrypoint(*args)`, which returns a rank's Outcome, on every rank of this node; the
+    cell's Outcome."""
     try:
         outcomes = run_ranks(strategy_cfg, scratch, entrypoint, *args)
     except ChildFailedError as error:
-        return _failed(error, scratch,
-                       strategy_cfg.nproc_per_node * strategy_cfg.nnodes)
-    return min(((status, f"rank {rank}: {reason}" if reason else "")
-                for rank, (status, reason) in outcomes.items()),
-               key=lambda outcome: SEVERITY[outcome[0]])
+        return _failed(error, scratch, world_size(strategy_cfg))
+    return min((Outcome(outcome.status, f"rank {rank}: {outcome.reason}" if outcome.reason else "")
+                for rank, outcome in outcomes.items()),
+               key=lambda outcome: SEVERITY[outcome.status])
 
 
 def run_ranks(strategy_cfg, scratch: Path, entrypoint, *args, start_method: str | None = None
@@ -73,17 +76,26 @@ def _run_id(strategy_cfg) -> str:
     return f"harness-{nodes.master_addr(strategy_cfg)}-{strategy_cfg.master_port}"
 
 
-def report(scratch: Path, rank: int, status: str, reason: str) -> None:
+def report(scratch: Path, rank: int, outcome: Outcome) -> None:
     """A rank's outcome, for the launcher to read once the rank is gone."""
     folder = scratch / RANKS_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"rank-{rank}.json").write_text(json.dumps({"status": status, "reason": reason}))
+    (folder / f"rank-{rank}.json").write_text(json.dumps(dataclasses.asdict(outcome)))
 
 
 def die_with_parent() -> None:
     """Have the kernel kill this process when its parent dies outright: a rank when its launcher
     (the cell process) does, a cell when its runner does (or the server it forked from, which
     ends with the runner)."""
+    # A process forked from multiprocessing's forkserver keeps the write end of the pipe by
+    # which the server learns that its client (the runner) is gone, for children of its own:
+    # the server would then end only with this process, and this process only with the server,
+    # so that a cell sending nothing (held at a pause, or in a long generation) outlived a
+    # runner killed outright. Let go: the server ends with the runner, this process with it.
+    alive = multiprocessing.forkserver._forkserver._forkserver_alive_fd
+    if alive is not None:
+        os.close(alive)
+        multiprocessing.forkserver._forkserver._forkserver_alive_fd = None
     launcher = os.getppid()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -99,26 +111,27 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pi
              "remote process exited", "remote worker", "SignalException")
 
 
-def _failed(error: ChildFailedError, scratch: Path, world_size: int) -> tuple[str, str]:
+def _failed(error: ChildFailedError, scratch: Path, world_size: int) -> Outcome:
     """How a cell whose ranks failed ended, by its cause: a rank out of memory; else a rank that
     diverged or failed on its own (not on a collective a dead peer left); else a rank that died
     without a word (a signal: the kernel's OOM killer, a kill); else what the ranks said."""
     reported = {}
     for path in (scratch / RANKS_FOLDER).glob("rank-*.json"):
-        outcome = json.loads(path.read_text())
+        outcome = Outcome(**json.loads(path.read_text()))
         rank = int(path.stem.removeprefix("rank-"))
-        reported[rank] = (outcome["status"], f"rank {rank}: {outcome['reason']}")
-    by_severity = sorted(reported.values(), key=lambda outcome: SEVERITY[outcome[0]])
+        reported[rank] = Outcome(outcome.status, f"rank {rank}: {outcome.reason}")
+    by_severity = sorted(reported.values(), key=lambda outcome: SEVERITY[outcome.status])
     own = [outcome for outcome in by_severity
-           if not any(words in outcome[1] for words in PEER_GONE)]
+           if not any(words in outcome.reason for words in PEER_GONE)]
     if own:
         return own[0]
     silent = [rank for rank in range(world_size) if rank not in reported]
     for rank in silent:  # what the launcher saw of it, where it saw it first
         failure = error.failures.get(rank)
         if failure is not None and failure.exitcode < 0:
-            return "failed", f"rank {rank} was killed by {failure.signal_name()} without a result"
+            return Outcome("failed", f"rank {rank} was killed by {failure.signal_name()} without "
+                                     "a result")
     if silent:
-        return "failed", (f"rank {silent[0]} ended without a result (killed by a signal, such as "
-                          "the kernel's OOM killer, or exited)")
+        return Outcome("failed", f"rank {silent[0]} ended without a result (killed by a signal, "
+                                 "such as the kernel's OOM killer, or exited)")
     return by_severity[0]

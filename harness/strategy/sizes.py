@@ -3,7 +3,8 @@ sends in a ring collective, and a rank's share of the weights once they are shar
 
 
 def world_size(strategy) -> int:
-    return strategy["nproc_per_node"] * strategy["nnodes"]
+    """A cell's ranks, over all its nodes (one where a stored run's strategy omits a count)."""
+    return strategy.get("nproc_per_node", 1) * strategy.get("nnodes", 1)
 
 
 def ring_share(strategy) -> float:

@@ -34,6 +34,7 @@ from harness.estimate import communication, estimate, timing, work
 from harness.measure import accounting, gpus, peaks, traces
 from harness.model import training_step
 from harness.run import checks
+from harness.strategy.sizes import world_size
 from harness.tracking import claims, mlflow_store, runs
 
 # The terminal shows these columns of the plan (plan.csv has them all).
@@ -122,7 +123,7 @@ def plan(jobs: list[DictConfig], found_gpus: list[dict], named_gpu=None,
                "method": identity.method_label(job.method.name, job.method.optimizer),
                "precision": job.precision.name, "rank": cell_cfg["method"].get("r"),
                "strategy": identity.strategy_label(cell_cfg["strategy"]),
-               "ranks": job.strategy.nproc_per_node * job.strategy.nnodes,
+               "ranks": world_size(job.strategy),
                "gradient_checkpointing": job.train.gradient_checkpointing,
                "attention": job.model.attn_implementation, "batch_size": job.train.batch_size,
                "fingerprint": found.fingerprint, "plan": "run", "why": ""}
@@ -235,7 +236,7 @@ def _time_columns(job: DictConfig, work_rows: list, parts: dict, gpu_name: str |
         return found
     batches = math.ceil((rows or 0) / job.train.batch_size)
     steps, _ = training_step.optimizer_steps(job.train, batches)
-    ranks = job.strategy.nproc_per_node * job.strategy.nnodes
+    ranks = world_size(job.strategy)
     found.update(train_steps=steps, predicted_train_min=step_s * steps / 60)
     if correction is not None:
         found["predicted_train_min_uncorrected"] = model_s * steps / 60

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.config import identity, keys, validation
 from harness.config.grids import BASIC_SWEEPER, cells
 from harness.core.errors import EXIT_CODES, exit_code, refused
+from harness.core.outcome import LIVE
 from harness.core.tables import as_text
 from harness.run import checks
 
@@ -174,8 +175,6 @@ class SweepProgress(Callback):
         # The store's statuses, whichever process ran each cell; this process's where the
         # store does not answer. Non-zero when any cell did not end ok (or skipped).
         statuses = list(table.status) if table is not None else self.statuses or ["incomplete"]
-        from harness.tracking.runs import LIVE
-
         code = exit_code("incomplete" if status in ("not run", "", *LIVE) else status
                          for status in statuses)
         if code:

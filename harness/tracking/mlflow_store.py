@@ -28,12 +28,11 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from harness.core.errors import ConfigError
+from harness.core.outcome import STATUSES
 from harness.data.sources import from_hub
 
 # The MLflow UI opens such an experiment on its runs table (model training), not on GenAI traces.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-RUN_STATUS = {"ok": "FINISHED", "skipped": "FINISHED", "diverged": "FAILED", "oom": "FAILED",
-              "failed": "FAILED", "killed": "KILLED"}
 
 
 def connect(tracking_cfg, create: bool = True) -> tuple[MlflowClient | None, str | None]:
@@ -151,7 +150,7 @@ def start_run(client: MlflowClient, experiment_id: str, name: str, params: dict,
 def end_run(journal, status: str, reason: str = "") -> None:
     """Record the outcome and close the run (through its journal): never left RUNNING."""
     journal.tags(outcome_tags(status, reason))
-    journal.end(RUN_STATUS[status])
+    journal.end(STATUSES[status].run_status)
 
 
 def close(client: MlflowClient, run_id: str, status: str, reason: str,
@@ -159,7 +158,7 @@ def close(client: MlflowClient, run_id: str, status: str, reason: str,
     """end_run() straight into the store, for a run whose runner is gone."""
     client.log_batch(run_id, tags=[RunTag(key, value)
                                    for key, value in outcome_tags(status, reason).items()])
-    client.set_terminated(run_id, RUN_STATUS[status], end_time_ms)
+    client.set_terminated(run_id, STATUSES[status].run_status, end_time_ms)
 
 
 def outcome_tags(status: str, reason: str) -> dict:

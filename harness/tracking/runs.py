@@ -9,10 +9,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from harness.core.errors import ConfigError
-
-# A rerun skips cells that ended with one of these; failed and killed cells run again.
-FINISHED = ("ok", "oom", "diverged", "skipped")
-LIVE = ("claimed", "running")  # a run's status while its runner has it
+from harness.core.outcome import FINISHED, LIVE
 
 
 def load_runs(experiment: str, tracking_uri: str) -> pd.DataFrame:

@@ -2,6 +2,7 @@
 nothing moved."""
 
 from harness.core.errors import ConfigError
+from harness.strategy.sizes import world_size
 
 NAMES = ("single",)
 SHARDS_OPTIMIZER = False
@@ -12,7 +13,7 @@ def shards_weights(strategy) -> bool:
 
 
 def check(strategy) -> None:
-    if strategy.nproc_per_node * strategy.nnodes != 1:
+    if world_size(strategy) != 1:
         raise ConfigError(f"strategy=single runs one process, and strategy.nproc_per_node="
                           f"{strategy.nproc_per_node} / strategy.nnodes={strategy.nnodes} ask for "
                           "more: choose strategy=ddp, fsdp, zero2 or zero3 to run ranks")
