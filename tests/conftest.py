@@ -72,10 +72,11 @@ def folder_store_overrides(folder, experiment: str) -> list[str]:
             f"tracking.journal_dir={folder}/journal", f"cache_dir={folder}/cache"]
 
 
-def run_harness(cwd, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m harness ARGS` in `cwd`, as a user types it."""
+def run_harness(cwd, *args: str, timeout: int = 600,
+                env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m harness ARGS` in `cwd`, as a user types it (in `env`, else this process's)."""
     return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, text=True,
-                          capture_output=True, timeout=timeout)
+                          capture_output=True, timeout=timeout, env=env)
 
 
 def runs_of(store, experiment: str):
