@@ -92,7 +92,8 @@ def browse(address: str, tracking_uri: str, experiment: str, table_png: Path,
         if run_png is not None:
             _close_assistant(page)
             # The artifact's path is this machine's: masked.
-            page.screenshot(path=str(run_png), mask=[page.get_by_text("Path:", exact=False)])
+            page.screenshot(path=str(run_png), mask=[page.get_by_text("Path:", exact=False)],
+                            mask_color="#eeeeee")
         browser.close()
     return seen
 
