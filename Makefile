@@ -38,7 +38,7 @@ help:
 	@echo "make bench              the benchmarks, into reports/bench/"
 	@echo "make calibrate          measure this device's operations for the time model"
 	@echo "make faults             the fault suite on real processes, into reports/faults.md"
-	@echo "make docs               docs/configuration.md from the schema (harness/config/schema.py)"
+	@echo "make docs               docs/configuration.md and docs/mlflow-names.md from the code"
 	@echo "make gpu-wheels         .whl/: the wheels the lent GPU machine lacks (docs/gpu-check.md)"
 	@echo "make gpu-rehearsal      the GPU machine's set-up rehearsed here, offline, on the CPU"
 	@echo "make gpu-check          on a CUDA GPU: reference rows, estimates, benchmarks"
@@ -82,6 +82,7 @@ faults: $(INSTALL)
 # The configuration reference, generated from the schema; tests/test_schema.py checks it is current.
 docs: $(INSTALL)
 	$(PY) -m harness.config.keys --markdown > docs/configuration.md
+	$(PY) -m harness.tracking.names > docs/mlflow-names.md
 
 # The demo grid, then its tiny LLaMA cells (bf16 without master weights), into one experiment.
 # The demo's report ends with the reference table's plan: what flan-t5 needs on the study's A10G

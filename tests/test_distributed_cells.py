@@ -14,6 +14,7 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
+from harness.tracking import names
 from tests.conftest import (
     REPO,
     Pauses,
@@ -77,6 +78,9 @@ def test_an_fsdp_cell_trains_on_two_ranks_and_its_run_shows_both(tmp_path):
     assert run.info.run_name == "t5-tiny/lora-r8/fp32/fsdp-x2"
     assert (run.data.tags["status"], run.data.params["strategy.name"]) == ("ok", "fsdp")
     metrics = run.data.metrics
+    # Each name a distributed run logs is declared (harness/tracking/names.py), ranks' too.
+    assert names.undeclared(metrics, names.METRICS) == set()
+    assert names.undeclared(run.data.tags, names.TAGS) == set()
     for rank in (0, 1):  # each rank's host memory, sampled, and its own figures, measured
         assert metrics[f"cpu_peak_mib_rank{rank}"] > 300
         assert metrics[f"cpu_train_peak_mib_rank{rank}"] > 300
