@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from harness.config import keys, validation
 from harness.core.errors import EXIT_CODES, ConfigError, exit_code, refused
 from harness.core.options import CONF_DIR
-from harness.run import checks, process
+from harness.run import preflight, process
 from harness.run.stops import Stopped
 
 
@@ -26,7 +26,7 @@ from harness.run.stops import Stopped
 def main(cfg: DictConfig) -> str:
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        checked = checks.planned(cfg)  # a sweep's plan checked every cell already
+        checked = preflight.planned(cfg)  # a sweep's plan checked every cell already
         if checked is None:
             # A bad value is refused before torch, transformers and bitsandbytes load (seconds).
             validation.validate(cfg, sweep)

@@ -14,7 +14,7 @@ from harness.config import grids, identity, validation
 from harness.core.errors import ConfigError
 from harness.estimate import estimate
 from harness.measure import gpus
-from harness.run import checks, runner
+from harness.run import preflight, runner
 from harness.sweep import plan
 from tests.conftest import REPO, compose_cell, requires_cuda, runs_of, without_a_gpu
 from tests.test_config import grid
@@ -82,20 +82,20 @@ def test_a_sweeps_checks_are_made_once_for_every_grid_point(tmp_path):
     # The plan of a sweep is made from them: the same table as a plan that checks for itself.
     pd.testing.assert_frame_equal(plan.plan(jobs, [], checked=checked), plan.plan(jobs, []))
     # This machine's checks, once: where they were made, and why it cannot run a cell.
-    here = checks.on_this_machine(jobs, checked, cuda=False)
+    here = preflight.on_this_machine(jobs, checked, cuda=False)
     assert {found.host for found in here} == {socket.gethostname()}
-    assert checks.on_this_machine(jobs, here, cuda=True) == here  # made on this host already
+    assert preflight.on_this_machine(jobs, here, cuda=True) == here  # made on this host already
 
 
 def test_a_runner_handed_its_checks_asks_nothing_again(cell_overrides, store, capsys):
     cfg = compose_cell(*cell_overrides)
     fingerprint = identity.fingerprint(identity.cell_config(cfg))
     # The store holds no run of this cell: the status comes from the checks handed down.
-    done = checks.Checked(fingerprint, host=socket.gethostname(), store_asked=True,
+    done = preflight.Checked(fingerprint, host=socket.gethostname(), store_asked=True,
                           done={"status": "ok", "run_id": "0123abcd"})
     assert runner.run(cfg, done) == "ok"
     assert "already ok in run 0123abcd" in capsys.readouterr().out
-    twin = checks.Checked(fingerprint, host=socket.gethostname(), store_asked=True, same_as=3)
+    twin = preflight.Checked(fingerprint, host=socket.gethostname(), store_asked=True, same_as=3)
     assert runner.run(cfg, twin) == "duplicate"
     assert "the same cell as grid point 3 of this sweep" in capsys.readouterr().out
     assert runs_of(store, cfg.tracking.experiment) == []

@@ -1,4 +1,4 @@
-"""The runner: takes a cell's checks (made once, harness/run/checks.py), claims the cell's MLflow
+"""The runner: takes a cell's checks (made once, harness/run/preflight.py), claims the cell's MLflow
 run (harness/tracking/claims.py), owns it and the cell's memory sampler, runs the cell in a fresh
 process, and records how it ended, through the run's journal (harness/tracking/journal.py). A
 crash, a kill or an out-of-memory in the cell cannot take the sweep, or any other cell's result,
@@ -23,7 +23,7 @@ from harness.config import identity
 from harness.core.errors import ConfigError, disk_full
 from harness.core.options import OTHER_GROUPS
 from harness.measure import gpus, traces
-from harness.run import checks, process, stops
+from harness.run import preflight, process, stops
 from harness.run.record import (
     CellRecord,
     Outcome,
@@ -44,17 +44,17 @@ MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACK
                "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
-def run(cfg: DictConfig, checked: checks.Checked | None = None) -> str:
+def run(cfg: DictConfig, checked: preflight.Checked | None = None) -> str:
     """Run one validated cell (python -m harness validates before torch loads; a sweep's plan
     validates every cell) and return its status: ok, oom, diverged, skipped, failed, duplicate (a
     grid point of the sweep that another one runs); killed by Ctrl-C or a signal, which is raised
     on; elsewhere: another runner has claimed the cell. `checked`: what the checks before it
-    found (harness/run/checks.py), where a sweep made them; else they are made here."""
+    found (harness/run/preflight.py), where a sweep made them; else they are made here."""
     cell_cfg = identity.cell_config(cfg)
     name = identity.run_name(cell_cfg)
     if cfg.strategy.nnodes > 1 and nodes.node_rank(cfg.strategy) > 0:
         return _another_node(cfg, cell_cfg, name)
-    [checked] = checks.on_this_machine([cfg], [checked or checks.of_cell(cfg)],
+    [checked] = preflight.on_this_machine([cfg], [checked or preflight.of_cell(cfg)],
                                        torch.cuda.is_available())
     if checked.reason and not _in_sweep():
         raise ConfigError(checked.reason)
@@ -66,7 +66,7 @@ def run(cfg: DictConfig, checked: checks.Checked | None = None) -> str:
                        checked.fingerprint if checked.store_asked else None)
     done = checked.done
     if not checked.store_asked and not cfg.force:
-        done = checks.done(runs.finished_run(client, experiment_id, checked.fingerprint,
+        done = preflight.done(runs.finished_run(client, experiment_id, checked.fingerprint,
                                              traces.limits(cfg.runner)))
     if done is not None:
         print(f"[harness] {name}: already {done['status']} in run {done['run_id']} "

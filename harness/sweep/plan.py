@@ -33,7 +33,7 @@ from harness.data import encoding, sources
 from harness.estimate import communication, estimate, timing, work
 from harness.measure import accounting, gpus, peaks, traces
 from harness.model import training_step
-from harness.run import checks
+from harness.run import preflight
 from harness.strategy.sizes import world_size
 from harness.tracking import claims, mlflow_store, runs
 
@@ -71,7 +71,7 @@ def _overrides(jobs: list[DictConfig], number: int) -> str:
     return errors.shown(" ".join(own)) or "the grid's only point"
 
 
-def check(jobs: list[DictConfig], create_experiment: bool = True) -> list[checks.Checked]:
+def check(jobs: list[DictConfig], create_experiment: bool = True) -> list[preflight.Checked]:
     """Validate every job (ConfigError naming it, before anything runs) and find, for each, why
     its combination cannot run, the run that finished its cell already (one read of the store)
     and the grid point before it that is the same cell. A sweep's check (`create_experiment`)
@@ -95,7 +95,7 @@ def check(jobs: list[DictConfig], create_experiment: bool = True) -> list[checks
     stored = runs.of_experiment(client, experiment_id)
     checked, first = [], {}
     for number, job in enumerate(jobs, start=1):
-        found = checks.of_cell(job)
+        found = preflight.of_cell(job)
         if found.fingerprint in first:  # a knob its method ignores: the same cell again
             earlier = checked[first[found.fingerprint] - 1]
             checked.append(replace(earlier, same_as=earlier.same_as or first[found.fingerprint]))
@@ -103,13 +103,13 @@ def check(jobs: list[DictConfig], create_experiment: bool = True) -> list[checks
         first[found.fingerprint] = number
         previous = (None if found.invalid or job.force
                     else runs.finished(stored, found.fingerprint, traces.limits(job.runner)))
-        checked.append(replace(found, store_asked=True, done=checks.done(previous)))
+        checked.append(replace(found, store_asked=True, done=preflight.done(previous)))
     return checked
 
 
 def plan(jobs: list[DictConfig], found_gpus: list[dict], named_gpu=None,
          create_experiment: bool = True,
-         checked: list[checks.Checked] | None = None) -> pd.DataFrame:
+         checked: list[preflight.Checked] | None = None) -> pd.DataFrame:
     """One row per job (see the module's docstring for the columns), from the jobs' checks
     (`checked`, else made here: check())."""
     if checked is None:

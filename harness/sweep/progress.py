@@ -27,7 +27,7 @@ from harness.config.grids import BASIC_SWEEPER, cells
 from harness.core.errors import EXIT_CODES, exit_code, refused
 from harness.core.outcome import LIVE
 from harness.core.tables import as_text
-from harness.run import checks
+from harness.run import preflight
 
 
 def summary(jobs: list[DictConfig]) -> pd.DataFrame:
@@ -83,7 +83,7 @@ class SweepProgress(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         folder = Path(OmegaConf.select(config, "hydra.sweep.dir"))
         if config.hydra.sweeper._target_ != BASIC_SWEEPER:
-            checks.forget(folder)  # its cells check themselves
+            preflight.forget(folder)  # its cells check themselves
             print("[harness] no plan: it expands the basic sweeper's grids only")
             return
         import torch
@@ -100,7 +100,7 @@ class SweepProgress(Callback):
             # its cells are composed (the full grid's take a minute).
             validation.check_machine(config, torch.cuda.is_available())
             jobs = cells(config)
-            checked = checks.on_this_machine(jobs, plan.check(jobs), torch.cuda.is_available())
+            checked = preflight.on_this_machine(jobs, plan.check(jobs), torch.cuda.is_available())
             found = gpus.describe(gpus.candidates(config.runner.gpus))
             table = plan.plan(jobs, found, config.get("plan_gpu"), checked=checked)
         except Exception as error:  # noqa: BLE001 - a refusal, else a bug: no cell runs
@@ -111,7 +111,7 @@ class SweepProgress(Callback):
                       "ran", file=sys.stderr)
                 sys.exit(EXIT_CODES["bug"])
             sys.exit(refused(refusal))
-        checks.save(folder, checked)
+        preflight.save(folder, checked)
         self.total = len(jobs)
         self.numbers = {fingerprint: number for number, fingerprint in
                         enumerate(table.fingerprint.drop_duplicates(), start=1)}
