@@ -115,8 +115,10 @@ report: $(INSTALL)
 sync: $(INSTALL)
 	$(PY) -m harness.sync $(ARGS)
 
+# Without MLflow's server job runner, as make server (harness/server.py says why).
 ui: $(INSTALL)
-	$(VENV)/bin/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
+		$(VENV)/bin/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT)
 
 # A shared tracking server: on this machine's loopback only (HOST=127.0.0.1, the default), or on
 # another interface (HOST=0.0.0.0, or the address colleagues and cluster nodes reach) with

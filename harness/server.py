@@ -49,6 +49,7 @@ OWN_OPTIONS = {"--host": "HOST=", "-h": "HOST=", "--port": "PORT=", "-p": "PORT=
                "--artifacts-destination": "ARTIFACTS="}
 BIND_OPTIONS = ("--bind", "--host", "-b")  # inside --gunicorn-opts / --uvicorn-opts
 DATABASE_TIMEOUT_S = 5
+JOBS_VARIABLE = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"  # MLflow's switch for its job runner
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
                args.backend_store_uri, "--artifacts-destination", args.artifacts_destination,
                "--host", args.host, "--port", str(args.port), *args.mlflow_options]
     environment = dict(os.environ)
+    # MLflow 3's server job runner (GenAI judges, prompt optimisation) starts seven consumer
+    # processes of about 200 MiB each, and doubles the start: the harness runs no server jobs.
+    # A user who wants them sets the variable to true.
+    environment.setdefault(JOBS_VARIABLE, "false")
     try:
         check_options(args.mlflow_options)
         check_backend(args.backend_store_uri)

@@ -19,6 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
+from harness import server
 from harness.core import pauses
 from harness.measure import gpus
 
@@ -119,7 +120,8 @@ def mlflow_serving(command: str, backend_store_uri: str, log_path: Path, *option
         server = subprocess.Popen([sys.executable, "-m", "mlflow", command, "--backend-store-uri",
                                    backend_store_uri, "--host", "127.0.0.1", "--port", str(port),
                                    *options], stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)  # its workers in its process group
+                                  start_new_session=True,  # its workers in its process group
+                                  env=without_server_jobs(os.environ))
     address = f"http://127.0.0.1:{port}"
     try:
         wait_until_answering(address, server, lambda: log_path.read_text()[-2000:])
@@ -128,6 +130,12 @@ def mlflow_serving(command: str, backend_store_uri: str, log_path: Path, *option
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, stop_signal)
         server.wait(timeout=30)
+
+
+def without_server_jobs(environment) -> dict:
+    """`environment` with MLflow's server job runner off, as `make server` and `make ui` start
+    the server (harness/server.py says why)."""
+    return {server.JOBS_VARIABLE: "false", **environment}
 
 
 def wait_until_answering(address: str, server: subprocess.Popen, log) -> None:
@@ -211,6 +219,18 @@ def reference_plan(tmp_path_factory):
     # Its simulations show their progress: how many are done, and the cell.
     assert "estimating: 100%" in result.stderr and "flan-t5-" in result.stderr
     return result.stdout, pd.read_csv(written), written, folder
+
+
+@pytest.fixture(scope="session")
+def demo_sweep(tmp_path_factory):
+    """`make demo` narrowed to t5-tiny and a few steps, run once for the session's tests (the
+    command line's tests and the UI's): (the finished process, the folder whose mlflow.db holds
+    experiment demo)."""
+    folder = tmp_path_factory.mktemp("demo")
+    result = run_harness(folder, "-cd", str(REPO / "experiments"), "-cn", "demo",
+                         "model=t5-tiny", "train.max_steps=3", "eval.max_samples=4",
+                         *folder_store_overrides(folder, "demo"))
+    return result, folder
 
 
 @pytest.fixture(scope="session")

@@ -15,11 +15,9 @@ from tests.conftest import REPO, folder_store_overrides, free_port, run_harness,
 pytestmark = pytest.mark.slow
 
 
-def test_demo_grid_runs_and_reports_a_row_per_run(tmp_path):
+def test_demo_grid_runs_and_reports_a_row_per_run(demo_sweep):
     # The demo experiment as `make demo` runs it, narrowed to t5-tiny and a few steps.
-    result = run_harness(tmp_path, "-cd", str(REPO / "experiments"), "-cn", "demo",
-                      "model=t5-tiny", "train.max_steps=3", "eval.max_samples=4",
-                      *folder_store_overrides(tmp_path, "demo"))
+    result, tmp_path = demo_sweep
     assert result.returncode == 0, result.stderr[-3000:]
     store = {"uri": f"sqlite:///{tmp_path}/mlflow.db"}
     runs = runs_of(store, "demo")

@@ -1,10 +1,13 @@
 """Config composition and validation: everything is refused before anything is loaded."""
 
 import copy
+import os
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
 
 from harness.config import grids, identity, validation
 from harness.core.errors import ConfigError
@@ -289,6 +292,31 @@ def test_the_full_grid_collapses_ranks_and_skips_what_cannot_run():
     # lora_lomo in 3 x 3 ranks; skipped: full, lomo and lora_lomo (3 ranks) on int8.
     assert (len(runnable), len(skipped)) == (2 * 3 * (3 + 3 + 12 + 9), 2 * 3 * (1 + 1 + 3))
     assert {job.train.gradient_checkpointing for job in jobs} == {False, True}
+
+
+def test_a_grid_composed_by_forked_workers_is_the_grid_composed_in_turn(monkeypatch, tmp_path):
+    # A large grid's jobs are composed by a worker per core (grids.JOBS_PER_WORKER each at
+    # least); here the three of rank_sweep by two (forked workers, each recording its pid).
+    in_turn = grids.compose_experiment("rank_sweep", [])
+    monkeypatch.setattr(grids, "_usable_cores", lambda: 2)
+    monkeypatch.setattr(grids, "JOBS_PER_WORKER", 1)
+    monkeypatch.setattr(grids, "_composed", _composed_recording)
+    monkeypatch.setenv("COMPOSED_IN", str(tmp_path))
+    side_by_side = grids.compose_experiment("rank_sweep", [])
+    composed_in = {path.name for path in tmp_path.iterdir()}
+    assert composed_in and str(os.getpid()) not in composed_in
+    assert [job.method.r for job in side_by_side] == [4, 8, 16]
+    assert [OmegaConf.to_yaml(job) for job in side_by_side] == [
+        OmegaConf.to_yaml(job) for job in in_turn]
+    assert all(OmegaConf.is_struct(job) and OmegaConf.get_type(job.train).__name__ ==
+               "TrainConfig" for job in side_by_side)
+
+
+def _composed_recording(job):
+    """grids._composed, and the worker that composed it (a file named by its pid)."""
+    (Path(os.environ["COMPOSED_IN"]) / str(os.getpid())).touch()
+    loader, sweep_config = grids._COMPOSING
+    return loader.load_sweep_config(sweep_config, job)
 
 
 def test_the_rank_sweep_trains_base_lora_at_three_ranks_with_rouge_every_epoch():

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import requests
 from mlflow import MlflowClient
@@ -56,6 +57,10 @@ def test_a_shared_server_refuses_anyone_without_credentials(tmp_path):
     address = f"http://127.0.0.1:{port}"
     try:
         wait_until_answering(address, serving, lambda: serving.stdout.read()[-3000:])
+        # Without MLflow's job runner (its consumers: seven processes of about 200 MiB).
+        processes = psutil.Process(serving.pid).children(recursive=True)
+        assert processes and not [process for process in processes
+                                  if "huey" in " ".join(process.cmdline())]
         password_file = secrets / "admin-password"
         assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
         password = password_file.read_text().strip()

@@ -2,6 +2,10 @@
 basic sweeper expands it, before anything runs.
 """
 
+import math
+import multiprocessing
+import os
+import sys
 from pathlib import Path
 
 import yaml
@@ -80,4 +84,32 @@ def cells(sweep_config: DictConfig) -> list[DictConfig]:
     arguments += list(sweep_config.hydra.overrides.task)
     overrides = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
     jobs = BasicSweeper.split_arguments(overrides, max_batch_size=None)[0]
-    return [loader.load_sweep_config(sweep_config, job) for job in jobs]
+    workers = min(_usable_cores(), len(jobs) // JOBS_PER_WORKER)
+    if workers < 2 or sys.platform != "linux":
+        return [loader.load_sweep_config(sweep_config, job) for job in jobs]
+    # A job's composition takes about a sixth of a second of one core (OmegaConf's merges): a
+    # large grid's (full_grid: 288 jobs) is shared among the cores by forked workers, which have
+    # Hydra's state already and send back each job's config, in Hydra's order.
+    global _COMPOSING
+    _COMPOSING = loader, sweep_config
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            return pool.map(_composed, jobs, chunksize=math.ceil(len(jobs) / workers))
+    finally:
+        _COMPOSING = None
+
+
+JOBS_PER_WORKER = 16  # fewer, and a worker's start and the configs' pickling take what it saves
+_COMPOSING = None  # (the config loader, the sweep's config), for the forked workers
+
+
+def _composed(job: list[str]) -> DictConfig:
+    """In a forked worker: one job's config."""
+    loader, sweep_config = _COMPOSING
+    return loader.load_sweep_config(sweep_config, job)
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (a container's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        os.cpu_count() or 1
