@@ -181,12 +181,15 @@ def _generate_everywhere(cells: list[tuple], tmp_path) -> None:
     cell_cfgs = [_generating(*cell, cache) for cell in cells]
     sharded = launch.run_ranks(OmegaConf.create(cell_cfgs[0]["strategy"]), tmp_path,
                                _predictions_on_ranks, cell_cfgs, start_method="forkserver")[0]
-    singles = {}  # the same cell in one process, once for every strategy that shards it
     for cell, predictions in zip(cells, sharded):
-        if cell[1:] not in singles:
-            singles[cell[1:]] = _predictions(_generating("single", *cell[1:], cache),
+        if cell[1:] not in SINGLES:
+            SINGLES[cell[1:]] = _predictions(_generating("single", *cell[1:], cache),
                                              ranks.SINGLE)
-        assert len(predictions) == 12 and predictions == singles[cell[1:]], cell
+        assert len(predictions) == 12 and predictions == SINGLES[cell[1:]], cell
+
+
+# The same (method, model) cell in one process: made once for every strategy that shards it.
+SINGLES: dict[tuple[str, str], list[str]] = {}
 
 
 @pytest.mark.slow  # starts each strategy's ranks
