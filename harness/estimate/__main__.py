@@ -15,8 +15,8 @@ from harness.config import identity, validation
 from harness.core.errors import ConfigError, refused
 from harness.core.options import CONF_DIR
 from harness.data import encoding
-from harness.estimate import sharding
 from harness.estimate.estimate import PARTS, gpu_peak_mib
+from harness.strategy.sizes import world_size
 
 
 def main(argv: list[str]) -> int:
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
           f"{lengths['source']} / {lengths['target']} ({lengths_from}), gradient checkpointing "
           f"{'on' if cfg.train.gradient_checkpointing else 'off'}:")
     if cfg.strategy.name != "single":
-        share = cfg.train.batch_size // sharding.world_size(cfg.strategy)
+        share = cfg.train.batch_size // world_size(cfg.strategy)
         print(f"  one rank of {identity.strategy_label(cell_cfg['strategy'])}, at its share of "
               f"the batch ({share} examples); total is its GPU's, host what it keeps on the host:")
     for name in (*PARTS, "total", "allocated", "host"):

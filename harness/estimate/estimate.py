@@ -76,6 +76,7 @@ from harness.model import (
     tokenizers,
     training_step,
 )
+from harness.strategy.sizes import world_size
 
 # A CUDA context with PyTorch's kernels loaded lazily (CUDA >= 11.7), cuBLAS initialised: about
 # what nvidia-smi shows for a process that has run a matmul. `make gpu-check` measures it on a
@@ -205,7 +206,7 @@ def _spec(cell_cfg: dict, lengths: dict, device_type: str = "cuda") -> str:
     batch is one rank's share of the global batch; a CPU's step (device_type "cpu") is a spec of
     its own."""
     train_cfg = cell_cfg["train"]
-    ranks = sharding.world_size(cell_cfg["strategy"]) if "strategy" in cell_cfg else 1
+    ranks = world_size(cell_cfg["strategy"]) if "strategy" in cell_cfg else 1
     train = {key: train_cfg[key] for key in ("batch_size", "grad_accum_steps", "max_grad_norm",
                                              "weight_decay", "gradient_checkpointing")}
     train["batch_size"] = max(1, train["batch_size"] // ranks)

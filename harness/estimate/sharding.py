@@ -16,8 +16,6 @@ larger of that step's and the one outside it.
 from harness.strategy import registry
 from harness.strategy.sizes import world_size
 
-__all__ = ["per_rank", "world_size"]
-
 
 def per_rank(parts: dict, strategy_cfg: dict, method: str) -> dict:
     """`parts` (the simulated rank at its micro-batch, holding the whole model) as the strategy
