@@ -298,7 +298,7 @@ def test_a_grid_composed_by_forked_workers_is_the_grid_composed_in_turn(monkeypa
     # A large grid's jobs are composed by a worker per core (grids.JOBS_PER_WORKER each at
     # least); here the three of rank_sweep by two (forked workers, each recording its pid).
     in_turn = grids.compose_experiment("rank_sweep", [])
-    monkeypatch.setattr(grids, "_usable_cores", lambda: 2)
+    monkeypatch.setattr(grids, "usable_cores", lambda: 2)
     monkeypatch.setattr(grids, "JOBS_PER_WORKER", 1)
     monkeypatch.setattr(grids, "_composed", _composed_recording)
     monkeypatch.setenv("COMPOSED_IN", str(tmp_path))

@@ -4,7 +4,6 @@ basic sweeper expands it, before anything runs.
 
 import math
 import multiprocessing
-import os
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, open_dict
 
 from harness.config import keys
+from harness.core.cores import usable_cores
 from harness.core.errors import ConfigError, shown
 from harness.core.files import name_problem
 from harness.core.options import CONF_DIR
@@ -84,7 +84,7 @@ def cells(sweep_config: DictConfig) -> list[DictConfig]:
     arguments += list(sweep_config.hydra.overrides.task)
     overrides = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
     jobs = BasicSweeper.split_arguments(overrides, max_batch_size=None)[0]
-    workers = min(_usable_cores(), len(jobs) // JOBS_PER_WORKER)
+    workers = min(usable_cores(), len(jobs) // JOBS_PER_WORKER)
     if workers < 2 or sys.platform != "linux":
         return [loader.load_sweep_config(sweep_config, job) for job in jobs]
     # A job's composition takes about a sixth of a second of one core (OmegaConf's merges): a
@@ -108,8 +108,3 @@ def _composed(job: list[str]) -> DictConfig:
     loader, sweep_config = _COMPOSING
     return loader.load_sweep_config(sweep_config, job)
 
-
-def _usable_cores() -> int:
-    """The cores this process may run on (a container's share, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-        os.cpu_count() or 1

@@ -50,7 +50,6 @@ numbers), and other processes on the GPU. The study's own figures may include so
 import hashlib
 import json
 import multiprocessing
-import os
 import signal
 import sys
 import time
@@ -63,6 +62,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from harness.config import identity
+from harness.core.cores import usable_cores
 from harness.core.files import write_whole
 from harness.core.units import MIB
 from harness.estimate import allocator, meta_outputs, sharding, simulate, steps, work
@@ -152,7 +152,7 @@ def gpu_peaks_mib(requests: list[tuple[dict, dict, str]]) -> list[dict]:
         if path and not path.exists():
             pending.setdefault(path, (cell_cfg, lengths, cache_dir))
     pending = list(pending.values())
-    started, cores = time.monotonic(), _usable_cores()
+    started, cores = time.monotonic(), usable_cores()
     start_method = _start_method()
     head_start_s = WORKER_START_S if start_method == "spawn" else 0.0
     # A simulation takes seconds: say how many are done and which cell is being simulated.
@@ -193,12 +193,6 @@ def _simulated(request: tuple) -> str:
     gpu_peak_mib(*request)
     return identity.run_name(request[0])
 
-
-def _usable_cores() -> int:
-    """The cores this process may run on (a container's share, not the host's count)."""
-    if hasattr(os, "sched_getaffinity"):  # not on macOS
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _spec(cell_cfg: dict, lengths: dict, device_type: str = "cuda") -> str:
