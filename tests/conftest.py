@@ -19,9 +19,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
-from harness import server
 from harness.core import pauses
 from harness.measure import gpus
+from harness.server import JOBS_VARIABLE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,7 @@ def mlflow_serving(command: str, backend_store_uri: str, log_path: Path, *option
 def without_server_jobs(environment) -> dict:
     """`environment` with MLflow's server job runner off, as `make server` and `make ui` start
     the server (harness/server.py says why)."""
-    return {server.JOBS_VARIABLE: "false", **environment}
+    return {JOBS_VARIABLE: "false", **environment}
 
 
 def wait_until_answering(address: str, server: subprocess.Popen, log) -> None:

@@ -107,4 +107,3 @@ def _composed(job: list[str]) -> DictConfig:
     """In a forked worker: one job's config."""
     loader, sweep_config = _COMPOSING
     return loader.load_sweep_config(sweep_config, job)
-

@@ -194,7 +194,6 @@ def _simulated(request: tuple) -> str:
     return identity.run_name(request[0])
 
 
-
 def _spec(cell_cfg: dict, lengths: dict, device_type: str = "cuda") -> str:
     """Only what the estimate reads: the key of both caches (a grid repeats architectures). The
     batch is one rank's share of the global batch; a CPU's step (device_type "cpu") is a spec of
