@@ -52,6 +52,28 @@ class MetaOutputs:
         return out
 
 
+def tensors_in(value) -> list:
+    """The tensors in an op's arguments or outputs (nested tuples, lists and dicts), in the order
+    torch's pytree flattens them; much cheaper than tree_flatten, which a dispatch mode would call
+    for every op of a step."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    found = []
+    _collect(value, found)
+    return found
+
+
+def _collect(value, found: list) -> None:
+    if isinstance(value, torch.Tensor):
+        found.append(value)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _collect(item, found)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _collect(item, found)
+
+
 def _returns_new_tensors(func) -> bool:
     schema = func._schema
     return (func.namespace == "aten" and not func.is_view and bool(schema.returns)

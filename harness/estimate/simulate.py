@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
-from harness.estimate.meta_outputs import MetaOutputs
+from harness.estimate.meta_outputs import MetaOutputs, tensors_in
 
 # PyTorch's AMP "Autocast Op Reference", CUDA: the functions (of those transformer models call)
 # that autocast runs in the lower precision, and those it runs in float32.
@@ -71,9 +71,8 @@ class Trace(TorchDispatchMode):
         if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
             return self._scalar(args[0])
         out = self.call(func, args, kwargs or {})
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
-                self._track(tensor)
+        for tensor in tensors_in(out):
+            self._track(tensor)
         return out
 
     @staticmethod

@@ -95,7 +95,7 @@ def simulated_steps(model, cfg, lengths: dict, device: torch.device,
     trace = simulate.Trace(existing=weights.values(), reuse_outputs=reuse_outputs)
     counted = work.Work(random_apart=on_cpu, signatures=on_cpu)
     gradients, states = set(), set()
-    with trace, on_cuda or contextlib.nullcontext(), counted:
+    with trace, on_cuda or contextlib.nullcontext():
         batch = families.of(cfg.model).training_batch(cfg.train.batch_size, lengths, device,
                                                       tokenizers.PAD_ID, tokenizers.EOS_ID + 1)
         # LOMO frees each fused gradient inside backward: note them as they appear (registered
@@ -124,15 +124,19 @@ def simulated_steps(model, cfg, lengths: dict, device: torch.device,
             updates.optimizer.register_step_post_hook(stepped)
         model.train()
         for step in range(STEPS):
-            counted.recording = step == STEPS - 1  # the work of a step with optimizer state
-            updates.backward(training_step.forward(model, batch, "fp32", device), update=True)
-            gradients.update(trace.serial_of(p.grad) for p in model.parameters()
-                             if p.grad is not None)
-            if updates.optimizer is not None:
-                states.update(trace.serial_of(value)
-                              for state in updates.optimizer.state.values()
-                              for value in state.values() if isinstance(value, torch.Tensor))
-            updates.next_step()
+            # The work of a step with optimizer state: counted in the last step only (a dispatch
+            # mode costs every op it sees).
+            with counted if step == STEPS - 1 else contextlib.nullcontext():
+                counted.recording = step == STEPS - 1
+                updates.backward(training_step.forward(model, batch, "fp32", device),
+                                 update=True)
+                gradients.update(trace.serial_of(p.grad) for p in model.parameters()
+                                 if p.grad is not None)
+                if updates.optimizer is not None:
+                    states.update(trace.serial_of(value)
+                                  for state in updates.optimizer.state.values()
+                                  for value in state.values() if isinstance(value, torch.Tensor))
+                updates.next_step()
         updates.close()
         for hook in hooks:
             hook.remove()

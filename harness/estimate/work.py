@@ -24,7 +24,8 @@ from collections import Counter
 import torch
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+from harness.estimate.meta_outputs import tensors_in
 
 # multi_tensor_apply's limits (ATen's MultiTensorApply.cuh): tensors per launch by the number of
 # tensor lists, blocks per launch, elements per block.
@@ -107,11 +108,9 @@ class Work(TorchDispatchMode):
     def _cost(self, func, args, kwargs, out) -> tuple:
         packet = func._overloadpacket
         name = packet.__name__
-        inputs = [value for value in tree_flatten((args, kwargs))[0]
-                  if isinstance(value, torch.Tensor)]
-        outputs = [value for value in tree_flatten(out)[0] if isinstance(value, torch.Tensor)]
         if func.is_view or name in NO_KERNEL:
             return ("", 0, 0, 0, self.phase)
+        inputs, outputs = tensors_in((args, kwargs)), tensors_in(out)
         flops = self.formulas[packet](*args, **kwargs, out_val=out) \
             if packet in self.formulas else 0
         kind = KINDS.get(inputs[0].dtype, "fp32") if flops and inputs else \
