@@ -19,25 +19,34 @@ from harness.measure.sampler import Sampler
 from tests.conftest import requires_cuda
 
 SPIKE_MIB = 300
-# Holds SPIKE_MIB of written (resident) memory for 50 ms, once, when told to on stdin.
+# On a line from stdin, writes SPIKE_MIB of (resident) memory and says "holding"; frees it on the
+# next line (or the end of its stdin): a spike as long as its caller holds it, however slow the
+# machine.
 SPIKE = textwrap.dedent(f"""
     import sys, time
     sys.stdin.readline()
-    time.sleep(0.3)
+    time.sleep(0.3)  # its baseline, sampled first
     spike = bytearray(b"x") * ({SPIKE_MIB} * 1024 * 1024)
-    time.sleep(0.05)
+    print("holding", flush=True)
+    sys.stdin.readline()
     del spike
     time.sleep(0.3)
 """)
 
 
-def _trace_of(script: str, out, timeout_s: float):
-    """The real sampler's trace of `python -c script`, which starts on a line from stdin."""
+def _trace_of(script: str, out, timeout_s: float, hold_s: float | None = None):
+    """The real sampler's trace of `python -c script`, which starts on a line from stdin; with
+    `hold_s`, a SPIKE-like script, held for that long once it says it holds its memory."""
     sampler = traces.SamplerProcess(interval_ms=10, out=out)
-    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
     try:
         sampler.watch(child.pid)
         child.stdin.write("go\n")
+        child.stdin.flush()
+        if hold_s is not None:
+            assert child.stdout.readline().strip() == "holding"
+            time.sleep(hold_s)
         child.stdin.close()
         assert child.wait(timeout=timeout_s) == 0
     finally:
@@ -46,7 +55,7 @@ def _trace_of(script: str, out, timeout_s: float):
 
 
 def test_the_sampler_catches_a_50_ms_host_allocation_spike(tmp_path):
-    trace = _trace_of(SPIKE, tmp_path / "trace.csv", timeout_s=30)
+    trace = _trace_of(SPIKE, tmp_path / "trace.csv", timeout_s=30, hold_s=0.05)
     baseline = trace["cpu_mib"].iloc[:5].median()
     assert trace["cpu_mib"].max() - baseline > 0.9 * SPIKE_MIB
     assert trace["cpu_mib"].iloc[-5:].max() - baseline < 0.2 * SPIKE_MIB  # and its end
@@ -168,14 +177,21 @@ def test_a_distributed_cells_gpu_peak_is_its_fullest_gpus_and_each_rank_has_its_
 def test_the_sampler_samples_each_rank_it_is_told_of(tmp_path):
     out = tmp_path / "trace.csv"
     sampler_process = traces.SamplerProcess(interval_ms=10, out=out)
+    # Both ranks hold their spike at once, for as long as the test says, whatever the load.
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import subprocess, sys, time
+        import subprocess, sys
         ranks = [subprocess.Popen([sys.executable, "-c", {SPIKE!r}], stdin=subprocess.PIPE,
-                                  text=True) for _ in range(2)]
+                                  stdout=subprocess.PIPE, text=True) for _ in range(2)]
         print(" ".join(str(rank.pid) for rank in ranks), flush=True)
         sys.stdin.readline()
         for rank in ranks:
             rank.stdin.write("go\\n")
+            rank.stdin.flush()
+        for rank in ranks:
+            assert rank.stdout.readline().strip() == "holding"
+        print("holding", flush=True)
+        sys.stdin.readline()
+        for rank in ranks:
             rank.stdin.close()
         for rank in ranks:
             rank.wait()
@@ -184,8 +200,11 @@ def test_the_sampler_samples_each_rank_it_is_told_of(tmp_path):
         sampler_process.watch(parent.pid)
         pids = [int(pid) for pid in parent.stdout.readline().split()]
         sampler_process.watch_ranks(dict(enumerate(pids)))
-        time.sleep(0.5)
+        time.sleep(0.5)  # the ranks' baseline, sampled before their spikes
         parent.stdin.write("go\n")
+        parent.stdin.flush()
+        assert parent.stdout.readline().strip() == "holding"
+        time.sleep(0.3)  # thirty sampling intervals with both spikes held
         parent.stdin.close()
         assert parent.wait(timeout=60) == 0
     finally:
