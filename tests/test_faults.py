@@ -297,7 +297,8 @@ def _one_run_per_cell(client, experiment: str, outputs: list[str]) -> dict:
 @pytest.mark.slow
 def test_two_sweeps_started_together_on_a_new_sqlite_store_run_each_cell_once(tmp_path,
                                                                             fault_figures):
-    outputs = _two_sweeps_at_once(tmp_path, *folder_store_overrides(tmp_path, "together"))
+    outputs = _two_sweeps_at_once(tmp_path, *folder_store_overrides(tmp_path, "together",
+                                                                    new_store=True))
     found = _one_run_per_cell(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"), "together",
                               outputs)
     assert found["left_to_the_other_sweep"] == 2, outputs
