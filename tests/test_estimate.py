@@ -162,10 +162,10 @@ def test_what_a_simulation_frees_waits_for_no_garbage_collection(method):
     threshold = gc.get_threshold()
     try:
         gc.disable()
-        uncollected = estimate._simulated(spec)
+        uncollected = estimate._simulated_parts(spec)
         gc.enable()
         gc.set_threshold(50, 2, 2)
-        collected_often = estimate._simulated(spec)
+        collected_often = estimate._simulated_parts(spec)
     finally:
         gc.enable()
         gc.set_threshold(*threshold)

@@ -245,12 +245,12 @@ def _estimate(spec_json: str) -> tuple:
     # events are the same either way (tested).
     gc.freeze()
     try:
-        return _simulated(json.loads(spec_json))
+        return _simulated_parts(json.loads(spec_json))
     finally:
         gc.unfreeze()
 
 
-def _simulated(spec: dict) -> tuple:
+def _simulated_parts(spec: dict) -> tuple:
     cfg = OmegaConf.create({**spec, "train": {"optimizer_impl": "auto", **spec["train"],
                                               "lr": 1e-3, "warmup_steps": 0}})
     on_cpu = spec.get("device") == "cpu"
