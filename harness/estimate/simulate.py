@@ -30,10 +30,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-from harness.estimate.meta_outputs import MetaOutputs, tensors_in
+from harness.estimate.meta_outputs import MetaOutputs, SimulationMode, tensors_in
 
 # PyTorch's AMP "Autocast Op Reference", CUDA: the functions (of those transformer models call)
 # that autocast runs in the lower precision, and those it runs in float32.
@@ -51,7 +50,7 @@ FLOAT32_FUNCTIONS = {F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softm
 MASK_ALIGNMENT = 16
 
 
-class Trace(TorchDispatchMode):
+class Trace(SimulationMode):
     """Every storage allocated inside the block, but the `existing` storages (the weights):
     `events` is a list of (serial, bytes) in order, bytes < 0 for a free. `serial_of(tensor)`
     names a live one. With `reuse_outputs`, ops on meta tensors go through the process's

@@ -23,9 +23,8 @@ from collections import Counter
 
 import torch
 from torch.utils import flop_counter
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from harness.estimate.meta_outputs import tensors_in
+from harness.estimate.meta_outputs import SimulationMode, tensors_in
 
 # multi_tensor_apply's limits (ATen's MultiTensorApply.cuh): tensors per launch by the number of
 # tensor lists, blocks per launch, elements per block.
@@ -75,7 +74,7 @@ def flop_formulas() -> dict:
     return formulas
 
 
-class Work(TorchDispatchMode):
+class Work(SimulationMode):
     """Every op dispatched while `recording`: `ops` counts (kind, flops, bytes, launches, phase)
     tuples, kind being the matmul inputs' dtype ("random" for an op that draws random numbers,
     with `random_apart`; "" for any other op without FLOPs) and phase "update"
