@@ -128,16 +128,7 @@ def _describe(value, tensors: list):
 def _fresh(results: list, args: tuple, kwargs: dict) -> bool:
     """Whether each output is a meta tensor with a storage of its own, exactly the size an empty
     tensor of its shape and strides gets, and starts at its beginning."""
-    inputs = set()
-    stack = [args, kwargs]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, torch.Tensor):
-            inputs.add(value.untyped_storage()._cdata)
-        elif isinstance(value, (list, tuple)):
-            stack.extend(value)
-        elif isinstance(value, dict):
-            stack.extend(value.values())
+    inputs = {tensor.untyped_storage()._cdata for tensor in tensors_in((args, kwargs))}
     storages = [tensor.untyped_storage() for tensor in results]
     if len({storage._cdata for storage in storages}) < len(storages):
         return False
