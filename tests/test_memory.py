@@ -120,20 +120,22 @@ def test_the_resident_memory_read_is_psutils_and_lets_go_of_ended_processes(chil
     resident = sampler.ResidentMemory()
     # Two sleeping processes: nothing moves their memory between the reads.
     assert resident.of(tree) == sum(process.memory_info().rss for process in tree)
+    assert resident.of(tree[1:]) == tree[1].memory_info().rss  # a rank's tree: its own files
     assert set(resident.files) == {process.pid for process in tree}
-    assert resident.of(tree[:1]) == tree[0].memory_info().rss  # the child's file is closed
-    assert set(resident.files) == {child.pid}
     tree[1].kill()  # its parent does not reap it: a zombie, which holds no memory
     while tree[1].status() != psutil.STATUS_ZOMBIE:
         time.sleep(0.01)
     assert resident.of(tree) == tree[0].memory_info().rss
+    resident.keep(tree[:1])  # the tree looked for again: the child is no longer in it
+    assert set(resident.files) == {child.pid}
     ended = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     root = psutil.Process(ended.pid)
     assert resident.of([root]) > 0
     ended.kill()
     ended.wait()
     assert resident.of([root]) is None  # the root has gone: the cell has ended
-    assert not resident.files  # each file closed once its process left the tree or ended
+    resident.keep([])
+    assert not resident.files
 
 
 def test_nvml_per_process_memory_counts_the_cell_tree_on_every_gpu(child):
