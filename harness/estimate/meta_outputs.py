@@ -25,7 +25,7 @@ META = torch.device("meta")
 class SimulationMode(TorchDispatchMode):
     """A dispatch mode of the simulation (simulate.Trace, work.Work). torch wraps a mode's
     __torch_dispatch__ in a guard that keeps torch.compile out of it, at a few microseconds a
-    call: a tenth of a simulation that calls it some 200,000 times. Nothing in a simulation is
+    call: about 6 % of a simulation, which calls it some 200,000 times. Nothing in a simulation is
     compiled, so these modes go without it (torch's documented switch)."""
 
     @classmethod
