@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import MissingConfigException
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from harness.config import grids, identity, validation
 from harness.core.errors import ConfigError
@@ -315,8 +317,42 @@ def test_a_grid_composed_by_forked_workers_is_the_grid_composed_in_turn(monkeypa
 def _composed_recording(job):
     """grids._composed, and the worker that composed it (a file named by its pid)."""
     (Path(os.environ["COMPOSED_IN"]) / str(os.getpid())).touch()
-    loader, sweep_config = grids._COMPOSING
-    return loader.load_sweep_config(sweep_config, job)
+    return grids._COMPOSING.job(job)
+
+
+def test_jobs_choosing_the_same_groups_share_one_composition_and_are_hydras_own(monkeypatch):
+    # Two choices of groups (method), six jobs each (rank x checkpointing), a value override
+    # from the command line: Hydra composes twice, and every job is the config Hydra composes
+    # for it alone, its hydra node (the overrides it records) included.
+    overrides = ["model=flan-t5-base", "precision=bf16", "method=lora,full", "train.max_steps=5"]
+    composing = []
+    loading = ConfigLoaderImpl.load_sweep_config
+    monkeypatch.setattr(ConfigLoaderImpl, "load_sweep_config", lambda loader, sweep, job: (
+        composing.append(job), loading(loader, sweep, job))[1])
+    with initialize_config_dir(config_dir=str(REPO / "experiments"), version_base="1.3"):
+        sweep = compose("full_grid", overrides=[*overrides[:2], overrides[3],
+                                                f"hydra.searchpath=[file://{REPO / 'conf'}]"],
+                        return_hydra_config=True)
+        with open_dict(sweep):
+            sweep.hydra.overrides.task = overrides
+        jobs = grids.cells(sweep)
+        assert composing == [["model=flan-t5-base", "precision=bf16", "method=lora"],
+                             ["model=flan-t5-base", "precision=bf16", "method=full"]]
+        # Hydra's order: the sweeper's params, then the command line's (which replaced three).
+        expected = [[*overrides[:2], f"method={method}", f"++method.r={rank}",
+                     f"train.gradient_checkpointing={checkpointing}", overrides[3]]
+                    for method in ("lora", "full") for rank in (4, 8, 16)
+                    for checkpointing in ("False", "True")]
+        assert [list(job.hydra.overrides.task) for job in jobs] == expected
+        loader = GlobalHydra.instance().config_loader()
+        hydras = [loading(loader, sweep, job) for job in expected]
+    assert {(job.method.name, job.method.r, job.train.max_steps) for job in jobs} >= {
+        ("lora", 16, 5), ("full", 4, 5)}
+    assert [job.hydra.job.override_dirname for job in jobs] == [
+        job.hydra.job.override_dirname for job in hydras]
+    assert [OmegaConf.to_yaml(job) for job in jobs] == [OmegaConf.to_yaml(job) for job in hydras]
+    assert all(OmegaConf.is_struct(job) and OmegaConf.get_type(job.method) ==
+               OmegaConf.get_type(hydra.method) for job, hydra in zip(jobs, hydras))
 
 
 def test_the_rank_sweep_trains_base_lora_at_three_ranks_with_rouge_every_epoch():
