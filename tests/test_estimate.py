@@ -9,10 +9,11 @@ import sys
 import bitsandbytes as bnb
 import pytest
 import torch
+from torch.utils._pytree import tree_map
 
 from harness.config import identity
 from harness.core.units import MIB
-from harness.estimate import estimate, simulate, steps
+from harness.estimate import estimate, meta_outputs, simulate, steps
 from harness.measure import accounting
 from harness.model import methods, models
 from tests.conftest import REPO, compose_cell
@@ -91,6 +92,16 @@ def test_outputs_made_from_their_shapes_change_nothing(overrides):
         assert reused.ops == found[0].ops
         assert (reused.gradients, reused.states, reused.optimizer_steps) == (
             found[0].gradients, found[0].states, found[0].optimizer_steps)
+
+
+def test_the_light_tree_map_maps_as_torchs_own():
+    # meta_outputs.mapped stands in for torch's tree_map over an op's arguments (autocast's
+    # casts, the FLOP formulas' shapes): the same leaves mapped, torch.Size kept whole.
+    meta = torch.empty(2, 3, device="meta")
+    arguments = ((meta, [meta, 1.5], torch.Size([2, 3]), None), {"weight": meta, "eps": 1e-6})
+    shape = lambda value: value.shape if isinstance(value, torch.Tensor) else value  # noqa: E731
+    assert meta_outputs.mapped(arguments, shape) == tree_map(shape, arguments)
+    assert type(meta_outputs.mapped(arguments, shape)[0][2]) is torch.Size
 
 
 def test_checkpointing_keeps_far_less_for_backward():

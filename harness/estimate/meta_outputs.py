@@ -75,6 +75,19 @@ def tensors_in(value) -> list:
     return found
 
 
+def mapped(value, function):
+    """`value` with `function` applied to each leaf of its nested tuples, lists and dicts (a
+    tuple subclass such as torch.Size is a leaf): torch's tree_map for an op's arguments, which
+    a simulation calls thousands of times (autocast's casts, the FLOP formulas' shapes), at a
+    fraction of its cost."""
+    kind = type(value)
+    if kind is tuple or kind is list:
+        return kind([mapped(item, function) for item in value])
+    if kind is dict:
+        return {name: mapped(item, function) for name, item in value.items()}
+    return function(value)
+
+
 def _collect(value, found: list) -> None:
     if isinstance(value, torch.Tensor):
         found.append(value)

@@ -30,9 +30,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
 
-from harness.estimate.meta_outputs import MetaOutputs, SimulationMode, tensors_in
+from harness.estimate.meta_outputs import MetaOutputs, SimulationMode, mapped, tensors_in
 
 # PyTorch's AMP "Autocast Op Reference", CUDA: the functions (of those transformer models call)
 # that autocast runs in the lower precision, and those it runs in float32.
@@ -175,8 +174,8 @@ def _additive(mask, query: torch.Tensor):
 
 
 def _cast(tree, source: torch.dtype, target: torch.dtype):
-    return tree_map(lambda value: value.to(target) if isinstance(value, torch.Tensor)
-                    and value.dtype == source else value, tree)
+    return mapped(tree, lambda value: value.to(target) if isinstance(value, torch.Tensor)
+                  and value.dtype == source else value)
 
 
 def _aligned(mask: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from collections import Counter
 import torch
 from torch.utils import flop_counter
 
-from harness.estimate.meta_outputs import SimulationMode, tensors_in
+from harness.estimate.meta_outputs import SimulationMode, mapped, tensors_in
 
 # multi_tensor_apply's limits (ATen's MultiTensorApply.cuh): tensors per launch by the number of
 # tensor lists, blocks per launch, elements per block.
@@ -89,9 +89,14 @@ class Work(SimulationMode):
         # rows stay as they were.
         self.random_apart, self.signatures = random_apart, signatures
         self.calls = Counter()
-        self.formulas = {**flop_counter.flop_registry,
-                         **{op: flop_counter.shape_wrapper(formula)
-                            for op, formula in flop_formulas().items()}}
+        # op: (formula, whether it takes shapes). torch registers most formulas wrapped to take
+        # shapes (flop_counter.shape_wrapper, whose tree_map costs more than the formula): they
+        # are unwrapped here and given shapes made by meta_outputs.mapped; those it registers
+        # raw take the tensors.
+        self.formulas = {op: (getattr(formula, "__wrapped__", formula),
+                              hasattr(formula, "__wrapped__"))
+                         for op, formula in flop_counter.flop_registry.items()}
+        self.formulas.update({op: (formula, True) for op, formula in flop_formulas().items()})
         self.ops = Counter()
         self.recording, self.phase = False, "pass"
 
@@ -110,8 +115,14 @@ class Work(SimulationMode):
         if func.is_view or name in NO_KERNEL:
             return ("", 0, 0, 0, self.phase)
         inputs, outputs = tensors_in((args, kwargs)), tensors_in(out)
-        flops = self.formulas[packet](*args, **kwargs, out_val=out) \
-            if packet in self.formulas else 0
+        formula, takes_shapes = self.formulas.get(packet, (None, False))
+        if formula is None:
+            flops = 0
+        elif takes_shapes:
+            flops = formula(*mapped(args, _shape), **mapped(kwargs, _shape),
+                            out_shape=mapped(out, _shape))
+        else:
+            flops = formula(*args, **kwargs, out_val=out)
         kind = KINDS.get(inputs[0].dtype, "fp32") if flops and inputs else \
             "random" if self.random_apart and name in RANDOM else ""
         moved = sum(_bytes(tensor) for tensor in inputs + outputs)
@@ -146,6 +157,10 @@ def _described(value):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return ["unknown", type(value).__name__]
+
+
+def _shape(value):
+    return value.shape if isinstance(value, torch.Tensor) else value
 
 
 def _bytes(tensor: torch.Tensor) -> int:
