@@ -326,6 +326,7 @@ def test_jobs_choosing_the_same_groups_share_one_composition_and_are_hydras_own(
     # for it alone, its hydra node (the overrides it records) included.
     overrides = ["model=flan-t5-base", "precision=bf16", "method=lora,full", "train.max_steps=5"]
     composing = []
+    monkeypatch.setattr(grids, "JOBS_PER_WORKER", 100)  # composed here, where it is seen
     loading = ConfigLoaderImpl.load_sweep_config
     monkeypatch.setattr(ConfigLoaderImpl, "load_sweep_config", lambda loader, sweep, job: (
         composing.append(job), loading(loader, sweep, job))[1])

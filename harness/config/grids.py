@@ -104,7 +104,7 @@ def cells(sweep_config: DictConfig) -> list[DictConfig]:
         _COMPOSING = None
 
 
-JOBS_PER_WORKER = 16  # fewer, and a worker's start and the configs' pickling take what it saves
+JOBS_PER_WORKER = 4  # fewer, and a worker's start and the configs' pickling take what it saves
 _COMPOSING = None  # the Composer, for the forked workers
 
 
