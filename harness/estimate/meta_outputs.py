@@ -47,7 +47,10 @@ class MetaOutputs:
         key = _described((func, args, kwargs)) if qualifies else None
         if key is None:
             return func(*args, **kwargs)
-        returned = self.seen.get(key)
+        try:
+            returned = self.seen.get(key)
+        except TypeError:  # a value in it that cannot be a key
+            return func(*args, **kwargs)
         if returned is not None:
             made = tuple(None if output is None else torch.empty_strided(
                 output[0], output[1], dtype=output[2], device=META) for output in returned)
@@ -113,28 +116,30 @@ class _NotMeta(Exception):
 
 def _described(value):
     """A hashable description of an op's arguments: a tensor by its shape, stride, offset and
-    dtype, anything else by its value; None where a tensor is not a meta tensor (real data), where
-    none is a tensor (a factory's device may be the default one) or a value cannot be a key."""
+    dtype, anything else by its value; None where a tensor is not a meta tensor (real data) or
+    none is a tensor (a factory's device may be the default one). A value that cannot be a key
+    makes it unhashable (the caller's lookup says so: a description is not hashed twice)."""
     tensors = []
     try:
         key = _describe(value, tensors)
-        hash(key)
-    except (_NotMeta, TypeError):
+    except _NotMeta:
         return None
     return key if tensors else None
 
 
 def _describe(value, tensors: list):
+    # Called for every argument of every op of a step: the common containers by their exact
+    # type first, list comprehensions rather than generators.
     if isinstance(value, torch.Tensor):
         if not value.is_meta:
             raise _NotMeta
         tensors.append(value)
-        return (tuple(value.shape), value.stride(), value.storage_offset(), value.dtype)
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, *(_describe(item, tensors) for item in value))
-    if isinstance(value, dict):
-        return ("dict", *((name, _describe(item, tensors))
-                          for name, item in sorted(value.items())))
+        return (value.shape, value.stride(), value.storage_offset(), value.dtype)
+    kind = type(value)
+    if kind is tuple or kind is list or isinstance(value, (list, tuple)):
+        return (kind.__name__, *[_describe(item, tensors) for item in value])
+    if kind is dict or isinstance(value, dict):
+        return ("dict", *[(name, _describe(value[name], tensors)) for name in sorted(value)])
     return value
 
 

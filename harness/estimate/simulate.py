@@ -25,6 +25,7 @@ overflow), and any other truth value is false, so that a padding mask counts as 
 and the attention mask is built, as for the padded batches of the run.
 """
 
+import functools
 import weakref
 
 import torch
@@ -64,6 +65,9 @@ class Trace(SimulationMode):
         self.events = []
         self.live = {}  # storage address: serial
         self.sizes = {}
+        # serial: a weak reference to its storage, whose callback notes the free (lighter than
+        # weakref.finalize, at some 60,000 storages a simulation)
+        self.watched = {}
         self.known = {storage._cdata for storage in existing}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -89,9 +93,10 @@ class Trace(SimulationMode):
         serial = len(self.sizes)
         self.live[address], self.sizes[serial] = serial, storage.nbytes()
         self.events.append((serial, storage.nbytes()))
-        weakref.finalize(storage, self._free, address, serial)
+        self.watched[serial] = weakref.ref(storage, functools.partial(self._free, address, serial))
 
-    def _free(self, address: int, serial: int) -> None:
+    def _free(self, address: int, serial: int, _reference=None) -> None:
+        del self.watched[serial]
         if self.live.get(address) == serial:
             del self.live[address]
             self.events.append((serial, -self.sizes[serial]))
