@@ -49,6 +49,7 @@ class CachingAllocator:
     def __init__(self):
         self.free_blocks = {True: [], False: []}  # small pool?: sorted [(size, segment, offset)]
         self.segments = []                        # per segment: {offset: (size, is_free)}
+        self.ends = []                            # per segment: {a block's end: its offset}
         self.small_segments = set()
         self.taken = {}                           # serial: (segment, offset)
         self.reserved = self.peak_reserved = 0
@@ -62,20 +63,22 @@ class CachingAllocator:
         found = bisect.bisect_left(pool, (size, -1, -1))
         if found < len(pool):
             block_size, segment, offset = pool.pop(found)
+            del self.ends[segment][offset + block_size]
         else:
             block_size, segment, offset = segment_size(size), len(self.segments), 0
-            self.segments.append({0: (block_size, True)})
+            self.segments.append({})
+            self.ends.append({})
             if small:
                 self.small_segments.add(segment)
             self.reserved += block_size
             self.peak_reserved = max(self.peak_reserved, self.reserved)
         remaining = block_size - size
         if remaining >= MIN_BLOCK if small else remaining > SMALL_REQUEST:
-            self.segments[segment][offset] = (size, False)
-            self.segments[segment][offset + size] = (remaining, True)
+            self._put(segment, offset, size, False)
+            self._put(segment, offset + size, remaining, True)
             bisect.insort(pool, (remaining, segment, offset + size))
         else:
-            self.segments[segment][offset] = (block_size, False)
+            self._put(segment, offset, block_size, False)
         self.taken[serial] = (segment, offset)
 
     def free(self, serial) -> None:
@@ -83,29 +86,30 @@ class CachingAllocator:
             return
         segment, offset = self.taken.pop(serial)
         blocks = self.segments[segment]
-        size, _ = blocks[offset]
+        size, _ = blocks.pop(offset)
+        del self.ends[segment][offset + size]
         small = segment in self.small_segments
-        # Merge with the free block after, then with the free block before.
+        # Merge with the free block after, then with the free block before (the one that ends
+        # where this one starts).
         after = offset + size
         if after in blocks and blocks[after][1]:
             size += self._take_free(small, segment, after)
-        before = self._previous(blocks, offset)
+        before = self.ends[segment].get(offset)
         if before is not None and blocks[before][1]:
             size += self._take_free(small, segment, before)
-            del blocks[offset]
             offset = before
-        blocks[offset] = (size, True)
+        self._put(segment, offset, size, True)
         bisect.insort(self.free_blocks[small], (size, segment, offset))
+
+    def _put(self, segment: int, offset: int, size: int, is_free: bool) -> None:
+        self.segments[segment][offset] = (size, is_free)
+        self.ends[segment][offset + size] = offset
 
     def _take_free(self, small: bool, segment: int, offset: int) -> int:
         size, _ = self.segments[segment].pop(offset)
+        del self.ends[segment][offset + size]
         self.free_blocks[small].remove((size, segment, offset))
         return size
-
-    @staticmethod
-    def _previous(blocks: dict, offset: int):
-        earlier = [start for start in blocks if start < offset]
-        return max(earlier) if earlier else None
 
 
 def replay(events) -> int:
