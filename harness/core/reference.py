@@ -2,6 +2,7 @@
 README memory table and the OpenCALM-7B study, for the report (beside the cells that match a
 row) and the plan (the estimate against the published GPU memory)."""
 
+import copy
 import functools
 from pathlib import Path
 
@@ -31,7 +32,7 @@ DIRECTIONS = ("high", "low", "either", "none")
 
 def tables() -> list[dict]:
     """The tables as reference.yaml writes them, each checked to declare its source's setup."""
-    found = yaml.safe_load(PATH.read_text())["tables"]
+    found = _published()["tables"]
     for table in found:
         missing = [key for key in DECLARED if key not in table]
         missing += [f"software.{key}" for key in SOFTWARE if key not in table.get("software", {})]
@@ -47,7 +48,19 @@ def tables() -> list[dict]:
 def considered() -> list[dict]:
     """The sources looked at and left out (reference.yaml's `considered`): name, source, and
     what they do not state."""
-    return yaml.safe_load(PATH.read_text()).get("considered", [])
+    return _published().get("considered", [])
+
+
+def _published() -> dict:
+    """reference.yaml as YAML reads it: parsed once while the file stays as it is (a plan looks up
+    each of its cells, full_grid's 288), a copy each time."""
+    status = PATH.stat()
+    return copy.deepcopy(_parsed(status.st_mtime_ns, status.st_size))
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed(modified_ns: int, size: int) -> dict:
+    return yaml.safe_load(PATH.read_text())
 
 
 def load() -> pd.DataFrame:

@@ -142,9 +142,9 @@ def plan(jobs: list[DictConfig], found_gpus: list[dict], named_gpu=None,
     # All at once: the simulations may run side by side.
     all_parts = estimate.gpu_peaks_mib([request for *_, request in estimated])
     for (row, job, lengths_from, request), parts in zip(estimated, all_parts):
-        row.update(_estimate_columns(job, request[1], lengths_from, parts))
-        row.update(_time_columns(job, estimate.step_work(*request), parts, gpu and gpu[2],
-                                 corrections.get(job.method.name)))
+        row.update(_estimate_columns(job, request[0], request[1], lengths_from, parts))
+        row.update(_time_columns(job, request[0], estimate.step_work(*request), parts,
+                                 gpu and gpu[2], corrections.get(job.method.name)))
         if "predicted_train_min" in row and "reference_train_min" in row:
             row["time_ratio"] = row["predicted_train_min"] / row["reference_train_min"]
     table = pd.DataFrame(rows)
@@ -155,8 +155,10 @@ def plan(jobs: list[DictConfig], found_gpus: list[dict], named_gpu=None,
     return table
 
 
-def _estimate_columns(job: DictConfig, lengths: dict, lengths_from: str, parts: dict) -> dict:
-    """The cell's lengths, its estimate and parts, and the reference figure it is compared with."""
+def _estimate_columns(job: DictConfig, cell_cfg: dict, lengths: dict, lengths_from: str,
+                      parts: dict) -> dict:
+    """The cell's lengths, its estimate and parts, and the reference figure it is compared with
+    (`cell_cfg`: identity.cell_config(job), made once per job: it costs milliseconds)."""
     found = {"source_length": lengths["source"], "target_length": lengths["target"],
              "lengths": f"{lengths['source']}/{lengths['target']}", "lengths_from": lengths_from,
              **{f"{name}_mib": parts[name] for name in estimate.PARTS},
@@ -170,7 +172,7 @@ def _estimate_columns(job: DictConfig, lengths: dict, lengths_from: str, parts: 
             job.strategy.name)
     published = reference.row(*keys)
     other = published and reference.differences(
-        published, identity.flat_params(identity.cell_config(job), job))
+        published, identity.flat_params(cell_cfg, job))
     if other:  # the published figure is of another setup: no ratio to it
         found.update(reference=f"{published['table']}: other setup",
                      reference_setup="; ".join(other))
@@ -201,8 +203,8 @@ def _corrections(tracking_cfg, gpu_name: str) -> dict:
             for method, group in measured.groupby("params.method.name")}
 
 
-def _time_columns(job: DictConfig, work_rows: list, parts: dict, gpu_name: str | None,
-                  correction: tuple[float, int] | None) -> dict:
+def _time_columns(job: DictConfig, cell_cfg: dict, work_rows: list, parts: dict,
+                  gpu_name: str | None, correction: tuple[float, int] | None) -> dict:
     """FLOPs per optimizer step (one rank's); on the GPU compared with, the predicted step time
     (harness/estimate/timing.py) and what bounds it, corrected by `correction` (_corrections'
     ratio for the cell's method) with the uncorrected figure beside it, plus what the strategy's
@@ -216,7 +218,7 @@ def _time_columns(job: DictConfig, work_rows: list, parts: dict, gpu_name: str |
     predicted = timing.step_seconds(work_rows, device)
     model_s = predicted["step_s"]  # the time model's own
     step_s = model_s * (correction[0] if correction is not None else 1.0)
-    moved = communication.seconds(parts, identity.cell_config(job)["strategy"], job.method.name,
+    moved = communication.seconds(parts, cell_cfg["strategy"], job.method.name,
                                   job.train.max_grad_norm is not None, device, step_s)
     if moved:
         found.update(comm_gb_per_step=moved["comm_bytes"] / 1e9, comm_s=moved["comm_s"],
