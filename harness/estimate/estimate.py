@@ -97,8 +97,8 @@ WORKER_START_S = 3.0
 def gpu_peak_mib(cell_cfg: dict, lengths: dict, cache_dir: str | None = None) -> dict:
     """{weights, gradients, optimizer, activations, allocator, cuda_context, total} in MiB for a
     cell (`cell_cfg`: identity.cell_config of a resolved config) whose sources and targets are
-    cut at `lengths` ({"source": tokens, "target": tokens}). A simulation takes seconds (about
-    4 for flan-t5-xl on one core); with `cache_dir` its result is kept there for the next plan
+    cut at `lengths` ({"source": tokens, "target": tokens}). A simulation takes seconds (1 to
+    3.5 for flan-t5-xl on one core); with `cache_dir` its result is kept there for the next plan
     or run of the same cell, under a key that changes with the harness's code and the library
     versions."""
     parts = _one_rank(cell_cfg, lengths, cache_dir)

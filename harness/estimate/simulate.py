@@ -2,8 +2,8 @@
 allocates and frees, in order. harness/estimate/estimate.py runs the cell's own step code under it.
 
 Meta tensors have shapes, dtypes and storages but no data, so two steps of flan-t5-xl cost
-about 4 s of one core and no memory. Two things differ from a CUDA run and are made to match it
-here:
+1 to 3.5 s of one core (LoRA; LoRA+LOMO checkpointed) and no memory. Two things differ from a
+CUDA run and are made to match it here:
 
 - autocast: meta tensors take no autocast, so `AsOnCuda` casts the arguments of the functions
   that CUDA autocast runs in half (linear, matmul, ...) or in float32 (softmax, pow, losses, ...),
