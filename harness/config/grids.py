@@ -104,7 +104,10 @@ def cells(sweep_config: DictConfig) -> list[DictConfig]:
         _COMPOSING = None
 
 
-JOBS_PER_WORKER = 4  # fewer, and a worker's start and the configs' pickling take what it saves
+# Fewer, and a worker's start and the configs' pickling take what it saves; and a fork of a process
+# with threads (a test session's) may inherit a lock another thread held: at 4, a 9-job grid's
+# forked worker hung the whole suite.
+JOBS_PER_WORKER = 16
 _COMPOSING = None  # the Composer, for the forked workers
 
 
