@@ -138,8 +138,9 @@ class Composer:
         parsed = self.parser.parse_overrides(overrides)
         if any(override.is_hydra_override() for override in parsed):  # may move the search path
             return self.loader.load_sweep_config(self.sweep_config, overrides)
-        choosing = [override for override in parsed if self._chooses_group(override)]
-        values = [override for override in parsed if not self._chooses_group(override)]
+        choosing, values = [], []
+        for override in parsed:
+            (choosing if self._chooses_group(override) else values).append(override)
         if not values:
             return self.loader.load_sweep_config(self.sweep_config, overrides)
         key = tuple(override.input_line for override in choosing)
@@ -150,12 +151,12 @@ class Composer:
             ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
         except OmegaConfBaseException as error:  # as Hydra's load_configuration says it
             raise ConfigCompositionException().with_traceback(sys.exc_info()[2]) from error
-        dirname = cfg.hydra.job.config.override_dirname
+        naming = cfg.hydra.job.config.override_dirname  # how Hydra writes override_dirname
         with open_dict(cfg.hydra), read_write(cfg.hydra):
             cfg.hydra.overrides.task = overrides
             cfg.hydra.job.override_dirname = get_overrides_dirname(
-                overrides=parsed, exclude_keys=list(dirname.exclude_keys),
-                item_sep=dirname.item_sep, kv_sep=dirname.kv_sep)
+                overrides=parsed, exclude_keys=list(naming.exclude_keys),
+                item_sep=naming.item_sep, kv_sep=naming.kv_sep)
         OmegaConf.copy_cache(from_config=self.sweep_config, to_config=cfg)
         return cfg
 

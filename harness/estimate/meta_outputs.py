@@ -128,17 +128,15 @@ def _described(value):
 
 
 def _describe(value, tensors: list):
-    # Called for every argument of every op of a step: the common containers by their exact
-    # type first, list comprehensions rather than generators.
+    # Called for every argument of every op of a step: list comprehensions, not generators.
     if isinstance(value, torch.Tensor):
         if not value.is_meta:
             raise _NotMeta
         tensors.append(value)
         return (value.shape, value.stride(), value.storage_offset(), value.dtype)
-    kind = type(value)
-    if kind is tuple or kind is list or isinstance(value, (list, tuple)):
-        return (kind.__name__, *[_describe(item, tensors) for item in value])
-    if kind is dict or isinstance(value, dict):
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *[_describe(item, tensors) for item in value])
+    if isinstance(value, dict):
         return ("dict", *[(name, _describe(value[name], tensors)) for name in sorted(value)])
     return value
 
