@@ -10,7 +10,9 @@ loss, backward, clipping, the optimizer, bitsandbytes' 8-bit one included, or LO
 on a batch of train.batch_size examples padded to the resolved source and target lengths, as
 the model's family builds a batch (a causal model: prompt and response as one sequence).
 harness/estimate/simulate.py makes that step behave as on CUDA (autocast's casts, the
-memory-efficient attention kernel) and records every tensor it allocates and frees. Then:
+memory-efficient attention kernel) and records every tensor it allocates and frees (a deep
+model's middle blocks repeat: its step is written out from the same model with five blocks a
+stack, harness/estimate/depth.py, where that is exact). Then:
 
   weights      the weights and quantization scales, as stored (nf4: two weights a byte, a scale
                per 64, itself quantized per 256 with double quantization);
@@ -66,7 +68,15 @@ from harness.config import identity
 from harness.core.cores import usable_cores
 from harness.core.files import write_whole
 from harness.core.units import MIB
-from harness.estimate import allocator, meta_outputs, sharding, simulate, steps, work
+from harness.estimate import (
+    allocator,
+    depth,
+    meta_outputs,
+    sharding,
+    simulate,
+    steps,
+    work,
+)
 from harness.measure import accounting
 from harness.model import (
     families,
@@ -97,8 +107,9 @@ WORKER_START_S = 3.0
 def gpu_peak_mib(cell_cfg: dict, lengths: dict, cache_dir: str | None = None) -> dict:
     """{weights, gradients, optimizer, activations, allocator, cuda_context, total} in MiB for a
     cell (`cell_cfg`: identity.cell_config of a resolved config) whose sources and targets are
-    cut at `lengths` ({"source": tokens, "target": tokens}). A simulation takes seconds (1 to
-    3.5 for flan-t5-xl on one core); with `cache_dir` its result is kept there for the next plan
+    cut at `lengths` ({"source": tokens, "target": tokens}). A simulation takes seconds (for
+    flan-t5-xl on one core, 0.3 to 1 written out from five blocks, else 1 to 3.5); with
+    `cache_dir` its result is kept there for the next plan
     or run of the same cell, under a key that changes with the harness's code and the library
     versions."""
     parts = _one_rank(cell_cfg, lengths, cache_dir)
@@ -227,7 +238,7 @@ def _code_digest() -> bytes:
     and layers it simulates, as this process loaded them (read once: a file edited while a plan
     runs does not change its keys midway; forked workers inherit them)."""
     digest = hashlib.sha256()
-    for module in (allocator, meta_outputs, methods, models, simulate, steps, training_step,
+    for module in (allocator, depth, meta_outputs, methods, models, simulate, steps, training_step,
                    lomo, families, optimizers, tokenizers, accounting, sharding, work,
                    sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())
@@ -257,8 +268,10 @@ def _simulated_parts(spec: dict) -> tuple:
     on_cuda = simulate.AsOnCuda(models.HALF_DTYPES.get(cfg.precision.name)
                                 if models.compute_autocast(cfg.precision) else None,
                                 fused_attention=not on_cpu)
-    model = steps.meta_model(cfg, on_cuda)
-    traced = steps.simulated_steps(model, cfg, spec["lengths"], steps.META, on_cuda)
+    model, traced, more_blocks = _deep_from_shallow(cfg, spec, on_cuda)
+    if traced is None:
+        model = steps.meta_model(cfg, on_cuda)
+        traced = steps.simulated_steps(model, cfg, spec["lengths"], steps.META, on_cuda)
 
     peak, at = simulate.peak(traced.events)
     alive = simulate.alive_at(traced.events, at)
@@ -278,10 +291,31 @@ def _simulated_parts(spec: dict) -> tuple:
     parts["allocated"] = parts["total"] - parts["allocator"] - parts["cuda_context"]
     # LOMO's claim is checked against it: at most this one weight's gradient alive at once.
     parts["largest_trained_weight"] = accounting.largest_trained_mib(model)
-    parts.update(steps.sizes(model))  # what a strategy shares out (harness/estimate/sharding.py)
+    # what a strategy shares out (harness/estimate/sharding.py)
+    parts.update(steps.sizes(model, more_blocks))
     parts.update(steps.optimizer_step(traced))
     # What one optimizer step computes and moves, op by op (harness/estimate/timing.py).
     parts["work"] = work.per_step(traced.ops, cfg.train.grad_accum_steps)
     if on_cpu:  # each op as called, for the ops' times measured here (harness/measure/op_times.py)
         parts["calls"] = work.calls_per_step(traced.calls, cfg.train.grad_accum_steps)
     return tuple(parts.items())
+
+
+def _deep_from_shallow(cfg, spec: dict, on_cuda: simulate.AsOnCuda) -> tuple:
+    """(the shallow model, the deep model's steps written out from its own, the blocks the deep
+    model has beyond it) where the model's middle blocks repeat (harness/estimate/depth.py);
+    (None, None, []) where they do not, or for a CPU's step, whose op calls are not repeated."""
+    blocks = None if on_cuda.on_cpu else depth.depth(spec["model"]["architecture"])
+    if blocks is None:
+        return None, None, []
+    shallow_cfg = cfg.copy()
+    shallow_cfg.model.architecture = depth.shallow(spec["model"]["architecture"])
+    model = steps.meta_model(shallow_cfg, on_cuda)
+    marks = depth.Marks(model, models.blocks(model))
+    shallow = steps.simulated_steps(model, shallow_cfg, spec["lengths"], steps.META, on_cuda,
+                                    marks=marks)
+    marks.remove()
+    deep = depth.deepened(shallow, marks, blocks)
+    if deep is None:
+        return None, None, []
+    return model, deep, marks.centres * (blocks - depth.SHALLOW)

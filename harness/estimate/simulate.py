@@ -2,8 +2,9 @@
 allocates and frees, in order. harness/estimate/estimate.py runs the cell's own step code under it.
 
 Meta tensors have shapes, dtypes and storages but no data, so two steps of flan-t5-xl cost
-1 to 3.5 s of one core (LoRA; LoRA+LOMO checkpointed) and no memory. Two things differ from a
-CUDA run and are made to match it here:
+1 to 3.5 s of one core (LoRA; LoRA+LOMO checkpointed) and no memory (a fraction of that written
+out from five blocks: harness/estimate/depth.py). Two things differ from a CUDA run and are made
+to match it here:
 
 - autocast: meta tensors take no autocast, so `AsOnCuda` casts the arguments of the functions
   that CUDA autocast runs in half (linear, matmul, ...) or in float32 (softmax, pow, losses, ...),
@@ -58,8 +59,10 @@ class Trace(SimulationMode):
 
     SHARED = MetaOutputs()
 
-    def __init__(self, existing=(), reuse_outputs: bool = True):
+    def __init__(self, existing=(), reuse_outputs: bool = True, marks=None):
         super().__init__()
+        # depth.Marks: `event_marks` gets each event's block (harness/estimate/depth.py)
+        self.marks, self.event_marks = marks, []
         self.call = self.SHARED if reuse_outputs else (
             lambda func, args, kwargs: func(*args, **kwargs))
         self.events = []
@@ -74,9 +77,18 @@ class Trace(SimulationMode):
         if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
             return self._scalar(args[0])
         out = self.call(func, args, kwargs or {})
-        for tensor in tensors_in(out):
-            self._track(tensor)
+        outputs = tensors_in(out)
+        if self.marks is None:
+            for tensor in outputs:
+                self._track(tensor)
+        elif any(self._new(tensor) for tensor in outputs):
+            for tensor, mark in zip(outputs, self.marks.of_outputs(func, args, outputs)):
+                self._track(tensor, mark)
         return out
+
+    def _new(self, tensor: torch.Tensor) -> bool:
+        address = tensor.untyped_storage()._cdata
+        return address not in self.known and address not in self.live
 
     @staticmethod
     def _scalar(tensor: torch.Tensor):
@@ -85,7 +97,7 @@ class Trace(SimulationMode):
             return False
         return 1.0 if tensor.is_floating_point() else 1
 
-    def _track(self, tensor: torch.Tensor) -> None:
+    def _track(self, tensor: torch.Tensor, mark=None) -> None:
         storage = tensor.untyped_storage()
         address = storage._cdata
         if address in self.known or address in self.live:  # a weight, or a view of a new one
@@ -93,6 +105,9 @@ class Trace(SimulationMode):
         serial = len(self.sizes)
         self.live[address], self.sizes[serial] = serial, storage.nbytes()
         self.events.append((serial, storage.nbytes()))
+        if self.marks is not None:
+            self.marks.allocated(address, serial, mark)
+            self.event_marks.append(mark)
         self.watched[serial] = weakref.ref(storage, functools.partial(self._free, address, serial))
 
     def _free(self, address: int, serial: int, _reference=None) -> None:
@@ -100,6 +115,8 @@ class Trace(SimulationMode):
         if self.live.get(address) == serial:
             del self.live[address]
             self.events.append((serial, -self.sizes[serial]))
+            if self.marks is not None:
+                self.event_marks.append(self.marks.freed(address, serial))
 
     def serial_of(self, tensor: torch.Tensor) -> int | None:
         return self.live.get(tensor.untyped_storage()._cdata)

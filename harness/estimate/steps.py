@@ -43,20 +43,32 @@ def optimizer_step(steps: "Steps") -> dict:
     return {"step_temporaries": temporaries / MIB, "activations_outside_step": outside / MIB}
 
 
-def sizes(model) -> dict:
+def sizes(model, more_blocks: list = ()) -> dict:
     """MiB of: the trained weights as stored and in float32 (DeepSpeed's partitions); the largest
     transformer block (what FSDP2 gathers at once) and its trained part; the largest layer's own
-    weights (what ZeRO-3 gathers at once)."""
+    weights (what ZeRO-3 gathers at once). `more_blocks`: blocks of `model` counted again, once
+    for each time listed (a deep model's from a shallow one: harness/estimate/depth.py)."""
     def stored(parameters) -> float:
         return sum(p.numel() * p.element_size() for p in parameters) / MIB
 
-    trained = [p for p in model.parameters() if p.requires_grad]
+    def state_bytes(weights) -> dict:
+        return {tensor.untyped_storage()._cdata: tensor.untyped_storage().nbytes()
+                for weight in weights
+                for tensor in accounting.quant_state_tensors(getattr(weight, "quant_state",
+                                                                     None))}
+
+    repeated = [p for block in more_blocks for p in block.parameters()]
+    trained = [p for p in [*model.parameters(), *repeated] if p.requires_grad]
     largest = max(models.blocks(model), key=lambda block: stored(block.parameters()),
                   default=model)
-    states = {tensor.untyped_storage()._cdata: tensor.untyped_storage().nbytes()
-              for weight in model.parameters()
-              for tensor in accounting.quant_state_tensors(getattr(weight, "quant_state", None))}
-    return {"quantization_state": sum(states.values()) / MIB,  # on every rank: not sharded
+    states = state_bytes(model.parameters())
+    # a repeated block's own states (not those blocks share: bitsandbytes' code map)
+    uses = Counter(address for block in models.blocks(model)
+                   for address in state_bytes(block.parameters())) if more_blocks else {}
+    more_states = sum(size for block in more_blocks
+                      for address, size in state_bytes(block.parameters()).items()
+                      if uses[address] == 1)
+    return {"quantization_state": (sum(states.values()) + more_states) / MIB,  # on every rank
             "trained_weights": stored(trained),
             "trained_weights_fp32": sum(p.numel() for p in trained) * 4 / MIB,
             "largest_block": stored(largest.parameters()),
@@ -79,6 +91,9 @@ class Steps(NamedTuple):
     optimizer_steps: list = []
     ops: Counter = Counter()
     calls: Counter = Counter()
+    # With depth.Marks: the block of each weight storage and of each event
+    weight_marks: list = []
+    event_marks: list = []
 
     def bytes_of(self, serials) -> int:
         return sum(self.sizes[serial] for serial in serials)
@@ -86,14 +101,14 @@ class Steps(NamedTuple):
 
 def simulated_steps(model, cfg, lengths: dict, device: torch.device,
                     on_cuda: simulate.AsOnCuda | None = None,
-                    reuse_outputs: bool = True) -> Steps:
+                    reuse_outputs: bool = True, marks=None) -> Steps:
     """STEPS training steps of the cell's own code on a batch padded to `lengths`, every tensor
     traced. On the meta device for the estimate; on the CPU, the same steps for real (the tests
     check that both see the same allocations). `reuse_outputs`: see simulate.Trace."""
     weights = _weight_storages(model)
     on_cpu = on_cuda is not None and on_cuda.on_cpu  # a CPU's step: estimate.step_work
-    trace = simulate.Trace(existing=weights.values(), reuse_outputs=reuse_outputs)
-    counted = work.Work(random_apart=on_cpu, signatures=on_cpu)
+    trace = simulate.Trace(existing=weights.values(), reuse_outputs=reuse_outputs, marks=marks)
+    counted = work.Work(random_apart=on_cpu, signatures=on_cpu, marks=marks)
     gradients, states = set(), set()
     with trace, on_cuda or contextlib.nullcontext():
         batch = families.of(cfg.model).training_batch(cfg.train.batch_size, lengths, device,
@@ -142,7 +157,9 @@ def simulated_steps(model, cfg, lengths: dict, device: torch.device,
             hook.remove()
     return Steps([storage.nbytes() for storage in weights.values()], trace.events, trace.sizes,
                  gradients - {None}, states - {None}, [tuple(span) for span in spans],
-                 counted.ops, counted.calls)
+                 counted.ops, counted.calls,
+                 [marks.of_storage.get(address) for address in weights] if marks else [],
+                 trace.event_marks)
 
 
 def meta_model(cfg, on_cuda: simulate.AsOnCuda):

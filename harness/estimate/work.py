@@ -82,8 +82,9 @@ class Work(SimulationMode):
     `signatures`, `calls` counts (signature, phase): each op as it was called, to be replayed on
     real tensors (harness/measure/op_times.py)."""
 
-    def __init__(self, random_apart: bool = False, signatures: bool = False):
+    def __init__(self, random_apart: bool = False, signatures: bool = False, marks=None):
         super().__init__()
+        self.marks = marks  # depth.Marks: each op counted under its block too
         # A CPU's step (estimate.step_work(device_type="cpu")) keeps the ops that draw random
         # numbers apart, for the calibration's dropout curve, and their signatures; a GPU's
         # rows stay as they were.
@@ -104,7 +105,10 @@ class Work(SimulationMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self.recording:
-            self.ops[self._cost(func, args, kwargs, out)] += 1
+            key = self._cost(func, args, kwargs, out)
+            self.ops[key] += 1
+            if self.marks is not None:
+                self.marks.count(func, args, kwargs, out, key)
             if self.signatures and func not in UNTIMED:
                 self.calls[(signature(func, args, kwargs), self.phase)] += 1
         return out
@@ -172,10 +176,15 @@ def _foreach_launches(args) -> int:
              and isinstance(value[0], torch.Tensor)]
     if not lists:
         return 1
-    tensors = len(lists[0])
-    chunks = sum(math.ceil(tensor.numel() / FOREACH_CHUNK) for tensor in lists[0])
-    per_launch = FOREACH_TENSORS[min(len(lists), len(FOREACH_TENSORS)) - 1]
-    return max(1, math.ceil(tensors / per_launch), math.ceil(chunks / FOREACH_BLOCKS))
+    return foreach_launches(len(lists), [tensor.numel() for tensor in lists[0]])
+
+
+def foreach_launches(lists: int, elements: list) -> int:
+    """The kernels a foreach op over `lists` tensor lists launches, the first list's tensors
+    holding `elements` each."""
+    chunks = sum(math.ceil(count / FOREACH_CHUNK) for count in elements)
+    per_launch = FOREACH_TENSORS[min(lists, len(FOREACH_TENSORS)) - 1]
+    return max(1, math.ceil(len(elements) / per_launch), math.ceil(chunks / FOREACH_BLOCKS))
 
 
 def per_step(ops: Counter, grad_accum_steps: int) -> list:
