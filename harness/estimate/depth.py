@@ -167,7 +167,7 @@ class Marks:
         now = self.now()
         if now is not None:
             return [now] * len(outputs)
-        lists = _lists(args)
+        lists = work.tensor_lists(args)
         if func._overloadpacket.__name__.startswith("_foreach_") and lists:
             return [self.of_tensor(tensor) for tensor in lists[0]]
         inputs = [tensor for tensor in tensors_in(args) if tensor.is_meta]
@@ -178,7 +178,8 @@ class Marks:
             self.last = next(iter(found), None) if len(found) == 1 else None
             return [self.last] * len(outputs)
         if func in AGGREGATES and lists and len(outputs) == 1:
-            positions = [(self.of_tensor(tensor), _bytes(tensor)) for tensor in lists[0]]
+            positions = [(self.of_tensor(tensor), work.tensor_bytes(tensor))
+                         for tensor in lists[0]]
             if sum(size for _, size in positions) == outputs[0].untyped_storage().nbytes():
                 return [Aggregate(positions)]
         self.unrepeatable = f"{func} reads the tensors of several blocks"
@@ -209,16 +210,17 @@ class Marks:
         if not launches:
             return
         now = self.now()
-        lists = _lists(args)
+        lists = work.tensor_lists(args)
         name = func._overloadpacket.__name__
         if now is None and lists and (name.startswith("_foreach_") or func in AGGREGATES):
             marks = [self.of_tensor(tensor) for tensor in lists[0]]
             if len({mark for mark in marks if self.middle(mark)}) > 1:
                 outs = out if isinstance(out, (list, tuple)) and len(out) == len(lists[0]) else ()
-                per_list = [_bytes(tensor) for tensor in lists[0]] if func in AGGREGATES else ()
+                per_list = ([work.tensor_bytes(tensor) for tensor in lists[0]]
+                            if func in AGGREGATES else ())
                 positions = tuple(
-                    (mark, sum(_bytes(listed[index]) for listed in lists)
-                     + (_bytes(outs[index]) if outs else 0)
+                    (mark, sum(work.tensor_bytes(listed[index]) for listed in lists)
+                     + (work.tensor_bytes(outs[index]) if outs else 0)
                      + (per_list[index] if per_list else 0),  # a stack's output, as its input
                      lists[0][index].numel()) for index, mark in enumerate(marks))
                 fixed = moved - sum(size for _, size, _ in positions)
@@ -242,16 +244,6 @@ class Marks:
                 self.unrepeatable = f"{func} reads the tensors of several blocks"
             now = next(iter(found)) if len(found) == 1 else None
         self.ops[(now, key)] += 1
-
-
-def _lists(args) -> list:
-    return [value for value in args if isinstance(value, (list, tuple)) and value
-            and isinstance(value[0], torch.Tensor)]
-
-
-def _bytes(tensor: torch.Tensor) -> int:
-    # as work.Work counts a tensor's bytes
-    return min(tensor.numel() * tensor.element_size(), tensor.untyped_storage().nbytes())
 
 
 class _NotRepeatable(Exception):

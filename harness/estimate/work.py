@@ -129,7 +129,7 @@ class Work(SimulationMode):
             flops = formula(*args, **kwargs, out_val=out)
         kind = KINDS.get(inputs[0].dtype, "fp32") if flops and inputs else \
             "random" if self.random_apart and name in RANDOM else ""
-        moved = sum(_bytes(tensor) for tensor in inputs + outputs)
+        moved = sum(tensor_bytes(tensor) for tensor in inputs + outputs)
         launches = _foreach_launches(args) if name.startswith("_foreach_") else 1
         return (kind, int(flops), moved, launches, self.phase)
 
@@ -167,13 +167,19 @@ def _shape(value):
     return value.shape if isinstance(value, torch.Tensor) else value
 
 
-def _bytes(tensor: torch.Tensor) -> int:
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """What an op reads or writes of a tensor: a view's own elements, at most its storage."""
     return min(tensor.numel() * tensor.element_size(), tensor.untyped_storage().nbytes())
 
 
+def tensor_lists(args) -> list:
+    """An op's arguments that are lists of tensors (a foreach op's, torch.stack's)."""
+    return [value for value in args if isinstance(value, (list, tuple)) and value
+            and isinstance(value[0], torch.Tensor)]
+
+
 def _foreach_launches(args) -> int:
-    lists = [value for value in args if isinstance(value, (list, tuple)) and value
-             and isinstance(value[0], torch.Tensor)]
+    lists = tensor_lists(args)
     if not lists:
         return 1
     return foreach_launches(len(lists), [tensor.numel() for tensor in lists[0]])
