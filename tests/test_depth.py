@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from harness.config import identity
-from harness.estimate import depth, estimate, simulate, steps, work
+from harness.estimate import allocator, depth, estimate, simulate, steps, work
 from harness.model import models
 from tests.conftest import compose_cell
 
@@ -49,7 +49,9 @@ def _written_out(spec: dict):
     ["method=full", "precision=bf16", "train.gradient_checkpointing=true"],
     ["method=lomo", "precision=bf16"], ["method=lora_lomo", "train.gradient_checkpointing=true"],
     ["method=lora_lomo", "precision=fp16"], ["method=lora", "method.optimizer=adamw_8bit"],
-    ["model=tiny-llama", "method=full"],
+    ["method=lora", "precision=int8"], ["method=lora", "precision=int8",
+                                         "train.gradient_checkpointing=true"],
+    ["model=tiny-llama", "method=full"], ["model=tiny-llama", "method=lora", "precision=int8"],
     ["model=tiny-llama", "method=full", "train.gradient_checkpointing=true"]],
     ids=lambda overrides: " ".join(overrides))
 def test_a_deep_step_written_out_from_a_shallow_one_is_the_deep_steps_own(overrides):
@@ -60,7 +62,9 @@ def test_a_deep_step_written_out_from_a_shallow_one_is_the_deep_steps_own(overri
     assert deep is not None
     own, _ = _steps(spec, marked=False)
     assert deep.weights == own.weights
-    assert deep.events == own.events  # every allocation and free, in order, to the byte
+    # every allocation and free, in order, to the byte; frees with no allocation between them
+    # as a set (a torn-down graph frees in an order of its own: see depth.py)
+    assert _free_runs_as_sets(deep.events) == _free_runs_as_sets(own.events)
     assert (deep.gradients, deep.states, deep.optimizer_steps) == (
         own.gradients, own.states, own.optimizer_steps)
     assert work.per_step(deep.ops, 1) == work.per_step(own.ops, 1)
@@ -73,18 +77,46 @@ def test_the_estimate_of_a_deep_model_is_the_same_either_way(monkeypatch):
     assert written_out == dict(estimate._simulated_parts(spec))
 
 
-@pytest.mark.parametrize("overrides, model", [
-    (["method=lora", "precision=int8"], "t5-tiny"),
-    (["method=lora", "precision=bf16"], "tiny-llama")], ids=["t5 int8 lora", "llama lora"])
-def test_a_step_that_does_not_repeat_is_simulated_deep(overrides, model):
-    # Activations that backward does not free (bitsandbytes' int8 layers; a LoRA LLaMA's frozen
-    # path) go when the graph is torn down, in an order that follows the graph, not the blocks:
-    # such a step is not written out, and the estimate simulates the deep model.
-    spec = _spec(*overrides, model=model)
+def test_a_step_that_does_not_repeat_is_simulated_deep():
+    # A LoRA LLaMA's step: its middle blocks' runs are broken (the graph torn down after the
+    # step frees them interleaved with other blocks'): not written out, and the estimate
+    # simulates the deep model.
+    spec = _spec("method=lora", "precision=bf16", model="tiny-llama")
     assert _written_out(spec) is None
     parts = dict(estimate._simulated_parts(spec))
     own, _ = _steps(spec, marked=False)
     assert parts["weights"] * 2**20 == pytest.approx(sum(own.weights), rel=1e-12)
+
+
+def test_the_estimate_reads_nothing_of_the_order_of_frees_between_two_allocations():
+    # Why a written-out step may free in another order between two allocations: the peak comes
+    # at an allocation, and the allocator's blocks after a run of frees are the same whatever
+    # their order (each freed block merges with its free neighbours).
+    spec = _spec("method=lora", "precision=int8")
+    own, _ = _steps(spec, marked=False)
+    reordered = []
+    for event in own.events:
+        reordered.append(event)
+        if event[1] > 0:
+            continue
+        run = len(reordered)
+        while run > 0 and reordered[run - 1][1] < 0:
+            run -= 1
+        reordered[run:] = reordered[run:][::-1]
+    assert reordered != own.events
+    assert simulate.peak(reordered) == simulate.peak(own.events)
+    assert allocator.replay(reordered) == allocator.replay(own.events)
+
+
+def _free_runs_as_sets(events: list) -> list:
+    found, frees = [], []
+    for event in events:
+        if event[1] < 0:
+            frees.append(event)
+            continue
+        found += [sorted(frees), event] if frees else [event]
+        frees = []
+    return found + [sorted(frees)] if frees else found
 
 
 def test_only_models_deeper_than_the_shallow_one_with_equal_stacks_are_written_out():

@@ -31,7 +31,7 @@ LARGE_ROUNDING = 2 * MIB
 
 
 def rounded(size: int) -> int:
-    return max(MIN_BLOCK, math.ceil(size / MIN_BLOCK) * MIN_BLOCK)
+    return max(MIN_BLOCK, -(-size // MIN_BLOCK) * MIN_BLOCK)
 
 
 def segment_size(size: int) -> int:
@@ -108,7 +108,8 @@ class CachingAllocator:
     def _take_free(self, small: bool, segment: int, offset: int) -> int:
         size, _ = self.segments[segment].pop(offset)
         del self.ends[segment][offset + size]
-        self.free_blocks[small].remove((size, segment, offset))
+        pool = self.free_blocks[small]  # sorted: found by bisection, not a scan
+        del pool[bisect.bisect_left(pool, (size, segment, offset))]
         return size
 
 

@@ -1,5 +1,5 @@
-"""A deep model's simulated step made from a shallow one's: what brings a plan of flan-t5-xl's
-cells (24 blocks a stack) to a fifth of the time.
+"""A deep model's simulated step made from a shallow one's: what brings a simulation of
+flan-t5-xl's cells (24 blocks a stack) to a quarter of the time.
 
 A simulation costs about the same for every block it runs (some 0.05 s a block pair for
 flan-t5-large or -xl), and every block of a stack but the first and the last does the same thing:
@@ -21,15 +21,20 @@ block it belongs to (`Marks`), and the deep step is written out from it (`deepen
   counted the same way; an op over a list of every block's tensors (foreach updates, clipping's
   stacked norms) is priced again over the deep list, and so is a stack of such a list, its size
   included.
+- The written-out step is the deep one's up to the order of frees between two allocations: a
+  graph torn down when a step ends (bitsandbytes' int8 layers keep activations backward does not
+  free) frees in an order that follows the graph's shape, and where other blocks' frees fall in
+  it moves with the depth. Nothing the estimate reads depends on that order: the peak comes at an
+  allocation, and the allocator's blocks after a run of frees are the same whatever their order
+  (each freed block merges with its free neighbours).
 - Whatever does not fit makes `deepened` return None, and the caller simulates the deep model
   as it is: a run whose blocks allocate unlike or free unlike (blocks 1 and 3, written out once,
-  may free more outside the middle blocks: T5's position bias goes in block 1's backward), a free
-  whose copy cannot be told, an op reading several blocks' tensors that is not a list, and an
-  activation that backward did not free, which goes when its graph is torn down in an order that
-  follows the graph's shape rather than the blocks (bitsandbytes' int8 LoRA layers; a LoRA
-  LLaMA). tests/test_depth.py holds the written-out step equal, event for event and op for op,
-  to a simulation of the deep model itself; so did every cell of experiments/full_grid.yaml
-  when this was written.
+  may free more outside the middle blocks: T5's position bias goes in block 1's backward), a run
+  broken by other blocks' events (a LoRA LLaMA's torn-down graph frees its blocks' tensors
+  interleaved), a free whose copy cannot be told, and an op reading several blocks' tensors that
+  is not a list. tests/test_depth.py holds the written-out step equal, event for event (frees
+  between two allocations as a set) and op for op, to a simulation of the deep model itself; so
+  did all 162 distinct steps of experiments/full_grid.yaml when this was written.
 """
 
 import bisect
@@ -92,7 +97,6 @@ class Marks:
         self.of_serial = {}  # a traced storage's serial: the mark of its allocation
         self.active = []  # the blocks running forward (one, or none)
         self.last = None  # the block of the last op outside forward and backward
-        self.forward = set()  # the serials allocated in a block's forward
         self.opened = []  # the sequence number at which each began
         self.starts, self.ends, self.range_marks = [], [], []
         self.ops = Counter()  # (mark, work.Work's op key): count
@@ -120,7 +124,7 @@ class Marks:
         for tensor in [*accounting.weight_tensors(block), *block.buffers()]:
             address = tensor.untyped_storage()._cdata
             # a storage blocks share (bitsandbytes' code map) belongs to none of them
-            self.of_storage[address] = self.of_storage.get(address, mark) == mark and mark or None
+            self.of_storage[address] = mark if self.of_storage.get(address, mark) == mark else None
 
         def entered(_module, _args):
             self.active.append(mark)
@@ -187,8 +191,6 @@ class Marks:
 
     def allocated(self, address: int, serial: int, mark) -> None:
         self.of_storage[address] = self.of_serial[serial] = mark
-        if self.active:
-            self.forward.add(serial)
 
     def freed(self, address: int, serial: int):
         """The mark of a free: the block running, else the block of what is freed."""
@@ -197,11 +199,6 @@ class Marks:
         if now is not None:
             return now
         mark = self.of_serial[serial]
-        if serial in self.forward and self.middle(mark):
-            # A block's activation that backward did not free goes when its graph is torn down,
-            # in an order that follows the graph's shape, not the blocks (bitsandbytes' int8
-            # layers keep such tensors).
-            self.unrepeatable = "an activation freed as its graph was torn down"
         return None if isinstance(mark, Aggregate) else mark
 
     def count(self, func, args, kwargs, out, key: tuple) -> None:
@@ -232,8 +229,8 @@ class Marks:
                 for tensor in tensors_in((args, kwargs))]
         aggregates = [mark for mark in read if isinstance(mark, Aggregate)]
         if aggregates:  # reading a stacked list: its bytes grow with the depth too
-            (aggregate,) = aggregates
-            positions = tuple((mark, size, 0) for mark, size in aggregate.positions)
+            positions = tuple((mark, size, 0) for aggregate in aggregates
+                              for mark, size in aggregate.positions)
             self.resized.append(Resized(kind, flops, phase,
                                         moved - sum(size for _, size, _ in positions),
                                         positions, None, launches))
@@ -316,7 +313,7 @@ def deepened(steps, marks: Marks, blocks: int):
         return None
     try:
         return _deepened(steps, marks, blocks)
-    except (_NotRepeatable, KeyError):
+    except (_NotRepeatable, KeyError, IndexError):
         return None
 
 
@@ -335,36 +332,51 @@ def _deepened(steps, marks: Marks, blocks: int):
     for run, segment in enumerate(layout):
         if not isinstance(segment, int):
             _check_run(steps, segment, run, slot_of, layout)
-    events, sizes, serials, slots, starts = [], {}, {}, {}, {}
+    events, sizes, serials, starts = [], [], {}, {}
+    copies = {}  # (run, deep block): its allocations' new serials, by place
     gradients, states = set(), set()
-    placed, previous = Counter(), None
-    for index, copy, source, run in _expanded(layout, blocks):
-        if copy is None or (run, copy) != previous:
-            starts.setdefault(index, len(events))
-            previous = (run, copy)
-        serial, size = steps.events[index]
-        if size < 0:
-            target = _freed(serial, slot_of, copy, source, blocks)
-            new = serials[serial] if target is None else slots[target]
-            events.append((new, -sizes[new]))
-            continue
+
+    def allocated(serial: int, size: int) -> int:
         new = len(sizes)
-        mark = marks.of_serial[serial]
-        sizes[new] = (_aggregate_bytes(mark, middle, blocks) if isinstance(mark, Aggregate)
-                      else size)
-        events.append((new, sizes[new]))
-        if copy is None:
-            serials[serial] = new
-        else:
-            slots[(run, placed[(run, copy)], copy)] = new
-            placed[(run, copy)] += 1
+        sizes.append(size)
+        events.append((new, size))
         if serial in steps.gradients:
             gradients.add(new)
         if serial in steps.states:
             states.add(new)
+        return new
+
+    for run, segment in enumerate(layout):
+        if isinstance(segment, int):  # written out once
+            starts[segment] = len(events)
+            serial, size = steps.events[segment]
+            if size > 0:
+                mark = marks.of_serial[serial]
+                serials[serial] = allocated(serial, _aggregate_bytes(mark, middle, blocks)
+                                            if isinstance(mark, Aggregate) else size)
+                continue
+            target = _freed(serial, slot_of, None, None, blocks)
+            new = serials[serial] if target is None else copies[target[0], target[2]][target[1]]
+            events.append((new, -sizes[new]))
+            continue
+        _, ascending, chunks = segment
+        for copy in range(1, blocks - 1) if ascending else range(blocks - 2, 0, -1):
+            source = _source(copy, blocks)
+            first, last = chunks[source]
+            starts.setdefault(first, len(events))
+            placed = copies[run, copy] = []
+            for serial, size in steps.events[first:last]:
+                if size > 0:
+                    placed.append(allocated(serial, size))
+                    continue
+                target = _freed(serial, slot_of, copy, source, blocks)
+                new = serials[serial] if target is None else copies[target[0], target[2]][
+                    target[1]]
+                events.append((new, -sizes[new]))
     spans = [tuple(starts[bound] if bound < len(steps.events) else len(events)
                    for bound in span) for span in steps.optimizer_steps]
-    return type(steps)(weights, events, sizes, gradients, states, spans, _ops(marks, blocks))
+    return type(steps)(weights, events, dict(enumerate(sizes)), gradients, states, spans,
+                       _ops(marks, blocks))
 
 
 def _freed(serial: int, slot_of: dict, copy, source, blocks: int):

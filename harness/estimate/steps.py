@@ -26,14 +26,15 @@ def optimizer_step(steps: "Steps") -> dict:
     temporaries: foreach AdamW's whole-model intermediates), and the activations part at the
     peak outside the step. A sharded optimizer steps its shard: harness/estimate/sharding.py
     shares these temporaries out."""
-    inside = {index for start, end in steps.optimizer_steps for index in range(start, end)}
     alive = top_outside = temporaries = 0
     at_outside, at_start = 0, 0
+    ends = dict(steps.optimizer_steps)  # start: end
+    end = -1
     for index, (_, size) in enumerate(steps.events):
-        if any(start == index for start, _ in steps.optimizer_steps):
-            at_start = alive
+        if index in ends:
+            at_start, end = alive, ends[index]
         alive += size
-        if index in inside:
+        if index < end:
             temporaries = max(temporaries, alive - at_start)
         elif alive > top_outside:
             top_outside, at_outside = alive, index
