@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from harness.config import identity
-from harness.estimate import allocator, depth, estimate, simulate, steps, work
+from harness.estimate import allocator, depth, estimate, marks, simulate, steps, work
 from harness.model import models
 from tests.conftest import compose_cell
 
@@ -30,17 +30,17 @@ def _steps(spec: dict, marked: bool):
     on_cuda = simulate.AsOnCuda(models.HALF_DTYPES.get(cfg.precision.name)
                                 if models.compute_autocast(cfg.precision) else None)
     model = steps.meta_model(cfg, on_cuda)
-    marks = depth.Marks(model, models.blocks(model)) if marked else None
+    marked_by = marks.Marks(model, models.blocks(model)) if marked else None
     return steps.simulated_steps(model, cfg, spec["lengths"], steps.META, on_cuda,
-                                 marks=marks), marks
+                                 marks=marked_by), marked_by
 
 
 def _written_out(spec: dict):
     shallow = {**spec, "model": {**spec["model"], "architecture": depth.shallow(
         spec["model"]["architecture"])}}
-    found, marks = _steps(shallow, marked=True)
+    found, marked_by = _steps(shallow, marked=True)
     assert len(found.events) < len(_steps(spec, marked=False)[0].events)
-    return depth.deepened(found, marks, BLOCKS)
+    return depth.deepened(found, marked_by, BLOCKS)
 
 
 @pytest.mark.parametrize("overrides", [

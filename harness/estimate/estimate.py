@@ -77,6 +77,7 @@ from harness.estimate import (
     steps,
     work,
 )
+from harness.estimate import marks as block_marks
 from harness.measure import accounting
 from harness.model import (
     families,
@@ -238,9 +239,9 @@ def _code_digest() -> bytes:
     and layers it simulates, as this process loaded them (read once: a file edited while a plan
     runs does not change its keys midway; forked workers inherit them)."""
     digest = hashlib.sha256()
-    for module in (allocator, depth, meta_outputs, methods, models, simulate, steps, training_step,
-                   lomo, families, optimizers, tokenizers, accounting, sharding, work,
-                   sys.modules[__name__]):
+    for module in (allocator, block_marks, depth, meta_outputs, methods, models, simulate,
+                   steps, training_step, lomo, families, optimizers, tokenizers, accounting,
+                   sharding, work, sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())
     for package in LIBRARIES:
         digest.update(version(package).encode())
@@ -311,11 +312,11 @@ def _deep_from_shallow(cfg, spec: dict, on_cuda: simulate.AsOnCuda) -> tuple:
     shallow_cfg = cfg.copy()
     shallow_cfg.model.architecture = depth.shallow(spec["model"]["architecture"])
     model = steps.meta_model(shallow_cfg, on_cuda)
-    marks = depth.Marks(model, models.blocks(model))
+    marks = block_marks.Marks(model, models.blocks(model))
     shallow = steps.simulated_steps(model, shallow_cfg, spec["lengths"], steps.META, on_cuda,
                                     marks=marks)
     marks.remove()
     deep = depth.deepened(shallow, marks, blocks)
     if deep is None:
         return None, None, []
-    return model, deep, marks.centres * (blocks - depth.SHALLOW)
+    return model, deep, marks.centres * (blocks - block_marks.SHALLOW)
