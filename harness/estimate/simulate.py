@@ -61,7 +61,7 @@ class Trace(SimulationMode):
 
     def __init__(self, existing=(), reuse_outputs: bool = True, marks=None):
         super().__init__()
-        # depth.Marks: `event_marks` gets each event's block (harness/estimate/depth.py)
+        # marks.Marks: `event_marks` gets each event's block (harness/estimate/marks.py)
         self.marks, self.event_marks = marks, []
         self.call = self.SHARED if reuse_outputs else (
             lambda func, args, kwargs: func(*args, **kwargs))

@@ -92,7 +92,7 @@ class Steps(NamedTuple):
     optimizer_steps: list = []
     ops: Counter = Counter()
     calls: Counter = Counter()
-    # With depth.Marks: the block of each weight storage and of each event
+    # With marks.Marks: the block of each weight storage and of each event
     weight_marks: list = []
     event_marks: list = []
 

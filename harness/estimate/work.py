@@ -84,7 +84,7 @@ class Work(SimulationMode):
 
     def __init__(self, random_apart: bool = False, signatures: bool = False, marks=None):
         super().__init__()
-        self.marks = marks  # depth.Marks: each op counted under its block too
+        self.marks = marks  # marks.Marks: each op counted under its block too
         # A CPU's step (estimate.step_work(device_type="cpu")) keeps the ops that draw random
         # numbers apart, for the calibration's dropout curve, and their signatures; a GPU's
         # rows stay as they were.
