@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench")
+    parser.add_argument("--stem", help="name of the .md and .json files (default: time-<device>)")
     arguments = parser.parse_args(argv)
     device = peaks.of_cpu() if not torch.cuda.is_available() else None
     if device is None:
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def write(arguments, device: dict, rows: list[dict]) -> None:
     facts = machine()
-    slug = f"time-{facts['gpu'] or 'cpu-' + str(facts['cores']) + '-cores'}".lower()
+    slug = arguments.stem or f"time-{facts['gpu'] or 'cpu-' + str(facts['cores']) + '-cores'}"
+    slug = slug.lower()
     calibrated = "calibration" in device
     met = sum(GOAL[0] <= row["ratio"] <= GOAL[1] for row in rows if row["ratio"])
     lines = [f"# The time model on {device['name']}", "",

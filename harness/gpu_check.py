@@ -202,7 +202,8 @@ def preflight(out: Path) -> list[str]:
         seen.setdefault(dist.metadata["Name"].lower(), (dist.version, str(dist.locate_file(""))))
     failed = []
     modules = [info.name for info in pkgutil.walk_packages(harness.__path__, "harness.")]
-    for name in [*modules, "bench.baselines", "bench.run"]:
+    bench = ["bench.baselines", "bench.run", "bench.sampler_cost"]
+    for name in [*modules, *bench]:
         try:
             importlib.import_module(name)
         except Exception:  # any failure to import is what the preflight is for
@@ -212,7 +213,7 @@ def preflight(out: Path) -> list[str]:
     import torch
 
     lines = [f"# python {platform.python_version()}, torch {torch.__version__} (CUDA "
-             f"{torch.version.cuda}), imports: {len(modules) + 2 - len(failed)} modules ok"
+             f"{torch.version.cuda}), imports: {len(modules) + len(bench) - len(failed)} modules ok"
              + (f", failed: {', '.join(failed)}" if failed else "")]
     ordered = [name for name in LIBRARIES if name in seen] + sorted(set(seen) - set(LIBRARIES))
     lines += [f"{name}=={seen[name][0]}  {seen[name][1]}" for name in ordered]

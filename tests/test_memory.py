@@ -14,7 +14,7 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 from harness.core.units import MIB
-from harness.measure import accounting, sampler, traces
+from harness.measure import accounting, host_peak, sampler, traces
 from harness.measure.sampler import Sampler
 from tests.conftest import requires_cuda
 
@@ -61,6 +61,45 @@ def test_the_sampler_catches_a_50_ms_host_allocation_spike(tmp_path):
     assert trace["cpu_mib"].iloc[-5:].max() - baseline < 0.2 * SPIKE_MIB  # and its end
     assert trace["gpu_mib"].isna().all() and trace.attrs["gpu_source"] is None
     assert np.median(np.diff(trace["time_s"])) < 0.02
+
+
+def test_the_kernels_high_water_mark_keeps_a_spike_no_sample_saw_until_reset():
+    assert host_peak.reset()
+    before = host_peak.mib()
+    spike = bytearray(b"x") * (SPIKE_MIB * MIB)  # resident at once, and gone at once
+    del spike
+    kept = host_peak.mib()
+    assert kept - before > 0.9 * SPIKE_MIB
+    assert host_peak.reset() and host_peak.mib() < kept - 0.5 * SPIKE_MIB
+
+
+def test_sampled_peaks_are_raised_to_the_cells_high_water_marks_never_lowered():
+    sampled = {"cpu_peak_mib": 500.0, "cpu_load_peak_mib": 400.0, "cpu_train_peak_mib": 500.0,
+               "cpu_peak_mib_rank1": 300.0, "cpu_train_peak_mib_rank1": 300.0,
+               "gpu_peak_mib": 900.0}
+    reported = {"cpu_load_hwm_mib": 450.0, "cpu_train_hwm_mib": 480.0,
+                "cpu_eval_hwm_mib": 650.0,  # a phase no sample fell in
+                "cpu_train_hwm_mib_rank1": 320.0, "train_loss": 2.0}
+    assert traces.with_high_water_marks(sampled, reported) == {
+        "cpu_peak_mib": 650.0, "cpu_load_peak_mib": 450.0, "cpu_train_peak_mib": 500.0,
+        "cpu_eval_peak_mib": 650.0, "cpu_peak_mib_rank1": 320.0,
+        "cpu_train_peak_mib_rank1": 320.0, "gpu_peak_mib": 900.0}
+
+
+def test_a_cell_on_the_cpu_is_sampled_at_the_longer_interval():
+    sampler_cfg = SimpleNamespace(interval_ms=10, cpu_interval_ms=50)
+    assert traces.interval_ms(sampler_cfg, on_gpu=True) == 10
+    assert traces.interval_ms(sampler_cfg, on_gpu=False) == 50
+
+
+def test_the_overhead_benchmark_stops_the_sampler_in_its_unsampled_windows():
+    from bench import run, sampler_cost
+
+    cfg = run.compose_cell(["model=t5-tiny", "sampler.cpu_interval_ms=5",
+                            "sampler.interval_ms=5"])
+    found = sampler_cost.measure(cfg, pairs=2, window_steps=4, warmup_steps=1)
+    assert found["samples_off"] == 0 and found["samples_on"] > 0
+    assert len(found["pair_ratios"]) == 2 and found["on_step_s"] > 0 and found["off_step_s"] > 0
 
 
 def test_the_sampler_process_never_imports_torch():

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from harness.core.units import MIB
+from harness.measure import host_peak
 from harness.strategy import world as ranks
 
 
@@ -72,9 +73,10 @@ class Ranks:
 
 class ToRunner:
     """The cell's side of the pipe: metrics, tags, artifacts and phases, sent as they happen
-    (by rank 0 alone: another rank's has no connection). On CUDA it also keeps the allocator's
-    peaks per phase and over all (torch_train_peak_allocated_mib, ..., torch_peak_allocated_mib),
-    each rank its own."""
+    (by rank 0 alone: another rank's has no connection). It also keeps the process's host RSS
+    high-water mark per phase (cpu_train_hwm_mib, ...: harness/measure/host_peak.py) and on CUDA
+    the allocator's peaks per phase and over all (torch_train_peak_allocated_mib, ...,
+    torch_peak_allocated_mib), each rank its own."""
 
     def __init__(self, connection, scratch: Path, world: ranks.World = ranks.SINGLE):
         self.connection, self.scratch, self.world = connection, scratch, world
@@ -118,7 +120,10 @@ class ToRunner:
         self.send(Phase(name, time.time()))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        marked = host_peak.reset()
         yield
+        if marked and (high_water := host_peak.mib()) is not None:
+            self.peaks[f"cpu_{name}_hwm_mib"] = high_water
         if self.device.type == "cuda":
             stats = torch.cuda.memory_stats(self.device)
             for kind in ("allocated", "reserved", "active"):
@@ -126,4 +131,4 @@ class ToRunner:
                 self.peaks[f"torch_{name}_peak_{kind}_mib"] = peak
                 overall = f"torch_peak_{kind}_mib"
                 self.peaks[overall] = max(self.peaks.get(overall, 0.0), peak)
-            self.per_rank(self.peaks)  # now: a cell that dies later keeps this phase's peaks
+        self.per_rank(self.peaks)  # now: a cell that dies later keeps this phase's peaks

@@ -194,7 +194,12 @@ class RunnerConfig:
 @dataclass
 class SamplerConfig:
     enabled: Any = flag(True, "false: no memory sampler (the overhead benchmark's baseline)")
-    interval_ms: float = key(10, "the sampling interval", above=0)
+    interval_ms: float = key(10, "the sampling interval where the cell trains on a GPU",
+                             above=0)
+    cpu_interval_ms: float = key(50, "the sampling interval where the cell trains on the CPU: "
+                                 "its threads take every core, and each wake-up of the sampler "
+                                 "takes time from them (the host peaks are the kernel's "
+                                 "high-water marks at any interval)", above=0)
     metric_max_points: int = key(2000, "points of the gpu_mib / cpu_mib series in MLflow",
                                  at_least=1)
     csv_max_rows: int = key(100000, "rows of memory_trace.csv at most", at_least=1)

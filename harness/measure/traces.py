@@ -22,6 +22,14 @@ GPU_SOURCES = {"process": "NVML used memory of the cell's processes",
                          "driver; other processes on the GPU are included)"}
 
 
+def interval_ms(sampler_cfg, on_gpu: bool) -> float:
+    """The sampler's interval for a cell: sampler.interval_ms where it trains on a GPU (its
+    host's cores mostly wait on the device, so a wake-up takes no time from it), and the longer
+    sampler.cpu_interval_ms where it trains on the CPU, whose threads take every core: there
+    each wake-up costs the training about 0.2 ms (make bench measures it)."""
+    return sampler_cfg.interval_ms if on_gpu else sampler_cfg.cpu_interval_ms
+
+
 class SamplerProcess:
     """`python -m harness.measure.sampler` beside a cell: start it, watch(pid), and stop() it."""
 
@@ -126,6 +134,22 @@ def peaks(trace: pd.DataFrame) -> dict:
     if trace.attrs.get("gpu_source"):
         metrics["gpu_device_peak_mib"] = trace["gpu_device_mib"].max()
     return metrics
+
+
+def with_high_water_marks(metrics: dict, reported: dict) -> dict:
+    """peaks()'s `metrics`, each host peak raised to the cell process's own high-water mark
+    where the cell `reported` a higher one (cpu_<phase>_hwm_mib[_rank<n>]: harness/measure/
+    host_peak.py): a sample falls once an interval and misses a peak between two; the kernel's
+    mark misses none. It covers the cell's process alone, not its children, so it raises the
+    sampled peak of the tree and never replaces it."""
+    raised = dict(metrics)
+    for key, mark in reported.items():
+        if "_hwm_mib" in key:
+            peak = key.replace("_hwm_mib", "_peak_mib")
+            overall = "cpu_peak_mib" + peak.partition("_peak_mib")[2]
+            raised[peak] = max(raised.get(peak, 0.0), mark)
+            raised[overall] = max(raised.get(overall, 0.0), mark)
+    return raised
 
 
 def downsample(trace: pd.DataFrame, max_points: int) -> pd.DataFrame:

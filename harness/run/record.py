@@ -205,7 +205,8 @@ def record_memory(record: CellRecord, scratch: Path, sampler_cfg, title: str,
     trace = None
     with not_recorded(record, "memory_trace"):
         trace = traces.read_trace(scratch / "sampler.csv", record.phases)
-        journal.metrics(traces.peaks(trace), 0, _now_ms())
+        journal.metrics(traces.with_high_water_marks(traces.peaks(trace), record.latest), 0,
+                        _now_ms())
         names = ["cpu_mib"] + (["gpu_mib"] if trace.attrs["gpu_source"] else [])
         journal.series([[name, getattr(row, name), int(row.time * 1000), int(row.time_s * 1000)]
                         for row in traces.downsample(trace, sampler_cfg.metric_max_points)

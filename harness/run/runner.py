@@ -260,7 +260,8 @@ def _run_in_process(cfg: DictConfig, cell_cfg: dict, scratch: Path, record: Cell
     child = context.Process(
         target=entry.main, name="harness-cell",
         args=(cell_cfg, cfg.cache_dir, str(scratch), cfg.runner.cpu_memory_limit_mib, send))
-    sampler = (traces.SamplerProcess(cfg.sampler.interval_ms, scratch / "sampler.csv", gpu)
+    interval_ms = traces.interval_ms(cfg.sampler, torch.cuda.is_available())
+    sampler = (traces.SamplerProcess(interval_ms, scratch / "sampler.csv", gpu)
                if cfg.sampler.enabled else None)
     oom_kills_before = process.kernel_oom_kills()
     try:

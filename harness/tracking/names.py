@@ -62,6 +62,9 @@ MEMORY = [
     Name("gpu_mib", "the series of the cell's GPU memory (NVML)"),
     Name("cpu_peak_mib", "the cell's host RSS at its peak", always=True, per_rank=True),
     Name("cpu_<phase>_peak_mib", "the same within a phase", always=True, per_rank=True),
+    Name("cpu_<phase>_hwm_mib", "the cell process's own host RSS at its peak within a phase, "
+         "as the kernel keeps it (Linux's VmHWM; the two above are raised to it)",
+         per_rank=True),
     Name("cpu_baseline_mib", "the cell process's RSS with its libraries imported, before "
          "loading", always=True, per_rank=True),
     Name("gpu_peak_mib", "the cell's GPU memory at its peak (NVML, CUDA context included)",
