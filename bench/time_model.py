@@ -8,6 +8,11 @@ else on the machine takes its cores; the mean beside it) beside the time model's
 prediction for the same step: on a calibrated machine (`make calibrate`), each op the simulated
 step calls measured here and the cell's own time outside its ops (harness/estimate/timing.py's
 on_this_cpu), and the peaks-only model (harness/measure/peaks.py) beside it.
+
+The ops are measured anew right after each run of a cell, into a folder of the run's own, not
+taken from the cache `make calibrate` filled: a shared machine's speed drifts by 10 to 30 % over
+an hour, and a prediction from figures of another hour would measure that drift, not the model.
+A row's ratio is the median over runs of each run's predicted over measured step.
 Goal: every calibrated ratio within 0.85-1.15. Results: reports/bench/time-<device>.md and .json.
 """
 
@@ -43,15 +48,15 @@ CELLS = {
 GOAL = (0.85, 1.15)
 
 
-def predicted_step_s(cfg, device: dict) -> float:
+def predicted_step_s(cfg, device: dict, op_cache: Path | None = None) -> float:
     """The time model's step for the cell, at the lengths its batches were padded to (one): on a
-    calibrated device, the ops a CPU runs, each measured here (harness/measure/op_times.py); the
-    peaks price the step as simulated for CUDA (as a run logs them)."""
+    calibrated device, the ops a CPU runs, each measured here (harness/measure/op_times.py; into
+    `op_cache`); the peaks price the step as simulated for CUDA (as a run logs them)."""
     lengths = {"source": cfg.data.source_length_median, "target": cfg.data.target_length_median}
     lengths = {side: round(length) for side, length in lengths.items()}
     if "calibration" in device:
         return timing.on_this_cpu(identity.cell_config(cfg), lengths, cfg.cache_dir,
-                                  device)["step_s"]
+                                  device, op_cache)["step_s"]
     rows = estimate.step_work(identity.cell_config(cfg), lengths, cfg.cache_dir)
     return timing.step_seconds(rows, device)["step_s"]
 
@@ -74,20 +79,26 @@ def main(argv: list[str] | None = None) -> int:
         for number, (name, overrides) in enumerate(CELLS.items()):
             cell = [*FIXED, *overrides, f"train.max_steps={arguments.steps}"]
             experiment = f"time-{number}"
-            measured = []
+            cfg = compose_cell(stored(cell, store, experiment), base=[])
+            measured, predicted = [], []
             for repeat in range(arguments.repeats):
                 print(f"[bench] {name} ({repeat + 1} of {arguments.repeats})", flush=True)
                 metrics = harness_cell(cell, store, experiment, base=[])
                 measured.append((metrics["step_time_p50_s"], metrics["step_time_mean_s"]))
-            cfg = compose_cell(stored(cell, store, experiment), base=[])
+                if "calibration" in device:  # its ops measured anew, right after the cell ran
+                    predicted.append(predicted_step_s(cfg, device, store / f"ops-{number}-"
+                                                      f"{repeat}"))
             step_s = statistics.median(p50 for p50, _ in measured)
             mean_s = statistics.median(mean for _, mean in measured)
-            calibrated = predicted_step_s(cfg, device) if "calibration" in device else None
+            calibrated = statistics.median(predicted) if predicted else None
+            ratio = statistics.median(p / m for p, (m, _) in zip(predicted, measured)) \
+                if predicted else None
             peaks_only = predicted_step_s(cfg, uncalibrated)
             rows.append({"cell": name, "measured_step_s": step_s, "measured_mean_s": mean_s,
-                         "predicted_step_s": calibrated, "ratio": calibrated and calibrated
-                         / step_s, "peaks_only_step_s": peaks_only,
-                         "peaks_only_ratio": peaks_only / step_s})
+                         "predicted_step_s": calibrated, "ratio": ratio,
+                         "peaks_only_step_s": peaks_only, "peaks_only_ratio": peaks_only / step_s,
+                         "repeats": {"measured_p50_s": [p50 for p50, _ in measured],
+                                     "predicted_s": predicted}})
     write(arguments, device, rows)
     return 0
 
@@ -104,9 +115,10 @@ def write(arguments, device: dict, rows: list[dict]) -> None:
              f"{arguments.steps} steps, the median of {arguments.repeats} run(s). Measured: the "
              "median step without the first steps (step_time_p50_s; the mean beside it). "
              "Predicted: the time model "
-             "for the same step, " + ("each of its ops measured on this machine and the cell's "
-                                      "own time outside its ops per call (make calibrate; "
-                                      "harness/estimate/timing.py's on_this_cpu)"
+             "for the same step, " + ("each of its ops measured on this machine right after "
+                                      "each run and the cell's own time outside its ops per "
+                                      "call (harness/estimate/timing.py's on_this_cpu); the "
+                                      "ratio is the median of the runs' own"
                                       if calibrated else "uncalibrated (run make calibrate)")
              + ", and from the device's peaks alone.", "",
              (f"{met} of {len(rows)} calibrated ratios within {GOAL[0]}-{GOAL[1]}."

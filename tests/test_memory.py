@@ -92,6 +92,7 @@ def test_a_cell_on_the_cpu_is_sampled_at_the_longer_interval():
     assert traces.interval_ms(sampler_cfg, on_gpu=False) == 50
 
 
+@pytest.mark.slow
 def test_the_overhead_benchmark_stops_the_sampler_in_its_unsampled_windows():
     from bench import run, sampler_cost
 

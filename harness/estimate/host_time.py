@@ -11,6 +11,7 @@ against their replayed ops, it was 2-5 us per call on a two-core CPU.
 """
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,9 +24,9 @@ TINY = {"source": 4, "target": 4}  # tokens: every op small
 WARMUP, TIMED = 3, 10
 
 
-def seconds_per_call(cfg) -> float:
+def seconds_per_call(cfg, op_cache: Path | None = None) -> float:
     """Seconds per op call a training step of `cfg`'s cell (a resolved cell config) spends on
-    this CPU outside its ops."""
+    this CPU outside its ops (the ops' own times cached in the user's cache or `op_cache`)."""
     model = methods.prepare(models.load_model(cfg.model, cfg.precision,
                                               methods.base_frozen(cfg.method.name), CPU), cfg)
     model.train()
@@ -50,6 +51,6 @@ def seconds_per_call(cfg) -> float:
         step()
     updates.close()
     calls = work.calls_per_step(counted.calls, 1)
-    measured = op_times.seconds([called for called, _ in calls], CPU)
+    measured = op_times.seconds([called for called, _ in calls], CPU, op_cache)
     in_ops = sum(count * (measured[called] or 0.0) for called, count in calls)
     return max(0.0, best - in_ops) / sum(count for _, count in calls)

@@ -31,6 +31,7 @@ op_times.py), the step their sum. The curves price a step on a device that is no
 
 import bisect
 import math
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -77,13 +78,15 @@ def _calibrated_seconds(rows: list, calibration: dict) -> dict:
     return {"step_s": sum(bound.values()), **bound}
 
 
-def on_this_cpu(cell_cfg: dict, lengths: dict, cache_dir: str | None, device: dict) -> dict:
+def on_this_cpu(cell_cfg: dict, lengths: dict, cache_dir: str | None, device: dict,
+                op_cache: Path | None = None) -> dict:
     """replayed_seconds of a cell's step on this calibrated CPU (peaks.of_cpu's `device`): the
-    ops a CPU runs for it, each measured here (the first time; cached after), and the time the
-    cell's own step spends outside its ops, per call (harness/estimate/host_time.py)."""
+    ops a CPU runs for it, each measured here (the first time; cached after, in the user's cache
+    or `op_cache`), and the time the cell's own step spends outside its ops, per call
+    (harness/estimate/host_time.py)."""
     calls = estimate.step_calls(cell_cfg, lengths, cache_dir)
-    op_seconds = op_times.seconds([called for called, _ in calls], torch.device("cpu"))
-    host_s = host_time.seconds_per_call(OmegaConf.create(cell_cfg))
+    op_seconds = op_times.seconds([called for called, _ in calls], torch.device("cpu"), op_cache)
+    host_s = host_time.seconds_per_call(OmegaConf.create(cell_cfg), op_cache)
     return replayed_seconds(calls, op_seconds, device["calibration"], host_s)
 
 
