@@ -72,7 +72,7 @@ def measure(cfg, pairs: int = 20, window_steps: int = 8, warmup_steps: int = 10)
     updates.close()
     on, off = ([seconds for _, _, seconds in windows[sampled]] for sampled in (True, False))
     ratios = [sampled / unsampled for sampled, unsampled in zip(on, off)]
-    # Proof that the windows are what they say: the stopped sampler took no sample in its.
+    # Proof that the windows are what they say: no sample falls in a window it was stopped for.
     samples = {sampled: sum(int(((sample_times > start) & (sample_times < end)).sum())
                             for start, end, _ in windows[sampled]) for sampled in (True, False)}
     return {"ratio": statistics.median(ratios), "pooled": sum(on) / sum(off),
