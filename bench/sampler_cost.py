@@ -22,7 +22,7 @@ import torch
 
 from harness.config import identity
 from harness.measure import traces
-from harness.model import families, methods, models, tokenizers, training_step
+from harness.model import training_step
 
 
 def measure(cfg, pairs: int = 20, window_steps: int = 8, warmup_steps: int = 10) -> dict:
@@ -32,24 +32,17 @@ def measure(cfg, pairs: int = 20, window_steps: int = 8, warmup_steps: int = 10)
     cell config) on this machine's CPU or GPU."""
     cell = identity.cell_config(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = methods.prepare(models.load_model(cfg.model, cfg.precision, methods.base_frozen(
-        cfg.method.name), device), cfg)
-    model.train()
     lengths = {"source": round(cell["data"]["source_length_median"]),
                "target": round(cell["data"]["target_length_median"])}
-    batch = families.of(cfg.model).training_batch(cfg.train.batch_size, lengths, device,
-                                                  tokenizers.PAD_ID, tokenizers.EOS_ID + 1)
     total = warmup_steps + 2 * pairs * window_steps
-    updates = training_step.Updates(model, cfg, total + 1, device)
+    step, updates = training_step.one_batch_steps(cfg, cfg.train.batch_size, lengths, device,
+                                                  total + 1)
 
     def steps(count: int) -> tuple[float, float, float]:
         """(start, end) in unix seconds and the seconds per step of `count` steps."""
         start, started = time.time(), time.perf_counter()
         for _ in range(count):
-            loss = training_step.forward(model, batch, cfg.precision, device)
-            updates.backward(loss, update=True)
-            updates.next_step()
-            loss.item()  # as the training loop reads each step's loss
+            step().item()  # as the training loop reads each step's loss
         training_step.synchronize(device)
         return start, time.time(), (time.perf_counter() - started) / count
 

@@ -17,7 +17,7 @@ import torch
 
 from harness.estimate import work
 from harness.measure import op_times
-from harness.model import families, methods, models, tokenizers, training_step
+from harness.model import training_step
 
 CPU = torch.device("cpu")
 TINY = {"source": 4, "target": 4}  # tokens: every op small
@@ -27,17 +27,7 @@ WARMUP, TIMED = 3, 10
 def seconds_per_call(cfg, op_cache: Path | None = None) -> float:
     """Seconds per op call a training step of `cfg`'s cell (a resolved cell config) spends on
     this CPU outside its ops (the ops' own times cached in the user's cache or `op_cache`)."""
-    model = methods.prepare(models.load_model(cfg.model, cfg.precision,
-                                              methods.base_frozen(cfg.method.name), CPU), cfg)
-    model.train()
-    batch = families.of(cfg.model).training_batch(1, TINY, CPU, tokenizers.PAD_ID,
-                                                  tokenizers.EOS_ID + 1)
-    updates = training_step.Updates(model, cfg, WARMUP + TIMED + 1, CPU)
-
-    def step() -> None:
-        updates.backward(training_step.forward(model, batch, "fp32", CPU), update=True)
-        updates.next_step()
-
+    step, updates = training_step.one_batch_steps(cfg, 1, TINY, CPU, WARMUP + TIMED + 1, "fp32")
     for _ in range(WARMUP):
         step()
     best = float("inf")

@@ -10,7 +10,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from harness.core.units import MIB
 from harness.measure import accounting
-from harness.model import lomo, methods, models, optimizers
+from harness.model import families, lomo, methods, models, optimizers, tokenizers
 from harness.model.models import autocast
 
 
@@ -174,3 +174,25 @@ def repeatable(compute, device: torch.device):
             torch.cuda.set_rng_state(states[1], device)
         return compute()
     return compute(), again
+
+
+def one_batch_steps(cfg, batch_size: int, lengths: dict, device: torch.device,
+                    total_steps: int, precision=None):
+    """A cell's training step (`cfg`: a resolved cell config) on one batch of fixed shape, as
+    often as it is called: (step, updates), where step() trains on the batch once and returns
+    its loss and updates.close() ends it. Its model is built for it. For measuring a step's time
+    alone (harness/estimate/host_time.py, bench/sampler_cost.py): no data loader, no loop."""
+    model = methods.prepare(models.load_model(cfg.model, cfg.precision,
+                                              methods.base_frozen(cfg.method.name), device), cfg)
+    model.train()
+    batch = families.of(cfg.model).training_batch(batch_size, lengths, device,
+                                                  tokenizers.PAD_ID, tokenizers.EOS_ID + 1)
+    updates = Updates(model, cfg, total_steps, device)
+
+    def step() -> torch.Tensor:
+        loss = forward(model, batch, precision or cfg.precision, device)
+        updates.backward(loss, update=True)
+        updates.next_step()
+        return loss
+
+    return step, updates
