@@ -63,8 +63,8 @@ def predicted_step_s(cfg, device: dict, op_cache: Path | None = None) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench")
     parser.add_argument("--stem", help="name of the .md and .json files (default: time-<device>)")
     arguments = parser.parse_args(argv)

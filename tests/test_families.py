@@ -77,6 +77,17 @@ def test_causal_examples_learn_the_response_only_unless_asked():
     assert both["labels"][0] == both["input_ids"][0]
 
 
+def test_causal_training_batches_pad_on_the_right_with_labels_ignored():
+    causal = families.FAMILIES["causal"]
+    examples = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
+                {"input_ids": [9], "attention_mask": [1], "labels": [9]}]
+    batch = causal.collate(type("T", (), {"pad_token_id": 0})())(examples)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [9, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [9, -100, -100]]
+    assert {tensor.dtype for tensor in batch.values()} == {torch.int64}
+
+
 def test_causal_generation_sees_left_padded_prompts_and_returns_new_tokens_only():
     causal = families.FAMILIES["causal"]
     examples = [{"input_ids": [5, 6, 7, 8], "prompt_length": 3},

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from harness.cell.train import train
-from harness.data import encoding
+from harness.data import encoding, loaders
 from harness.model import families, methods, models
 from harness.strategy.engines import Engine
 from tests.conftest import compose_cell
@@ -57,13 +57,11 @@ def _losses(tmp_path, model: str, method: str) -> list[float]:
                                                methods.base_frozen(cfg.method.name), CPU), cfg)
     splits = encoding.load(cfg.data, cfg.model, tokenizer, str(tmp_path)).splits
     collate = families.of(cfg.model).collate(tokenizer)
-    # As the cell shuffles (harness/cell/entry.py): a generator seeded with train.seed.
-    shuffle = torch.Generator().manual_seed(cfg.train.seed)
-    loaders = [DataLoader(splits["train"], batch_size=4, shuffle=True, generator=shuffle,
-                          collate_fn=collate),
+    # The cell's own loader (harness/data/loaders.py): shuffled by a generator of train.seed.
+    batches = [loaders.training(splits["train"], 4, cfg.train.seed, collate),
                DataLoader(splits["validation"], batch_size=4, collate_fn=collate)]
     logged = []
-    train(Engine(model_, cfg), *loaders, cfg, CPU, lambda metrics, step: logged.append(metrics))
+    train(Engine(model_, cfg), *batches, cfg, CPU, lambda metrics, step: logged.append(metrics))
     return [metrics["train_loss"] for metrics in logged if "train_loss" in metrics]
 
 

@@ -319,10 +319,15 @@ def test_a_replayed_step_sums_its_calls_as_measured():
     found = timing.replayed_seconds(calls, {"a": 1e-3, "b": 5e-3, "c": None},
                                     {"op_us": 50.0})
     assert found == pytest.approx({"step_s": 10e-3 + 10e-3 + 4 * 50e-6, "host": 0.0,
-                                   "replayed": 12 / 16})
+                                   "loader": 0.0, "replayed": 12 / 16})
     # The time outside the ops, per call.
     assert timing.replayed_seconds(calls, {"a": 1e-3, "b": 5e-3, "c": None}, {"op_us": 50.0},
                                    2e-6)["step_s"] == pytest.approx(found["step_s"] + 16 * 2e-6)
+    # And the loop's wait for the step's batches.
+    assert timing.replayed_seconds(calls, {"a": 1e-3, "b": 5e-3, "c": None}, {"op_us": 50.0},
+                                   0.0, 3e-4) == pytest.approx({**found, "step_s":
+                                                                found["step_s"] + 3e-4,
+                                                                "loader": 3e-4})
 
 
 def test_a_cells_step_on_this_cpu_adds_its_own_time_outside_the_ops(tmp_path, monkeypatch):
@@ -335,3 +340,20 @@ def test_a_cells_step_on_this_cpu_adds_its_own_time_outside_the_ops(tmp_path, mo
     assert 1e-7 < per_call < 1e-4
     found = timing.on_this_cpu(cell, LENGTHS, None, {"calibration": {"op_us": 3.0}})
     assert found["replayed"] == 1.0 and 0 < found["host"] < found["step_s"]
+    # The loop waits for each batch: the cell's loader over examples of the step's lengths.
+    assert 0 < found["loader"] < found["step_s"] - found["host"]
+
+
+def test_the_loop_waits_for_batches_of_the_cells_own_shape():
+    # The loader's examples have the step's lengths, assembled and padded as the cell's family
+    # does, in batches of the cell's size.
+    for model, lengths, shapes in (
+            ("t5-tiny", LENGTHS, {"input_ids": (3, LENGTHS["source"]),
+                                  "labels": (3, LENGTHS["target"])}),
+            ("tiny-llama", {"source": 20, "target": 6}, {"input_ids": (3, 26),
+                                                         "labels": (3, 26)})):
+        cfg = compose_cell(f"model={model}", "train.batch_size=3")
+        loader = host_time.step_loader(cfg, lengths)
+        assert len(loader) == host_time.LOADER_BATCHES
+        assert all({key: batch[key].shape for key in shapes} == shapes for batch in loader)
+        assert host_time.loader_seconds_per_batch(cfg, lengths) > 0

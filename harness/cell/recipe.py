@@ -19,7 +19,7 @@ from harness.cell.train import train
 from harness.core import pauses
 from harness.core.options import ADAPTER_METHODS, FUSED_METHODS
 from harness.core.units import MIB
-from harness.data import checks, encoding, sources
+from harness.data import checks, encoding, loaders, sources
 from harness.measure import accounting
 from harness.model import families, methods, models
 from harness.model.training_step import synchronize
@@ -84,9 +84,8 @@ def run(cfg, cache_dir: str, log: ToRunner) -> None:
     family = families.of(cfg.model)
     collate = family.collate(tokenizer)
     with log.phase("train"):
-        shuffle = torch.Generator().manual_seed(cfg.train.seed)
-        train_loader = DataLoader(splits["train"], batch_size=cfg.train.batch_size,
-                                  shuffle=True, generator=shuffle, collate_fn=collate)
+        train_loader = loaders.training(splits["train"], cfg.train.batch_size, cfg.train.seed,
+                                        collate)
         loss_examples = cfg.eval.max_samples
         if evaluation["loss_max_batches"] is not None:
             loss_examples = min(loss_examples or math.inf,

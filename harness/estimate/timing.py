@@ -26,7 +26,9 @@ step is their sum; on a GPU the host's dispatch overlaps the kernels, each op ta
 
 On the calibrated CPU at hand the step's own ops are measured instead (`on_this_cpu`): each call
 the simulated CPU step makes, made again on real tensors of its shapes (harness/measure/
-op_times.py), the step their sum. The curves price a step on a device that is not at hand.
+op_times.py), the step their sum, with the time the step spends outside its ops and the time its
+loop waits for its batches (harness/estimate/host_time.py). The curves price a step on a device
+that is not at hand.
 """
 
 import bisect
@@ -82,30 +84,33 @@ def on_this_cpu(cell_cfg: dict, lengths: dict, cache_dir: str | None, device: di
                 op_cache: Path | None = None) -> dict:
     """replayed_seconds of a cell's step on this calibrated CPU (peaks.of_cpu's `device`): the
     ops a CPU runs for it, each measured here (the first time; cached after, in the user's cache
-    or `op_cache`), and the time the cell's own step spends outside its ops, per call
-    (harness/estimate/host_time.py)."""
+    or `op_cache`), the time the cell's own step spends outside its ops, per call, and the time
+    its loop waits for each batch (harness/estimate/host_time.py)."""
     calls = estimate.step_calls(cell_cfg, lengths, cache_dir)
     op_seconds = op_times.seconds([called for called, _ in calls], torch.device("cpu"), op_cache)
-    host_s = host_time.seconds_per_call(OmegaConf.create(cell_cfg), op_cache)
-    return replayed_seconds(calls, op_seconds, device["calibration"], host_s)
+    cfg = OmegaConf.create(cell_cfg)
+    host_s = host_time.seconds_per_call(cfg, op_cache)
+    loader_s = host_time.loader_seconds_per_batch(cfg, lengths) * cfg.train.grad_accum_steps
+    return replayed_seconds(calls, op_seconds, device["calibration"], host_s, loader_s)
 
 
 def replayed_seconds(calls: list, op_seconds: dict, calibration: dict,
-                     host_s: float = 0.0) -> dict:
+                     host_s: float = 0.0, loader_s: float = 0.0) -> dict:
     """{"step_s": seconds, "replayed": the share of the step's calls measured, "host": seconds
-    outside the ops} for the op calls `calls` ([signature, count] rows: estimate.step_calls)
-    whose seconds per call were measured on this device by making each again (`op_seconds`:
-    harness/measure/op_times.py), `host_s` more for each call; on a CPU the ops run one after
-    another, so the step is their sum. A call that could not be made again costs the host's
-    time per op (the calibration's op_us)."""
+    outside the ops, "loader": seconds waiting for batches} for the op calls `calls`
+    ([signature, count] rows: estimate.step_calls) whose seconds per call were measured on this
+    device by making each again (`op_seconds`: harness/measure/op_times.py), `host_s` more for
+    each call and `loader_s` for the step's batches; on a CPU the ops run one after another and
+    the loop waits for its batches between them, so the step is their sum. A call that could not
+    be made again costs the host's time per op (the calibration's op_us)."""
     total = measured = count_all = 0
     for called, count in calls:
         found = op_seconds.get(called)
         total += count * (calibration["op_us"] * 1e-6 if found is None else found)
         measured += count if found is not None else 0
         count_all += count
-    return {"step_s": total + host_s * count_all, "host": host_s * count_all,
-            "replayed": measured / count_all if count_all else 1.0}
+    return {"step_s": total + host_s * count_all + loader_s, "host": host_s * count_all,
+            "loader": loader_s, "replayed": measured / count_all if count_all else 1.0}
 
 
 def _interpolated(points: list, size: float) -> float:

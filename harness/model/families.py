@@ -11,6 +11,7 @@ new (a causal model returns its prompt first).
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from peft import TaskType
 from transformers import (
@@ -150,8 +151,12 @@ class CausalBatches:
         width = max(len(example["input_ids"]) for example in examples)
 
         def padded(key, value):
-            return torch.tensor([example[key] + [value] * (width - len(example[key]))
-                                 for example in examples])
+            # Filled row by row in numpy: torch.tensor of nested lists takes several times as
+            # long, and the loop waits for the next batch in each step.
+            rows = np.full((len(examples), width), value, dtype=np.int64)
+            for row, example in zip(rows, examples):
+                row[:len(example[key])] = example[key]
+            return torch.from_numpy(rows)
         return {"input_ids": padded("input_ids", self.pad_id),
                 "attention_mask": padded("attention_mask", 0),
                 "labels": padded("labels", IGNORED_LABEL)}

@@ -111,7 +111,11 @@ class Journal:
             entry = {"seq": len(self.entries) + 1, "op": op, **body}
             self._save(entry)
             self.entries.append(entry)
-            self.lock.notify_all()
+            # Delivery waits for a first entry, or for its next turn (DELIVER_EVERY_S), which a
+            # further entry does not move: waking it for each (a metric each step) would take
+            # a core from the cell for nothing.
+            if self.pending() == 1:
+                self.lock.notify_all()
 
     def _save(self, entry: dict) -> None:
         """The entry on disk; where the disk is full, in memory alone from then on (delivered
