@@ -143,23 +143,23 @@ class CausalBatches:
     def __call__(self, examples: list) -> dict:
         if self.prompts_only:
             prompts = [example["input_ids"][:example["prompt_length"]] for example in examples]
-            width = max(map(len, prompts))
-            return {"input_ids": torch.tensor([[self.pad_id] * (width - len(ids)) + ids
-                                               for ids in prompts]),
-                    "attention_mask": torch.tensor([[0] * (width - len(ids)) + [1] * len(ids)
-                                                    for ids in prompts])}
-        width = max(len(example["input_ids"]) for example in examples)
+            return {"input_ids": _padded(prompts, self.pad_id, left=True),
+                    "attention_mask": _padded([[1] * len(ids) for ids in prompts], 0, left=True)}
+        return {"input_ids": _padded([example["input_ids"] for example in examples], self.pad_id),
+                "attention_mask": _padded([example["attention_mask"] for example in examples], 0),
+                "labels": _padded([example["labels"] for example in examples], IGNORED_LABEL)}
 
-        def padded(key, value):
-            # Filled row by row in numpy: torch.tensor of nested lists takes several times as
-            # long, and the loop waits for the next batch in each step.
-            rows = np.full((len(examples), width), value, dtype=np.int64)
-            for row, example in zip(rows, examples):
-                row[:len(example[key])] = example[key]
-            return torch.from_numpy(rows)
-        return {"input_ids": padded("input_ids", self.pad_id),
-                "attention_mask": padded("attention_mask", 0),
-                "labels": padded("labels", IGNORED_LABEL)}
+
+def _padded(rows: list, value: int, left: bool = False) -> torch.Tensor:
+    """The rows as one int64 tensor, each padded with `value` to the longest (on the left where
+    asked). Filled row by row in numpy: torch.tensor of nested lists takes several times as long,
+    and the training loop waits for each batch."""
+    width = max(map(len, rows))
+    padded = np.full((len(rows), width), value, dtype=np.int64)
+    for row, ids in zip(padded, rows):
+        start = width - len(ids) if left else 0
+        row[start:start + len(ids)] = ids
+    return torch.from_numpy(padded)
 
 
 def _full(batch_size: int, length: int, token_id: int, last: int, device) -> torch.Tensor:
