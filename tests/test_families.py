@@ -86,6 +86,10 @@ def test_causal_training_batches_pad_on_the_right_with_labels_ignored():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [9, -100, -100]]
     assert {tensor.dtype for tensor in batch.values()} == {torch.int64}
+    # Every key takes the width of the longest input_ids, shorter labels too.
+    short = causal.collate(type("T", (), {"pad_token_id": 0})())(
+        [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [7]}])
+    assert short["labels"].tolist() == [[7, -100, -100]]
 
 
 def test_causal_generation_sees_left_padded_prompts_and_returns_new_tokens_only():

@@ -143,18 +143,21 @@ class CausalBatches:
     def __call__(self, examples: list) -> dict:
         if self.prompts_only:
             prompts = [example["input_ids"][:example["prompt_length"]] for example in examples]
-            return {"input_ids": _padded(prompts, self.pad_id, left=True),
-                    "attention_mask": _padded([[1] * len(ids) for ids in prompts], 0, left=True)}
-        return {"input_ids": _padded([example["input_ids"] for example in examples], self.pad_id),
-                "attention_mask": _padded([example["attention_mask"] for example in examples], 0),
-                "labels": _padded([example["labels"] for example in examples], IGNORED_LABEL)}
+            width = max(map(len, prompts))
+            return {"input_ids": _padded(prompts, width, self.pad_id, left=True),
+                    "attention_mask": _padded([[1] * len(ids) for ids in prompts], width, 0,
+                                              left=True)}
+        # Every key to the width of the longest input_ids (labels may be shorter).
+        width = max(len(example["input_ids"]) for example in examples)
+        return {key: _padded([example[key] for example in examples], width, value)
+                for key, value in (("input_ids", self.pad_id), ("attention_mask", 0),
+                                   ("labels", IGNORED_LABEL))}
 
 
-def _padded(rows: list, value: int, left: bool = False) -> torch.Tensor:
-    """The rows as one int64 tensor, each padded with `value` to the longest (on the left where
-    asked). Filled row by row in numpy: torch.tensor of nested lists takes several times as long,
-    and the training loop waits for each batch."""
-    width = max(map(len, rows))
+def _padded(rows: list, width: int, value: int, left: bool = False) -> torch.Tensor:
+    """The rows as one int64 tensor of `width` columns, each padded with `value` (on the left
+    where asked). Filled row by row in numpy: torch.tensor of nested lists takes several times
+    as long, and the training loop waits for each batch."""
     padded = np.full((len(rows), width), value, dtype=np.int64)
     for row, ids in zip(padded, rows):
         start = width - len(ids) if left else 0
