@@ -73,7 +73,7 @@ CALLS = {
 }
 # The test modules with gpu-marked tests (the others import what only CI installs: playwright).
 GPU_TESTS = ["tests/test_cells.py", "tests/test_gpu_check.py", "tests/test_memory.py",
-             "tests/test_models.py", "tests/test_plan.py"]
+             "tests/test_models.py", "tests/test_plan.py", "tests/test_scaling.py"]
 # The libraries whose versions decide what a cell measures, first in packages.txt.
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "mlflow-skinny",
              "mlflow", "hydra-core", "datasets", "numpy")
@@ -163,9 +163,10 @@ def report(device: str, runs: pd.DataFrame, bench_md: Path | None,
         speed = runs[["cell", "step_time_mean_s", "predicted_step_s",
                       "measured_over_predicted", "train_tflops_per_s", "mfu"]]
         lines += ["Time (harness/estimate/timing.py): the mean measured step beside the time "
-                  "model's prediction for this GPU (its datasheet peaks, conf/peaks/), the "
-                  "achieved TFLOP/s and MFU. The measured / predicted ratio is what `make plan` "
-                  "corrects by once these runs are in the store.", "", tables.as_text(speed), ""]
+                  "model's prediction for this GPU (priced by its calibration where the "
+                  "calibrate part ran, else its datasheet peaks), the achieved TFLOP/s and "
+                  "MFU. The measured / predicted ratio is what `make plan` corrects by once "
+                  "these runs are in the store.", "", tables.as_text(speed), ""]
         passed = int(runs.within_15_pct.sum())
         lines.append(f"{passed} of {len(runs)} cells within {TOLERANCE:.0%} of the estimate; "
                      f"median CUDA context {runs.context_mib.median():.0f} MiB (the estimate "

@@ -220,6 +220,11 @@ class PeaksConfig:
                                "the links to other GPUs (link_gbs) and the host (host_gbs), GB/s")
     internode_gbs: float = key(12.5, "GB/s between nodes, per direction (100 Gb/s Ethernet or "
                                "EFA; 400 Gb/s InfiniBand: 50)", above=0)
+    calibrations: list[str] = key(["reports/gpu-*/calibration"],
+                                  "folders (glob patterns, from the project's folder) of GPU "
+                                  "calibrations measured elsewhere (make gpu-check's), beside "
+                                  "the user's cache: a GPU not at hand is priced by the nearest "
+                                  "of them, scaled by the peaks")
 
 
 @dataclass

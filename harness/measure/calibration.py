@@ -8,7 +8,8 @@ runs above the copy's bandwidth, and the smallest ops cost only the host's time 
 (Python, the dispatcher, autograd's bookkeeping). So calibration measures curves, as Habitat
 (USENIX ATC '21) measures operations:
 
-  matmul   seconds per matmul by its FLOPs, per dtype (fp32, bf16), square sizes 16 to 1024;
+  matmul   seconds per matmul by its FLOPs, per dtype (fp32, bf16; on a GPU fp16 too), square
+           sizes 16 to 1024 (on a GPU to 8192: below that its kernels hide behind their dispatch);
   memory   seconds per elementwise op (an add into a third tensor) by the bytes it moves,
            1 KiB to 256 MiB;
   random   seconds per dropout (random numbers drawn for a mask) by the bytes it moves;
@@ -19,7 +20,8 @@ that cycle through more memory than the caches hold: in a step, the ops between 
 tensor evict it, so a figure taken on operands kept hot would be faster than any step's op.
 The figures are cached per device, torch version and thread count in the user's cache folder
 (they are the machine's, not a project's); `make calibrate` measures anew. About 30 s on two CPU
-cores.
+cores. A GPU's calibration also lets the plan price a GPU that is not at hand (harness/measure/
+scaling.py): `known` finds those measured here and those `make gpu-check` committed.
 """
 
 import argparse
@@ -34,10 +36,14 @@ import torch
 
 from harness.core.files import write_whole
 
-VERSION = 1  # a change to what is measured measures anew
+VERSION = 2  # a change to what is measured measures anew
 MATMUL_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+# A GPU runs a 1024-cube matmul in microseconds, about its dispatch's time: its curve goes on to
+# sizes its kernels take longer than that, as a step's larger matmuls do.
+GPU_MATMUL_SIZES = MATMUL_SIZES + (2048, 4096, 8192)
 MEMORY_BYTES = tuple(4 ** power * 1024 for power in range(0, 10))  # 1 KiB x 4^k up to 256 MiB
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+GPU_DTYPES = {**DTYPES, "fp16": torch.float16}  # a CPU's fp16 matmuls are no cell's
 FIGURE_S = 0.25  # per figure: enough repeats for a best time
 # Operands cycled through per figure, in all: beyond a server CPU's last-level cache.
 WORKING_SET, MAX_COPIES = 96 * 2**20, 64
@@ -65,11 +71,26 @@ def load(device: torch.device | str, cache: Path | None = None) -> dict | None:
     return json.loads(found.read_text()) if found.exists() else None
 
 
-def measure(device: torch.device, sizes=MATMUL_SIZES, memory_bytes=MEMORY_BYTES,
+def known(folders: list[Path]) -> list[dict]:
+    """The GPU calibrations in `folders` (of any torch version), each with "path": where it
+    lies. A CPU's are left out: its ops run one after another, a GPU's overlap their dispatch."""
+    found = []
+    for folder in folders:
+        for candidate in sorted(Path(folder).glob(f"calibration-v{VERSION}-*.json")):
+            measured = json.loads(candidate.read_text())
+            if not measured.get("synchronous", True):
+                found.append({**measured, "path": str(candidate)})
+    return found
+
+
+def measure(device: torch.device, sizes=None, memory_bytes=MEMORY_BYTES,
             figure_s: float = FIGURE_S) -> dict:
-    """The curves of this device (see the module's docstring)."""
+    """The curves of this device (see the module's docstring); `sizes` of the matmuls, by
+    default the device's."""
+    on_gpu = device.type == "cuda"
+    sizes = sizes or (GPU_MATMUL_SIZES if on_gpu else MATMUL_SIZES)
     matmul = {}
-    for kind, dtype in DTYPES.items():
+    for kind, dtype in (GPU_DTYPES if on_gpu else DTYPES).items():
         matmul[kind] = []
         for size in sizes:
             pairs = [[torch.randn(size, size, device=device).to(dtype) for _ in range(2)]

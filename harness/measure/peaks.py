@@ -4,9 +4,12 @@ this machine's CPU is measured once (a matmul per dtype, a large copy, a tiny op
 the user, since a CPU has no datasheet figure a run could reach.
 
 A device is a dict: name, fp32 / bf16 / fp16 / int8 (dense matmul TFLOP/s, TOPS for int8; None
-where it has no units for that dtype), bandwidth_gbs, launch_us, source.
+where it has no units for that dtype), bandwidth_gbs, launch_us, source; and "calibration" where
+what its operations achieve is known: measured on it (make calibrate), or, for a GPU not at hand,
+carried from the nearest GPU measured (harness/measure/scaling.py).
 """
 
+import glob
 import json
 import platform
 import time
@@ -15,13 +18,15 @@ from pathlib import Path
 import torch
 
 from harness.core.files import write_whole
-from harness.measure import calibration
+from harness.core.options import CONF_DIR
+from harness.measure import calibration, scaling
 
 KINDS = ("fp32", "bf16", "fp16", "int8")
 MATMUL_SIZE = 1024  # large enough for the CPU's matmul kernels to reach their pace
 COPY_MIB = 256  # beyond any CPU cache
 BENCH_S = 0.5  # per figure
 BENCH_VERSION = 1  # a change to the benchmark measures anew
+PROJECT = CONF_DIR.parent  # conf.peaks.calibrations' relative patterns are the project's
 
 
 def of_gpu(peaks_cfg, gpu_name: str | None) -> dict | None:
@@ -35,11 +40,28 @@ def of_gpu(peaks_cfg, gpu_name: str | None) -> dict | None:
               **{link: figures.get(link) for link in ("link_gbs", "host_gbs")},
               "internode_gbs": peaks_cfg.get("internode_gbs"),
               "source": "conf/peaks/ (datasheet)"}
-    # Measured on a GPU of this name on this machine (make calibrate there): priced by it.
-    found = calibration.load(gpu_name)
+    # Priced by what a GPU's ops achieved: this GPU's own calibration where one was measured,
+    # else the nearest known GPU's, scaled by the two GPUs' peaks (harness/measure/scaling.py).
+    folders = [calibration.user_cache(), *(Path(folder) for pattern in peaks_cfg.calibrations
+                                           for folder in sorted(glob.glob(str(PROJECT / pattern))))]
+    found = scaling.nearest(gpu_name, peaks_cfg.gpus, calibration.known(folders),
+                            torch.__version__)
     if found is None:
         return device
-    return {**device, "calibration": found, "source": "conf/peaks/; calibrated (make calibrate)"}
+    measured_on = peaks_cfg.gpus[found["device"]]
+    how = ("calibrated" if found["device"] == gpu_name
+           else f"scaled from the calibration of {found['device']}")
+    return {**device, "calibration": scaling.scaled(found, measured_on, figures),
+            "source": f"conf/peaks/; {how} ({_shown(found['path'])}, torch {found['torch']})"}
+
+
+def _shown(path: str) -> str:
+    """A calibration's file as the plan names it: from the project's folder where it lies in
+    it (a committed plan names no machine's folders), else from the home folder."""
+    for base, prefix in ((PROJECT, ""), (Path.home(), "~/")):
+        if Path(path).is_relative_to(base):
+            return prefix + str(Path(path).relative_to(base))
+    return path
 
 
 def of_cpu(cache: Path | None = None) -> dict:

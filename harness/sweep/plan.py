@@ -229,7 +229,8 @@ def _time_columns(job: DictConfig, cell_cfg: dict, work_rows: list, parts: dict,
                  bound=", ".join(f"{name} {predicted[name] / model_s:.0%}"
                                  for name in timing.BOUNDS if predicted[name])
                  + (f", transfers {moved['exposed_s'] / model_s:.0%}"
-                    if moved and moved["exposed_s"] else ""))
+                    if moved and moved["exposed_s"] else ""),
+                 peaks_from=device["source"])
     if correction is not None:
         found.update(predicted_step_s_uncorrected=model_s, time_correction=correction[0],
                      corrected_from=f"{correction[1]} {job.method.name} runs on {gpu_name}")
