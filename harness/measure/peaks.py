@@ -21,7 +21,7 @@ from harness.core.files import write_whole
 from harness.core.options import CONF_DIR
 from harness.measure import calibration, scaling
 
-KINDS = ("fp32", "bf16", "fp16", "int8")
+KINDS = scaling.KINDS  # the matmul dtypes a device's peaks name
 MATMUL_SIZE = 1024  # large enough for the CPU's matmul kernels to reach their pace
 COPY_MIB = 256  # beyond any CPU cache
 BENCH_S = 0.5  # per figure

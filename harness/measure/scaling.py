@@ -25,7 +25,7 @@ dtypes change.
 
 import math
 
-KINDS = ("fp32", "bf16", "fp16", "int8")
+KINDS = ("fp32", "bf16", "fp16", "int8")  # the matmul dtypes of conf/peaks/
 # A point this much longer than the curve's smallest op (all dispatch) is its kernel's time.
 HOST_BOUND = 1.5
 
