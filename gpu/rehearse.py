@@ -12,9 +12,9 @@
    versions where this Python has a wheel of it, else linked from this checkout's environment;
    torch is the CPU build here); then, with that environment's
    python3 first on PATH and no index, `. gpu/env.sh` and `make gpu-check PY=python3` as the
-   machine runs them: the preflight, and one check row on t5-tiny on the CPU
-   (allow_cpu=true), through the runner, the cell process, the sampler, the store and the
-   report, into a temporary folder.
+   machine runs them: call 1's parts (the preflight, the calibration, one check row on t5-tiny
+   on the CPU with allow_cpu=true, through the runner, the cell process, the sampler, the store
+   and the report, and the faults) and call 3's profile, into a temporary folder.
 It fails, naming what is missing, if either does.
 """
 
@@ -187,6 +187,7 @@ def install_and_run(machine: dict, work: Path) -> None:
                        SITE=str(work / "site"), PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull)
     out, store = work / "report", work / "store"
     command = (f". gpu/env.sh && make gpu-check PY=python3 CALL=1 ROWS=base_lora "
+               "PARTS=preflight,calibrate,cells,profile,faults "
                f"OUT={out} STORE={store} ARGS='{' '.join(CPU_CELL)}'")
     result = subprocess.run(["bash", "-c", command], cwd=REPO, env=environment)
     if result.returncode:
@@ -196,6 +197,8 @@ def install_and_run(machine: dict, work: Path) -> None:
         raise SystemExit(f"error: the rehearsal's cell did not end ok:\n{runs}")
     if not list((out / "calibration").glob("calibration-*.json")):
         raise SystemExit(f"error: the calibrate part wrote nothing under {out}/calibration")
+    if not (out / "profile.csv").exists():
+        raise SystemExit(f"error: the profile part wrote no {out}/profile.csv")
     print(f"[rehearsal] {command}: the cell ended ok; {out}/report.md")
 
 

@@ -1,30 +1,28 @@
 """`make gpu-check`: the one command that validates the harness on a CUDA GPU.
 
-    python -m harness.gpu_check [--call 1|2|3] [--rows base_full,...] [--parts cells,bench]
+    python -m harness.gpu_check [--call 1|2|3|4] [--rows base_full,...] [--parts cells,bench]
                                 [--out DIR] [--store DIR] [override ...]
 
 On the GPU it runs (parts, each optional, in this order):
-- preflight: where every library comes from and at which version (packages.txt), and an import
-  of every module of the harness and of bench/, so that a missing or mismatched wheel shows in
-  seconds, before any cell;
+- preflight: where every library comes from (packages.txt), and an import of every module of the
+  harness and of bench/: a missing or mismatched wheel shows in seconds, before any cell;
 - calibrate: what the time model's operations achieve on this GPU (make calibrate; its figures in
   calibration/), so that the cells' predicted step times are priced by them;
-- cells: experiments/gpu_check.yaml, one cell per option of experiments/check_row/: the
-  reference table's rows on their recipes plus LoRA+LOMO for each size, then 4-bit QLoRA,
-  bitsandbytes' 8-bit and paged AdamW, and an OpenCALM-7B LoRA cell, with random weights and
-  synthetic data, for a few dozen steps (each with its inference benchmark), into one MLflow
-  store per device (outputs/gpu-check/<device>/mlflow.db), so that rows run in pieces (ROWS=...)
-  add up;
+- cells: experiments/gpu_check.yaml, one cell per option of experiments/check_row/ (the
+  reference table's rows on their recipes, LoRA+LOMO per size, 4-bit QLoRA, 8-bit and paged
+  AdamW, an OpenCALM-7B LoRA cell, the strategies), random weights, synthetic data, a few dozen
+  steps each, into one MLflow store per device (outputs/gpu-check/<device>/mlflow.db), so that
+  rows run in pieces (ROWS=...) add up;
+- profile: where a step's time goes, the host's or the kernels' (bench/step_profile.py);
+- faults: the fault cases a CUDA cell changes (bench/faults.py --gpu);
 - tests: the test suite's gpu-marked tests (tests.txt);
-- bench: `make bench` on this GPU (sampler on / off, harness vs a hand-written loop and
-  Seq2SeqTrainer), where a per-step host sync shows.
-Then it writes reports/gpu-<device>/: runs.csv (one row per cell in the store: measured GPU peak,
-the allocator's peaks, the estimate and its parts, their ratio, the CUDA context it implies, step
-time and tokens/s), plan.csv (the plan of the same cells against this GPU), timings.csv (each
-part's wall time) and report.md. `--call N` is the N-th of the three device calls that together
-make the whole check (CALLS; docs/gpu-check.md). Overrides go to every cell and the plan. Without
-CUDA it refuses at once, unless an override says allow_cpu=true (the rehearsal of
-gpu/rehearse.py).
+- bench: `make bench` on this GPU, where a per-step host sync shows.
+Then it writes reports/gpu-<device>/: runs.csv (one row per cell in the store: measured peaks,
+the estimate and its parts, their ratio, the CUDA context it implies, step time, predicted step
+time and tokens/s), plan.csv (the same cells' plan against this GPU), timings.csv (each part's
+wall time) and report.md. `--call N` is the N-th of the device calls that together make the
+whole check (CALLS; docs/gpu-check.md). Overrides go to every cell and the plan. Without CUDA it
+refuses at once, unless an override says allow_cpu=true (the rehearsal of gpu/rehearse.py).
 """
 
 import argparse
@@ -53,19 +51,17 @@ from harness.sweep import plan
 from harness.tracking.runs import of_experiment
 
 EXPERIMENT = "gpu_check"
-PARTS = ("preflight", "calibrate", "cells", "faults", "tests", "bench")
+PARTS = ("preflight", "calibrate", "cells", "profile", "faults", "tests", "bench")
 # The whole check in four device calls of a few minutes each (docs/gpu-check.md): the small
-# cells first, then flan-t5-xl's, then the 7B causal cell, the GPU tests and the benchmarks, then
-# the strategies.
+# cells, flan-t5-xl's, the 7B causal cell with the profile, tests and bench, the strategies.
 CALLS = {
     "1": ("preflight,calibrate,cells,faults",
           "base_full,base_lora,base_lora_lomo,base_full_adamw_8bit,base_full_paged_adamw_8bit,"
           "base_full_paged_adamw_32bit,large_lora,large_lora_lomo"),
     "2": ("preflight,calibrate,cells",
           "xl_lora,xl_lora_fp16,xl_lora_int8,xl_lora_lomo,xl_lora_nf4"),
-    "3": ("preflight,calibrate,cells,tests,bench", "opencalm_7b_lora_bf16"),
-    # The strategies on one GPU: DDP, FSDP2, ZeRO-3 and ZeRO-3 with offload; LOMO under ZeRO-3;
-    # QLoRA under FSDP2 and ZeRO-3.
+    "3": ("preflight,calibrate,cells,profile,tests,bench", "opencalm_7b_lora_bf16"),
+    # DDP, FSDP2, ZeRO-3 and ZeRO-3 with offload on one GPU; LOMO and QLoRA under sharding.
     "4": ("preflight,calibrate,cells",
           ",".join([*(f"base_{method}_{strategy}" for method in ("full", "lora")
                       for strategy in ("ddp", "fsdp", "zero3", "zero3_offload")),
@@ -133,10 +129,10 @@ def runs_table(tracking_uri: str) -> pd.DataFrame:
     return table.sort_values("cell").reset_index(drop=True)
 
 
-def report(device: str, runs: pd.DataFrame, bench_md: Path | None,
-           folder: Path | None = None) -> str:
-    """report.md: the cells, the verdict per cell, the context measured, the bench, and (from
-    `folder`) the environment the preflight found and how long each part took."""
+def report(device: str, runs: pd.DataFrame, folder: Path | None = None) -> str:
+    """report.md: the cells, the verdict per cell, the context measured, and (from `folder`)
+    the environment the preflight found, where a step's time goes, the bench and how long each
+    part took."""
     lines = [f"# GPU check on {device}", "",
              "`make gpu-check`: the reference table's rows on their recipes and LoRA+LOMO per "
              "size, 4-bit QLoRA, 8-bit and paged AdamW, and an OpenCALM-7B LoRA cell "
@@ -188,9 +184,10 @@ def report(device: str, runs: pd.DataFrame, bench_md: Path | None,
     if timings is not None and timings.exists():
         lines += ["", "## Time per part (wall clock, seconds)", "",
                   tables.as_text(pd.read_csv(timings, dtype=str, keep_default_na=False))]
-    if bench_md is not None and bench_md.exists():
-        lines += ["", "## Benchmarks on this GPU", "",
-                  bench_md.read_text().split("\n", 2)[2].strip()]
+    for name, title in (("profile.md", "Where a step's time goes"), ("bench.md", "Benchmarks")):
+        if folder is not None and (folder / name).exists():
+            lines += ["", f"## {title} on this GPU", "",
+                      (folder / name).read_text().split("\n", 2)[2].strip()]
     return "\n".join(lines) + "\n"
 
 
@@ -251,6 +248,9 @@ def run_part(part: str, out: Path, cell_overrides: list[str]) -> int:
     if part == "cells":
         return subprocess.run([sys.executable, "-m", "harness", "-cd", str(grids.EXPERIMENTS),
                                "-cn", EXPERIMENT, *cell_overrides]).returncode
+    if part == "profile":  # where a step's time goes: the host's per op call, the kernels'
+        return subprocess.run([sys.executable, str(REPO / "bench" / "step_profile.py"), "--out",
+                               str(out), *cell_overrides]).returncode
     if part == "faults":  # a runner SIGKILLed and a tracking outage, with CUDA cells
         return subprocess.run([sys.executable, str(REPO / "bench" / "faults.py"), "--gpu",
                                "--out", str(out), *(["--allow-cpu"] if "allow_cpu=true" in
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     plan.plan(jobs, found, create_experiment=False).to_csv(out / "plan.csv", index=False)
     runs = runs_table(f"sqlite:///{store}/mlflow.db")
     runs.to_csv(out / "runs.csv", index=False)
-    (out / "report.md").write_text(report(device, runs, out / "bench.md", out))
+    (out / "report.md").write_text(report(device, runs, out))
     print(f"[harness] wrote {out}/report.md, runs.csv, plan.csv"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -80,7 +80,7 @@ def test_runs_csv_and_the_report_come_from_the_store(tmp_path):
     assert (runs[parts].sum(axis=1) - runs.estimate_mib).abs().max() < 0.01
     assert runs.gpu_train_peak_mib.isna().all()  # no GPU here: nothing measured, nothing passed
     assert not runs.within_15_pct.any()
-    text = gpu_check.report("a CPU", runs, None)
+    text = gpu_check.report("a CPU", runs)
     assert text.startswith("# GPU check on a CPU") and "t5-tiny/lora_lomo-r16/fp32" in text
     assert "0 of 2 cells within 15%" in text
     # On this CPU, its measured peaks: the predicted step beside the measured, and the MFU.
@@ -123,3 +123,37 @@ def test_the_report_sets_published_rows_measured_here_beside_their_figures():
                                                    14000.0 / 14400.0]
     assert list(found.estimate_over_published) == [14690.0 / 14830.0, 2012.0 / 3298.0,
                                                    (19852.0 - 1500.0) / 14400.0]
+
+
+def profiled(tmp_path, *overrides: str) -> pd.DataFrame:
+    """bench/step_profile.py's figures for the base LoRA row, as make gpu-check's profile part
+    writes them (profile.csv), and its report."""
+    from bench import step_profile
+
+    assert step_profile.main(["--out", str(tmp_path), "--rows", "base_lora",
+                              f"cache_dir={tmp_path}/cache", *overrides]) == 0
+    assert (tmp_path / "profile.md").read_text().startswith("# Where a step's time goes on")
+    return pd.read_csv(tmp_path / "profile.csv")
+
+
+@pytest.mark.slow  # trains the row's step a dozen times
+def test_the_profile_says_where_a_step_s_time_goes(tmp_path):
+    found = profiled(tmp_path, "allow_cpu=true", "model=t5-tiny", "+check_row=base_full")
+    # Its own row, not the cells part's: the base LoRA recipe's batch, on t5-tiny.
+    assert list(found.row) == ["base_lora"] and list(found.batch_size) == [8]
+    row = found.iloc[0]
+    assert row.step_ms > 0 and row.predicted_step_ms > 0 and row.op_calls > 100
+    # The host's time per call of the tiny step, outside the ops on a CPU: a few microseconds.
+    assert 0 < row.host_us_per_call < 1000
+    # A CPU has no device activity to profile apart from its host.
+    assert pd.isna(row.device_busy_ms) and pd.isna(row.predicted_with_host_ms)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@requires_cuda
+def test_on_a_gpu_the_profile_parts_the_step_between_the_host_and_the_kernels(tmp_path):
+    row = profiled(tmp_path).iloc[0]
+    assert 0 < row.device_busy_share <= 1.05 and row.device_activities > 0
+    # The GPU's step at one example of four tokens is the host's: microseconds per call.
+    assert 1 < row.host_us_per_call < 1000

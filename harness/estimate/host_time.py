@@ -33,23 +33,23 @@ WARMUP, TIMED = 3, 10
 LOADER_BATCHES, LOADER_PASSES = 16, 3
 
 
-def seconds_per_call(cfg, op_cache: Path | None = None) -> float:
+def seconds_per_call(cfg, op_cache: Path | None = None, device: torch.device = CPU) -> float:
     """Seconds per op call a training step of `cfg`'s cell (a resolved cell config) spends on
-    this CPU outside its ops (the ops' own times cached in the user's cache or `op_cache`)."""
-    step, updates = training_step.one_batch_steps(cfg, 1, TINY, CPU, WARMUP + TIMED + 1, "fp32")
-    for _ in range(WARMUP):
-        step()
-    best = float("inf")
-    for _ in range(TIMED):
-        start = time.perf_counter()
-        step()
-        best = min(best, time.perf_counter() - start)
+    this CPU outside its ops (the ops' own times cached in the user's cache or `op_cache`). On a
+    GPU (`device`) the step's tiny kernels run while the host dispatches the next op, so the
+    step is the host's time, and its time per call is all of the host's: dispatch, Python,
+    autograd (bench/step_profile.py sets it beside the calibration's op_us)."""
+    step, updates = training_step.one_batch_steps(cfg, 1, TINY, device, WARMUP + TIMED + 1,
+                                                  "fp32")
+    best = training_step.best_seconds(step, device, WARMUP, TIMED)
     counted = work.Work(signatures=True)
     with counted:
         counted.recording = True
         step()
     updates.close()
     calls = work.calls_per_step(counted.calls, 1)
+    if device.type != "cpu":
+        return best / sum(count for _, count in calls)
     measured = op_times.seconds([called for called, _ in calls], CPU, op_cache)
     in_ops = sum(count * (measured[called] or 0.0) for called, count in calls)
     return max(0.0, best - in_ops) / sum(count for _, count in calls)

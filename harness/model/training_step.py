@@ -4,6 +4,7 @@ and the update (optimizers, LOMO's fused updates, loss scaling, clipping).
 
 import contextlib
 import math
+import time
 
 import torch
 from transformers import get_linear_schedule_with_warmup
@@ -196,3 +197,18 @@ def one_batch_steps(cfg, batch_size: int, lengths: dict, device: torch.device,
         return loss
 
     return step, updates
+
+
+def best_seconds(step, device: torch.device, warmup: int, timed: int) -> float:
+    """The fastest of `timed` calls of `step` (one_batch_steps'), each synchronized with the
+    device, after `warmup` calls: what a step takes when nothing else slows it."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    best = float("inf")
+    for _ in range(timed):
+        started = time.perf_counter()
+        step()
+        synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return best
