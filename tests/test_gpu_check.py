@@ -143,8 +143,9 @@ def test_the_profile_says_where_a_step_s_time_goes(tmp_path):
     assert list(found.row) == ["base_lora"] and list(found.batch_size) == [8]
     row = found.iloc[0]
     assert row.step_ms > 0 and row.predicted_step_ms > 0 and row.op_calls > 100
-    # The host's time per call of the tiny step, outside the ops on a CPU: a few microseconds.
-    assert 0 < row.host_us_per_call < 1000
+    # The host's time per call of the tiny step, outside the ops on a CPU: a few microseconds
+    # (none where the ops measured alone took as long as the step).
+    assert 0 <= row.host_us_per_call < 1000
     # A CPU has no device activity to profile apart from its host.
     assert pd.isna(row.device_busy_ms) and pd.isna(row.predicted_with_host_ms)
 
